@@ -1,0 +1,315 @@
+package main
+
+// api.go holds what every HTTP endpoint shares: the one JSON error writer,
+// body decoding with limits, CORS, bearer-token checks and the tracking of
+// long-lived websocket streams for shutdown.
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/coder/websocket"
+)
+
+// errorID is the "id" of errors the sidecar itself writes, as go-micro's
+// errors carry the id of the service that raised them.
+const errorID = "go.micro.sidecar"
+
+// apiError is the error body of every failed request: the go-micro error
+// shape the seeds use, with code equal to the HTTP status.
+type apiError struct {
+	ID     string `json:"id"`
+	Code   int    `json:"code"`
+	Detail string `json:"detail"`
+	Status string `json:"status"`
+}
+
+// writeError writes the JSON error for code. Every failure the sidecar
+// answers goes through here.
+func writeError(w http.ResponseWriter, code int, format string, args ...any) {
+	writeJSON(w, code, apiError{
+		ID:     errorID,
+		Code:   code,
+		Detail: fmt.Sprintf(format, args...),
+		Status: http.StatusText(code),
+	})
+}
+
+// writeJSON writes v as the JSON body with status code.
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		code = http.StatusInternalServerError
+		b, _ = json.Marshal(apiError{ID: errorID, Code: code, Detail: "encode response: " + err.Error(), Status: http.StatusText(code)})
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(b)+1))
+	h.Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(code)
+	w.Write(append(b, '\n'))
+}
+
+// httpError is an error that knows its HTTP status; handlers return it from
+// helpers and writeErr turns it into the JSON error.
+type httpError struct {
+	code int
+	err  error
+}
+
+func (e *httpError) Error() string { return e.err.Error() }
+func (e *httpError) Unwrap() error { return e.err }
+
+func errorf(code int, format string, args ...any) error {
+	return &httpError{code: code, err: fmt.Errorf(format, args...)}
+}
+
+// writeErr writes err with its status: an *httpError's code, or 500.
+func writeErr(w http.ResponseWriter, err error) {
+	code := http.StatusInternalServerError
+	var he *httpError
+	if errors.As(err, &he) {
+		code = he.code
+	}
+	writeError(w, code, "%s", err.Error())
+}
+
+// readBody reads the whole request body up to limit bytes, whatever its
+// Content-Type. An empty or oversized body is an *httpError.
+func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, error) {
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return nil, errorf(http.StatusRequestEntityTooLarge, "request body exceeds %d bytes", limit)
+		}
+		return nil, errorf(http.StatusBadRequest, "read request body: %v", err)
+	}
+	return b, nil
+}
+
+// decodeJSON decodes body into v, explaining which field was wrong.
+func decodeJSON(body []byte, v any) error {
+	if len(strings.TrimSpace(string(body))) == 0 {
+		return errorf(http.StatusBadRequest, "request body is empty; want a JSON object")
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		var te *json.UnmarshalTypeError
+		var se *json.SyntaxError
+		switch {
+		case errors.As(err, &te) && te.Field != "":
+			return errorf(http.StatusBadRequest, "invalid JSON: field %q must be %s, not %s", te.Field, te.Type, te.Value)
+		case errors.As(err, &te):
+			return errorf(http.StatusBadRequest, "invalid JSON: want %s, not %s", te.Type, te.Value)
+		case errors.As(err, &se):
+			return errorf(http.StatusBadRequest, "invalid JSON at byte %d: %v", se.Offset, err)
+		}
+		return errorf(http.StatusBadRequest, "invalid JSON: %v", err)
+	}
+	return nil
+}
+
+// bearerMatches reports whether r carries "Authorization: Bearer token",
+// compared in constant time.
+func bearerMatches(r *http.Request, token []byte) bool {
+	scheme, got, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return false
+	}
+	return subtle.ConstantTimeCompare([]byte(strings.TrimSpace(got)), token) == 1
+}
+
+// corsPolicy answers cross-origin requests for the origins of --cors. With
+// no origins configured it adds nothing, and browsers refuse cross-origin
+// calls. "*" allows every origin but never with credentials.
+type corsPolicy struct {
+	any     bool
+	origins map[string]bool // lower-case scheme://host[:port]
+}
+
+func newCORSPolicy(origins []string) corsPolicy {
+	p := corsPolicy{origins: map[string]bool{}}
+	for _, o := range origins {
+		if o == "*" {
+			p.any = true
+			continue
+		}
+		p.origins[strings.ToLower(strings.TrimSuffix(o, "/"))] = true
+	}
+	return p
+}
+
+// allowed reports whether a browser page from origin may call the sidecar.
+func (p corsPolicy) allowed(origin string) bool {
+	return p.any || p.origins[strings.ToLower(origin)]
+}
+
+// handle sets the CORS response headers and answers a preflight request
+// itself, reporting whether it did (the caller then stops).
+func (p corsPolicy) handle(w http.ResponseWriter, r *http.Request) bool {
+	origin := r.Header.Get("Origin")
+	preflight := r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != ""
+	if origin == "" {
+		return false
+	}
+	h := w.Header()
+	h.Add("Vary", "Origin")
+	if !p.allowed(origin) {
+		if preflight {
+			writeError(w, http.StatusForbidden, "origin %s is not allowed (see --cors)", origin)
+			return true
+		}
+		return false // the browser refuses to read the answer
+	}
+	if p.origins[strings.ToLower(origin)] {
+		h.Set("Access-Control-Allow-Origin", origin)
+		h.Set("Access-Control-Allow-Credentials", "true")
+	} else {
+		h.Set("Access-Control-Allow-Origin", "*")
+	}
+	if !preflight {
+		return false
+	}
+	h.Set("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
+	if req := r.Header.Get("Access-Control-Request-Headers"); req != "" {
+		h.Set("Access-Control-Allow-Headers", req)
+	}
+	h.Set("Access-Control-Max-Age", "600")
+	w.WriteHeader(http.StatusNoContent)
+	return true
+}
+
+// streams tracks long-lived websocket handlers so shutdown can end them:
+// http.Server.Shutdown neither closes nor waits for hijacked connections.
+// Safe for concurrent use; Close cancels every stream's context and waits
+// for the handlers to return.
+type streams struct {
+	cors   corsPolicy
+	ctx    context.Context // cancelled by Close
+	cancel context.CancelFunc
+
+	mu     sync.Mutex // guards closed and the Add side of wg
+	closed bool
+	wg     sync.WaitGroup
+}
+
+func newStreams(cors corsPolicy) *streams {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &streams{cors: cors, ctx: ctx, cancel: cancel}
+}
+
+// isWebsocket reports whether r asks for a websocket upgrade.
+func isWebsocket(r *http.Request) bool {
+	return headerHasToken(r.Header, "Connection", "upgrade") && headerHasToken(r.Header, "Upgrade", "websocket")
+}
+
+func headerHasToken(h http.Header, name, token string) bool {
+	for _, v := range h.Values(name) {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// accept checks the origin against --cors, upgrades r to a websocket and
+// registers the stream. The returned context ends when the request does or
+// the sidecar shuts down (shuttingDown then tells which); done must be
+// called when the handler returns. On failure accept has written the JSON
+// error and returns a nil conn.
+func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64) (*websocket.Conn, context.Context, func()) {
+	if origin := r.Header.Get("Origin"); origin != "" && !g.cors.allowed(origin) && !sameOrigin(origin, r.Host) {
+		writeError(w, http.StatusForbidden, "websocket origin %s is not allowed (see --cors)", origin)
+		return nil, nil, nil
+	}
+	g.mu.Lock()
+	if g.closed {
+		g.mu.Unlock()
+		writeError(w, http.StatusServiceUnavailable, "sidecar is shutting down")
+		return nil, nil, nil
+	}
+	g.wg.Add(1)
+	g.mu.Unlock()
+
+	// The origin was checked above against the same policy as CORS.
+	conn, err := websocket.Accept(w, r, &websocket.AcceptOptions{InsecureSkipVerify: true})
+	if err != nil {
+		g.wg.Done() // Accept has answered the handshake failure
+		return nil, nil, nil
+	}
+	conn.SetReadLimit(readLimit)
+	ctx, cancel := context.WithCancel(r.Context())
+	stop := context.AfterFunc(g.ctx, cancel)
+	return conn, ctx, func() {
+		stop()
+		cancel()
+		g.wg.Done()
+	}
+}
+
+// shuttingDown reports whether Close has begun.
+func (g *streams) shuttingDown() bool { return g.ctx.Err() != nil }
+
+// closeStatus is how a stream closes its websocket when its context ends.
+func (g *streams) closeStatus() (websocket.StatusCode, string) {
+	if g.shuttingDown() {
+		return websocket.StatusGoingAway, "sidecar shutting down"
+	}
+	return websocket.StatusNormalClosure, ""
+}
+
+// Close ends every stream and waits for their handlers. Idempotent.
+func (g *streams) Close() {
+	g.mu.Lock()
+	g.closed = true
+	g.mu.Unlock()
+	g.cancel()
+	g.wg.Wait()
+}
+
+// sameOrigin reports whether origin names host, as a same-origin page does.
+func sameOrigin(origin, host string) bool {
+	u, err := url.Parse(origin)
+	return err == nil && strings.EqualFold(u.Host, host)
+}
+
+// splitHostPort splits "host:port" with a numeric port in 1..65535.
+func splitHostPort(hostport string) (string, int, error) {
+	host, p, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return "", 0, err
+	}
+	port, err := strconv.Atoi(p)
+	if err != nil || port < 1 || port > 65535 {
+		return "", 0, fmt.Errorf("port %q is not a number from 1 to 65535", p)
+	}
+	if host == "" {
+		return "", 0, errors.New("host is empty")
+	}
+	return host, port, nil
+}
+
+// checkHTTPURL accepts absolute http and https URLs only.
+func checkHTTPURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil {
+		return err
+	}
+	if !slices.Contains([]string{"http", "https"}, u.Scheme) || u.Host == "" {
+		return errors.New("want an absolute http:// or https:// URL")
+	}
+	return nil
+}

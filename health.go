@@ -1,0 +1,234 @@
+package main
+
+// health.go owns app mode: the app named by --server_name and
+// --server_address is registered with a TTL the sidecar heartbeats, checked
+// at --healthcheck_url, deregistered while it fails and on shutdown.
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+)
+
+const (
+	// healthFailures consecutive failed checks deregister the app.
+	healthFailures = 3
+	// healthRises consecutive passed checks register it again.
+	healthRises = 2
+)
+
+// appState is the app's health as /health reports it.
+type appState struct {
+	Name                string    `json:"name"`
+	Address             string    `json:"address"`
+	NodeID              string    `json:"node_id"`
+	Healthy             bool      `json:"healthy"`
+	Registered          bool      `json:"registered"`
+	HealthcheckURL      string    `json:"healthcheck_url,omitempty"`
+	LastCheck           time.Time `json:"last_check,omitzero"`
+	LastError           string    `json:"last_error,omitempty"`
+	ConsecutiveFailures int       `json:"consecutive_failures"`
+}
+
+// appChecker registers the app, heartbeats its registration and checks its
+// health. Safe for concurrent use; Close stops the loop and waits for it.
+type appChecker struct {
+	cfg    *Config
+	reg    Registry
+	log    *slog.Logger
+	client *http.Client
+	svc    *Service // the app's registration; never modified
+
+	mu    sync.Mutex // guards st and rises
+	st    appState
+	rises int
+
+	cancel    context.CancelFunc
+	done      chan struct{}
+	startOnce sync.Once
+	closeOnce sync.Once
+}
+
+func newAppChecker(cfg *Config, reg Registry, logger *slog.Logger) (*appChecker, error) {
+	host, port, err := splitHostPort(cfg.ServerAddress)
+	if err != nil {
+		return nil, fmt.Errorf("flag --server_address: %w", err)
+	}
+	id := make([]byte, 8)
+	rand.Read(id)
+	node := &Node{ID: cfg.ServerName + "-" + hex.EncodeToString(id), Address: host, Port: port}
+	a := &appChecker{
+		cfg:    cfg,
+		reg:    reg,
+		log:    logger,
+		client: &http.Client{Timeout: cfg.HealthcheckTimeout},
+		svc:    &Service{Name: cfg.ServerName, Nodes: []*Node{node}},
+		done:   make(chan struct{}),
+	}
+	a.st = appState{
+		Name:           cfg.ServerName,
+		Address:        cfg.ServerAddress,
+		NodeID:         node.ID,
+		HealthcheckURL: cfg.HealthcheckURL,
+		Healthy:        cfg.HealthcheckURL == "", // no check: assumed healthy
+	}
+	a.client.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	return a, nil
+}
+
+// start registers the app (at once without a health URL, after its first
+// passed check with one) and runs the heartbeat and check loop.
+func (a *appChecker) start(ctx context.Context) {
+	a.startOnce.Do(func() {
+		ctx, a.cancel = context.WithCancel(ctx)
+		go a.loop(ctx)
+	})
+}
+
+func (a *appChecker) loop(ctx context.Context) {
+	defer close(a.done)
+	heartbeat := time.NewTicker(a.cfg.RegisterInterval)
+	defer heartbeat.Stop()
+	var check <-chan time.Time
+	if a.cfg.HealthcheckURL != "" {
+		t := time.NewTicker(a.cfg.HealthcheckInterval)
+		defer t.Stop()
+		check = t.C
+		a.check(ctx)
+	} else {
+		a.register(ctx)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-heartbeat.C:
+			if a.state().Registered {
+				a.register(ctx)
+			}
+		case <-check:
+			a.check(ctx)
+		}
+	}
+}
+
+// check probes the health URL once and moves the app between registered
+// and deregistered after enough consecutive results.
+func (a *appChecker) check(ctx context.Context) {
+	err := a.probe(ctx)
+	if ctx.Err() != nil {
+		return // shutting down; the result means nothing
+	}
+	a.mu.Lock()
+	a.st.LastCheck = time.Now()
+	first := a.st.LastError == "" && a.st.ConsecutiveFailures == 0 && !a.st.Registered
+	var register, deregister bool
+	if err != nil {
+		a.st.LastError = err.Error()
+		a.st.ConsecutiveFailures++
+		a.rises = 0
+		if a.st.ConsecutiveFailures >= healthFailures && a.st.Healthy {
+			a.st.Healthy = false
+			deregister = a.st.Registered
+		}
+	} else {
+		a.st.LastError = ""
+		a.st.ConsecutiveFailures = 0
+		a.rises++
+		if !a.st.Healthy && (first || a.rises >= healthRises) {
+			a.st.Healthy = true
+		}
+		register = a.st.Healthy && !a.st.Registered
+	}
+	a.mu.Unlock()
+
+	if err != nil {
+		a.log.Warn("app health check failed", "url", a.cfg.HealthcheckURL, "err", err)
+	}
+	if deregister {
+		a.log.Warn("app unhealthy; deregistering", "service", a.svc.Name, "failures", healthFailures)
+		a.deregister(ctx)
+	}
+	if register {
+		a.register(ctx)
+	}
+}
+
+// probe GETs the health URL; any answer but 2xx, or none in time, fails.
+func (a *appChecker) probe(ctx context.Context) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, a.cfg.HealthcheckURL, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := a.client.Do(req)
+	if err != nil {
+		return fmt.Errorf("health: check %s: %w", a.cfg.HealthcheckURL, err)
+	}
+	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	resp.Body.Close()
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return fmt.Errorf("health: check %s: status %d", a.cfg.HealthcheckURL, resp.StatusCode)
+	}
+	return nil
+}
+
+// register registers (or renews) the app's node with the TTL.
+func (a *appChecker) register(ctx context.Context) {
+	err := a.reg.Register(ctx, a.svc, a.cfg.RegisterTTL)
+	a.mu.Lock()
+	was := a.st.Registered
+	a.st.Registered = err == nil
+	a.mu.Unlock()
+	switch {
+	case err != nil:
+		a.log.Error("register app", "service", a.svc.Name, "err", err)
+	case !was:
+		a.log.Info("app registered", "service", a.svc.Name, "node", a.svc.Nodes[0].ID, "ttl", a.cfg.RegisterTTL)
+	}
+}
+
+// deregister removes the app's node. The server calls it on shutdown
+// before draining, so no new traffic is routed to a stopping app.
+func (a *appChecker) deregister(ctx context.Context) {
+	a.mu.Lock()
+	was := a.st.Registered
+	a.st.Registered = false
+	a.mu.Unlock()
+	if !was {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if err := a.reg.Deregister(ctx, a.svc); err != nil {
+		a.log.Warn("deregister app", "service", a.svc.Name, "err", err)
+		return
+	}
+	a.log.Info("app deregistered", "service", a.svc.Name)
+}
+
+// state returns a copy of the app's health.
+func (a *appChecker) state() appState {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.st
+}
+
+// Close stops the loop and waits for it. It does not deregister: shutdown
+// does that first, while the registry is still up. Idempotent.
+func (a *appChecker) Close() error {
+	a.closeOnce.Do(func() {
+		started := true
+		a.startOnce.Do(func() { started = false })
+		if started {
+			a.cancel()
+			<-a.done
+		}
+	})
+	return nil
+}

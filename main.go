@@ -1,0 +1,464 @@
+// Sidecar is a language-agnostic service sidecar. One binary runs next to an
+// application written in any language and gives it, over a small HTTP API,
+// service discovery, RPC with load balancing, retries and timeouts, pub/sub
+// over websockets and health checking.
+//
+// Routes (see routes for the table):
+//
+//	GET    /health                  the sidecar's and the app's health
+//	GET    /registry                all services; ?service=NAME one service;
+//	                                a websocket upgrade streams watch events
+//	POST   /registry[?ttl=10s]      register (re-POST renews the TTL)
+//	DELETE /registry                deregister the nodes in the body
+//	POST   /rpc                     call service/method (form or JSON)
+//	POST   /broker?topic=T          publish the raw body
+//	GET    /broker?topic=T[&queue=Q] websocket subscribe (and publish)
+//	/[service]/[method]             RPC by path (--handler=rpc) or a reverse
+//	                                proxy by service name (--handler=proxy)
+//
+// Usage:
+//
+//	sidecar [flags]
+//
+// Every flag also reads the environment variable MICRO_ + its upper-case
+// name (MICRO_ADDRESS for --address); a flag on the command line wins.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if errors.Is(err, flag.ErrHelp) {
+		return
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "sidecar:", err)
+		os.Exit(1)
+	}
+}
+
+// run parses args, binds the listener, prints the bound address on one line
+// of stdout and serves until ctx is cancelled, then shuts down gracefully.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	cfg, err := parseConfig(args, os.Getenv, stderr)
+	if err != nil {
+		return err
+	}
+	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: cfg.LogLevel}))
+	s, err := newServer(cfg, logger)
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", cfg.Address)
+	if err != nil {
+		s.Close()
+		return fmt.Errorf("listen on %s: %w", cfg.Address, err)
+	}
+	fmt.Fprintf(stdout, "sidecar listening on http://%s\n", ln.Addr())
+	return s.serve(ctx, ln)
+}
+
+// Config is the sidecar's whole configuration, parsed once by parseConfig
+// and read-only afterwards.
+type Config struct {
+	Address   string   // listen address; default loopback only
+	Handler   string   // "rpc" or "proxy": what serves paths not owned by the sidecar
+	Namespace string   // prefix of service names derived from paths
+	CORS      []string // allowed browser origins; "*" allows any, without credentials
+
+	ServerName          string        // the app's service name (app mode)
+	ServerAddress       string        // the app's host:port (app mode)
+	HealthcheckURL      string        // the app's health URL; empty means assume healthy
+	HealthcheckInterval time.Duration // between two checks of the app
+	HealthcheckTimeout  time.Duration // for one check of the app
+	RegisterTTL         time.Duration // TTL of the app's registration
+	RegisterInterval    time.Duration // heartbeat of the app's registration
+
+	Registry        string        // "memory" (default) or another backend
+	RegistryAddress string        // address of a remote registry
+	RegistrySweep   time.Duration // how often expired nodes are removed
+
+	ClientRetries        int           // extra attempts for safe-to-retry failures
+	ClientRequestTimeout time.Duration // budget of one call, all attempts included
+	RPCAllowAddress      bool          // lets /rpc name an explicit backend address
+
+	EnableStats bool
+
+	EnableTLS       bool
+	TLSCertFile     string
+	TLSKeyFile      string
+	TLSClientCAFile string
+	EnableACME      bool
+	ACMEHosts       []string
+
+	AuthToken string // required bearer token; from --auth_token or --auth_token_file
+
+	MaxBodyBytes    int64         // limit of a request body the sidecar reads
+	ShutdownTimeout time.Duration // drain budget on SIGTERM
+	LogLevel        slog.Level
+}
+
+// defaultConfig returns the defaults that the flags document.
+func defaultConfig() *Config {
+	return &Config{
+		Address:              "127.0.0.1:8081",
+		Handler:              "rpc",
+		Namespace:            "go.micro.srv",
+		HealthcheckInterval:  10 * time.Second,
+		HealthcheckTimeout:   2 * time.Second,
+		RegisterTTL:          30 * time.Second,
+		RegisterInterval:     10 * time.Second,
+		Registry:             "memory",
+		RegistrySweep:        250 * time.Millisecond,
+		ClientRetries:        1,
+		ClientRequestTimeout: 5 * time.Second,
+		MaxBodyBytes:         4 << 20,
+		ShutdownTimeout:      10 * time.Second,
+	}
+}
+
+// parseConfig reads flags from args, then MICRO_* environment variables for
+// the flags not given, and validates the result in one place.
+func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*Config, error) {
+	cfg := defaultConfig()
+	fs := flag.NewFlagSet("sidecar", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cors, acmeHosts, authTokenFile, logLevel string
+	fs.StringVar(&cfg.Address, "address", cfg.Address, "listen `host:port` (\":8081\" to listen on every interface)")
+	fs.StringVar(&cfg.Handler, "handler", cfg.Handler, "handler of other paths: rpc or proxy")
+	fs.StringVar(&cfg.Namespace, "namespace", cfg.Namespace, "namespace of services named by paths")
+	fs.StringVar(&cors, "cors", "", "comma-separated allowed browser `origins` (\"*\" for any, without credentials)")
+	fs.StringVar(&cfg.ServerName, "server_name", "", "service `name` of the app to register")
+	fs.StringVar(&cfg.ServerAddress, "server_address", "", "`host:port` of the app to register")
+	fs.StringVar(&cfg.HealthcheckURL, "healthcheck_url", "", "`URL` of the app's health check (non-2xx is a failure)")
+	fs.DurationVar(&cfg.HealthcheckInterval, "healthcheck_interval", cfg.HealthcheckInterval, "interval between health checks of the app")
+	fs.DurationVar(&cfg.HealthcheckTimeout, "healthcheck_timeout", cfg.HealthcheckTimeout, "timeout of one health check of the app")
+	fs.DurationVar(&cfg.RegisterTTL, "register_ttl", cfg.RegisterTTL, "TTL of the app's registration")
+	fs.DurationVar(&cfg.RegisterInterval, "register_interval", cfg.RegisterInterval, "interval of the app's registration heartbeat")
+	fs.StringVar(&cfg.Registry, "registry", cfg.Registry, "registry backend: memory")
+	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend")
+	fs.IntVar(&cfg.ClientRetries, "client_retries", cfg.ClientRetries, "retries of a call where retrying is safe")
+	fs.DurationVar(&cfg.ClientRequestTimeout, "client_request_timeout", cfg.ClientRequestTimeout, "timeout of a call, all attempts included")
+	fs.BoolVar(&cfg.RPCAllowAddress, "rpc_allow_address", false, "let /rpc call an explicit address (makes the sidecar an open proxy)")
+	fs.BoolVar(&cfg.EnableStats, "enable_stats", false, "serve the stats page at /stats")
+	fs.BoolVar(&cfg.EnableTLS, "enable_tls", false, "serve TLS with --tls_cert_file and --tls_key_file")
+	fs.StringVar(&cfg.TLSCertFile, "tls_cert_file", "", "TLS certificate `file` (PEM)")
+	fs.StringVar(&cfg.TLSKeyFile, "tls_key_file", "", "TLS key `file` (PEM)")
+	fs.StringVar(&cfg.TLSClientCAFile, "tls_client_ca_file", "", "CA `file` that client certificates must chain to (mutual TLS)")
+	fs.BoolVar(&cfg.EnableACME, "enable_acme", false, "get certificates from an ACME CA")
+	fs.StringVar(&acmeHosts, "acme_hosts", "", "comma-separated `hosts` allowed to get ACME certificates")
+	fs.StringVar(&cfg.AuthToken, "auth_token", "", "require Authorization: Bearer `TOKEN` on every request but /health")
+	fs.StringVar(&authTokenFile, "auth_token_file", "", "read the auth token from `file`")
+	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", cfg.MaxBodyBytes, "largest request body the sidecar reads")
+	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", cfg.ShutdownTimeout, "time to drain requests on SIGTERM")
+	fs.StringVar(&logLevel, "log_level", "info", "log level: debug, info, warn or error")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: sidecar [flags]\n\nEvery flag also reads MICRO_<NAME> from the environment (MICRO_ADDRESS for --address).\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q (see --help)", fs.Arg(0))
+	}
+	if err := applyEnv(fs, getenv); err != nil {
+		return nil, err
+	}
+
+	cfg.CORS = splitList(cors)
+	cfg.ACMEHosts = splitList(acmeHosts)
+	if err := cfg.LogLevel.UnmarshalText([]byte(logLevel)); err != nil {
+		return nil, fmt.Errorf("invalid value %q for flag --log_level: want debug, info, warn or error", logLevel)
+	}
+	if authTokenFile != "" {
+		if cfg.AuthToken != "" {
+			return nil, errors.New("flags --auth_token and --auth_token_file exclude each other")
+		}
+		b, err := os.ReadFile(authTokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("flag --auth_token_file: %w", err)
+		}
+		cfg.AuthToken = strings.TrimSpace(string(b))
+		if cfg.AuthToken == "" {
+			return nil, fmt.Errorf("flag --auth_token_file: %s is empty", authTokenFile)
+		}
+	}
+	return cfg, cfg.validate()
+}
+
+// applyEnv sets every flag not given on the command line from MICRO_<NAME>.
+func applyEnv(fs *flag.FlagSet, getenv func(string) string) error {
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		env := "MICRO_" + strings.ToUpper(f.Name)
+		v := getenv(env)
+		if given[f.Name] || v == "" || err != nil {
+			return
+		}
+		if e := fs.Set(f.Name, v); e != nil {
+			err = fmt.Errorf("invalid value %q for flag --%s (from %s): %v", v, f.Name, env, e)
+		}
+	})
+	return err
+}
+
+// validate checks values that parse but make no sense together.
+func (c *Config) validate() error {
+	positive := []struct {
+		name string
+		d    time.Duration
+	}{
+		{"healthcheck_interval", c.HealthcheckInterval},
+		{"healthcheck_timeout", c.HealthcheckTimeout},
+		{"register_ttl", c.RegisterTTL},
+		{"register_interval", c.RegisterInterval},
+		{"client_request_timeout", c.ClientRequestTimeout},
+		{"shutdown_timeout", c.ShutdownTimeout},
+	}
+	for _, p := range positive {
+		if p.d <= 0 {
+			return fmt.Errorf("invalid value %s for flag --%s: must be positive", p.d, p.name)
+		}
+	}
+	switch {
+	case c.Handler != "rpc" && c.Handler != "proxy":
+		return fmt.Errorf("invalid value %q for flag --handler: want rpc or proxy", c.Handler)
+	case c.Registry != "memory":
+		return fmt.Errorf("invalid value %q for flag --registry: want memory", c.Registry)
+	case c.ClientRetries < 0 || c.ClientRetries > 10:
+		return fmt.Errorf("invalid value %d for flag --client_retries: want 0 to 10", c.ClientRetries)
+	case c.MaxBodyBytes <= 0:
+		return fmt.Errorf("invalid value %d for flag --max_body_bytes: must be positive", c.MaxBodyBytes)
+	case c.RegisterInterval >= c.RegisterTTL:
+		return fmt.Errorf("invalid value %s for flag --register_interval: must be shorter than --register_ttl (%s)", c.RegisterInterval, c.RegisterTTL)
+	case c.HealthcheckTimeout > c.HealthcheckInterval:
+		return fmt.Errorf("invalid value %s for flag --healthcheck_timeout: must not exceed --healthcheck_interval (%s)", c.HealthcheckTimeout, c.HealthcheckInterval)
+	case (c.ServerName == "") != (c.ServerAddress == ""):
+		return errors.New("flags --server_name and --server_address go together")
+	case c.HealthcheckURL != "" && c.ServerName == "":
+		return errors.New("flag --healthcheck_url needs --server_name and --server_address")
+	}
+	if c.ServerAddress != "" {
+		if _, _, err := splitHostPort(c.ServerAddress); err != nil {
+			return fmt.Errorf("invalid value %q for flag --server_address: %v", c.ServerAddress, err)
+		}
+	}
+	if c.HealthcheckURL != "" {
+		if err := checkHTTPURL(c.HealthcheckURL); err != nil {
+			return fmt.Errorf("invalid value %q for flag --healthcheck_url: %v", c.HealthcheckURL, err)
+		}
+	}
+	for _, o := range c.CORS {
+		if o != "*" && !strings.Contains(o, "://") {
+			return fmt.Errorf("invalid value %q for flag --cors: an origin is scheme://host[:port] or *", o)
+		}
+	}
+	return nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// server wires the components together and owns the route table. Build it
+// with newServer, run it with serve; Close releases what newServer built.
+type server struct {
+	cfg      *Config
+	log      *slog.Logger
+	started  time.Time
+	registry *registryAPI
+	app      *appChecker // nil without --server_name
+	streams  *streams
+	cors     corsPolicy
+	handler  http.Handler
+
+	// draining is set when shutdown begins: /health fails readiness.
+	draining atomic.Bool
+}
+
+func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
+	s := &server{
+		cfg:     cfg,
+		log:     logger,
+		started: time.Now(),
+		cors:    newCORSPolicy(cfg.CORS),
+	}
+	s.streams = newStreams(s.cors)
+	reg := newMemoryRegistry(cfg.RegistrySweep, time.Now, logger.With("component", "registry"))
+	s.registry = newRegistryAPI(reg, s.streams, cfg.MaxBodyBytes, logger.With("component", "registry"))
+	if cfg.ServerName != "" {
+		app, err := newAppChecker(cfg, reg, logger.With("component", "health"))
+		if err != nil {
+			reg.Close()
+			return nil, err
+		}
+		s.app = app
+	}
+	s.handler = s.middleware(s.routes())
+	return s, nil
+}
+
+// route is one row of the route table.
+type route struct {
+	pattern string // "METHOD /path", as http.ServeMux reads it
+	handler http.HandlerFunc
+}
+
+// routes is the route table: every endpoint of the sidecar, in one place.
+func (s *server) routes() *http.ServeMux {
+	table := []route{
+		{"GET /health", s.handleHealth},
+		{"GET /registry", s.registry.handleGet},
+		{"POST /registry", s.registry.handleRegister},
+		{"DELETE /registry", s.registry.handleDeregister},
+		{"/", s.handleRoot},
+	}
+	mux := http.NewServeMux()
+	allow := map[string][]string{}
+	for _, rt := range table {
+		mux.HandleFunc(rt.pattern, rt.handler)
+		if method, path, ok := strings.Cut(rt.pattern, " "); ok {
+			allow[path] = append(allow[path], method)
+		}
+	}
+	// A known path with another method is a JSON 405, not the root handler.
+	for path, methods := range allow {
+		if path == "/" {
+			continue
+		}
+		allowed := strings.Join(methods, ", ")
+		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Allow", allowed)
+			writeError(w, http.StatusMethodNotAllowed, "method %s not allowed on %s; allowed: %s", r.Method, path, allowed)
+		})
+	}
+	return mux
+}
+
+// handleRoot serves every path the sidecar does not own.
+func (s *server) handleRoot(w http.ResponseWriter, r *http.Request) {
+	writeError(w, http.StatusNotFound, "no route for %s %s", r.Method, r.URL.Path)
+}
+
+// middleware applies what every request goes through: CORS and auth.
+func (s *server) middleware(next http.Handler) http.Handler {
+	token := []byte(s.cfg.AuthToken)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if s.cors.handle(w, r) {
+			return // preflight answered
+		}
+		if len(token) > 0 && r.URL.Path != "/health" && !bearerMatches(r, token) {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="sidecar"`)
+			writeError(w, http.StatusUnauthorized, "missing or invalid bearer token")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// start begins the components' background work.
+func (s *server) start(ctx context.Context) {
+	s.registry.reg.start(ctx)
+	if s.app != nil {
+		s.app.start(ctx)
+	}
+}
+
+// serve runs the HTTP server on ln until ctx is cancelled, then shuts down:
+// fail readiness, deregister the app, stop accepting and drain requests,
+// close streams, close components.
+func (s *server) serve(ctx context.Context, ln net.Listener) error {
+	s.start(ctx)
+	hs := &http.Server{
+		Handler:           s.handler,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(ln) }()
+
+	var err error
+	select {
+	case err = <-errc:
+		err = fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+		s.log.Info("shutting down")
+	}
+	s.draining.Store(true)
+	drain, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.ShutdownTimeout)
+	defer cancel()
+	if s.app != nil {
+		s.app.Close() // no heartbeat may register it again
+		s.app.deregister(drain)
+	}
+	if e := hs.Shutdown(drain); e != nil {
+		s.log.Warn("drain incomplete", "err", e)
+		hs.Close()
+	}
+	s.Close()
+	return err
+}
+
+// Close ends streams and stops the components, in reverse order of
+// construction. It waits for their goroutines and is idempotent.
+func (s *server) Close() error {
+	s.streams.Close()
+	if s.app != nil {
+		s.app.Close()
+	}
+	return s.registry.reg.Close()
+}
+
+// handleHealth reports the sidecar's and the app's state. It answers 503
+// while the sidecar drains or while the app fails its checks, so a load
+// balancer or orchestrator stops sending traffic.
+func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
+	status, code := "ok", http.StatusOK
+	if s.draining.Load() {
+		status, code = "draining", http.StatusServiceUnavailable
+	}
+	resp := map[string]any{
+		"status": status,
+		"sidecar": map[string]any{
+			"status":  status,
+			"started": s.started.UTC().Format(time.RFC3339),
+			"uptime":  time.Since(s.started).Round(time.Second).String(),
+		},
+	}
+	if s.app != nil {
+		st := s.app.state()
+		resp["app"] = st
+		if !st.Healthy && code == http.StatusOK {
+			resp["status"], code = "unhealthy", http.StatusServiceUnavailable
+		}
+	}
+	writeJSON(w, code, resp)
+}
