@@ -293,6 +293,9 @@ type server struct {
 	log      *slog.Logger
 	started  time.Time
 	registry *registryAPI
+	rpc      *rpcHandler
+	broker   *broker
+	stats    *stats
 	app      *appChecker // nil without --server_name
 	streams  *streams
 	cors     corsPolicy
@@ -312,6 +315,9 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	s.streams = newStreams(s.cors)
 	reg := newMemoryRegistry(cfg.RegistrySweep, time.Now, logger.With("component", "registry"))
 	s.registry = newRegistryAPI(reg, s.streams, cfg.MaxBodyBytes, logger.With("component", "registry"))
+	s.rpc = newRPCHandler(cfg, reg, logger.With("component", "rpc"))
+	s.broker = newBroker(cfg, s.streams, logger.With("component", "broker"))
+	s.stats = newStats(cfg, logger.With("component", "stats"))
 	if cfg.ServerName != "" {
 		app, err := newAppChecker(cfg, reg, logger.With("component", "health"))
 		if err != nil {
@@ -320,7 +326,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 		}
 		s.app = app
 	}
-	s.handler = s.middleware(s.routes())
+	s.handler = s.middleware(s.stats.wrap(s.routes()))
 	return s, nil
 }
 
@@ -337,6 +343,11 @@ func (s *server) routes() *http.ServeMux {
 		{"GET /registry", s.registry.handleGet},
 		{"POST /registry", s.registry.handleRegister},
 		{"DELETE /registry", s.registry.handleDeregister},
+		{"POST /rpc", s.rpc.handleRPC},
+		{"POST /broker", s.broker.handlePublish},
+		{"GET /broker", s.broker.handleSubscribe},
+		{"GET /stats", s.stats.handleStats},
+		{"GET /metrics", s.stats.handleMetrics},
 		{"/", s.handleRoot},
 	}
 	mux := http.NewServeMux()
@@ -361,9 +372,10 @@ func (s *server) routes() *http.ServeMux {
 	return mux
 }
 
-// handleRoot serves every path the sidecar does not own.
+// handleRoot serves every path the sidecar does not own: RPC by path, or
+// the reverse proxy with --handler=proxy.
 func (s *server) handleRoot(w http.ResponseWriter, r *http.Request) {
-	writeError(w, http.StatusNotFound, "no route for %s %s", r.Method, r.URL.Path)
+	s.rpc.handlePath(w, r)
 }
 
 // middleware applies what every request goes through: CORS and auth.
@@ -431,6 +443,8 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 // construction. It waits for their goroutines and is idempotent.
 func (s *server) Close() error {
 	s.streams.Close()
+	s.broker.Close()
+	s.rpc.Close()
 	if s.app != nil {
 		s.app.Close()
 	}

@@ -1,0 +1,108 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+)
+
+// testConfig returns the defaults with durations short enough for tests.
+func testConfig() *Config {
+	cfg := defaultConfig()
+	cfg.Address = "127.0.0.1:0"
+	cfg.RegistrySweep = 20 * time.Millisecond
+	cfg.HealthcheckInterval = 50 * time.Millisecond
+	cfg.HealthcheckTimeout = 50 * time.Millisecond
+	cfg.RegisterTTL = 2 * time.Second
+	cfg.RegisterInterval = 500 * time.Millisecond
+	cfg.ShutdownTimeout = 2 * time.Second
+	return cfg
+}
+
+// newTestServer builds the server through the constructor run uses, starts
+// it and serves its real route table on a real port.
+func newTestServer(t *testing.T, cfg *Config) (*server, *httptest.Server) {
+	t.Helper()
+	if cfg == nil {
+		cfg = testConfig()
+	}
+	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if testing.Verbose() {
+		logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	s, err := newServer(cfg, logger)
+	if err != nil {
+		t.Fatalf("newServer: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s.start(ctx)
+	ts := httptest.NewUnstartedServer(s.handler)
+	ts.Config.ReadHeaderTimeout = 5 * time.Second
+	ts.Start()
+	t.Cleanup(func() {
+		cancel()
+		s.Close()
+		ts.Close()
+	})
+	return s, ts
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+// do sends a request and returns the status and body.
+func do(t *testing.T, method, url, body string, header ...string) (int, []byte) {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: read body: %v", method, url, err)
+	}
+	return resp.StatusCode, b
+}
+
+// wantError checks that body is the JSON error of status code.
+func wantError(t *testing.T, call string, gotCode int, body []byte, code int) apiError {
+	t.Helper()
+	var e apiError
+	if err := json.Unmarshal(body, &e); err != nil {
+		t.Fatalf("%s: body %q is not a JSON error: %v", call, body, err)
+	}
+	if gotCode != code || e.Code != code || e.ID == "" || e.Detail == "" || e.Status != http.StatusText(code) {
+		t.Fatalf("%s = %d %+v, want a JSON error with code %d", call, gotCode, e, code)
+	}
+	return e
+}
+
+// eventually polls cond until it holds or the deadline passes.
+func eventually(t *testing.T, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %s: %s never happened", within, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
