@@ -639,20 +639,21 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request) {
 		conn.Close(websocket.StatusInternalError, "watch failed")
 		return
 	}
-	// Watchers only listen: CloseRead handles control frames and closes
-	// the connection on any data frame.
-	ctx = conn.CloseRead(ctx)
+	// Watchers only listen: CloseRead answers control frames, closes the
+	// connection on any data frame, and its context ends when the client
+	// leaves. It gets its own context because cancelling the one it is
+	// given drops the connection without a close frame.
+	gone := conn.CloseRead(context.Background())
 	ping := time.NewTicker(wsPingInterval)
 	defer ping.Stop()
 	for {
 		select {
 		case ev, ok := <-events:
 			if !ok {
-				if ctx.Err() == nil {
-					conn.Close(websocket.StatusTryAgainLater, "watcher fell behind")
-					return
+				code, reason := websocket.StatusTryAgainLater, "watcher fell behind"
+				if ctx.Err() != nil {
+					code, reason = a.streams.closeStatus()
 				}
-				code, reason := a.streams.closeStatus()
 				conn.Close(code, reason)
 				return
 			}
@@ -672,6 +673,9 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request) {
 				conn.CloseNow()
 				return
 			}
+		case <-gone.Done():
+			conn.CloseNow()
+			return
 		case <-ctx.Done():
 			code, reason := a.streams.closeStatus()
 			conn.Close(code, reason)
