@@ -629,16 +629,20 @@ func (a *registryAPI) handleDeregister(w http.ResponseWriter, r *http.Request) {
 // watch streams registry events to a websocket client, one text frame each,
 // until the client leaves, falls behind, or the sidecar shuts down.
 func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request) {
+	// Watch before the handshake completes, so a client that is connected
+	// sees every change made after that.
+	wctx, stopWatch := context.WithCancel(context.Background())
+	defer stopWatch()
+	events, err := a.reg.Watch(wctx)
+	if err != nil {
+		writeError(w, http.StatusServiceUnavailable, "watch: %v", err)
+		return
+	}
 	conn, ctx, done := a.streams.accept(w, r, 1024)
 	if conn == nil {
 		return
 	}
 	defer done()
-	events, err := a.reg.Watch(ctx)
-	if err != nil {
-		conn.Close(websocket.StatusInternalError, "watch failed")
-		return
-	}
 	// Watchers only listen: CloseRead answers control frames, closes the
 	// connection on any data frame, and its context ends when the client
 	// leaves. It gets its own context because cancelling the one it is
@@ -659,14 +663,14 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request) {
 			}
 			b, err := json.Marshal(ev)
 			if err == nil {
-				err = writeTimeout(ctx, conn, b)
+				err = writeTimeout(conn, b)
 			}
 			if err != nil {
 				conn.CloseNow()
 				return
 			}
 		case <-ping.C:
-			pctx, cancel := context.WithTimeout(ctx, wsWriteTimeout)
+			pctx, cancel := context.WithTimeout(context.Background(), wsWriteTimeout)
 			err := conn.Ping(pctx)
 			cancel()
 			if err != nil {
@@ -685,9 +689,11 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request) {
 }
 
 // writeTimeout writes one text frame, giving up after wsWriteTimeout so a
-// client that stopped reading cannot hold a handler forever.
-func writeTimeout(ctx context.Context, conn *websocket.Conn, b []byte) error {
-	ctx, cancel := context.WithTimeout(ctx, wsWriteTimeout)
+// client that stopped reading cannot hold a handler forever. It does not
+// take the stream's context: cancelling a write midway drops the
+// connection, and shutdown wants to finish the frame, then say goodbye.
+func writeTimeout(conn *websocket.Conn, b []byte) error {
+	ctx, cancel := context.WithTimeout(context.Background(), wsWriteTimeout)
 	defer cancel()
 	return conn.Write(ctx, websocket.MessageText, b)
 }

@@ -1,0 +1,424 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+func TestParseConfig(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		check   func(*Config) bool
+		wantErr string // substring; empty means success
+	}{
+		{name: "defaults", check: func(c *Config) bool {
+			return c.Address == "127.0.0.1:8081" && c.Handler == "rpc" && c.Namespace == "go.micro.srv" && c.Registry == "memory" && c.ClientRequestTimeout == 5*time.Second
+		}},
+		{name: "flags", args: []string{"--address", ":9000", "--cors", "http://a.example, https://b.example", "--register_ttl=1m"}, check: func(c *Config) bool {
+			return c.Address == ":9000" && len(c.CORS) == 2 && c.CORS[1] == "https://b.example" && c.RegisterTTL == time.Minute
+		}},
+		{name: "env", env: map[string]string{"MICRO_ADDRESS": ":7000", "MICRO_ENABLE_STATS": "true"}, check: func(c *Config) bool {
+			return c.Address == ":7000" && c.EnableStats
+		}},
+		{name: "flag wins over env", args: []string{"-address=:1"}, env: map[string]string{"MICRO_ADDRESS": ":7000"}, check: func(c *Config) bool {
+			return c.Address == ":1"
+		}},
+		{name: "bad duration", args: []string{"--register_ttl", "soon"}, wantErr: "register_ttl"},
+		{name: "bad env", env: map[string]string{"MICRO_CLIENT_RETRIES": "many"}, wantErr: "--client_retries (from MICRO_CLIENT_RETRIES)"},
+		{name: "negative duration", args: []string{"--healthcheck_interval=-1s"}, wantErr: "--healthcheck_interval"},
+		{name: "bad handler", args: []string{"--handler=grpc"}, wantErr: "--handler"},
+		{name: "bad registry", args: []string{"--registry=zookeeper"}, wantErr: "--registry"},
+		{name: "interval not below ttl", args: []string{"--register_ttl=5s", "--register_interval=5s"}, wantErr: "--register_interval"},
+		{name: "name without address", args: []string{"--server_name=foo"}, wantErr: "--server_address"},
+		{name: "bad server address", args: []string{"--server_name=foo", "--server_address=nohost"}, wantErr: "--server_address"},
+		{name: "bad healthcheck url", args: []string{"--server_name=foo", "--server_address=127.0.0.1:1", "--healthcheck_url=ftp://x"}, wantErr: "--healthcheck_url"},
+		{name: "bad cors origin", args: []string{"--cors=example.com"}, wantErr: "--cors"},
+		{name: "unknown flag", args: []string{"--nope"}, wantErr: "nope"},
+		{name: "stray argument", args: []string{"--address=:1", "extra"}, wantErr: "extra"},
+		{name: "both tokens", args: []string{"--auth_token=a", "--auth_token_file=/dev/null"}, wantErr: "--auth_token_file"},
+		{name: "missing token file", args: []string{"--auth_token_file=/nonexistent/token"}, wantErr: "--auth_token_file"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			var stderr bytes.Buffer
+			cfg, err := parseConfig(tt.args, func(k string) string { return tt.env[k] }, &stderr)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("parseConfig(%q) error = %v, want one naming %q", tt.args, err, tt.wantErr)
+				}
+				if strings.Contains(err.Error(), "\n") {
+					t.Errorf("error %q spans lines, want one line", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("parseConfig(%q) = %v", tt.args, err)
+			}
+			if !tt.check(cfg) {
+				t.Errorf("parseConfig(%q, env %v) = %+v, not what the test wants", tt.args, tt.env, cfg)
+			}
+		})
+	}
+}
+
+func TestParseConfigTokenFile(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(path, []byte("s3cret\n"), 0o600)
+	cfg, err := parseConfig([]string{"--auth_token_file", path}, func(string) string { return "" }, &bytes.Buffer{})
+	if err != nil || cfg.AuthToken != "s3cret" {
+		t.Fatalf("parseConfig(--auth_token_file) = %+v, %v; want token s3cret", cfg, err)
+	}
+}
+
+func TestHelpListsFlags(t *testing.T) {
+	t.Parallel()
+	var out bytes.Buffer
+	err := run(context.Background(), []string{"--help"}, &out, &out)
+	if !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("run(--help) = %v, want flag.ErrHelp", err)
+	}
+	for _, f := range []string{"-address", "-cors", "-server_name", "-server_address", "-healthcheck_url", "-healthcheck_interval",
+		"-healthcheck_timeout", "-register_ttl", "-register_interval", "-registry", "-auth_token", "MICRO_"} {
+		if !strings.Contains(out.String(), f) {
+			t.Errorf("--help output lacks %s", f)
+		}
+	}
+}
+
+func TestErrorsAreJSON(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, nil)
+	tests := []struct{ method, path string }{
+		{"POST", "/health"},
+		{"PUT", "/registry"},
+		{"PATCH", "/rpc"},
+		{"DELETE", "/broker"},
+	}
+	for _, tt := range tests {
+		code, body := do(t, tt.method, ts.URL+tt.path, "")
+		wantError(t, tt.method+" "+tt.path, code, body, http.StatusMethodNotAllowed)
+	}
+}
+
+func TestAuthToken(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig()
+	cfg.AuthToken = "s3cret"
+	_, ts := newTestServer(t, cfg)
+	tests := []struct {
+		name, path, auth string
+		code             int
+	}{
+		{"no token", "/registry", "", 401},
+		{"wrong token", "/registry", "Bearer nope", 401},
+		{"wrong scheme", "/registry", "Basic s3cret", 401},
+		{"prefix of token", "/registry", "Bearer s3cre", 401},
+		{"right token", "/registry", "Bearer s3cret", 200},
+		{"lower-case scheme", "/registry", "bearer s3cret", 200},
+		{"health needs none", "/health", "", 200},
+		{"unknown path needs token too", "/foo/bar", "", 401},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, body := do(t, "GET", ts.URL+tt.path, "", "Authorization", tt.auth)
+			if tt.code == 401 {
+				wantError(t, "GET "+tt.path+" with "+tt.auth, code, body, 401)
+				return
+			}
+			if code != tt.code {
+				t.Errorf("GET %s with %q = %d %s, want %d", tt.path, tt.auth, code, body, tt.code)
+			}
+		})
+	}
+}
+
+func TestCORS(t *testing.T) {
+	t.Parallel()
+	preflight := func(t *testing.T, url, origin string) *http.Response {
+		t.Helper()
+		req, _ := http.NewRequest("OPTIONS", url+"/registry", nil)
+		req.Header.Set("Origin", origin)
+		req.Header.Set("Access-Control-Request-Method", "POST")
+		req.Header.Set("Access-Control-Request-Headers", "content-type, authorization")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp
+	}
+
+	cfg := testConfig()
+	cfg.CORS = []string{"https://app.example"}
+	cfg.AuthToken = "t" // preflights carry no token and must still pass
+	_, ts := newTestServer(t, cfg)
+	resp := preflight(t, ts.URL, "https://app.example")
+	if resp.StatusCode != 204 || resp.Header.Get("Access-Control-Allow-Origin") != "https://app.example" ||
+		resp.Header.Get("Access-Control-Allow-Credentials") != "true" || !strings.Contains(resp.Header.Get("Access-Control-Allow-Headers"), "authorization") {
+		t.Errorf("allowed preflight = %d %v", resp.StatusCode, resp.Header)
+	}
+	if resp := preflight(t, ts.URL, "https://evil.example"); resp.StatusCode != 403 || resp.Header.Get("Access-Control-Allow-Origin") != "" {
+		t.Errorf("disallowed preflight = %d %v, want 403 without allow-origin", resp.StatusCode, resp.Header)
+	}
+	code, _ := do(t, "GET", ts.URL+"/registry", "", "Origin", "https://evil.example", "Authorization", "Bearer t")
+	if code != 200 {
+		t.Errorf("simple request from another origin = %d, want 200 (the browser hides it)", code)
+	}
+
+	star := testConfig()
+	star.CORS = []string{"*"}
+	_, ts2 := newTestServer(t, star)
+	resp = preflight(t, ts2.URL, "https://any.example")
+	if resp.Header.Get("Access-Control-Allow-Origin") != "*" || resp.Header.Get("Access-Control-Allow-Credentials") != "" {
+		t.Errorf("wildcard preflight headers = %v, want * without credentials", resp.Header)
+	}
+
+	_, ts3 := newTestServer(t, nil)
+	if resp := preflight(t, ts3.URL, "https://app.example"); resp.Header.Get("Access-Control-Allow-Origin") != "" {
+		t.Errorf("without --cors preflight allowed origin: %v", resp.Header)
+	}
+}
+
+func TestWebsocketOriginChecked(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig()
+	cfg.CORS = []string{"https://app.example"}
+	_, ts := newTestServer(t, cfg)
+	ws := "ws" + strings.TrimPrefix(ts.URL, "http") + "/registry"
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, resp, err := websocket.Dial(ctx, ws, &websocket.DialOptions{HTTPHeader: http.Header{"Origin": {"https://evil.example"}}})
+	if err == nil || resp == nil || resp.StatusCode != 403 {
+		t.Fatalf("dial from disallowed origin: resp %v err %v, want 403", resp, err)
+	}
+	c, _, err := websocket.Dial(ctx, ws, &websocket.DialOptions{HTTPHeader: http.Header{"Origin": {"https://app.example"}}})
+	if err != nil {
+		t.Fatalf("dial from allowed origin: %v", err)
+	}
+	c.CloseNow()
+}
+
+// flakyApp is a test app whose health endpoint answers with status, or
+// hangs while hang is set.
+type flakyApp struct {
+	status atomic.Int32
+	hang   atomic.Bool
+	checks atomic.Int32
+}
+
+func (a *flakyApp) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	a.checks.Add(1)
+	if a.hang.Load() {
+		<-r.Context().Done()
+		return
+	}
+	w.WriteHeader(int(a.status.Load()))
+}
+
+func TestAppHealthCheck(t *testing.T) {
+	t.Parallel()
+	app := &flakyApp{}
+	app.status.Store(200)
+	backend := httptest.NewServer(app)
+	t.Cleanup(backend.Close)
+
+	cfg := testConfig()
+	cfg.ServerName = "go.micro.srv.app"
+	cfg.ServerAddress = strings.TrimPrefix(backend.URL, "http://")
+	cfg.HealthcheckURL = backend.URL + "/health"
+	_, ts := newTestServer(t, cfg)
+
+	registered := func() bool {
+		code, _ := getService(t, ts.URL, "go.micro.srv.app")
+		return code == http.StatusOK
+	}
+	health := func() int {
+		code, _ := do(t, "GET", ts.URL+"/health", "")
+		return code
+	}
+	eventually(t, 5*time.Second, "registration of the healthy app", registered)
+	if code, svc := getService(t, ts.URL, "go.micro.srv.app"); code != 200 || svc.Nodes[0].Address != "127.0.0.1" {
+		t.Fatalf("app node = %+v, want address 127.0.0.1", svc)
+	}
+	if c := health(); c != 200 {
+		t.Errorf("/health with a healthy app = %d, want 200", c)
+	}
+
+	app.status.Store(500)
+	eventually(t, 5*time.Second, "deregistration of the failing app", func() bool { return !registered() })
+	if c := health(); c != 503 {
+		t.Errorf("/health with a failing app = %d, want 503", c)
+	}
+
+	app.status.Store(200)
+	eventually(t, 5*time.Second, "re-registration of the recovered app", registered)
+
+	// A check that hangs fails after the timeout.
+	app.hang.Store(true)
+	eventually(t, 5*time.Second, "deregistration of the hung app", func() bool { return !registered() })
+	app.hang.Store(false)
+	eventually(t, 5*time.Second, "re-registration after the hang", registered)
+}
+
+func TestAppWithoutHealthcheckHeartbeats(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig()
+	cfg.ServerName = "go.micro.srv.plain"
+	cfg.ServerAddress = "127.0.0.1:9"
+	cfg.RegisterTTL = 300 * time.Millisecond
+	cfg.RegisterInterval = 100 * time.Millisecond
+	_, ts := newTestServer(t, cfg)
+	eventually(t, 5*time.Second, "registration", func() bool {
+		code, _ := getService(t, ts.URL, "go.micro.srv.plain")
+		return code == 200
+	})
+	// Well past several TTLs, the heartbeat keeps it registered.
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) {
+		if code, _ := getService(t, ts.URL, "go.micro.srv.plain"); code != 200 {
+			t.Fatal("app registration expired despite the heartbeat")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// sidecarBinary builds the sidecar once per test run.
+func sidecarBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "sidecar-bin")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "sidecar")
+		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		if err != nil {
+			buildErr = errors.New(string(out))
+		}
+	})
+	if buildErr != nil {
+		t.Fatalf("go build: %v", buildErr)
+	}
+	return binPath
+}
+
+// startBinary runs the built sidecar with args and returns its base URL,
+// read from the one line it prints.
+func startBinary(t *testing.T, args ...string) (*exec.Cmd, string, *bytes.Buffer) {
+	t.Helper()
+	cmd := exec.Command(sidecarBinary(t), args...)
+	cmd.Env = append(os.Environ(), "MICRO_ADDRESS=127.0.0.1:0")
+	stdout, _ := cmd.StdoutPipe()
+	stderr := &syncBuffer{}
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		t.Fatalf("reading the address line: %v; stderr: %s", err, stderr)
+	}
+	fields := strings.Fields(line)
+	url := fields[len(fields)-1]
+	if !strings.HasPrefix(url, "http://127.0.0.1:") {
+		t.Fatalf("address line %q does not end in the bound URL", line)
+	}
+	return cmd, url, &stderr.Buffer
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.Buffer.Write(p)
+}
+
+func TestBinarySIGTERMDeregistersAndExits(t *testing.T) {
+	t.Parallel()
+	cmd, url, stderr := startBinary(t, "--server_name", "go.micro.srv.app", "--server_address", "127.0.0.1:9")
+	c := dialWatch(t, url)
+	// Once the watcher sees this, it is live and will see the app leave.
+	do(t, "POST", url+"/registry", seedService)
+	readEvent(t, c)
+	eventually(t, 5*time.Second, "app registration", func() bool {
+		code, _ := getService(t, url, "go.micro.srv.app")
+		return code == 200
+	})
+
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	// The watcher sees the app leave, then the sidecar says goodbye.
+	sawDelete := false
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, b, err := c.Read(ctx)
+		cancel()
+		if err != nil {
+			if websocket.CloseStatus(err) != websocket.StatusGoingAway {
+				t.Errorf("watch ended with %v, want going away", err)
+			}
+			break
+		}
+		if strings.Contains(string(b), `"delete"`) && strings.Contains(string(b), "go.micro.srv.app") {
+			sawDelete = true
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("exit after SIGTERM: %v; stderr: %s", err, stderr)
+		}
+		if !sawDelete {
+			t.Errorf("no delete event for the app before shutdown; stderr: %s", stderr)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("sidecar did not exit within 10s of SIGTERM")
+	}
+}
+
+func TestBinaryBadFlagOneLine(t *testing.T) {
+	t.Parallel()
+	out, err := exec.Command(sidecarBinary(t), "--register_ttl=soon").CombinedOutput()
+	if err == nil {
+		t.Fatal("bad flag: exit status 0, want failure")
+	}
+	if !strings.Contains(string(out), "register_ttl") {
+		t.Errorf("bad flag output %q does not name the flag", out)
+	}
+}
