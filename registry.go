@@ -309,21 +309,23 @@ func (m *memoryRegistry) Register(ctx context.Context, s *Service, ttl time.Dura
 	}
 	var changed []*Node
 	for _, in := range s.Nodes {
+		i, ok := svc.index[in.ID]
+		if ok {
+			cur := svc.nodes[i]
+			cur.expires = expires // a renewal: the heartbeat
+			if sameNode(cur.node, in, s.Version) {
+				continue
+			}
+		}
 		n := &Node{ID: in.ID, Address: in.Address, Port: in.Port, Metadata: cloneMap(in.Metadata), Version: s.Version}
-		i, ok := svc.index[n.ID]
-		if !ok {
-			svc.index[n.ID] = len(svc.nodes)
-			svc.nodes = append(svc.nodes, &memNode{node: n, expires: expires})
-			m.nodes++
-			changed = append(changed, n)
+		changed = append(changed, n)
+		if ok {
+			svc.nodes[i].node = n
 			continue
 		}
-		cur := svc.nodes[i]
-		cur.expires = expires // a renewal: the heartbeat
-		if !nodesEqual(cur.node, n) {
-			cur.node = n
-			changed = append(changed, n)
-		}
+		svc.index[n.ID] = len(svc.nodes)
+		svc.nodes = append(svc.nodes, &memNode{node: n, expires: expires})
+		m.nodes++
 	}
 	if len(changed) > 0 {
 		svc.snapshot = nil
@@ -463,8 +465,9 @@ func (m *memoryRegistry) size() (services, nodes int) {
 	return len(m.services), m.nodes
 }
 
-func nodesEqual(a, b *Node) bool {
-	return a.Address == b.Address && a.Port == b.Port && a.Version == b.Version && mapsEqual(a.Metadata, b.Metadata)
+// sameNode reports whether registering in with version changes nothing.
+func sameNode(cur, in *Node, version string) bool {
+	return cur.Address == in.Address && cur.Port == in.Port && cur.Version == version && mapsEqual(cur.Metadata, in.Metadata)
 }
 
 func mapsEqual(a, b map[string]string) bool {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -400,6 +401,18 @@ func BenchmarkRegistry(b *testing.B) {
 			b.StopTimer()
 			m.Close()
 			b.StartTimer()
+		}
+	})
+	b.Run("memory/10k", func(b *testing.B) {
+		var before, after runtime.MemStats
+		for b.Loop() {
+			runtime.GC()
+			runtime.ReadMemStats(&before)
+			m := newFull(b)
+			runtime.GC()
+			runtime.ReadMemStats(&after)
+			b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc), "heap-bytes/10k-nodes")
+			runtime.KeepAlive(m)
 		}
 	})
 	b.Run("renew/10k", func(b *testing.B) {
