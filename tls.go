@@ -415,6 +415,7 @@ func (r *certReloader) maybeReload(now time.Time) {
 		return
 	}
 	if bytes.Equal(certPEM, r.certPEM) && bytes.Equal(keyPEM, r.keyPEM) {
+		r.lastBad = "" // back to the pair in service: a new failure is news
 		return
 	}
 	cert, err := tls.X509KeyPair(certPEM, keyPEM)
