@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -179,19 +180,66 @@ func (m *tlsManager) acmeHTTPClient(roots *x509.CertPool) *http.Client {
 	}
 	return &http.Client{
 		Timeout:   60 * time.Second,
-		Transport: &countingTransport{base: tr, n: &m.acmeRequests},
+		Transport: &acmeTransport{base: tr, n: &m.acmeRequests, orders: map[string]string{}},
 	}
 }
 
-// countingTransport counts the requests it sends.
-type countingTransport struct {
+// acmeTransport counts the requests sent to the ACME CA and supplies the
+// order URL that RFC 8555 lets a CA leave out of the finalize response
+// (Pebble does; Buypass does). x/crypto/acme before v0.58.0 polls the
+// Location of that response, an empty URL without it (golang/go#77704);
+// v0.58.0 needs go 1.26. The order URL is known from the new-order
+// response, so it is remembered by finalize URL and put back.
+type acmeTransport struct {
 	base http.RoundTripper
 	n    *atomic.Int64
+
+	mu     sync.Mutex        // guards orders
+	orders map[string]string // finalize URL -> order URL
 }
 
-func (t *countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+// maxACMEOrders bounds acmeTransport.orders; one entry lives per pending order.
+const maxACMEOrders = 1024
+
+func (t *acmeTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	t.n.Add(1)
-	return t.base.RoundTrip(r)
+	resp, err := t.base.RoundTrip(r)
+	if err != nil || r.Method != http.MethodPost {
+		return resp, err
+	}
+	loc := resp.Header.Get("Location")
+	switch {
+	case resp.StatusCode == http.StatusCreated && loc != "":
+		// Maybe a new order: remember its finalize URL.
+		b, err := io.ReadAll(io.LimitReader(resp.Body, maxPEMBytes))
+		resp.Body.Close()
+		resp.Body = io.NopCloser(bytes.NewReader(b))
+		if err != nil {
+			return resp, nil // acme reports the short body
+		}
+		var order struct {
+			Finalize string `json:"finalize"`
+		}
+		if json.Unmarshal(b, &order) == nil && order.Finalize != "" {
+			t.mu.Lock()
+			if len(t.orders) >= maxACMEOrders {
+				clear(t.orders)
+			}
+			t.orders[order.Finalize] = loc
+			t.mu.Unlock()
+		}
+	case resp.StatusCode == http.StatusOK:
+		t.mu.Lock()
+		orderURL, ok := t.orders[r.URL.String()]
+		if ok {
+			delete(t.orders, r.URL.String())
+		}
+		t.mu.Unlock()
+		if ok && loc == "" {
+			resp.Header.Set("Location", orderURL)
+		}
+	}
+	return resp, nil
 }
 
 // enabled reports whether the listener serves TLS.
