@@ -351,6 +351,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 		s.app = app
 	}
 	s.handler = s.middleware(s.stats.wrap(s.routes()))
+	s.handler = s.tls.guard(s.handler)
 	return s, nil
 }
 

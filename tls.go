@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -159,8 +160,23 @@ func (m *tlsManager) setupACME(cfg *Config) error {
 		m.log.Warn("acme without --acme_cache_dir: certificates live in memory and are requested again after each restart")
 	}
 	m.config.GetCertificate = m.acme.GetCertificate
-	// TLS-ALPN-01 (RFC 8737) is answered on the TLS listener itself.
+	// TLS-ALPN-01 (RFC 8737) is answered on the TLS listener itself. The
+	// CA's validation handshake carries no client certificate, so with
+	// mutual TLS it gets a config that does not ask for one; such a
+	// connection only gets the challenge certificate, and guard refuses
+	// any HTTP request on it.
 	m.config.NextProtos = append(m.config.NextProtos, acme.ALPNProto)
+	if m.config.ClientAuth != tls.NoClientCert {
+		challenge := m.config.Clone()
+		challenge.ClientAuth, challenge.ClientCAs = tls.NoClientCert, nil
+		challenge.NextProtos = []string{acme.ALPNProto}
+		m.config.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			if slices.Equal(hello.SupportedProtos, []string{acme.ALPNProto}) {
+				return challenge, nil
+			}
+			return nil, nil // the listener's config
+		}
+	}
 	return nil
 }
 
@@ -240,6 +256,25 @@ func (t *acmeTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		}
 	}
 	return resp, nil
+}
+
+// guard wraps the sidecar's handler when mutual TLS is on: a request whose
+// connection carries no verified client certificate (one that came in
+// through the TLS-ALPN-01 challenge config, which cannot ask for one) is
+// refused with a JSON 403 and the connection closed. Otherwise it returns
+// next unchanged.
+func (m *tlsManager) guard(next http.Handler) http.Handler {
+	if !m.enabled() || m.config.ClientAuth == tls.NoClientCert {
+		return next
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
+			w.Header().Set("Connection", "close")
+			writeError(w, http.StatusForbidden, "a client certificate is required")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 // enabled reports whether the listener serves TLS.

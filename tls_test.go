@@ -543,3 +543,66 @@ func TestClientTLSConfig(t *testing.T) {
 		})
 	}
 }
+
+// TestACMEMutualTLSChallenge checks the one door mutual TLS opens for the
+// TLS-ALPN-01 check: the CA's handshake needs no client certificate, and
+// no HTTP request gets through on such a connection.
+func TestACMEMutualTLSChallenge(t *testing.T) {
+	clientCA := newTestCA(t, "client ca")
+	cfg := testConfig()
+	cfg.EnableACME = true
+	cfg.ACMEHosts = []string{"a.example"}
+	cfg.TLSClientCAFile = filepath.Join(t.TempDir(), "clients.pem")
+	writeFile(t, cfg.TLSClientCAFile, clientCA.pem)
+	s, err := newServer(cfg, testLogger(t))
+	if err != nil {
+		t.Fatalf("newServer: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+
+	conf := s.tls.config
+	if conf.ClientAuth != tls.RequireAndVerifyClientCert {
+		t.Fatalf("ClientAuth = %v, want RequireAndVerifyClientCert", conf.ClientAuth)
+	}
+	for _, tt := range []struct {
+		protos     []string
+		wantClient tls.ClientAuthType
+	}{
+		{[]string{"acme-tls/1"}, tls.NoClientCert},
+		{[]string{"h2", "http/1.1"}, tls.RequireAndVerifyClientCert},
+		{[]string{"acme-tls/1", "http/1.1"}, tls.RequireAndVerifyClientCert},
+	} {
+		got, err := conf.GetConfigForClient(&tls.ClientHelloInfo{ServerName: "a.example", SupportedProtos: tt.protos})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got == nil {
+			got = conf
+		}
+		if got.ClientAuth != tt.wantClient {
+			t.Errorf("ClientAuth for a hello offering %v = %v, want %v", tt.protos, got.ClientAuth, tt.wantClient)
+		}
+	}
+
+	// A request on a connection without a verified client certificate
+	// (what an acme-tls/1 connection is) is refused by the real handler.
+	for _, tt := range []struct {
+		name  string
+		state *tls.ConnectionState
+		code  int
+	}{
+		{"acme-tls/1 connection", &tls.ConnectionState{HandshakeComplete: true, NegotiatedProtocol: "acme-tls/1"}, http.StatusForbidden},
+		{"verified client", &tls.ConnectionState{HandshakeComplete: true, VerifiedChains: [][]*x509.Certificate{{clientCA.cert}}}, http.StatusOK},
+	} {
+		req := httptest.NewRequest("GET", "https://a.example/health", nil)
+		req.TLS = tt.state
+		rec := httptest.NewRecorder()
+		s.handler.ServeHTTP(rec, req)
+		if rec.Code != tt.code {
+			t.Errorf("GET /health on a %s = %d, want %d", tt.name, rec.Code, tt.code)
+		}
+		if tt.code != http.StatusOK {
+			wantError(t, "GET /health on a "+tt.name, rec.Code, rec.Body.Bytes(), tt.code)
+		}
+	}
+}
