@@ -33,7 +33,7 @@ type testCA struct {
 	pem  []byte
 }
 
-func newTestCA(t *testing.T, name string) *testCA {
+func newTestCA(t testing.TB, name string) *testCA {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -59,7 +59,7 @@ func newTestCA(t *testing.T, name string) *testCA {
 	return &testCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
 }
 
-func randSerial(t *testing.T) *big.Int {
+func randSerial(t testing.TB) *big.Int {
 	t.Helper()
 	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 120))
 	if err != nil {
@@ -70,7 +70,7 @@ func randSerial(t *testing.T) *big.Int {
 
 // issue returns a PEM certificate and key signed by ca: a server
 // certificate for 127.0.0.1 and localhost, or a client certificate.
-func (ca *testCA) issue(t *testing.T, cn string, client bool) (certPEM, keyPEM []byte) {
+func (ca *testCA) issue(t testing.TB, cn string, client bool) (certPEM, keyPEM []byte) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -121,7 +121,7 @@ func (ca *testCA) pool() *x509.CertPool {
 
 // writeFile replaces name atomically (write, then rename), as cert-manager
 // and certbot do.
-func writeFile(t *testing.T, name string, b []byte) {
+func writeFile(t testing.TB, name string, b []byte) {
 	t.Helper()
 	tmp := name + ".tmp"
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
@@ -134,7 +134,7 @@ func writeFile(t *testing.T, name string, b []byte) {
 
 // tlsTestConfig is testConfig serving the pair cn issued by ca from files
 // in a temporary directory.
-func tlsTestConfig(t *testing.T, ca *testCA, cn string) *Config {
+func tlsTestConfig(t testing.TB, ca *testCA, cn string) *Config {
 	t.Helper()
 	dir := t.TempDir()
 	cfg := testConfig()
@@ -604,5 +604,29 @@ func TestACMEMutualTLSChallenge(t *testing.T) {
 		if tt.code != http.StatusOK {
 			wantError(t, "GET /health on a "+tt.name, rec.Code, rec.Body.Bytes(), tt.code)
 		}
+	}
+}
+
+// BenchmarkGetCertificate measures what the reload check adds to a
+// handshake: with the default interval most calls only read two atomics;
+// with 0 interval every call re-reads and compares both files.
+func BenchmarkGetCertificate(b *testing.B) {
+	ca := newTestCA(b, "bench ca")
+	for _, interval := range []time.Duration{time.Second, time.Nanosecond} {
+		b.Run("interval="+interval.String(), func(b *testing.B) {
+			cfg := tlsTestConfig(b, ca, "bench")
+			r, err := newCertReloader(cfg.TLSCertFile, cfg.TLSKeyFile, interval, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					if c, _ := r.getCertificate(nil); c == nil {
+						b.Fatal("no certificate")
+					}
+				}
+			})
+		})
 	}
 }
