@@ -66,12 +66,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", cfg.Address)
+	ln, err := s.tls.listen(cfg.Address)
 	if err != nil {
 		s.Close()
-		return fmt.Errorf("listen on %s: %w", cfg.Address, err)
+		return err
 	}
-	fmt.Fprintf(stdout, "sidecar listening on http://%s\n", ln.Addr())
+	fmt.Fprintf(stdout, "sidecar listening on %s://%s\n", s.tls.scheme(), ln.Addr())
 	return s.serve(ctx, ln)
 }
 
@@ -108,6 +108,15 @@ type Config struct {
 	EnableACME      bool
 	ACMEHosts       []string
 
+	TLSReloadInterval time.Duration // how often changed certificate files are looked for
+	ACMECacheDir      string
+	ACMEDirectoryURL  string
+	ACMECAFile        string // CA roots of the ACME server's own HTTPS (private CAs)
+	ACMEHTTPAddress   string // HTTP-01 challenge listener; empty: TLS-ALPN-01 only
+	ACMEEmail         string
+	ClientTLS         bool   // call every backend over TLS
+	ClientCAFile      string // CA roots for backends; empty: system roots
+
 	AuthToken string // required bearer token; from --auth_token or --auth_token_file
 
 	MaxBodyBytes    int64         // limit of a request body the sidecar reads
@@ -131,6 +140,7 @@ func defaultConfig() *Config {
 		ClientRequestTimeout: 5 * time.Second,
 		MaxBodyBytes:         4 << 20,
 		ShutdownTimeout:      10 * time.Second,
+		TLSReloadInterval:    time.Second,
 	}
 }
 
@@ -164,6 +174,14 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.StringVar(&cfg.TLSClientCAFile, "tls_client_ca_file", "", "CA `file` that client certificates must chain to (mutual TLS)")
 	fs.BoolVar(&cfg.EnableACME, "enable_acme", false, "get certificates from an ACME CA")
 	fs.StringVar(&acmeHosts, "acme_hosts", "", "comma-separated `hosts` allowed to get ACME certificates")
+	fs.DurationVar(&cfg.TLSReloadInterval, "tls_reload_interval", cfg.TLSReloadInterval, "how often to look for changed --tls_cert_file/--tls_key_file")
+	fs.StringVar(&cfg.ACMECacheDir, "acme_cache_dir", "", "`dir` that keeps ACME account and certificates across restarts")
+	fs.StringVar(&cfg.ACMEDirectoryURL, "acme_directory_url", defaultACMEDirectory, "ACME directory `URL` (Let's Encrypt by default)")
+	fs.StringVar(&cfg.ACMECAFile, "acme_ca_file", "", "CA `file` (PEM) to trust for the ACME server's HTTPS (private CAs)")
+	fs.StringVar(&cfg.ACMEHTTPAddress, "acme_http_address", "", "`host:port` of an HTTP-01 challenge listener (e.g. :80)")
+	fs.StringVar(&cfg.ACMEEmail, "acme_email", "", "contact `email` of the ACME account")
+	fs.BoolVar(&cfg.ClientTLS, "client_tls", false, "call every backend over TLS (else only nodes with metadata https=true)")
+	fs.StringVar(&cfg.ClientCAFile, "client_ca_file", "", "CA `file` (PEM) to verify backends' certificates (default system roots)")
 	fs.StringVar(&cfg.AuthToken, "auth_token", "", "require Authorization: Bearer `TOKEN` on every request but /health")
 	fs.StringVar(&authTokenFile, "auth_token_file", "", "read the auth token from `file`")
 	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", cfg.MaxBodyBytes, "largest request body the sidecar reads")
@@ -297,6 +315,7 @@ type server struct {
 	broker   *broker
 	stats    *stats
 	app      *appChecker // nil without --server_name
+	tls      *tlsManager
 	streams  *streams
 	cors     corsPolicy
 	handler  http.Handler
@@ -312,6 +331,11 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 		started: time.Now(),
 		cors:    newCORSPolicy(cfg.CORS),
 	}
+	tlsm, err := newTLSManager(cfg, logger.With("component", "tls"))
+	if err != nil {
+		return nil, err
+	}
+	s.tls = tlsm
 	s.streams = newStreams(s.cors)
 	reg := newMemoryRegistry(cfg.RegistrySweep, time.Now, logger.With("component", "registry"))
 	s.registry = newRegistryAPI(reg, s.streams, cfg.MaxBodyBytes, logger.With("component", "registry"))
@@ -327,6 +351,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 		s.app = app
 	}
 	s.handler = s.middleware(s.stats.wrap(s.routes()))
+	s.handler = s.tls.guard(s.handler)
 	return s, nil
 }
 
@@ -448,6 +473,7 @@ func (s *server) Close() error {
 	if s.app != nil {
 		s.app.Close()
 	}
+	s.tls.Close()
 	return s.registry.reg.Close()
 }
 
