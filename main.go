@@ -101,6 +101,9 @@ type Config struct {
 
 	EnableStats bool
 
+	AccessLog     bool          // one log line per request
+	StatsInterval time.Duration // between two samples of the /stats page's counters
+
 	EnableTLS       bool
 	TLSCertFile     string
 	TLSKeyFile      string
@@ -136,6 +139,7 @@ func defaultConfig() *Config {
 		RegisterInterval:     10 * time.Second,
 		Registry:             "memory",
 		RegistrySweep:        250 * time.Millisecond,
+		StatsInterval:        time.Second,
 		ClientRetries:        1,
 		ClientRequestTimeout: 5 * time.Second,
 		MaxBodyBytes:         4 << 20,
@@ -168,6 +172,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&cfg.ClientRequestTimeout, "client_request_timeout", cfg.ClientRequestTimeout, "timeout of a call, all attempts included")
 	fs.BoolVar(&cfg.RPCAllowAddress, "rpc_allow_address", false, "let /rpc call an explicit address (makes the sidecar an open proxy)")
 	fs.BoolVar(&cfg.EnableStats, "enable_stats", false, "serve the stats page at /stats")
+	fs.BoolVar(&cfg.AccessLog, "access_log", false, "log one line per request")
 	fs.BoolVar(&cfg.EnableTLS, "enable_tls", false, "serve TLS with --tls_cert_file and --tls_key_file")
 	fs.StringVar(&cfg.TLSCertFile, "tls_cert_file", "", "TLS certificate `file` (PEM)")
 	fs.StringVar(&cfg.TLSKeyFile, "tls_key_file", "", "TLS key `file` (PEM)")
@@ -342,6 +347,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	s.rpc = newRPCHandler(cfg, reg, logger.With("component", "rpc"))
 	s.broker = newBroker(cfg, s.streams, logger.With("component", "broker"))
 	s.stats = newStats(cfg, logger.With("component", "stats"))
+	s.stats.addSource(registrySizeSource(reg))
 	if cfg.ServerName != "" {
 		app, err := newAppChecker(cfg, reg, logger.With("component", "health"))
 		if err != nil {
@@ -422,6 +428,7 @@ func (s *server) middleware(next http.Handler) http.Handler {
 // start begins the components' background work.
 func (s *server) start(ctx context.Context) {
 	s.registry.reg.start(ctx)
+	s.stats.start(ctx)
 	if s.app != nil {
 		s.app.start(ctx)
 	}
@@ -468,6 +475,7 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 // construction. It waits for their goroutines and is idempotent.
 func (s *server) Close() error {
 	s.streams.Close()
+	s.stats.Close()
 	s.broker.Close()
 	s.rpc.Close()
 	if s.app != nil {
