@@ -356,8 +356,9 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 		}
 		s.app = app
 	}
-	s.handler = s.middleware(s.stats.wrap(s.routes()))
-	s.handler = s.tls.guard(s.handler)
+	// Outermost first: the TLS guard, then counting (so refused requests
+	// count too), then CORS and auth, then the route table.
+	s.handler = s.tls.guard(s.stats.wrap(s.middleware(s.routes())))
 	return s, nil
 }
 

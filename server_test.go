@@ -332,7 +332,7 @@ func sidecarBinary(t *testing.T) string {
 
 // startBinary runs the built sidecar with args and returns its base URL,
 // read from the one line it prints.
-func startBinary(t *testing.T, args ...string) (*exec.Cmd, string, *bytes.Buffer) {
+func startBinary(t *testing.T, args ...string) (*exec.Cmd, string, *syncBuffer) {
 	t.Helper()
 	cmd := exec.Command(sidecarBinary(t), args...)
 	cmd.Env = append(os.Environ(), "MICRO_ADDRESS=127.0.0.1:0")
@@ -352,19 +352,9 @@ func startBinary(t *testing.T, args ...string) (*exec.Cmd, string, *bytes.Buffer
 	if !strings.HasPrefix(url, "http://127.0.0.1:") {
 		t.Fatalf("address line %q does not end in the bound URL", line)
 	}
-	return cmd, url, &stderr.Buffer
+	return cmd, url, stderr
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.Buffer.Write(p)
-}
 
 func TestBinarySIGTERMDeregistersAndExits(t *testing.T) {
 	t.Parallel()
