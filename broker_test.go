@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 	"unicode"
@@ -169,7 +170,22 @@ func TestBrokerSlowSubscriber(t *testing.T) {
 	s.broker.queueBytes = 1 << 20
 	s.broker.writeTimeout = time.Second
 
-	slow := dialBroker(t, ts, "/broker?topic=load") // never reads
+	// The slow client never reads, and its small receive buffer makes
+	// the sidecar's writes block soon.
+	dialer := &net.Dialer{Control: func(network, address string, c syscall.RawConn) error {
+		var err error
+		c.Control(func(fd uintptr) { err = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+		return err
+	}}
+	dctx, dcancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer dcancel()
+	slow, _, err := websocket.Dial(dctx, wsURL(ts, "/broker?topic=load"), &websocket.DialOptions{
+		HTTPClient: &http.Client{Transport: &http.Transport{DialContext: dialer.DialContext}},
+	})
+	if err != nil {
+		t.Fatalf("dial slow subscriber: %v", err)
+	}
+	t.Cleanup(func() { slow.CloseNow() })
 	good := dialBroker(t, ts, "/broker?topic=load")
 	pub := dialBroker(t, ts, "/broker?topic=load")
 	waitSubscribers(t, s, 3)
@@ -177,6 +193,7 @@ func TestBrokerSlowSubscriber(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	// The publisher is a subscriber too: it reads its own messages.
+	var echoed atomic.Int64
 	pubDone := make(chan struct{})
 	go func() {
 		defer close(pubDone)
@@ -184,6 +201,7 @@ func TestBrokerSlowSubscriber(t *testing.T) {
 			if _, _, err := pub.Read(ctx); err != nil {
 				return
 			}
+			echoed.Add(1)
 		}
 	}()
 	t.Cleanup(func() { pub.CloseNow(); <-pubDone })
@@ -206,18 +224,20 @@ func TestBrokerSlowSubscriber(t *testing.T) {
 	}()
 
 	const n, chunk = 10_000, 50
-	body := bytes.Repeat([]byte("x"), 4096)
+	body := bytes.Repeat([]byte("x"), 1024)
 	for sent := 0; sent < n; {
 		for range chunk {
 			if err := pub.Write(ctx, websocket.MessageBinary, body); err != nil {
-				t.Fatalf("publish after %d: %v", sent, err)
+				t.Fatalf("publish after %d: %v (slow disconnects %d)", sent, err, s.broker.slowDisconnects.Load())
 			}
 			sent++
 		}
-		for received.Load() < int64(sent) {
+		for received.Load() < int64(sent) || echoed.Load() < int64(sent) {
 			select {
 			case err := <-goodDone:
 				t.Fatalf("good subscriber stopped after %d of %d: %v", received.Load(), sent, err)
+			case <-pubDone:
+				t.Fatalf("publisher stopped reading after %d of %d", echoed.Load(), sent)
 			case <-time.After(time.Millisecond):
 			}
 		}
