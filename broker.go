@@ -181,39 +181,51 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	hj := &wsHijacker{ResponseWriter: w, readTimeout: 2 * b.pingInterval, writeTimeout: b.writeTimeout}
-	conn, ctx, done := b.streams.accept(hj, r, b.maxMessage)
+	// The context accept returns ends with this handler, which returns at
+	// once: serve runs on, tracked by streams through done.
+	conn, _, done := b.streams.accept(hj, r, b.maxMessage)
 	if conn == nil {
 		return
 	}
-	defer done()
 	if hj.conn == nil { // cannot happen: accept hijacks through hj
 		conn.Close(websocket.StatusInternalError, "broker: no connection")
+		done()
 		return
 	}
 	s := &subscriber{b: b, conn: conn, wc: hj.conn}
 	if !b.add(topic, queue, s) {
 		conn.Close(websocket.StatusGoingAway, "sidecar shutting down")
+		done()
 		return
 	}
 	b.log.Debug("subscribed", "topic", topic, "queue", queue, "remote", r.RemoteAddr)
+	go b.serve(s, topic, queue, done)
+}
 
-	// Shutdown closes with a going-away status. The read below must not use
-	// ctx: the websocket library drops the connection without a close
-	// frame when a read's context ends.
+// serve reads the subscriber's frames until the connection ends, then
+// unsubscribes it and waits for its writer. It runs on its own goroutine
+// rather than the HTTP handler's so that the handler's stack and the HTTP
+// server's per-connection buffers are freed while the subscriber idles;
+// streams.Close waits for it (done).
+func (b *broker) serve(s *subscriber, topic, queue string, done func()) {
+	defer done()
+	// Shutdown closes with a going-away status. The read below must not
+	// use a cancellable context: the websocket library drops the
+	// connection without a close frame when a read's context ends.
 	closing := make(chan struct{})
-	stopClose := context.AfterFunc(ctx, func() {
+	stopClose := context.AfterFunc(b.streams.ctx, func() {
 		defer close(closing)
 		code, reason := b.streams.closeStatus()
 		s.closeWith(code, reason)
 	})
-	err = b.readLoop(context.WithoutCancel(ctx), topic, conn)
+	err := b.readLoop(context.Background(), topic, s.conn)
 
 	b.remove(topic, queue, s)
 	if !stopClose() {
 		<-closing
 	}
 	s.wg.Wait() // the writer, if one runs, ends: remove stopped new ones
-	conn.CloseNow()
+	s.conn.CloseNow()
 	b.log.Debug("unsubscribed", "topic", topic, "queue", queue, "err", err)
 }
 
