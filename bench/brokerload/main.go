@@ -17,20 +17,23 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
+	neturl "net/url"
 	"os"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/coder/websocket"
 )
 
 func main() {
@@ -72,8 +75,7 @@ func fanout(ctx context.Context, target, url string, pid, nsubs, msgs, size, win
 	var conns []*client
 	defer func() {
 		for _, c := range conns {
-			c.conn.CloseNow()
-			c.wg.Wait()
+			c.close()
 		}
 	}()
 	for range nsubs {
@@ -101,7 +103,7 @@ func fanout(ctx context.Context, target, url string, pid, nsubs, msgs, size, win
 			}
 			time.Sleep(20 * time.Microsecond)
 		}
-		if err := pub.publish(ctx, body); err != nil {
+		if err := pub.publish(body); err != nil {
 			return err
 		}
 	}
@@ -128,8 +130,7 @@ func idle(ctx context.Context, target, url string, pid, nsubs int) error {
 	var conns []*client
 	defer func() {
 		for _, c := range conns {
-			c.conn.CloseNow()
-			c.wg.Wait()
+			c.close()
 		}
 	}()
 	var firstErr error
@@ -165,140 +166,201 @@ func idle(ctx context.Context, target, url string, pid, nsubs int) error {
 }
 
 // client is one websocket connection that subscribes topic and counts the
-// messages it receives; publish sends one message to topic.
+// messages it receives; publish sends one message to topic. It speaks the
+// websocket protocol (RFC 6455) itself, reading frames straight from a
+// buffered connection, so that the load program spends as little CPU per
+// message as it can and the server, not the client, is measured.
 type client struct {
 	target string
 	topic  string
-	conn   *websocket.Conn
-	wg     sync.WaitGroup // the reader
+	nc     net.Conn
+	br     *bufio.Reader
+	wmu    sync.Mutex // serializes frames written
+	wg     sync.WaitGroup
 }
 
 func dial(ctx context.Context, target, base, topic string, onMsg func()) (*client, error) {
-	url := base + "/broker?topic=" + topic
-	if target == "nats" {
-		url = base
-	}
-	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	conn, _, err := websocket.Dial(dctx, url, nil)
+	u, err := neturl.Parse(base)
 	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", url, err)
+		return nil, err
 	}
-	conn.SetReadLimit(1 << 20)
-	c := &client{target: target, topic: topic, conn: conn}
+	path := "/broker?topic=" + topic
 	if target == "nats" {
-		if err := c.natsHandshake(dctx, onMsg); err != nil {
-			conn.CloseNow()
+		path = "/"
+	}
+	d := net.Dialer{Timeout: 10 * time.Second}
+	nc, err := d.DialContext(ctx, "tcp", u.Host)
+	if err != nil {
+		return nil, err
+	}
+	nc.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(nc, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", path, u.Host)
+	c := &client{target: target, topic: topic, nc: nc, br: bufio.NewReaderSize(nc, 64<<10)}
+	resp, err := http.ReadResponse(c.br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		nc.Close()
+		return nil, fmt.Errorf("handshake %s%s: %v %v", u.Host, path, resp, err)
+	}
+	if target == "nats" {
+		if err := c.natsHandshake(onMsg); err != nil {
+			nc.Close()
 			return nil, err
 		}
-		return c, nil
+	} else {
+		c.wg.Go(func() { c.readFrames(func(p []byte) { onMsg() }) })
 	}
-	c.wg.Go(func() { c.readSidecar(ctx, onMsg) })
+	nc.SetDeadline(time.Time{})
 	return c, nil
 }
 
-// readSidecar counts frames: each is one message.
-func (c *client) readSidecar(ctx context.Context, onMsg func()) {
-	buf := make([]byte, 4096)
+func (c *client) close() {
+	c.nc.Close()
+	c.wg.Wait()
+}
+
+// readFrames calls onData with the payload of each data frame (a
+// fragment, if the server fragments) and answers pings, until the
+// connection ends. The payload is valid only during the call.
+func (c *client) readFrames(onData func([]byte)) {
+	var payload []byte
 	for {
-		_, r, err := c.conn.Reader(ctx)
+		h0, err := c.br.ReadByte()
 		if err != nil {
 			return
 		}
-		for {
-			_, err := r.Read(buf)
-			if err == io.EOF {
-				break
-			}
+		h1, err := c.br.ReadByte()
+		if err != nil {
+			return
+		}
+		n := int(h1 & 0x7f)
+		switch n {
+		case 126:
+			b, err := c.br.Peek(2)
 			if err != nil {
 				return
 			}
+			n = int(binary.BigEndian.Uint16(b))
+			c.br.Discard(2)
+		case 127:
+			b, err := c.br.Peek(8)
+			if err != nil {
+				return
+			}
+			n = int(binary.BigEndian.Uint64(b))
+			c.br.Discard(8)
 		}
-		onMsg()
+		if cap(payload) < n {
+			payload = make([]byte, n)
+		}
+		payload = payload[:n]
+		if _, err := io.ReadFull(c.br, payload); err != nil {
+			return
+		}
+		switch op := h0 & 0xf; op {
+		case 0x0, 0x1, 0x2:
+			onData(payload)
+		case 0x8:
+			return
+		case 0x9:
+			c.write(0xA, payload)
+		}
 	}
 }
 
-func (c *client) publish(ctx context.Context, body []byte) error {
+// write sends one masked frame with opcode op. The mask key is zero, which
+// RFC 6455 allows a client that needs no protection from proxies.
+func (c *client) write(op byte, p []byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	hdr := make([]byte, 0, 14+len(p))
+	hdr = append(hdr, 0x80|op)
+	switch {
+	case len(p) < 126:
+		hdr = append(hdr, 0x80|byte(len(p)))
+	case len(p) <= 0xffff:
+		hdr = append(hdr, 0x80|126, byte(len(p)>>8), byte(len(p)))
+	default:
+		hdr = append(hdr, 0x80|127)
+		hdr = binary.BigEndian.AppendUint64(hdr, uint64(len(p)))
+	}
+	hdr = append(hdr, 0, 0, 0, 0)
+	_, err := c.nc.Write(append(hdr, p...))
+	return err
+}
+
+func (c *client) publish(body []byte) error {
 	if c.target == "nats" {
 		msg := make([]byte, 0, 32+len(body))
 		msg = fmt.Appendf(msg, "PUB %s %d\r\n", c.topic, len(body))
 		msg = append(msg, body...)
 		msg = append(msg, "\r\n"...)
-		return c.conn.Write(ctx, websocket.MessageBinary, msg)
+		return c.write(0x2, msg)
 	}
-	return c.conn.Write(ctx, websocket.MessageText, body)
+	return c.write(0x1, body)
 }
 
 // natsHandshake speaks the NATS text protocol inside websocket frames:
-// it reads INFO, sends CONNECT, SUB and PING, and returns once PONG shows
-// the subscription is in place. A reader goroutine then counts MSGs and
+// it sends CONNECT, SUB and PING after the server's INFO, and returns once
+// PONG shows the subscription is in place. The reader then counts MSGs and
 // answers the server's PINGs.
-func (c *client) natsHandshake(ctx context.Context, onMsg func()) error {
-	_, info, err := c.conn.Read(ctx)
-	if err != nil || !bytes.HasPrefix(info, []byte("INFO ")) {
-		return fmt.Errorf("nats: want INFO, got %q: %v", info, err)
-	}
+func (c *client) natsHandshake(onMsg func()) error {
 	hello := fmt.Sprintf("CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"echo\":true}\r\nSUB %s 1\r\nPING\r\n", c.topic)
-	if err := c.conn.Write(ctx, websocket.MessageBinary, []byte(hello)); err != nil {
+	if err := c.write(0x2, []byte(hello)); err != nil {
 		return err
 	}
 	ready := make(chan struct{})
-	c.wg.Go(func() { c.readNATS(context.WithoutCancel(ctx), onMsg, ready) })
+	p := &natsParser{c: c, onMsg: onMsg, ready: ready}
+	c.wg.Go(func() { c.readFrames(p.feed) })
 	select {
 	case <-ready:
 		return nil
-	case <-ctx.Done():
+	case <-time.After(10 * time.Second):
 		return errors.New("nats: no PONG after SUB")
 	}
 }
 
-func (c *client) readNATS(ctx context.Context, onMsg func(), ready chan struct{}) {
-	var pending []byte
-	need := 0 // payload bytes (with CRLF) still to skip
-	buf := make([]byte, 32<<10)
-	for {
-		_, r, err := c.conn.Reader(ctx)
-		if err != nil {
+// natsParser follows the NATS protocol across frame boundaries.
+type natsParser struct {
+	c       *client
+	onMsg   func()
+	ready   chan struct{}
+	pending []byte
+	need    int // payload bytes (with CRLF) still to skip
+}
+
+func (p *natsParser) feed(data []byte) {
+	for len(data) > 0 {
+		if p.need > 0 {
+			k := min(p.need, len(data))
+			data, p.need = data[k:], p.need-k
+			continue
+		}
+		i := bytes.IndexByte(data, '\n')
+		if i < 0 {
+			p.pending = append(p.pending, data...)
 			return
 		}
-		for {
-			n, err := r.Read(buf)
-			pending = append(pending, buf[:n]...)
-			if err == io.EOF {
-				break
-			}
-			if err != nil {
-				return
-			}
+		line := data[:i+1]
+		if len(p.pending) > 0 {
+			line = append(p.pending, line...)
+			p.pending = p.pending[:0]
 		}
-		for len(pending) > 0 {
-			if need > 0 {
-				k := min(need, len(pending))
-				pending, need = pending[k:], need-k
-				continue
-			}
-			i := bytes.Index(pending, []byte("\r\n"))
-			if i < 0 {
-				break
-			}
-			line := string(pending[:i])
-			pending = pending[i+2:]
-			switch {
-			case strings.HasPrefix(line, "MSG "):
-				f := strings.Fields(line)
-				size, _ := strconv.Atoi(f[len(f)-1])
-				need = size + 2
-				onMsg()
-			case line == "PING":
-				c.conn.Write(ctx, websocket.MessageBinary, []byte("PONG\r\n"))
-			case line == "PONG" && ready != nil:
-				close(ready)
-				ready = nil
-			case strings.HasPrefix(line, "-ERR"):
-				fmt.Fprintln(os.Stderr, "brokerload: nats:", line)
-			}
+		data = data[i+1:]
+		line = bytes.TrimRight(line, "\r\n")
+		switch {
+		case bytes.HasPrefix(line, []byte("MSG ")):
+			size, _ := strconv.Atoi(string(line[bytes.LastIndexByte(line, ' ')+1:]))
+			p.need = size + 2
+			p.onMsg()
+		case string(line) == "PING":
+			p.c.write(0x2, []byte("PONG\r\n"))
+		case string(line) == "PONG" && p.ready != nil:
+			close(p.ready)
+			p.ready = nil
+		case bytes.HasPrefix(line, []byte("-ERR")):
+			fmt.Fprintf(os.Stderr, "brokerload: nats: %s\n", line)
 		}
-		pending = append(pending[:0:0], pending...) // do not pin the old buffer
 	}
 }
 
