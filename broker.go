@@ -1,33 +1,807 @@
 package main
 
 // broker.go owns pub/sub: POST /broker publishes, a websocket GET /broker
-// subscribes. (Stub: issue 5 fills it in.)
+// subscribes (and publishes the frames its client writes). Delivery is in
+// memory; a Forwarder, when set, carries each publish to other hosts.
 
 import (
+	"bufio"
+	"context"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"github.com/coder/websocket"
 )
 
-// broker delivers messages published on a topic to its subscribers.
+// Defaults of the broker's limits. Tests lower them on the broker's fields.
+const (
+	brokerMaxMessage   = 1 << 20 // largest message body, if --max_body_bytes is larger
+	brokerQueueLen     = 4096    // messages a subscriber may lag before it is dropped
+	brokerQueueBytes   = 8 << 20 // bytes of frames a subscriber may lag before it is dropped
+	brokerWriteBatch   = 64 << 10
+	maxTopicLen        = 255
+	closeReasonTooSlow = "subscriber too slow"
+)
+
+// Message is what a subscriber receives, one JSON text frame per message:
+// the seed's broker.Message, {"Header":{...},"Body":"<base64>"}.
+type Message struct {
+	Header map[string]string
+	Body   []byte
+}
+
+// Forwarder carries a message published on this sidecar to the sidecars of
+// other hosts. Forward is called once per publish, after local delivery; it
+// must not block (queue and return) and must not modify m. A message that
+// arrives from another host enters through broker.deliverLocal, which does
+// not forward again, so messages never loop.
+type Forwarder interface {
+	Forward(topic string, m *Message)
+}
+
+// broker serves /broker. It owns the topic table and the subscribers'
+// writers; the websocket handlers are tracked by streams, which closes them
+// on shutdown. Safe for concurrent use; Close waits for the pinger.
+//
+// The limit fields are set by newBroker and may be lowered by tests before
+// the first request; zero values are not valid.
 type broker struct {
 	cfg     *Config
 	streams *streams
 	log     *slog.Logger
+	topics  *topicTable
+	forward Forwarder // nil: this host only; set before serving
+
+	maxMessage   int64         // largest body of a published message
+	queueLen     int           // messages a subscriber may lag
+	queueBytes   int           // frame bytes a subscriber may lag
+	pingInterval time.Duration // pings every subscriber; no read for 2x is dead
+	writeTimeout time.Duration // bound of one write to a subscriber
+
+	published       atomic.Int64 // messages accepted for delivery
+	delivered       atomic.Int64 // frames written to subscribers
+	dropped         atomic.Int64 // messages lost because a subscriber was too slow
+	slowDisconnects atomic.Int64 // subscribers dropped for lagging
+	subscribers     atomic.Int64 // connected subscribers (gauge)
+
+	mu      sync.Mutex // guards the fields below
+	all     map[*subscriber]struct{}
+	pinging bool          // the pinger goroutine runs
+	closed  bool          // Close was called
+	stop    chan struct{} // closed by Close: stops the pinger
+	wg      sync.WaitGroup
 }
 
 func newBroker(cfg *Config, st *streams, logger *slog.Logger) *broker {
-	return &broker{cfg: cfg, streams: st, log: logger}
+	return &broker{
+		cfg:          cfg,
+		streams:      st,
+		log:          logger,
+		topics:       newTopicTable(),
+		maxMessage:   min(cfg.MaxBodyBytes, brokerMaxMessage),
+		queueLen:     brokerQueueLen,
+		queueBytes:   brokerQueueBytes,
+		pingInterval: wsPingInterval,
+		writeTimeout: wsWriteTimeout,
+		all:          map[*subscriber]struct{}{},
+		stop:         make(chan struct{}),
+	}
 }
 
-// handlePublish serves POST /broker?topic=T.
+// setForwarder makes every later publish also go to f (cross-host delivery).
+// Call it before serving.
+func (b *broker) setForwarder(f Forwarder) { b.forward = f }
+
+// publish delivers m to this host's subscribers of topic and hands it to
+// the forwarder. It never blocks on a subscriber.
+func (b *broker) publish(topic string, m *Message) {
+	b.published.Add(1)
+	b.deliverLocal(topic, m)
+	if b.forward != nil {
+		b.forward.Forward(topic, m)
+	}
+}
+
+// deliverLocal delivers m to this host's subscribers of topic only: every
+// plain subscriber, and one member of each queue group. It encodes the
+// frame once and returns the number of subscribers it was queued for.
+func (b *broker) deliverLocal(topic string, m *Message) int {
+	subs := b.topics.get(topic)
+	if subs == nil {
+		return 0
+	}
+	frame := encodeFrame(m)
+	n := 0
+	for _, s := range subs.plain {
+		if s.enqueue(frame, false) {
+			n++
+		}
+	}
+	for _, g := range subs.groups {
+		if g.deliver(frame) {
+			n++
+		}
+	}
+	return n
+}
+
+// handlePublish serves POST /broker?topic=T: the raw body, whatever its
+// Content-Type, is the message body and the request headers its headers.
 func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
-	writeError(w, http.StatusNotImplemented, "broker: not implemented")
+	topic, err := parseTopic(r.URL.Query().Get("topic"))
+	if err != nil {
+		writeErr(w, errorf(http.StatusBadRequest, "broker: %v", err))
+		return
+	}
+	// readBody reads r.Body itself, so a form Content-Type is never parsed.
+	body, err := readBody(w, r, b.maxMessage)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	b.publish(topic, &Message{Header: messageHeader(r.Header), Body: body})
+	writeJSON(w, http.StatusOK, struct{}{})
 }
 
-// handleSubscribe serves the websocket GET /broker?topic=T[&queue=Q].
+// handleSubscribe serves the websocket GET /broker?topic=T[&queue=Q]. Each
+// message is one text frame; each frame the client writes, text or binary,
+// is published to T. The handler ends when the client leaves, stops
+// answering pings, falls too far behind, or the sidecar shuts down.
 func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
-	writeError(w, http.StatusNotImplemented, "broker: not implemented")
+	q := r.URL.Query()
+	topic, err := parseTopic(q.Get("topic"))
+	if err != nil {
+		writeErr(w, errorf(http.StatusBadRequest, "broker: %v", err))
+		return
+	}
+	queue := q.Get("queue")
+	if queue != "" {
+		if err := checkTopicChars("queue", queue); err != nil {
+			writeErr(w, errorf(http.StatusBadRequest, "broker: %v", err))
+			return
+		}
+	}
+	if !isWebsocket(r) {
+		w.Header().Set("Connection", "Upgrade")
+		w.Header().Set("Upgrade", "websocket")
+		writeError(w, http.StatusUpgradeRequired, "broker: GET /broker subscribes over a websocket; publish with POST /broker?topic=T")
+		return
+	}
+	hj := &wsHijacker{ResponseWriter: w, readTimeout: 2 * b.pingInterval, writeTimeout: b.writeTimeout}
+	// The context accept returns ends with this handler, which returns at
+	// once: serve runs on, tracked by streams through done.
+	conn, _, done := b.streams.accept(hj, r, b.maxMessage)
+	if conn == nil {
+		return
+	}
+	if hj.conn == nil { // cannot happen: accept hijacks through hj
+		conn.Close(websocket.StatusInternalError, "broker: no connection")
+		done()
+		return
+	}
+	s := &subscriber{b: b, conn: conn, wc: hj.conn}
+	if !b.add(topic, queue, s) {
+		conn.Close(websocket.StatusGoingAway, "sidecar shutting down")
+		done()
+		return
+	}
+	b.log.Debug("subscribed", "topic", topic, "queue", queue, "remote", r.RemoteAddr)
+	go b.serve(s, topic, queue, done)
 }
 
-// Close ends subscriptions and waits for their goroutines.
-func (b *broker) Close() error { return nil }
+// serve reads the subscriber's frames until the connection ends, then
+// unsubscribes it and waits for its writer. It runs on its own goroutine
+// rather than the HTTP handler's so that the handler's stack and the HTTP
+// server's per-connection buffers are freed while the subscriber idles;
+// streams.Close waits for it (done).
+func (b *broker) serve(s *subscriber, topic, queue string, done func()) {
+	defer done()
+	// Shutdown closes with a going-away status. The read below must not
+	// use a cancellable context: the websocket library drops the
+	// connection without a close frame when a read's context ends.
+	closing := make(chan struct{})
+	stopClose := context.AfterFunc(b.streams.ctx, func() {
+		defer close(closing)
+		code, reason := b.streams.closeStatus()
+		s.closeWith(code, reason)
+	})
+	err := b.readLoop(context.Background(), topic, s.conn)
+
+	b.remove(topic, queue, s)
+	if !stopClose() {
+		<-closing
+	}
+	s.wg.Wait() // the writer, if one runs, ends: remove stopped new ones
+	s.conn.CloseNow()
+	b.log.Debug("unsubscribed", "topic", topic, "queue", queue, "err", err)
+}
+
+// readLoop publishes every message the client writes until reading fails:
+// the client left, closed, sent a bad or oversized frame, or went silent.
+func (b *broker) readLoop(ctx context.Context, topic string, conn *websocket.Conn) error {
+	for {
+		_, rd, err := conn.Reader(ctx)
+		if err != nil {
+			return err
+		}
+		body, err := io.ReadAll(rd) // bounded by the connection's read limit
+		if err != nil {
+			return err
+		}
+		b.publish(topic, &Message{Header: map[string]string{}, Body: body})
+	}
+}
+
+// add registers s for topic (and queue group); false once Close has begun.
+func (b *broker) add(topic, queue string, s *subscriber) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return false
+	}
+	b.all[s] = struct{}{}
+	if !b.pinging {
+		b.pinging = true
+		b.wg.Add(1)
+		go b.pinger()
+	}
+	b.topics.add(topic, queue, s)
+	b.subscribers.Add(1)
+	return true
+}
+
+// remove unregisters s; no message is queued for it afterwards.
+func (b *broker) remove(topic, queue string, s *subscriber) {
+	b.mu.Lock()
+	delete(b.all, s)
+	b.topics.remove(topic, queue, s)
+	b.mu.Unlock()
+	s.mu.Lock()
+	s.closed = true
+	s.queue, s.spare = nil, nil
+	s.mu.Unlock()
+	b.subscribers.Add(-1)
+}
+
+// pinger pings every subscriber each pingInterval, through its writer, so
+// a client that stops answering hits its read deadline.
+func (b *broker) pinger() {
+	defer b.wg.Done()
+	t := time.NewTicker(b.pingInterval)
+	defer t.Stop()
+	var subs []*subscriber
+	for {
+		select {
+		case <-b.stop:
+			return
+		case <-t.C:
+		}
+		b.mu.Lock()
+		for s := range b.all {
+			subs = append(subs, s)
+		}
+		b.mu.Unlock()
+		for i, s := range subs {
+			s.enqueue(nil, true)
+			subs[i] = nil
+		}
+		subs = subs[:0]
+	}
+}
+
+// Close stops the pinger and waits for it. The subscribers' handlers are
+// ended by streams.Close, which the server calls first. Idempotent.
+func (b *broker) Close() error {
+	b.mu.Lock()
+	if !b.closed {
+		b.closed = true
+		close(b.stop)
+	}
+	b.mu.Unlock()
+	b.wg.Wait()
+	return nil
+}
+
+// metrics emits the broker's counters.
+func (b *broker) metrics(emit emitFunc) {
+	emit("sidecar_broker_published_total", "Messages accepted for delivery.", "counter", float64(b.published.Load()))
+	emit("sidecar_broker_delivered_total", "Messages written to websocket subscribers.", "counter", float64(b.delivered.Load()))
+	emit("sidecar_broker_dropped_total", "Messages lost because a subscriber was too slow.", "counter", float64(b.dropped.Load()))
+	emit("sidecar_broker_slow_disconnects_total", "Subscribers disconnected for falling too far behind.", "counter", float64(b.slowDisconnects.Load()))
+	emit("sidecar_broker_subscribers", "Connected websocket subscribers.", "gauge", float64(b.subscribers.Load()))
+}
+
+// topicTable maps topics to their subscribers. Readers (every publish) take
+// a read lock and get an immutable snapshot; subscribe and unsubscribe
+// replace the snapshot under the write lock.
+type topicTable struct {
+	mu     sync.RWMutex // guards topics; the *topicSubs values are immutable
+	topics map[string]*topicSubs
+}
+
+// topicSubs is the immutable set of subscribers of one topic.
+type topicSubs struct {
+	plain  []*subscriber
+	groups []*queueGroup // sorted by creation; each holds its members
+}
+
+// queueGroup hands each message to one member, round robin, preferring a
+// member with room in its queue. Immutable but for next.
+type queueGroup struct {
+	name    string
+	members []*subscriber
+	next    *atomic.Uint32 // shared by the snapshots of one group
+}
+
+func newTopicTable() *topicTable {
+	return &topicTable{topics: map[string]*topicSubs{}}
+}
+
+func (t *topicTable) get(topic string) *topicSubs {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.topics[topic]
+}
+
+func (t *topicTable) add(topic, queue string, s *subscriber) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	old := t.topics[topic]
+	n := &topicSubs{}
+	if old != nil {
+		n.plain = old.plain
+		n.groups = old.groups
+	}
+	if queue == "" {
+		n.plain = append(n.plain[:len(n.plain):len(n.plain)], s)
+		t.topics[topic] = n
+		return
+	}
+	n.groups = append([]*queueGroup(nil), n.groups...)
+	for i, g := range n.groups {
+		if g.name == queue {
+			members := append(g.members[:len(g.members):len(g.members)], s)
+			n.groups[i] = &queueGroup{name: queue, members: members, next: g.next}
+			t.topics[topic] = n
+			return
+		}
+	}
+	n.groups = append(n.groups, &queueGroup{name: queue, members: []*subscriber{s}, next: new(atomic.Uint32)})
+	t.topics[topic] = n
+}
+
+func (t *topicTable) remove(topic, queue string, s *subscriber) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	old := t.topics[topic]
+	if old == nil {
+		return
+	}
+	n := &topicSubs{plain: old.plain, groups: old.groups}
+	if queue == "" {
+		n.plain = without(old.plain, s)
+	} else {
+		n.groups = nil
+		for _, g := range old.groups {
+			if g.name == queue {
+				members := without(g.members, s)
+				if len(members) == 0 {
+					continue
+				}
+				g = &queueGroup{name: queue, members: members, next: g.next}
+			}
+			n.groups = append(n.groups, g)
+		}
+	}
+	if len(n.plain) == 0 && len(n.groups) == 0 {
+		delete(t.topics, topic)
+		return
+	}
+	t.topics[topic] = n
+}
+
+// without returns a new slice of subs without s.
+func without(subs []*subscriber, s *subscriber) []*subscriber {
+	out := make([]*subscriber, 0, len(subs))
+	for _, x := range subs {
+		if x != s {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// deliver queues frame for one member: the next in turn whose queue has
+// room, or, when every queue is full, the next in turn (which then drops
+// out as too slow). It reports whether a member took the frame.
+func (g *queueGroup) deliver(frame []byte) bool {
+	n := uint32(len(g.members))
+	start := g.next.Add(1)
+	for i := range n {
+		if g.members[(start+i)%n].tryEnqueue(frame) {
+			return true
+		}
+	}
+	return g.members[start%n].enqueue(frame, false)
+}
+
+// subscriber is one websocket client of GET /broker. Publishers append
+// encoded frames to its bounded queue and never wait; a writer goroutine,
+// started when the queue becomes non-empty and ended when it is drained,
+// writes everything queued in one go. An idle subscriber thus holds no
+// writer goroutine and no buffer. The handler waits for the writer (wg).
+type subscriber struct {
+	b    *broker
+	conn *websocket.Conn
+	wc   *wsConn
+
+	mu         sync.Mutex // guards the fields below
+	queue      [][]byte   // encoded frames waiting for the writer
+	spare      [][]byte   // the writer's previous batch, reused
+	queueBytes int
+	ping       bool // a ping is due
+	writing    bool // a writer goroutine runs
+	slow       bool // fell too far behind: the writer closes the connection
+	closed     bool // removed from the broker: queue nothing more
+	wg         sync.WaitGroup
+}
+
+// tryEnqueue queues frame if the queue has room, never dropping s.
+func (s *subscriber) tryEnqueue(frame []byte) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || s.slow || len(s.queue) >= s.b.queueLen || s.queueBytes+len(frame) > s.b.queueBytes {
+		return false
+	}
+	s.push(frame)
+	return true
+}
+
+// enqueue queues frame (or, with ping, a ping). A full queue marks s slow:
+// its queue is discarded and counted, and its writer closes it.
+func (s *subscriber) enqueue(frame []byte, ping bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.closed:
+		return false
+	case s.slow:
+		if !ping {
+			s.b.dropped.Add(1)
+		}
+		return false
+	case ping:
+		s.ping = true
+		s.startWriter()
+		return true
+	case len(s.queue) >= s.b.queueLen || s.queueBytes+len(frame) > s.b.queueBytes:
+		s.slow = true
+		s.b.slowDisconnects.Add(1)
+		s.b.dropped.Add(int64(len(s.queue)) + 1)
+		clear(s.queue)
+		s.queue, s.spare, s.queueBytes = nil, nil, 0
+		s.startWriter()
+		return false
+	}
+	s.push(frame)
+	return true
+}
+
+// push appends frame and makes sure a writer runs. s.mu is held.
+func (s *subscriber) push(frame []byte) {
+	s.queue = append(s.queue, frame)
+	s.queueBytes += len(frame)
+	s.startWriter()
+}
+
+// startWriter starts the writer unless one runs. s.mu is held.
+func (s *subscriber) startWriter() {
+	if s.writing || s.closed {
+		return
+	}
+	s.writing = true
+	s.wg.Add(1)
+	go s.write()
+}
+
+// write drains the queue until it is empty, writing each batch of frames
+// with as few writes as possible, then exits. A slow subscriber is closed
+// with a policy-violation status once what was being written is out.
+func (s *subscriber) write() {
+	defer s.wg.Done()
+	for {
+		s.mu.Lock()
+		batch, ping, slow, closed := s.queue, s.ping, s.slow, s.closed
+		s.queue, s.spare, s.queueBytes, s.ping = s.spare[:0], nil, 0, false
+		if closed || slow || (len(batch) == 0 && !ping) {
+			s.writing = false
+			clear(batch)
+			if !closed && cap(batch) <= 64 {
+				s.queue = batch[:0] // an idle subscriber keeps no large slice
+			}
+			s.mu.Unlock()
+			if slow && !closed {
+				s.b.log.Warn("subscriber too slow, disconnecting", "remote", s.wc.RemoteAddr())
+				s.closeWith(websocket.StatusPolicyViolation, closeReasonTooSlow)
+			}
+			return
+		}
+		s.mu.Unlock()
+
+		err := s.wc.writeFrames(batch, ping)
+		clear(batch)
+		if err != nil {
+			s.mu.Lock()
+			s.writing, s.closed = false, true
+			s.queue, s.spare = nil, nil
+			s.mu.Unlock()
+			if !errors.Is(err, errDataStopped) {
+				s.conn.CloseNow() // a frame may be half written: no close frame
+			}
+			return
+		}
+		s.b.delivered.Add(int64(len(batch)))
+		s.mu.Lock()
+		if cap(batch) <= 1024 {
+			s.spare = batch[:0]
+		}
+		s.mu.Unlock()
+	}
+}
+
+// closeWith stops data frames and closes the websocket with code. It
+// waits for a write in progress, which is bounded by the write timeout.
+func (s *subscriber) closeWith(code websocket.StatusCode, reason string) {
+	s.wc.stopData()
+	s.conn.Close(code, reason)
+}
+
+// encodeFrame encodes m once as a complete unmasked websocket text frame
+// (RFC 6455 section 5.2) that every subscriber's writer copies as is.
+func encodeFrame(m *Message) []byte {
+	const maxHeader = 10
+	buf := make([]byte, maxHeader, maxHeader+32+base64.StdEncoding.EncodedLen(len(m.Body))+64*len(m.Header))
+	buf = append(buf, `{"Header":`...)
+	if len(m.Header) == 0 {
+		buf = append(buf, "{}"...)
+	} else {
+		h, err := json.Marshal(m.Header) // strings only: cannot fail
+		if err != nil {
+			h = []byte("{}")
+		}
+		buf = append(buf, h...)
+	}
+	buf = append(buf, `,"Body":"`...)
+	buf = base64.StdEncoding.AppendEncode(buf, m.Body)
+	buf = append(buf, `"}`...)
+
+	n := len(buf) - maxHeader
+	var start int
+	switch {
+	case n < 126:
+		start = maxHeader - 2
+		buf[start+1] = byte(n)
+	case n <= 0xFFFF:
+		start = maxHeader - 4
+		buf[start+1] = 126
+		binary.BigEndian.PutUint16(buf[start+2:], uint16(n))
+	default:
+		start = 0
+		buf[1] = 127
+		binary.BigEndian.PutUint64(buf[2:], uint64(n))
+	}
+	buf[start] = 0x80 | 0x1 // FIN, text
+	return buf[start:]
+}
+
+// pingFrame is an unmasked ping without payload.
+var pingFrame = []byte{0x80 | 0x9, 0}
+
+// parseTopic validates a topic from ?topic=.
+func parseTopic(s string) (string, error) {
+	if s == "" {
+		return "", errors.New("query parameter topic is required, as in /broker?topic=foo")
+	}
+	if err := checkTopicChars("topic", s); err != nil {
+		return "", err
+	}
+	return s, nil
+}
+
+// checkTopicChars accepts 1 to 255 bytes of valid UTF-8 printable
+// characters without spaces: what fits a log line, a metric label and the
+// subject of other brokers.
+func checkTopicChars(field, s string) error {
+	if len(s) == 0 || len(s) > maxTopicLen {
+		return fmt.Errorf("%s must be 1 to %d bytes long", field, maxTopicLen)
+	}
+	if !utf8.ValidString(s) {
+		return fmt.Errorf("%s is not valid UTF-8", field)
+	}
+	for _, r := range s {
+		if !unicode.IsPrint(r) || unicode.IsSpace(r) {
+			return fmt.Errorf("%s %q holds a space or control character", field, s)
+		}
+	}
+	return nil
+}
+
+// dropHeaders are request headers that do not become message headers:
+// hop-by-hop headers (RFC 9110 section 7.6.1), credentials, and what
+// describes the HTTP body rather than the message.
+var dropHeaders = map[string]bool{
+	"Connection":          true,
+	"Keep-Alive":          true,
+	"Proxy-Connection":    true,
+	"Proxy-Authenticate":  true,
+	"Proxy-Authorization": true,
+	"Te":                  true,
+	"Trailer":             true,
+	"Transfer-Encoding":   true,
+	"Upgrade":             true,
+	"Authorization":       true,
+	"Cookie":              true,
+	"Content-Length":      true,
+	"Expect":              true,
+}
+
+// messageHeader turns request headers into message headers: one value per
+// name (repeated values joined with ", "), without dropHeaders and without
+// the headers the Connection header names.
+func messageHeader(h http.Header) map[string]string {
+	out := make(map[string]string, len(h))
+	for name, vals := range h {
+		if dropHeaders[name] || headerHasToken(h, "Connection", name) {
+			continue
+		}
+		out[name] = strings.Join(vals, ", ")
+	}
+	return out
+}
+
+// wsHijacker lets streams.accept hijack through it, so that the websocket
+// library reads and writes through a wsConn with small buffers: the
+// subscriber's writer writes batches of encoded frames on the same wsConn.
+type wsHijacker struct {
+	http.ResponseWriter
+	readTimeout  time.Duration
+	writeTimeout time.Duration
+	conn         *wsConn // set by Hijack
+}
+
+// Hijack hands out a wsConn instead of the raw connection. The buffers
+// are small because they carry only control frames and client frames; the
+// subscriber's writer bypasses them.
+func (h *wsHijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	nc, brw, err := http.NewResponseController(h.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	c := &wsConn{Conn: nc, readTimeout: h.readTimeout, writeTimeout: h.writeTimeout}
+	if n := brw.Reader.Buffered(); n > 0 {
+		b, _ := brw.Reader.Peek(n)
+		c.unread = append([]byte(nil), b...)
+	}
+	if n := brw.Writer.Buffered(); n > 0 {
+		if err := brw.Writer.Flush(); err != nil {
+			nc.Close()
+			return nil, nil, err
+		}
+	}
+	h.conn = c
+	// 256 bytes hold any control frame whole (RFC 6455 section 5.5), so
+	// each of the library's frames reaches wsConn.Write in one call.
+	return c, bufio.NewReadWriter(bufio.NewReaderSize(c, 512), bufio.NewWriterSize(c, 256)), nil
+}
+
+// Unwrap lets http.ResponseController find the underlying writer.
+func (h *wsHijacker) Unwrap() http.ResponseWriter { return h.ResponseWriter }
+
+// wsConn is a subscriber's connection. Every read extends the read
+// deadline (a client that answers no ping for readTimeout is dead); every
+// write is whole frames under wmu with a deadline, so the library's control
+// frames and the writer's data frames never interleave inside a frame.
+type wsConn struct {
+	net.Conn
+	readTimeout  time.Duration
+	writeTimeout time.Duration
+	unread       []byte // bytes the HTTP server read past the handshake; reader only
+
+	wmu    sync.Mutex // guards the fields below and serializes writes
+	noData bool       // a close frame is coming: no more data frames
+}
+
+var errDataStopped = errors.New("broker: connection closing")
+
+func (c *wsConn) Read(p []byte) (int, error) {
+	if len(c.unread) > 0 {
+		n := copy(p, c.unread)
+		c.unread = c.unread[n:]
+		if len(c.unread) == 0 {
+			c.unread = nil
+		}
+		return n, nil
+	}
+	if err := c.Conn.SetReadDeadline(time.Now().Add(c.readTimeout)); err != nil {
+		return 0, err
+	}
+	return c.Conn.Read(p)
+}
+
+func (c *wsConn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return c.writeLocked(p)
+}
+
+func (c *wsConn) writeLocked(p []byte) (int, error) {
+	if err := c.Conn.SetWriteDeadline(time.Now().Add(c.writeTimeout)); err != nil {
+		return 0, err
+	}
+	return c.Conn.Write(p)
+}
+
+// stopData makes later writeFrames fail; it returns after a write in
+// progress ends.
+func (c *wsConn) stopData() {
+	c.wmu.Lock()
+	c.noData = true
+	c.wmu.Unlock()
+}
+
+// writeBufs recycles the writer's batch buffers, so an idle subscriber
+// holds none.
+var writeBufs = sync.Pool{New: func() any { b := make([]byte, 0, brokerWriteBatch); return &b }}
+
+// writeFrames writes a ping (if ping) and frames, copying small frames into
+// one buffer so a batch costs one write call per brokerWriteBatch bytes.
+func (c *wsConn) writeFrames(frames [][]byte, ping bool) error {
+	bp := writeBufs.Get().(*[]byte)
+	buf := (*bp)[:0]
+	defer func() {
+		*bp = buf[:0]
+		writeBufs.Put(bp)
+	}()
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.noData {
+		return errDataStopped
+	}
+	if ping {
+		buf = append(buf, pingFrame...)
+	}
+	for _, f := range frames {
+		if len(buf)+len(f) > brokerWriteBatch && len(buf) > 0 {
+			if _, err := c.writeLocked(buf); err != nil {
+				return err
+			}
+			buf = buf[:0]
+		}
+		if len(f) > brokerWriteBatch {
+			if _, err := c.writeLocked(f); err != nil {
+				return err
+			}
+			continue
+		}
+		buf = append(buf, f...)
+	}
+	if len(buf) > 0 {
+		if _, err := c.writeLocked(buf); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,395 @@
+// Brokerload measures a websocket pub/sub server: the sidecar's /broker or
+// nats-server's websocket listener (the peer it is compared with).
+//
+//	brokerload -target sidecar -url ws://127.0.0.1:8081 -pid PID -mode fanout
+//	brokerload -target nats    -url ws://127.0.0.1:8082 -pid PID -mode idle
+//
+// Mode fanout: 1 publisher, -subs subscribers, -msgs messages of -size
+// bytes; it prints delivered messages/s and the server's CPU per delivery
+// (utime+stime of /proc/PID/stat). The publisher keeps at most -window
+// messages ahead of the subscribers, so neither server drops anyone. On
+// both servers the publisher's own connection also receives every message
+// (a sidecar websocket always subscribes its topic; the NATS publisher
+// subscribes too) and that echo is not counted as a delivery.
+//
+// Mode idle: -subs subscribers that receive nothing; it prints the server's
+// RSS growth per subscriber (VmRSS of /proc/PID/status).
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	neturl "net/url"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+func main() {
+	target := flag.String("target", "sidecar", "server kind: sidecar or nats")
+	url := flag.String("url", "ws://127.0.0.1:8081", "websocket base URL of the server")
+	pid := flag.Int("pid", 0, "server process id, for CPU and RSS")
+	mode := flag.String("mode", "fanout", "fanout or idle")
+	subs := flag.Int("subs", 100, "subscribers")
+	msgs := flag.Int("msgs", 100_000, "messages to publish (fanout)")
+	size := flag.Int("size", 16, "message body bytes (fanout)")
+	window := flag.Int("window", 500, "messages the publisher may be ahead of the subscribers")
+	flag.Parse()
+	if *target != "sidecar" && *target != "nats" {
+		fatal(fmt.Errorf("-target %q: want sidecar or nats", *target))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	var err error
+	switch *mode {
+	case "fanout":
+		err = fanout(ctx, *target, *url, *pid, *subs, *msgs, *size, *window)
+	case "idle":
+		err = idle(ctx, *target, *url, *pid, *subs)
+	default:
+		err = fmt.Errorf("-mode %q: want fanout or idle", *mode)
+	}
+	if err != nil {
+		fatal(err)
+	}
+}
+
+func fatal(err error) {
+	fmt.Fprintln(os.Stderr, "brokerload:", err)
+	os.Exit(1)
+}
+
+func fanout(ctx context.Context, target, url string, pid, nsubs, msgs, size, window int) error {
+	var received atomic.Int64
+	var conns []*client
+	defer func() {
+		for _, c := range conns {
+			c.close()
+		}
+	}()
+	for range nsubs {
+		c, err := dial(ctx, target, url, "bench", func() { received.Add(1) })
+		if err != nil {
+			return err
+		}
+		conns = append(conns, c)
+	}
+	pub, err := dial(ctx, target, url, "bench", func() {})
+	if err != nil {
+		return err
+	}
+	conns = append(conns, pub)
+	time.Sleep(500 * time.Millisecond) // let subscriptions settle
+
+	body := bytes.Repeat([]byte("x"), size)
+	want := int64(msgs) * int64(nsubs)
+	cpu0, _ := cpuTicks(pid)
+	start := time.Now()
+	for i := range msgs {
+		for received.Load() < int64(i-window)*int64(nsubs) {
+			if err := ctx.Err(); err != nil {
+				return fmt.Errorf("after %d of %d deliveries: %w", received.Load(), want, err)
+			}
+			time.Sleep(20 * time.Microsecond)
+		}
+		if err := pub.publish(body); err != nil {
+			return err
+		}
+	}
+	for received.Load() < want {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("after %d of %d deliveries: %w", received.Load(), want, err)
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	elapsed := time.Since(start)
+	cpu1, _ := cpuTicks(pid)
+	cpuSec := float64(cpu1-cpu0) / 100 // USER_HZ is 100 on Linux
+	fmt.Printf("%s fanout: subscribers=%d size=%dB messages=%d deliveries=%d time=%.2fs rate=%.0f deliveries/s cpu=%.2fs cpu_per_delivery=%.3fus\n",
+		target, nsubs, size, msgs, want, elapsed.Seconds(), float64(want)/elapsed.Seconds(), cpuSec, cpuSec/float64(want)*1e6)
+	return nil
+}
+
+func idle(ctx context.Context, target, url string, pid, nsubs int) error {
+	rss0, err := rssKB(pid)
+	if err != nil {
+		return err
+	}
+	var mu sync.Mutex
+	var conns []*client
+	defer func() {
+		for _, c := range conns {
+			c.close()
+		}
+	}()
+	var firstErr error
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 32)
+	for range nsubs {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			c, err := dial(ctx, target, url, "idle", func() {})
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil && firstErr == nil {
+				firstErr = err
+			}
+			if c != nil {
+				conns = append(conns, c)
+			}
+		})
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return fmt.Errorf("dial %d subscribers: %w", nsubs, firstErr)
+	}
+	time.Sleep(3 * time.Second) // let the server settle
+	rss1, err := rssKB(pid)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("%s idle: subscribers=%d rss_before=%dKB rss_after=%dKB per_subscriber=%.1fKB\n",
+		target, nsubs, rss0, rss1, float64(rss1-rss0)/float64(nsubs))
+	return nil
+}
+
+// client is one websocket connection that subscribes topic and counts the
+// messages it receives; publish sends one message to topic. It speaks the
+// websocket protocol (RFC 6455) itself, reading frames straight from a
+// buffered connection, so that the load program spends as little CPU per
+// message as it can and the server, not the client, is measured.
+type client struct {
+	target string
+	topic  string
+	nc     net.Conn
+	br     *bufio.Reader
+	wmu    sync.Mutex // serializes frames written
+	wg     sync.WaitGroup
+}
+
+func dial(ctx context.Context, target, base, topic string, onMsg func()) (*client, error) {
+	u, err := neturl.Parse(base)
+	if err != nil {
+		return nil, err
+	}
+	path := "/broker?topic=" + topic
+	if target == "nats" {
+		path = "/"
+	}
+	d := net.Dialer{Timeout: 10 * time.Second}
+	nc, err := d.DialContext(ctx, "tcp", u.Host)
+	if err != nil {
+		return nil, err
+	}
+	nc.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(nc, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", path, u.Host)
+	c := &client{target: target, topic: topic, nc: nc, br: bufio.NewReaderSize(nc, 64<<10)}
+	resp, err := http.ReadResponse(c.br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		nc.Close()
+		return nil, fmt.Errorf("handshake %s%s: %v %v", u.Host, path, resp, err)
+	}
+	if target == "nats" {
+		if err := c.natsHandshake(onMsg); err != nil {
+			nc.Close()
+			return nil, err
+		}
+	} else {
+		c.wg.Go(func() { c.readFrames(func(p []byte) { onMsg() }) })
+	}
+	nc.SetDeadline(time.Time{})
+	return c, nil
+}
+
+func (c *client) close() {
+	c.nc.Close()
+	c.wg.Wait()
+}
+
+// readFrames calls onData with the payload of each data frame (a
+// fragment, if the server fragments) and answers pings, until the
+// connection ends. The payload is valid only during the call.
+func (c *client) readFrames(onData func([]byte)) {
+	var payload []byte
+	for {
+		h0, err := c.br.ReadByte()
+		if err != nil {
+			return
+		}
+		h1, err := c.br.ReadByte()
+		if err != nil {
+			return
+		}
+		n := int(h1 & 0x7f)
+		switch n {
+		case 126:
+			b, err := c.br.Peek(2)
+			if err != nil {
+				return
+			}
+			n = int(binary.BigEndian.Uint16(b))
+			c.br.Discard(2)
+		case 127:
+			b, err := c.br.Peek(8)
+			if err != nil {
+				return
+			}
+			n = int(binary.BigEndian.Uint64(b))
+			c.br.Discard(8)
+		}
+		if cap(payload) < n {
+			payload = make([]byte, n)
+		}
+		payload = payload[:n]
+		if _, err := io.ReadFull(c.br, payload); err != nil {
+			return
+		}
+		switch op := h0 & 0xf; op {
+		case 0x0, 0x1, 0x2:
+			onData(payload)
+		case 0x8:
+			return
+		case 0x9:
+			c.write(0xA, payload)
+		}
+	}
+}
+
+// write sends one masked frame with opcode op. The mask key is zero, which
+// RFC 6455 allows a client that needs no protection from proxies.
+func (c *client) write(op byte, p []byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	hdr := make([]byte, 0, 14+len(p))
+	hdr = append(hdr, 0x80|op)
+	switch {
+	case len(p) < 126:
+		hdr = append(hdr, 0x80|byte(len(p)))
+	case len(p) <= 0xffff:
+		hdr = append(hdr, 0x80|126, byte(len(p)>>8), byte(len(p)))
+	default:
+		hdr = append(hdr, 0x80|127)
+		hdr = binary.BigEndian.AppendUint64(hdr, uint64(len(p)))
+	}
+	hdr = append(hdr, 0, 0, 0, 0)
+	_, err := c.nc.Write(append(hdr, p...))
+	return err
+}
+
+func (c *client) publish(body []byte) error {
+	if c.target == "nats" {
+		msg := make([]byte, 0, 32+len(body))
+		msg = fmt.Appendf(msg, "PUB %s %d\r\n", c.topic, len(body))
+		msg = append(msg, body...)
+		msg = append(msg, "\r\n"...)
+		return c.write(0x2, msg)
+	}
+	return c.write(0x1, body)
+}
+
+// natsHandshake speaks the NATS text protocol inside websocket frames:
+// it sends CONNECT, SUB and PING after the server's INFO, and returns once
+// PONG shows the subscription is in place. The reader then counts MSGs and
+// answers the server's PINGs.
+func (c *client) natsHandshake(onMsg func()) error {
+	hello := fmt.Sprintf("CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"echo\":true}\r\nSUB %s 1\r\nPING\r\n", c.topic)
+	if err := c.write(0x2, []byte(hello)); err != nil {
+		return err
+	}
+	ready := make(chan struct{})
+	p := &natsParser{c: c, onMsg: onMsg, ready: ready}
+	c.wg.Go(func() { c.readFrames(p.feed) })
+	select {
+	case <-ready:
+		return nil
+	case <-time.After(10 * time.Second):
+		return errors.New("nats: no PONG after SUB")
+	}
+}
+
+// natsParser follows the NATS protocol across frame boundaries.
+type natsParser struct {
+	c       *client
+	onMsg   func()
+	ready   chan struct{}
+	pending []byte
+	need    int // payload bytes (with CRLF) still to skip
+}
+
+func (p *natsParser) feed(data []byte) {
+	for len(data) > 0 {
+		if p.need > 0 {
+			k := min(p.need, len(data))
+			data, p.need = data[k:], p.need-k
+			continue
+		}
+		i := bytes.IndexByte(data, '\n')
+		if i < 0 {
+			p.pending = append(p.pending, data...)
+			return
+		}
+		line := data[:i+1]
+		if len(p.pending) > 0 {
+			line = append(p.pending, line...)
+			p.pending = p.pending[:0]
+		}
+		data = data[i+1:]
+		line = bytes.TrimRight(line, "\r\n")
+		switch {
+		case bytes.HasPrefix(line, []byte("MSG ")):
+			size, _ := strconv.Atoi(string(line[bytes.LastIndexByte(line, ' ')+1:]))
+			p.need = size + 2
+			p.onMsg()
+		case string(line) == "PING":
+			p.c.write(0x2, []byte("PONG\r\n"))
+		case string(line) == "PONG" && p.ready != nil:
+			close(p.ready)
+			p.ready = nil
+		case bytes.HasPrefix(line, []byte("-ERR")):
+			fmt.Fprintf(os.Stderr, "brokerload: nats: %s\n", line)
+		}
+	}
+}
+
+// cpuTicks returns utime+stime of pid in clock ticks.
+func cpuTicks(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// Fields after the ")" closing the command name: state is field 3.
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("short /proc/%d/stat", pid)
+	}
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return ut + st, nil
+}
+
+// rssKB returns VmRSS of pid in KB.
+func rssKB(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			return strconv.ParseInt(strings.Fields(v)[0], 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
+}

@@ -1,0 +1,583 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"github.com/coder/websocket"
+)
+
+// wsURL turns the test server's URL and a path into a websocket URL.
+func wsURL(ts *httptest.Server, path string) string {
+	return "ws" + strings.TrimPrefix(ts.URL, "http") + path
+}
+
+// dialBroker opens a websocket to path as the seed's Go example does (an
+// empty header) and closes it when the test ends.
+func dialBroker(t *testing.T, ts *httptest.Server, path string) *websocket.Conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	conn, resp, err := websocket.Dial(ctx, wsURL(ts, path), &websocket.DialOptions{HTTPHeader: make(http.Header)})
+	if err != nil {
+		t.Fatalf("dial %s: %v (response %v)", path, err, resp)
+	}
+	conn.SetReadLimit(8 << 20)
+	t.Cleanup(func() { conn.CloseNow() })
+	return conn
+}
+
+// waitSubscribers waits until the broker counts n subscribers.
+func waitSubscribers(t *testing.T, s *server, n int64) {
+	t.Helper()
+	eventually(t, 5*time.Second, fmt.Sprintf("%d subscribers", n), func() bool { return s.broker.subscribers.Load() == n })
+}
+
+// readMessage reads one frame and decodes it as the seed's client does.
+func readMessage(t *testing.T, ctx context.Context, conn *websocket.Conn) Message {
+	t.Helper()
+	typ, p, err := conn.Read(ctx)
+	if err != nil {
+		t.Fatalf("read message: %v", err)
+	}
+	if typ != websocket.MessageText {
+		t.Fatalf("message type = %v, want text", typ)
+	}
+	var m Message
+	if err := json.Unmarshal(p, &m); err != nil {
+		t.Fatalf("frame %q is not a broker message: %v", p, err)
+	}
+	return m
+}
+
+func TestBrokerSeedPublish(t *testing.T) {
+	s, ts := newTestServer(t, nil)
+	sub := dialBroker(t, ts, "/broker?topic=foo")
+	waitSubscribers(t, s, 1)
+
+	// The seed's curl: -H "Timestamp: ..." -d "Hello World!" sends
+	// Content-Type application/x-www-form-urlencoded.
+	code, body := do(t, "POST", ts.URL+"/broker?topic=foo", "Hello World!",
+		"Timestamp", "1499951537", "Content-Type", "application/x-www-form-urlencoded")
+	if code != http.StatusOK {
+		t.Fatalf("POST /broker?topic=foo = %d %s, want 200", code, body)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	m := readMessage(t, ctx, sub)
+	if string(m.Body) != "Hello World!" || m.Header["Timestamp"] != "1499951537" {
+		t.Fatalf("got Body %q Header %v, want Body %q with Timestamp 1499951537", m.Body, m.Header, "Hello World!")
+	}
+
+	curl, err := exec.LookPath("curl")
+	if err != nil {
+		t.Skip("curl not installed: skipping the literal seed command")
+	}
+	out, err := exec.Command(curl, "-sS", "-XPOST", "-H", "Timestamp: 1499951538", "-d", "Hello World!", ts.URL+"/broker?topic=foo").CombinedOutput()
+	if err != nil {
+		t.Fatalf("curl: %v: %s", err, out)
+	}
+	m = readMessage(t, ctx, sub)
+	if string(m.Body) != "Hello World!" || m.Header["Timestamp"] != "1499951538" || m.Header["Content-Type"] != "application/x-www-form-urlencoded" {
+		t.Fatalf("after curl got Body %q Header %v, want Hello World! with Timestamp and curl's Content-Type", m.Body, m.Header)
+	}
+}
+
+func TestBrokerQueueGroup(t *testing.T) {
+	s, ts := newTestServer(t, nil)
+	g1 := dialBroker(t, ts, "/broker?topic=orders&queue=g")
+	g2 := dialBroker(t, ts, "/broker?topic=orders&queue=g")
+	all := dialBroker(t, ts, "/broker?topic=orders")
+	waitSubscribers(t, s, 3)
+
+	const n = 100
+	for i := range n {
+		if code, body := do(t, "POST", ts.URL+"/broker?topic=orders", strconv.Itoa(i)); code != http.StatusOK {
+			t.Fatalf("publish %d = %d %s", i, code, body)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	for i := range n {
+		if m := readMessage(t, ctx, all); string(m.Body) != strconv.Itoa(i) {
+			t.Fatalf("plain subscriber message %d = %q, want %d", i, m.Body, i)
+		}
+	}
+
+	var mu sync.Mutex
+	got := map[string]int{}
+	counts := make([]int, 2)
+	total := 0
+	var wg sync.WaitGroup
+	readCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	for i, c := range []*websocket.Conn{g1, g2} {
+		wg.Go(func() {
+			for {
+				_, p, err := c.Read(readCtx)
+				if err != nil {
+					return
+				}
+				var m Message
+				json.Unmarshal(p, &m)
+				mu.Lock()
+				got[string(m.Body)]++
+				counts[i]++
+				total++
+				if total == n {
+					stop()
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	if total != n || len(got) != n {
+		t.Fatalf("queue group got %d messages, %d distinct, want %d distinct", total, len(got), n)
+	}
+	for body, c := range got {
+		if c != 1 {
+			t.Errorf("message %s delivered %d times in the group, want once", body, c)
+		}
+	}
+	if counts[0] == 0 || counts[1] == 0 {
+		t.Errorf("group split %v, want both members to get messages", counts)
+	}
+}
+
+func TestBrokerSlowSubscriber(t *testing.T) {
+	s, ts := newTestServer(t, nil)
+	s.broker.queueLen = 64
+	s.broker.queueBytes = 1 << 20
+	s.broker.writeTimeout = time.Second
+
+	// The slow client never reads, and its small receive buffer makes
+	// the sidecar's writes block soon.
+	dialer := &net.Dialer{Control: func(network, address string, c syscall.RawConn) error {
+		var err error
+		c.Control(func(fd uintptr) { err = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+		return err
+	}}
+	dctx, dcancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer dcancel()
+	slow, _, err := websocket.Dial(dctx, wsURL(ts, "/broker?topic=load"), &websocket.DialOptions{
+		HTTPClient: &http.Client{Transport: &http.Transport{DialContext: dialer.DialContext}},
+	})
+	if err != nil {
+		t.Fatalf("dial slow subscriber: %v", err)
+	}
+	t.Cleanup(func() { slow.CloseNow() })
+	good := dialBroker(t, ts, "/broker?topic=load")
+	pub := dialBroker(t, ts, "/broker?topic=load")
+	waitSubscribers(t, s, 3)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	// The publisher is a subscriber too: it reads its own messages.
+	var echoed atomic.Int64
+	pubDone := make(chan struct{})
+	go func() {
+		defer close(pubDone)
+		for {
+			if _, _, err := pub.Read(ctx); err != nil {
+				return
+			}
+			echoed.Add(1)
+		}
+	}()
+	t.Cleanup(func() { pub.CloseNow(); <-pubDone })
+
+	var received atomic.Int64
+	goodDone := make(chan error, 1)
+	go func() {
+		for {
+			_, p, err := good.Read(ctx)
+			if err != nil {
+				goodDone <- err
+				return
+			}
+			if !bytes.HasPrefix(p, []byte(`{"Header":{},"Body":"`)) {
+				goodDone <- fmt.Errorf("bad frame %.40q", p)
+				return
+			}
+			received.Add(1)
+		}
+	}()
+
+	const n, chunk = 10_000, 50
+	body := bytes.Repeat([]byte("x"), 1024)
+	for sent := 0; sent < n; {
+		for range chunk {
+			if err := pub.Write(ctx, websocket.MessageBinary, body); err != nil {
+				t.Fatalf("publish after %d: %v (slow disconnects %d)", sent, err, s.broker.slowDisconnects.Load())
+			}
+			sent++
+		}
+		for received.Load() < int64(sent) || echoed.Load() < int64(sent) {
+			select {
+			case err := <-goodDone:
+				t.Fatalf("good subscriber stopped after %d of %d: %v", received.Load(), sent, err)
+			case <-pubDone:
+				t.Fatalf("publisher stopped reading after %d of %d", echoed.Load(), sent)
+			case <-time.After(time.Millisecond):
+			}
+		}
+	}
+	if got := received.Load(); got != n {
+		t.Fatalf("good subscriber received %d, want %d", got, n)
+	}
+	eventually(t, 10*time.Second, "slow subscriber disconnected", func() bool {
+		return s.broker.slowDisconnects.Load() == 1 && s.broker.subscribers.Load() == 2
+	})
+	if d := s.broker.dropped.Load(); d == 0 {
+		t.Errorf("dropped = %d, want > 0", d)
+	}
+	// The slow client finds its connection ended (a close frame or EOF
+	// after what was buffered).
+	for {
+		if _, _, err := slow.Read(ctx); err != nil {
+			if ctx.Err() != nil {
+				t.Fatalf("slow subscriber's connection stayed open")
+			}
+			break
+		}
+	}
+}
+
+func TestBrokerBadInput(t *testing.T) {
+	cfg := testConfig()
+	cfg.MaxBodyBytes = 1024
+	cfg.CORS = []string{"https://ok.example"}
+	s, ts := newTestServer(t, cfg)
+
+	tests := []struct {
+		name, method, path, body string
+		header                   []string
+		code                     int
+	}{
+		{"publish without topic", "POST", "/broker", "x", nil, 400},
+		{"publish empty topic", "POST", "/broker?topic=", "x", nil, 400},
+		{"publish topic with space", "POST", "/broker?topic=a%20b", "x", nil, 400},
+		{"publish topic with control", "POST", "/broker?topic=a%00b", "x", nil, 400},
+		{"publish long topic", "POST", "/broker?topic=" + strings.Repeat("t", 256), "x", nil, 400},
+		{"publish invalid utf8", "POST", "/broker?topic=%ff", "x", nil, 400},
+		{"publish oversized body", "POST", "/broker?topic=foo", strings.Repeat("x", 1025), nil, 413},
+		{"subscribe without topic", "GET", "/broker", "", nil, 400},
+		{"subscribe bad queue", "GET", "/broker?topic=foo&queue=a%20b", "", nil, 400},
+		{"subscribe without websocket", "GET", "/broker?topic=foo", "", nil, 426},
+		{"subscribe from other origin", "GET", "/broker?topic=foo", "", []string{
+			"Connection", "Upgrade", "Upgrade", "websocket", "Sec-WebSocket-Version", "13",
+			"Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==", "Origin", "https://evil.example"}, 403},
+		{"put", "PUT", "/broker?topic=foo", "x", nil, 405},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, body := do(t, tt.method, ts.URL+tt.path, tt.body, tt.header...)
+			wantError(t, tt.method+" "+tt.path, code, body, tt.code)
+		})
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	sub := dialBroker(t, ts, "/broker?topic=foo")
+
+	t.Run("oversized frame", func(t *testing.T) {
+		c := dialBroker(t, ts, "/broker?topic=foo")
+		if err := c.Write(ctx, websocket.MessageBinary, make([]byte, 1025)); err != nil {
+			t.Fatalf("write: %v", err)
+		}
+		_, _, err := c.Read(ctx)
+		if got := websocket.CloseStatus(err); got != websocket.StatusMessageTooBig {
+			t.Fatalf("read after oversized frame: %v (status %v), want close %v", err, got, websocket.StatusMessageTooBig)
+		}
+	})
+
+	t.Run("binary frame is a message", func(t *testing.T) {
+		c := dialBroker(t, ts, "/broker?topic=bin")
+		garbage := []byte{0xff, 0x00, 0xfe, '"', '\\', 0x80}
+		if err := c.Write(ctx, websocket.MessageBinary, garbage); err != nil {
+			t.Fatalf("write: %v", err)
+		}
+		if m := readMessage(t, ctx, c); !bytes.Equal(m.Body, garbage) {
+			t.Fatalf("echoed body = %x, want %x", m.Body, garbage)
+		}
+	})
+
+	garbage := []struct {
+		name      string
+		bytes     []byte
+		wantClose bool // a close frame with a protocol error before EOF
+	}{
+		{"reserved opcode", []byte{0x83, 0x80, 1, 2, 3, 4}, true},
+		{"unmasked frame", []byte{0x82, 0x01, 'x'}, false},
+		{"all ones", bytes.Repeat([]byte{0xff}, 64), false},
+	}
+	for _, g := range garbage {
+		t.Run("garbage frame "+g.name, func(t *testing.T) {
+			nc, br := rawHandshake(t, ts, "/broker?topic=foo")
+			defer nc.Close()
+			nc.SetDeadline(time.Now().Add(10 * time.Second))
+			nc.Write(g.bytes)
+			rest, err := io.ReadAll(br)
+			if err != nil {
+				t.Fatalf("server did not close the connection: %v (read %x)", err, rest)
+			}
+			if !g.wantClose {
+				return
+			}
+			if len(rest) < 4 || rest[0] != 0x88 {
+				t.Fatalf("server sent %x, want a close frame", rest)
+			}
+			if code := int(rest[2])<<8 | int(rest[3]); code != int(websocket.StatusProtocolError) {
+				t.Fatalf("close code = %d, want %d", code, websocket.StatusProtocolError)
+			}
+		})
+	}
+
+	// The broker keeps serving.
+	waitSubscribers(t, s, 1)
+	if code, body := do(t, "POST", ts.URL+"/broker?topic=foo", "still here"); code != http.StatusOK {
+		t.Fatalf("publish after bad input = %d %s", code, body)
+	}
+	if m := readMessage(t, ctx, sub); string(m.Body) != "still here" {
+		t.Fatalf("after bad input got %q, want %q", m.Body, "still here")
+	}
+}
+
+func TestBrokerShutdown(t *testing.T) {
+	s, ts := newTestServer(t, nil)
+	subs := []*websocket.Conn{
+		dialBroker(t, ts, "/broker?topic=a"),
+		dialBroker(t, ts, "/broker?topic=a&queue=q"),
+	}
+	waitSubscribers(t, s, 2)
+	closed := make(chan struct{})
+	go func() {
+		s.Close()
+		close(closed)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for i, c := range subs {
+		_, _, err := c.Read(ctx)
+		if got := websocket.CloseStatus(err); got != websocket.StatusGoingAway {
+			t.Errorf("subscriber %d: read = %v (status %v), want close %v", i, err, got, websocket.StatusGoingAway)
+		}
+	}
+	select {
+	case <-closed:
+	case <-ctx.Done():
+		t.Fatal("server Close did not return")
+	}
+	if n := s.broker.subscribers.Load(); n != 0 {
+		t.Errorf("subscribers after Close = %d, want 0", n)
+	}
+	// A new subscriber is refused with a JSON error.
+	code, body := do(t, "GET", ts.URL+"/broker?topic=a", "", "Connection", "Upgrade", "Upgrade", "websocket",
+		"Sec-WebSocket-Version", "13", "Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+	wantError(t, "GET /broker after Close", code, body, http.StatusServiceUnavailable)
+}
+
+func TestBrokerDeadClient(t *testing.T) {
+	s, ts := newTestServer(t, nil)
+	s.broker.pingInterval = 50 * time.Millisecond
+	c := dialBroker(t, ts, "/broker?topic=a") // never reads: answers no ping
+	_ = c
+	waitSubscribers(t, s, 1)
+	eventually(t, 5*time.Second, "dead subscriber dropped", func() bool { return s.broker.subscribers.Load() == 0 })
+}
+
+func TestBrokerMessageHeader(t *testing.T) {
+	h := http.Header{
+		"Timestamp":      {"1499951537"},
+		"Content-Type":   {"text/plain"},
+		"X-Multi":        {"a", "b"},
+		"Authorization":  {"Bearer secret"},
+		"Cookie":         {"session=1"},
+		"Connection":     {"keep-alive, X-Private"},
+		"X-Private":      {"hop"},
+		"Keep-Alive":     {"timeout=5"},
+		"Content-Length": {"12"},
+	}
+	got := messageHeader(h)
+	want := map[string]string{"Timestamp": "1499951537", "Content-Type": "text/plain", "X-Multi": "a, b"}
+	if len(got) != len(want) {
+		t.Fatalf("messageHeader = %v, want %v", got, want)
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("messageHeader[%q] = %q, want %q", k, got[k], v)
+		}
+	}
+}
+
+func TestBrokerMetrics(t *testing.T) {
+	s, ts := newTestServer(t, nil)
+	dialBroker(t, ts, "/broker?topic=m")
+	waitSubscribers(t, s, 1)
+	do(t, "POST", ts.URL+"/broker?topic=m", "x")
+	eventually(t, 5*time.Second, "delivery", func() bool { return s.broker.delivered.Load() == 1 })
+	got := map[string]float64{}
+	s.broker.metrics(func(name, help, kind string, value float64, labels ...string) {
+		if help == "" || (kind != "counter" && kind != "gauge") {
+			t.Errorf("metric %s: help %q kind %q", name, help, kind)
+		}
+		got[name] = value
+	})
+	want := map[string]float64{
+		"sidecar_broker_published_total":        1,
+		"sidecar_broker_delivered_total":        1,
+		"sidecar_broker_dropped_total":          0,
+		"sidecar_broker_slow_disconnects_total": 0,
+		"sidecar_broker_subscribers":            1,
+	}
+	for k, v := range want {
+		if g, ok := got[k]; !ok || g != v {
+			t.Errorf("metric %s = %v (present %v), want %v", k, g, ok, v)
+		}
+	}
+}
+
+func TestEncodeFrame(t *testing.T) {
+	for _, n := range []int{0, 1, 80, 90, 100, 65535, 70000} {
+		m := &Message{Header: map[string]string{"K": "v\"<"}, Body: bytes.Repeat([]byte{0xfe}, n)}
+		f := encodeFrame(m)
+		if f[0] != 0x81 {
+			t.Fatalf("body %d: first byte %#x, want 0x81", n, f[0])
+		}
+		var plen, off int
+		switch l := int(f[1]); {
+		case l < 126:
+			plen, off = l, 2
+		case l == 126:
+			plen, off = int(f[2])<<8|int(f[3]), 4
+		default:
+			for _, b := range f[2:10] {
+				plen = plen<<8 | int(b)
+			}
+			off = 10
+		}
+		if plen != len(f)-off {
+			t.Fatalf("body %d: payload length %d, frame holds %d", n, plen, len(f)-off)
+		}
+		var got Message
+		if err := json.Unmarshal(f[off:], &got); err != nil || !bytes.Equal(got.Body, m.Body) || got.Header["K"] != "v\"<" {
+			t.Fatalf("body %d: decoded %+v, %v", n, got, err)
+		}
+	}
+}
+
+func FuzzParseTopic(f *testing.F) {
+	for _, s := range []string{"foo", "", "a b", "go.micro.topic", "\x00", "ü", "\xff", strings.Repeat("a", 256), "a\u200bb"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		got, err := parseTopic(s)
+		if err != nil {
+			return
+		}
+		if got != s || len(s) == 0 || len(s) > maxTopicLen || !utf8.ValidString(s) {
+			t.Fatalf("parseTopic(%q) accepted", s)
+		}
+		for _, r := range s {
+			if unicode.IsSpace(r) || !unicode.IsPrint(r) {
+				t.Fatalf("parseTopic(%q) accepted rune %q", s, r)
+			}
+		}
+	})
+}
+
+// BenchmarkBrokerFanout publishes 16-byte messages to 100 websocket
+// subscribers on a real server and reports deliveries per second. The
+// subscribers are raw websocket readers that only count frames, so the
+// broker rather than a client library is measured; the publisher keeps at
+// most window messages ahead of them.
+func BenchmarkBrokerFanout(b *testing.B) {
+	const subs, window = 100, 512
+	s, err := newServer(testConfig(), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		b.Fatal(err)
+	}
+	ts := httptest.NewServer(s.handler)
+	defer func() { s.Close(); ts.Close() }()
+
+	var received atomic.Int64
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for range subs {
+		nc, br := rawHandshake(b, ts, "/broker?topic=bench")
+		defer nc.Close()
+		wg.Go(func() {
+			for {
+				h, err := br.Peek(2)
+				if err != nil {
+					return
+				}
+				n := int(h[1] & 0x7f) // frames of 16-byte messages are short
+				if _, err := br.Discard(2 + n); err != nil {
+					return
+				}
+				received.Add(1)
+			}
+		})
+	}
+	for s.broker.subscribers.Load() != subs {
+		time.Sleep(time.Millisecond)
+	}
+	m := &Message{Header: map[string]string{}, Body: []byte("0123456789abcdef")}
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	for i := range b.N {
+		for received.Load() < int64(i-window)*subs {
+			runtime.Gosched()
+		}
+		s.broker.publish("bench", m)
+	}
+	for received.Load() < int64(b.N)*subs {
+		runtime.Gosched()
+	}
+	b.ReportMetric(float64(b.N*subs)/time.Since(start).Seconds(), "deliveries/s")
+	b.StopTimer()
+}
+
+// rawHandshake opens a websocket to path by hand and returns the
+// connection with the reader positioned at the first frame.
+func rawHandshake(tb testing.TB, ts *httptest.Server, path string) (net.Conn, *bufio.Reader) {
+	tb.Helper()
+	nc, err := net.DialTimeout("tcp", ts.Listener.Addr().String(), 5*time.Second)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	nc.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(nc, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", path, ts.Listener.Addr())
+	br := bufio.NewReaderSize(nc, 64<<10)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		nc.Close()
+		tb.Fatalf("handshake %s: %v %v", path, resp, err)
+	}
+	nc.SetDeadline(time.Time{})
+	return nc, br
+}
