@@ -348,6 +348,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	s.broker = newBroker(cfg, s.streams, logger.With("component", "broker"))
 	s.stats = newStats(cfg, logger.With("component", "stats"))
 	s.stats.addSource(registrySizeSource(reg))
+	s.stats.addSource(s.broker.metrics)
 	if cfg.ServerName != "" {
 		app, err := newAppChecker(cfg, reg, logger.With("component", "health"))
 		if err != nil {
