@@ -196,11 +196,11 @@ func (b *balancer) forget(name string) {
 	b.services.Store(&next)
 }
 
-// pick chooses a node of st's current snapshot, avoiding avoid (the node a
-// retry just failed on) when another usable node exists, and ejected nodes
+// pick chooses a node of st's current snapshot, avoiding the nodes in avoid
+// (those a call already tried) when another usable node exists, and ejected nodes
 // unless every candidate is ejected. It returns nil only for a service
 // without nodes. The caller must call done with the outcome.
-func (b *balancer) pick(st *svcState, avoid *nodeState) *nodeState {
+func (b *balancer) pick(st *svcState, avoid []*nodeState) *nodeState {
 	nodes := st.view.Load().nodes
 	var now int64 // read lazily: most picks meet no ejected node
 	var n *nodeState
@@ -231,10 +231,16 @@ func (b *balancer) pick(st *svcState, avoid *nodeState) *nodeState {
 	return n
 }
 
-// usable reports whether n may take a call: not avoided, not ejected.
-func (n *nodeState) usable(avoid, other *nodeState, now *int64) bool {
-	if n == avoid || n == other {
+// usable reports whether n may take a call: not avoided, not other, not
+// ejected.
+func (n *nodeState) usable(avoid []*nodeState, other *nodeState, now *int64) bool {
+	if n == other {
 		return false
+	}
+	for _, a := range avoid {
+		if n == a {
+			return false
+		}
 	}
 	u := n.ejectUntil.Load()
 	if u == 0 {
@@ -248,7 +254,7 @@ func (n *nodeState) usable(avoid, other *nodeState, now *int64) bool {
 
 // draw returns a random usable node other than other, or nil after a few
 // unlucky draws.
-func draw(nodes []*nodeState, avoid, other *nodeState, now *int64) *nodeState {
+func draw(nodes []*nodeState, avoid []*nodeState, other *nodeState, now *int64) *nodeState {
 	for range pickDraws {
 		if n := nodes[rand.IntN(len(nodes))]; n.usable(avoid, other, now) {
 			return n
@@ -259,7 +265,7 @@ func draw(nodes []*nodeState, avoid, other *nodeState, now *int64) *nodeState {
 
 // pickRoundRobin returns the first usable node from position i on, looking
 // at a bounded number of nodes.
-func pickRoundRobin(nodes []*nodeState, i uint64, avoid *nodeState, now *int64) *nodeState {
+func pickRoundRobin(nodes []*nodeState, i uint64, avoid []*nodeState, now *int64) *nodeState {
 	for k := range uint64(min(len(nodes), 8)) {
 		if n := nodes[(i+k)%uint64(len(nodes))]; n.usable(avoid, nil, now) {
 			return n
@@ -271,7 +277,7 @@ func pickRoundRobin(nodes []*nodeState, i uint64, avoid *nodeState, now *int64) 
 // scan is the slow path when draws found nothing: the first usable node
 // from a random start, else a node that is merely avoided, else (every node
 // ejected, which ejection itself never causes) any node.
-func scan(nodes []*nodeState, avoid *nodeState, now *int64) *nodeState {
+func scan(nodes []*nodeState, avoid []*nodeState, now *int64) *nodeState {
 	start := rand.IntN(len(nodes))
 	var fallback *nodeState
 	for k := range nodes {

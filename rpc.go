@@ -412,13 +412,14 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 	header["Micro-Id"] = []string{idText}
 	body := jsonRPCBody(c.method, c.request, idText)
 
-	var prev *nodeState
+	var triedBuf [4]*nodeState
+	tried := triedBuf[:0] // nodes this call failed on: retries go elsewhere
 	var res attempt
 	for try := 0; ; try++ {
 		target := "http://" + c.address + "/"
 		var n *nodeState
 		if st != nil {
-			if n = h.bal.pick(st, prev); n == nil {
+			if n = h.bal.pick(st, tried); n == nil {
 				res = attempt{code: http.StatusServiceUnavailable, err: h.apiErr(http.StatusServiceUnavailable, "rpc: service %q has no nodes", c.service)}
 				break
 			}
@@ -449,7 +450,9 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 		if !sleepCtx(ctx, wait) {
 			break
 		}
-		prev = n
+		if n != nil {
+			tried = append(tried, n)
+		}
 	}
 	if res.code != http.StatusOK && ctx.Err() != nil {
 		res = h.expired(ctx, r, c, timeout)
