@@ -197,12 +197,14 @@ func (b *balancer) forget(name string) {
 }
 
 // pick chooses a node of st's current snapshot, avoiding the nodes in avoid
-// (those a call already tried) when another usable node exists, and ejected nodes
-// unless every candidate is ejected. It returns nil only for a service
-// without nodes. The caller must call done with the outcome.
-func (b *balancer) pick(st *svcState, avoid []*nodeState) *nodeState {
+// (those a call already tried) when another usable node exists, and
+// ejected nodes unless every candidate is ejected. now is the caller's
+// clock reading (it times the call anyway; reading the clock costs more
+// than a pick on some VMs). pick returns nil only for a service without
+// nodes; otherwise the caller must call done with the outcome.
+func (b *balancer) pick(st *svcState, avoid []*nodeState, now time.Time) *nodeState {
 	nodes := st.view.Load().nodes
-	var now int64 // read lazily: most picks meet no ejected node
+	ns := now.UnixNano()
 	var n *nodeState
 	switch len(nodes) {
 	case 0:
@@ -212,51 +214,61 @@ func (b *balancer) pick(st *svcState, avoid []*nodeState) *nodeState {
 	default:
 		switch b.strategy {
 		case strategyRoundRobin:
-			n = pickRoundRobin(nodes, st.next.Add(1), avoid, &now)
+			n = pickRoundRobin(nodes, st.next.Add(1), avoid, ns)
 		case strategyRandom:
-			n = draw(nodes, avoid, nil, &now)
+			n = draw(nodes, avoid, ns)
 		default:
-			n = draw(nodes, avoid, nil, &now)
-			if n != nil {
-				if m := draw(nodes, avoid, n, &now); m != nil && m.score() < n.score() {
-					n = m
-				}
-			}
+			n = pickP2C(nodes, avoid, ns)
 		}
 		if n == nil {
-			n = scan(nodes, avoid, &now)
+			n = scan(nodes, avoid, ns)
 		}
 	}
 	n.inflight.Add(1)
 	return n
 }
 
-// usable reports whether n may take a call: not avoided, not other, not
+// usable reports whether n may take a call at now: not avoided, not
 // ejected.
-func (n *nodeState) usable(avoid []*nodeState, other *nodeState, now *int64) bool {
-	if n == other {
-		return false
-	}
+func (n *nodeState) usable(avoid []*nodeState, now int64) bool {
 	for _, a := range avoid {
 		if n == a {
 			return false
 		}
 	}
-	u := n.ejectUntil.Load()
-	if u == 0 {
-		return true
-	}
-	if *now == 0 {
-		*now = time.Now().UnixNano()
-	}
-	return *now >= u
+	return now >= n.ejectUntil.Load()
 }
 
-// draw returns a random usable node other than other, or nil after a few
-// unlucky draws.
-func draw(nodes []*nodeState, avoid []*nodeState, other *nodeState, now *int64) *nodeState {
+// pickP2C draws two distinct nodes and keeps the cheaper usable one.
+func pickP2C(nodes []*nodeState, avoid []*nodeState, now int64) *nodeState {
+	// Two indexes from one random word, by multiply-shift (the bias is
+	// below 2^-16 for any node count the registry allows).
+	u := rand.Uint64()
+	i := int((u >> 32) * uint64(len(nodes)) >> 32)
+	j := int((u & 0xffffffff) * uint64(len(nodes)-1) >> 32)
+	if j >= i {
+		j++
+	}
+	a, c := nodes[i], nodes[j]
+	ua, uc := a.usable(avoid, now), c.usable(avoid, now)
+	switch {
+	case ua && uc:
+		if c.score() < a.score() {
+			return c
+		}
+		return a
+	case ua:
+		return a
+	case uc:
+		return c
+	}
+	return draw(nodes, avoid, now)
+}
+
+// draw returns a random usable node, or nil after a few unlucky draws.
+func draw(nodes []*nodeState, avoid []*nodeState, now int64) *nodeState {
 	for range pickDraws {
-		if n := nodes[rand.IntN(len(nodes))]; n.usable(avoid, other, now) {
+		if n := nodes[rand.IntN(len(nodes))]; n.usable(avoid, now) {
 			return n
 		}
 	}
@@ -265,9 +277,9 @@ func draw(nodes []*nodeState, avoid []*nodeState, other *nodeState, now *int64) 
 
 // pickRoundRobin returns the first usable node from position i on, looking
 // at a bounded number of nodes.
-func pickRoundRobin(nodes []*nodeState, i uint64, avoid []*nodeState, now *int64) *nodeState {
+func pickRoundRobin(nodes []*nodeState, i uint64, avoid []*nodeState, now int64) *nodeState {
 	for k := range uint64(min(len(nodes), 8)) {
-		if n := nodes[(i+k)%uint64(len(nodes))]; n.usable(avoid, nil, now) {
+		if n := nodes[(i+k)%uint64(len(nodes))]; n.usable(avoid, now) {
 			return n
 		}
 	}
@@ -277,15 +289,15 @@ func pickRoundRobin(nodes []*nodeState, i uint64, avoid []*nodeState, now *int64
 // scan is the slow path when draws found nothing: the first usable node
 // from a random start, else a node that is merely avoided, else (every node
 // ejected, which ejection itself never causes) any node.
-func scan(nodes []*nodeState, avoid []*nodeState, now *int64) *nodeState {
+func scan(nodes []*nodeState, avoid []*nodeState, now int64) *nodeState {
 	start := rand.IntN(len(nodes))
 	var fallback *nodeState
 	for k := range nodes {
 		n := nodes[(start+k)%len(nodes)]
-		if n.usable(avoid, nil, now) {
+		if n.usable(avoid, now) {
 			return n
 		}
-		if fallback == nil && n.usable(nil, nil, now) {
+		if fallback == nil && n.usable(nil, now) {
 			fallback = n
 		}
 	}
@@ -426,6 +438,7 @@ func (rb *retryBudget) withdraw(now time.Time) bool {
 // metrics emits the per-service counters with the given name prefix
 // ("sidecar_rpc"), labelled by service name only.
 func (b *balancer) metrics(prefix string, emit emitFunc) {
+	now := time.Now().UnixNano()
 	for name, st := range *b.services.Load() {
 		emit(prefix+"_calls_total", "Calls received, by service.", "counter", float64(st.calls.Load()), "service", name)
 		emit(prefix+"_errors_total", "Calls answered with an error, by service.", "counter", float64(st.errors.Load()), "service", name)
@@ -435,7 +448,7 @@ func (b *balancer) metrics(prefix string, emit emitFunc) {
 		emit(prefix+"_ejections_total", "Nodes ejected after failures in a row, by service.", "counter", float64(st.ejections.Load()), "service", name)
 		ejected := 0
 		for _, n := range st.view.Load().nodes {
-			if n.ejected() {
+			if n.ejectUntil.Load() > now {
 				ejected++
 			}
 		}

@@ -417,15 +417,15 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 	var res attempt
 	for try := 0; ; try++ {
 		target := "http://" + c.address + "/"
+		t0 := time.Now()
 		var n *nodeState
 		if st != nil {
-			if n = h.bal.pick(st, tried); n == nil {
+			if n = h.bal.pick(st, tried, t0); n == nil {
 				res = attempt{code: http.StatusServiceUnavailable, err: h.apiErr(http.StatusServiceUnavailable, "rpc: service %q has no nodes", c.service)}
 				break
 			}
 			target = n.url
 		}
-		t0 := time.Now()
 		res = h.try(ctx, target, header, body, c, deadline)
 		if res.code == http.StatusGatewayTimeout && (lowered || r.Context().Err() != nil) {
 			res.nodeFailed = false // the caller's own short deadline, or its leaving, says nothing of the node
@@ -454,7 +454,8 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 			tried = append(tried, n)
 		}
 	}
-	if res.code != http.StatusOK && ctx.Err() != nil {
+	if res.code != http.StatusOK && ctx.Err() != nil && (res.err == nil || res.retry) {
+		// The time ran out in an attempt or while waiting to retry.
 		res = h.expired(ctx, r, c, timeout)
 	}
 	if st != nil && res.code != http.StatusOK {
