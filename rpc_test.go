@@ -607,29 +607,64 @@ func TestRPCEjectAndRecover(t *testing.T) {
 }
 
 // TestRPCRetryAnotherNode: a 503 or a refused connection is retried on
-// another node; an app error is not retried.
+// another node, so callers see no failure; an app error is not retried.
 func TestRPCRetryAnotherNode(t *testing.T) {
 	t.Parallel()
+	for _, fault := range []string{"503", "refused"} {
+		t.Run(fault, func(t *testing.T) {
+			t.Parallel()
+			s, ts := newTestServer(t, nil)
+			good, bad := newRPCBackend(t, "good"), newRPCBackend(t, "bad")
+			if fault == "503" {
+				bad.mode.Store(mode503)
+			} else {
+				bad.kill()
+			}
+			register(t, ts.URL, "go.micro.srv.foo", good, bad)
+			if failed := callMany(t, ts.URL+"/foo/bar", 30, 1, nil); len(failed) > 0 {
+				t.Fatalf("%d of 30 calls failed with one good node and retries; first: %s", len(failed), failed[0])
+			}
+			st := (*s.rpc.bal.services.Load())["go.micro.srv.foo"]
+			if st.retries.Load() == 0 {
+				t.Errorf("no retries counted")
+			}
+			hits := good.hits.Load()
+			code, body := do(t, "POST", ts.URL+"/rpc", `{"service":"go.micro.srv.foo","method":"Err.Plain"}`)
+			wantError(t, "Err.Plain", code, body, 500)
+			if got := good.hits.Load() - hits; got != 1 {
+				t.Errorf("an app error reached the good node %d times, want 1 (no retry)", got)
+			}
+		})
+	}
+}
+
+// TestRPCRetryBudget: when every node fails, retries stay within the
+// budget (20% of calls plus 10 per second) instead of multiplying load.
+func TestRPCRetryBudget(t *testing.T) {
+	t.Parallel()
 	cfg := testConfig()
-	cfg.ClientRetries = 2
+	cfg.ClientRetries = 3
 	s, ts := newTestServer(t, cfg)
-	good, bad := newRPCBackend(t, "good"), newRPCBackend(t, "bad")
-	bad.mode.Store(mode503)
-	dead := newRPCBackend(t, "dead")
-	dead.kill()
-	register(t, ts.URL, "go.micro.srv.foo", good, bad, dead)
-	if failed := callMany(t, ts.URL+"/foo/bar", 30, 1, nil); len(failed) > 0 {
-		t.Fatalf("%d of 30 calls failed with one good node and retries; first: %s", len(failed), failed[0])
+	a, b := newRPCBackend(t, "a"), newRPCBackend(t, "b")
+	a.mode.Store(mode503)
+	b.mode.Store(mode503)
+	register(t, ts.URL, "go.micro.srv.foo", a, b)
+	start := time.Now()
+	failed := callMany(t, ts.URL+"/foo/bar", 200, 4, nil)
+	elapsed := time.Since(start)
+	if len(failed) != 200 {
+		t.Fatalf("%d of 200 calls failed with every node down, want all", len(failed))
 	}
 	st := (*s.rpc.bal.services.Load())["go.micro.srv.foo"]
-	if st.retries.Load() == 0 {
-		t.Errorf("no retries counted")
+	limit := int64(budgetPerSecond + 200*budgetPerCall/budgetRetry + budgetPerSecond*(elapsed.Seconds()+1))
+	if got := st.retries.Load(); got > limit {
+		t.Errorf("%d retries for 200 calls in %s, want at most %d (budget)", got, elapsed, limit)
 	}
-	hits := good.hits.Load()
-	code, body := do(t, "POST", ts.URL+"/rpc", `{"service":"go.micro.srv.foo","method":"Err.Plain"}`)
-	wantError(t, "Err.Plain", code, body, 500)
-	if got := good.hits.Load() - hits; got != 1 {
-		t.Errorf("an app error reached the good node %d times, want 1 (no retry)", got)
+	if s.rpc.budgetRefusals.Load() == 0 {
+		t.Errorf("the budget refused no retry")
+	}
+	if hits := a.hits.Load() + b.hits.Load(); hits > 200+limit {
+		t.Errorf("nodes got %d requests for 200 calls, want at most %d", hits, 200+limit)
 	}
 }
 
