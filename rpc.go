@@ -73,7 +73,7 @@ func newRPCHandler(cfg *Config, reg Registry, logger *slog.Logger) *rpcHandler {
 			MaxIdleConns:           maxIdleConns,
 			MaxIdleConnsPerHost:    idleConnsPerHost,
 			IdleConnTimeout:        90 * time.Second,
-			ResponseHeaderTimeout:  cfg.ClientRequestTimeout, // each call's deadline is tighter still
+			ResponseHeaderTimeout:  cfg.ClientRequestTimeout + time.Second, // a safety net: each call's deadline ends first
 			MaxResponseHeaderBytes: backendHeaderSize,
 		},
 	}
@@ -639,6 +639,11 @@ func (h *rpcHandler) try(ctx context.Context, target string, header http.Header,
 		if errors.As(err, &op) && op.Op == "dial" {
 			return attempt{code: http.StatusServiceUnavailable, nodeFailed: true, retry: true,
 				err: h.apiErr(http.StatusServiceUnavailable, "rpc: call %s: connect to %s: %v", c.service, req.URL.Host, op.Err)}
+		}
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			return attempt{code: http.StatusGatewayTimeout, nodeFailed: true,
+				err: h.apiErr(http.StatusGatewayTimeout, "rpc: call %s on %s: %v", c.service, req.URL.Host, err)}
 		}
 		return attempt{code: http.StatusBadGateway, nodeFailed: true,
 			err: h.apiErr(http.StatusBadGateway, "rpc: call %s on %s: %v", c.service, req.URL.Host, err)}
