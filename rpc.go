@@ -433,6 +433,9 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 		if n != nil {
 			h.bal.done(n, time.Since(t0), !res.nodeFailed)
 		}
+		if res.nodeFailed {
+			h.log.Debug("attempt failed", "service", c.service, "node", target, "try", try, "code", res.code)
+		}
 		if !res.retry || try >= h.cfg.ClientRetries {
 			break
 		}
