@@ -36,7 +36,6 @@ const (
 	ewmaShift         = 3               // latency EWMA weight of a new sample: 1/8
 	maxEjectShift     = 16              // cap of the backoff exponent
 	maxEjectedPercent = 50              // at most this share of a service's nodes is ejected
-	nodeURLPrefix     = "http://"       // backends speak plain HTTP/1.1
 	nodeURLSuffix     = "/"             // the JSON-RPC endpoint of a node
 )
 
@@ -47,9 +46,10 @@ const (
 // forget drops a service. Safe for concurrent use; pick does not allocate.
 type balancer struct {
 	strategy   string
-	ejectAfter int32         // consecutive failures that eject a node
-	ejectBase  time.Duration // first ejection period
-	ejectMax   time.Duration // cap of the growing ejection period
+	ejectAfter int32            // consecutive failures that eject a node
+	ejectBase  time.Duration    // first ejection period
+	ejectMax   time.Duration    // cap of the growing ejection period
+	useTLS     func(*Node) bool // nodes called over https; nil: none
 	log        *slog.Logger
 
 	mu       sync.Mutex                           // serialises writers of services
@@ -170,7 +170,11 @@ func (b *balancer) refresh(svc *Service) *svcState {
 			nodes = append(nodes, prev)
 			continue
 		}
-		nodes = append(nodes, &nodeState{id: n.ID, addr: addr, url: nodeURLPrefix + addr + nodeURLSuffix, svc: st})
+		scheme := "http://"
+		if b.useTLS != nil && b.useTLS(n) {
+			scheme = "https://"
+		}
+		nodes = append(nodes, &nodeState{id: n.ID, addr: addr, url: scheme + addr + nodeURLSuffix, svc: st})
 	}
 	st.view.Store(&svcView{snap: svc, nodes: nodes})
 	return st

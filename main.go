@@ -349,11 +349,16 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	s.streams = newStreams(s.cors)
 	reg := newMemoryRegistry(cfg.RegistrySweep, time.Now, logger.With("component", "registry"))
 	s.registry = newRegistryAPI(reg, s.streams, cfg.MaxBodyBytes, logger.With("component", "registry"))
-	s.rpc = newRPCHandler(cfg, reg, logger.With("component", "rpc"))
+	clientTLS, err := clientTLSConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
+	s.rpc = newRPCHandler(cfg, reg, clientTLS, logger.With("component", "rpc"))
 	s.broker = newBroker(cfg, s.streams, logger.With("component", "broker"))
 	s.stats = newStats(cfg, logger.With("component", "stats"))
 	s.stats.addSource(registrySizeSource(reg))
 	s.stats.addSource(s.broker.metrics)
+	s.stats.addSource(s.rpc.metrics)
 	if cfg.ServerName != "" {
 		app, err := newAppChecker(cfg, reg, logger.With("component", "health"))
 		if err != nil {

@@ -27,9 +27,10 @@ func testConfig() *Config {
 	return cfg
 }
 
-// newTestServer builds the server through the constructor run uses, starts
-// it and serves its real route table on a real port.
-func newTestServer(t *testing.T, cfg *Config) (*server, *httptest.Server) {
+// newTestServer builds the server through the constructor run uses, lets
+// tweaks adjust it (balancer timings), starts it and serves its real route
+// table on a real port.
+func newTestServer(t *testing.T, cfg *Config, tweaks ...func(*server)) (*server, *httptest.Server) {
 	t.Helper()
 	if cfg == nil {
 		cfg = testConfig()
@@ -41,6 +42,9 @@ func newTestServer(t *testing.T, cfg *Config) (*server, *httptest.Server) {
 	s, err := newServer(cfg, logger)
 	if err != nil {
 		t.Fatalf("newServer: %v", err)
+	}
+	for _, tweak := range tweaks {
+		tweak(s)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.start(ctx)

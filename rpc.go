@@ -8,6 +8,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -60,7 +61,9 @@ type rpcHandler struct {
 	budgetRefusals atomic.Int64 // retries refused by the retry budget
 }
 
-func newRPCHandler(cfg *Config, reg Registry, logger *slog.Logger) *rpcHandler {
+// newRPCHandler builds the handler; clientTLS verifies backends called over
+// https (see backendScheme).
+func newRPCHandler(cfg *Config, reg Registry, clientTLS *tls.Config, logger *slog.Logger) *rpcHandler {
 	dialer := &net.Dialer{Timeout: min(cfg.ClientRequestTimeout, maxDialTimeout), KeepAlive: 30 * time.Second}
 	h := &rpcHandler{
 		cfg: cfg,
@@ -75,8 +78,11 @@ func newRPCHandler(cfg *Config, reg Registry, logger *slog.Logger) *rpcHandler {
 			IdleConnTimeout:        90 * time.Second,
 			ResponseHeaderTimeout:  cfg.ClientRequestTimeout + time.Second, // a safety net: each call's deadline ends first
 			MaxResponseHeaderBytes: backendHeaderSize,
+			TLSClientConfig:        clientTLS,
+			TLSHandshakeTimeout:    min(cfg.ClientRequestTimeout, maxDialTimeout),
 		},
 	}
+	h.bal.useTLS = func(n *Node) bool { return backendScheme(cfg, n) == "https" }
 	h.direct.init(time.Now())
 	return h
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -139,35 +138,6 @@ func register(t *testing.T, base, service string, backends ...*rpcBackend) {
 	if code, resp := do(t, "POST", base+"/registry", body, "Content-Type", "application/json"); code != http.StatusOK {
 		t.Fatalf("POST /registry %s = %d %s", body, code, resp)
 	}
-}
-
-// newRPCTestServer is newTestServer with a hook that adjusts the server
-// (balancer timings) before it serves its first request.
-func newRPCTestServer(t *testing.T, cfg *Config, tweak func(*server)) (*server, *httptest.Server) {
-	t.Helper()
-	if cfg == nil {
-		cfg = testConfig()
-	}
-	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
-	if testing.Verbose() {
-		logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	s, err := newServer(cfg, logger)
-	if err != nil {
-		t.Fatalf("newServer: %v", err)
-	}
-	if tweak != nil {
-		tweak(s)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	s.start(ctx)
-	ts := httptest.NewServer(s.handler)
-	t.Cleanup(func() {
-		cancel()
-		ts.Close()
-		s.Close()
-	})
-	return s, ts
 }
 
 // TestRPCSeedExamples runs the two RPC examples of the seed README.
@@ -541,7 +511,7 @@ func TestRPCBalanceThreeNodes(t *testing.T) {
 // handful of calls, and none once it is ejected.
 func TestRPCKillNodeMidLoad(t *testing.T) {
 	t.Parallel()
-	s, ts := newRPCTestServer(t, nil, func(s *server) { s.rpc.bal.ejectBase = time.Minute })
+	s, ts := newTestServer(t, nil, func(s *server) { s.rpc.bal.ejectBase = time.Minute })
 	bs := []*rpcBackend{newRPCBackend(t, "n1"), newRPCBackend(t, "n2"), newRPCBackend(t, "n3")}
 	register(t, ts.URL, "go.micro.srv.foo", bs...)
 	var once sync.Once
@@ -569,7 +539,7 @@ func TestRPCKillNodeMidLoad(t *testing.T) {
 func TestRPCEjectAndRecover(t *testing.T) {
 	t.Parallel()
 	const ejectFor = 500 * time.Millisecond
-	s, ts := newRPCTestServer(t, nil, func(s *server) { s.rpc.bal.ejectBase = ejectFor })
+	s, ts := newTestServer(t, nil, func(s *server) { s.rpc.bal.ejectBase = ejectFor })
 	bs := []*rpcBackend{newRPCBackend(t, "n1"), newRPCBackend(t, "n2"), newRPCBackend(t, "n3")}
 	register(t, ts.URL, "go.micro.srv.foo", bs...)
 	bad := bs[2]

@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"io"
 	"log"
 	"log/slog"
@@ -20,6 +21,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -628,5 +630,39 @@ func BenchmarkGetCertificate(b *testing.B) {
 				}
 			})
 		})
+	}
+}
+
+// TestRPCToTLSBackend calls, through /rpc, a JSON-RPC backend registered
+// with metadata https=true, verified with --client_ca_file.
+func TestRPCToTLSBackend(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "backend ca")
+	c, k := ca.issue(t, "127.0.0.1", false)
+	pair, err := tls.X509KeyPair(c, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sawTLS atomic.Bool
+	backend := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sawTLS.Store(r.TLS != nil)
+		fmt.Fprint(w, `{"id":1,"result":{"secure":true},"error":null}`)
+	}))
+	backend.TLS = &tls.Config{Certificates: []tls.Certificate{pair}}
+	backend.StartTLS()
+	t.Cleanup(backend.Close)
+
+	cfg := testConfig()
+	cfg.ClientCAFile = filepath.Join(t.TempDir(), "ca.pem")
+	writeFile(t, cfg.ClientCAFile, ca.pem)
+	_, ts := newTestServer(t, cfg)
+	port := backend.Listener.Addr().(*net.TCPAddr).Port
+	body := fmt.Sprintf(`{"name":"go.micro.srv.secure","nodes":[{"id":"s1","address":"127.0.0.1","port":%d,"metadata":{"https":"true"}}]}`, port)
+	if code, b := do(t, "POST", ts.URL+"/registry", body); code != 200 {
+		t.Fatalf("register: %d %s", code, b)
+	}
+	code, b := do(t, "POST", ts.URL+"/secure/call", `{}`)
+	if code != 200 || !strings.Contains(string(b), `"secure":true`) || !sawTLS.Load() {
+		t.Fatalf("POST /secure/call = %d %s (backend saw TLS: %v), want the TLS backend's result", code, b, sawTLS.Load())
 	}
 }
