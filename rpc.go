@@ -149,7 +149,9 @@ func (h *rpcHandler) parseRPC(w http.ResponseWriter, r *http.Request) (rpcCall, 
 		}
 		f = rpcForm{Service: get("service"), Method: get("method"), Endpoint: get("endpoint"), Address: get("address")}
 		request = get("request")
-	case ct == "application/x-www-form-urlencoded" || (ct == "" && (len(trimmed) == 0 || trimmed[0] != '{')):
+	case (ct == "application/x-www-form-urlencoded" || ct == "") && (len(trimmed) == 0 || trimmed[0] != '{'):
+		// A body that opens with "{" is JSON whatever the type: curl -d
+		// labels everything a form, and no form starts with "{".
 		vals, err := url.ParseQuery(string(body))
 		if err != nil {
 			return rpcCall{}, errorf(http.StatusBadRequest, "rpc: invalid form body: %v", err)

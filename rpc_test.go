@@ -157,6 +157,8 @@ func TestRPCSeedExamples(t *testing.T) {
 		{"rpc json object", "/rpc", `{"service":"go.micro.srv.example","endpoint":"Example.Call","request":{"name": "John"}}`, "application/json"},
 		{"rpc json string request", "/rpc", `{"Service":"go.micro.srv.example","Method":"Example.Call","Request":"{\"name\": \"John\"}"}`, "application/json"},
 		{"rpc form without content type", "/rpc", `service=go.micro.srv.example&method=Example.Call&request={"name": "John"}`, ""},
+		// curl -d '{"service":...}' /rpc: curl calls it a form
+		{"rpc json labelled a form", "/rpc", `{"service":"go.micro.srv.example","method":"Example.Call","request":{"name": "John"}}`, "application/x-www-form-urlencoded"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -389,6 +391,7 @@ func TestRPCErrors(t *testing.T) {
 		{"no method", "POST", "/rpc", `service=go.micro.srv.example`, []string{"Content-Type", form}, 400, "method"},
 		{"request not json", "POST", "/rpc", `service=go.micro.srv.example&method=Example.Call&request={nope`, []string{"Content-Type", form}, 400, "request"},
 		{"malformed json", "POST", "/rpc", `{"service":`, []string{"Content-Type", "application/json"}, 400, "invalid JSON"},
+		{"malformed json as curl -d sends it", "POST", "/rpc", `{"service":`, []string{"Content-Type", form}, 400, "invalid JSON"},
 		{"wrong field type", "POST", "/rpc", `{"service":1}`, []string{"Content-Type", "application/json"}, 400, "service"},
 		{"path body not json", "POST", "/example/call", `{nope`, nil, 400, "not valid JSON"},
 		{"path names no method", "GET", "/example", ``, nil, 404, "no method"},
