@@ -1059,7 +1059,11 @@ func printStats(w io.Writer, st *statsJSON) {
 	fmt.Fprintf(tw, "uptime\t%s\n", (time.Duration(st.UptimeSeconds) * time.Second).String())
 	fmt.Fprintf(tw, "memory\t%s\n", st.Memory)
 	fmt.Fprintf(tw, "goroutines\t%d\n", st.Threads)
-	fmt.Fprintf(tw, "requests\t%d (%s), %d in flight\n", st.TotalReqs, classes(st.StatusCodes), st.InFlight)
+	if by := classes(st.StatusCodes); by != "" {
+		fmt.Fprintf(tw, "requests\t%d (%s), %d in flight\n", st.TotalReqs, by, st.InFlight)
+	} else {
+		fmt.Fprintf(tw, "requests\t%d, %d in flight\n", st.TotalReqs, st.InFlight)
+	}
 	l := st.LatencyMs
 	fmt.Fprintf(tw, "latency\tavg %s  p50 %s  p95 %s  p99 %s\n", ms(l.Avg), ms(l.P50), ms(l.P95), ms(l.P99))
 	tw.Flush()
