@@ -820,7 +820,7 @@ func (c *cli) subscribe(ctx context.Context, args []string) error {
 			if cs := websocket.CloseStatus(err); cs != -1 {
 				var ce websocket.CloseError
 				errors.As(err, &ce)
-				return fmt.Errorf("%s: the sidecar ended the subscription: %s %s", what, cs, ce.Reason)
+				return fmt.Errorf("%s: the sidecar ended the subscription (websocket close %d: %s)", what, int(cs), strings.TrimSpace(ce.Reason))
 			}
 			return fmt.Errorf("%s: connection lost: %v", what, err)
 		}

@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -400,8 +401,10 @@ func TestCLICall(t *testing.T) {
 
 // subProcess is a running `sidecar subscribe` process.
 type subProcess struct {
-	cmd   *exec.Cmd
-	lines chan string // stdout, line by line; closed at EOF
+	cmd        *exec.Cmd
+	lines      chan string // stdout, line by line; closed at EOF
+	stderr     syncBuffer  // what followed the "subscribed" line
+	stderrDone chan struct{}
 }
 
 // startSubscriber runs `sidecar subscribe args...` and waits until it says
@@ -422,7 +425,7 @@ func startSubscriber(t *testing.T, env []string, args ...string) *subProcess {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	s := &subProcess{cmd: cmd, lines: make(chan string, 16)}
+	s := &subProcess{cmd: cmd, lines: make(chan string, 16), stderrDone: make(chan struct{})}
 	go func() { // ends when the process's stdout closes
 		defer close(s.lines)
 		sc := bufio.NewScanner(stdout)
@@ -432,9 +435,11 @@ func startSubscriber(t *testing.T, env []string, args ...string) *subProcess {
 	}()
 	first := make(chan string, 1)
 	go func() { // ends when the process's stderr closes
-		line, _ := bufio.NewReader(stderr).ReadString('\n')
+		defer close(s.stderrDone)
+		br := bufio.NewReader(stderr)
+		line, _ := br.ReadString('\n')
 		first <- line
-		io.Copy(io.Discard, stderr)
+		io.Copy(&s.stderr, br)
 	}()
 	select {
 	case line := <-first:
@@ -468,18 +473,31 @@ func (s *subProcess) interrupt(t *testing.T) {
 	if err := s.cmd.Process.Signal(os.Interrupt); err != nil {
 		t.Fatal(err)
 	}
-	for range s.lines { // drain, so Wait sees stdout closed
+	if err := s.wait(t); err != nil {
+		t.Errorf("subscribe after SIGINT: %v (stderr %q), want exit status 0", err, s.stderr.String())
 	}
+	if s.stderr.String() != "" {
+		t.Errorf("subscribe wrote %q to stderr after SIGINT", s.stderr.String())
+	}
+}
+
+// wait waits for the process to exit, reading its output to the end.
+func (s *subProcess) wait(t *testing.T) error {
+	t.Helper()
 	done := make(chan error, 1)
-	go func() { done <- s.cmd.Wait() }()
+	go func() {
+		for range s.lines {
+		}
+		<-s.stderrDone
+		done <- s.cmd.Wait() // after every read of the pipes, as exec wants
+	}()
 	select {
 	case err := <-done:
-		if err != nil {
-			t.Errorf("subscribe after SIGINT: %v, want exit status 0", err)
-		}
+		return err
 	case <-time.After(10 * time.Second):
-		t.Fatal("subscribe did not exit within 10s of SIGINT")
+		t.Fatal("subscribe did not exit within 10s")
 	}
+	return nil
 }
 
 // waitMetricSubscribers waits until the sidecar at url counts n subscribers: the
@@ -666,4 +684,20 @@ func TestCLIMutualTLS(t *testing.T) {
 		t.Errorf("subscriber printed %q, want %q", got, "over tls")
 	}
 	sub.interrupt(t)
+}
+
+func TestCLISubscribeEndsWithSidecar(t *testing.T) {
+	t.Parallel()
+	cmd, url, _ := startBinary(t)
+	sub := startSubscriber(t, nil, "t", "--proxy_address", url)
+	waitMetricSubscribers(t, url, 1)
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	err := sub.wait(t)
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() == 0 {
+		t.Fatalf("subscribe after the sidecar stopped: %v, want a failure", err)
+	}
+	wantFailure(t, cliResult{stderr: sub.stderr.String(), code: ee.ExitCode()}, "the sidecar ended the subscription (websocket close 1001", "subscribe")
 }
