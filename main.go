@@ -101,6 +101,7 @@ type Config struct {
 	ClientRetries        int           // extra attempts for safe-to-retry failures
 	ClientRequestTimeout time.Duration // budget of one call, all attempts included
 	RPCAllowAddress      bool          // lets /rpc name an explicit backend address
+	Balancer             string        // node selection: p2c (default), random or roundrobin
 
 	EnableStats bool
 
@@ -145,6 +146,7 @@ func defaultConfig() *Config {
 		StatsInterval:        time.Second,
 		ClientRetries:        1,
 		ClientRequestTimeout: 5 * time.Second,
+		Balancer:             "p2c",
 		MaxBodyBytes:         4 << 20,
 		ShutdownTimeout:      10 * time.Second,
 		TLSReloadInterval:    time.Second,
@@ -173,6 +175,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend")
 	fs.IntVar(&cfg.ClientRetries, "client_retries", cfg.ClientRetries, "retries of a call where retrying is safe")
 	fs.DurationVar(&cfg.ClientRequestTimeout, "client_request_timeout", cfg.ClientRequestTimeout, "timeout of a call, all attempts included")
+	fs.StringVar(&cfg.Balancer, "balancer", cfg.Balancer, "node selection: p2c (latency- and failure-aware), random or roundrobin")
 	fs.BoolVar(&cfg.RPCAllowAddress, "rpc_allow_address", false, "let /rpc call an explicit address (makes the sidecar an open proxy)")
 	fs.BoolVar(&cfg.EnableStats, "enable_stats", false, "serve the stats page at /stats")
 	fs.BoolVar(&cfg.AccessLog, "access_log", false, "log one line per request")
@@ -273,6 +276,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %q for flag --registry: want memory", c.Registry)
 	case c.ClientRetries < 0 || c.ClientRetries > 10:
 		return fmt.Errorf("invalid value %d for flag --client_retries: want 0 to 10", c.ClientRetries)
+	case !validStrategy(c.Balancer):
+		return fmt.Errorf("invalid value %q for flag --balancer: want p2c, random or roundrobin", c.Balancer)
 	case c.MaxBodyBytes <= 0:
 		return fmt.Errorf("invalid value %d for flag --max_body_bytes: must be positive", c.MaxBodyBytes)
 	case c.RegisterInterval >= c.RegisterTTL:

@@ -1,0 +1,457 @@
+package main
+
+// balancer.go owns node selection: which node of a service gets the next
+// call, and passive ejection of nodes that keep failing. The RPC handler
+// and the reverse proxy each own one balancer.
+
+import (
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Strategies of --balancer.
+const (
+	strategyP2C        = "p2c"        // power of two choices by latency, load and failures
+	strategyRandom     = "random"     // uniform
+	strategyRoundRobin = "roundrobin" // in turn
+)
+
+func validStrategy(s string) bool {
+	return s == strategyP2C || s == strategyRandom || s == strategyRoundRobin
+}
+
+// Defaults of passive ejection.
+const (
+	defaultEjectAfter = 3               // consecutive failures that eject a node
+	defaultEjectBase  = 5 * time.Second // first ejection; doubles on each ejection in a row
+	defaultEjectMax   = 5 * time.Minute // longest ejection
+	maxBalancedSvcs   = 10_000          // services with balancer state; beyond, state is reset
+	pickDraws         = 3               // random draws before a linear scan for a usable node
+	ewmaShift         = 3               // latency EWMA weight of a new sample: 1/8
+	maxEjectShift     = 16              // cap of the backoff exponent
+	maxEjectedPercent = 50              // at most this share of a service's nodes is ejected
+	nodeURLPrefix     = "http://"       // backends speak plain HTTP/1.1
+	nodeURLSuffix     = "/"             // the JSON-RPC endpoint of a node
+)
+
+// balancer picks nodes of services found in a registry. Its state per
+// service (counters, retry budget) and per node (latency, in-flight calls,
+// failures, ejection) lives only for services and nodes the registry still
+// lists: a new registry snapshot drops the state of nodes that left it, and
+// forget drops a service. Safe for concurrent use; pick does not allocate.
+type balancer struct {
+	strategy   string
+	ejectAfter int32         // consecutive failures that eject a node
+	ejectBase  time.Duration // first ejection period
+	ejectMax   time.Duration // cap of the growing ejection period
+	log        *slog.Logger
+
+	mu       sync.Mutex                           // serialises writers of services
+	services atomic.Pointer[map[string]*svcState] // copy-on-write: readers never lock
+}
+
+// svcState is the balancer's state of one service, stable while the service
+// exists so its counters survive node changes.
+type svcState struct {
+	name   string
+	view   atomic.Pointer[svcView] // nodes of the latest registry snapshot
+	next   atomic.Uint64           // round-robin position
+	budget retryBudget
+
+	// Counters, labelled by this service's name in metrics.
+	calls     atomic.Int64 // calls received for the service
+	errors    atomic.Int64 // calls answered with an error
+	retries   atomic.Int64 // extra attempts made
+	timeouts  atomic.Int64 // calls that ran out of time
+	failures  atomic.Int64 // attempts counted against a node
+	ejections atomic.Int64 // nodes ejected
+}
+
+// svcView is the immutable node list of one registry snapshot.
+type svcView struct {
+	snap  *Service
+	nodes []*nodeState // in the order of snap.Nodes
+}
+
+// nodeState is what the balancer knows about one node. id, addr and url
+// are fixed at creation; the rest is updated atomically by concurrent calls.
+// A node that changes address gets a fresh state.
+type nodeState struct {
+	id   string
+	addr string // host:port
+	url  string // http://host:port/
+	svc  *svcState
+
+	inflight   atomic.Int64 // calls picked and not yet done
+	ewma       atomic.Int64 // latency of successful attempts, ns
+	fails      atomic.Int32 // consecutive failures since the last success or ejection
+	level      atomic.Int32 // ejections in a row: the backoff exponent
+	ejectUntil atomic.Int64 // unix ns; 0 or past means not ejected
+}
+
+func newBalancer(strategy string, logger *slog.Logger) *balancer {
+	if !validStrategy(strategy) {
+		strategy = strategyP2C
+	}
+	b := &balancer{
+		strategy:   strategy,
+		ejectAfter: defaultEjectAfter,
+		ejectBase:  defaultEjectBase,
+		ejectMax:   defaultEjectMax,
+		log:        logger,
+	}
+	m := map[string]*svcState{}
+	b.services.Store(&m)
+	return b
+}
+
+// nodeHostPort is where a node listens: Address:Port, or Address alone when
+// Port is 0 (the address then holds host:port).
+func nodeHostPort(n *Node) string {
+	if n.Port == 0 {
+		return n.Address
+	}
+	host := strings.TrimSuffix(strings.TrimPrefix(n.Address, "["), "]")
+	return net.JoinHostPort(host, strconv.Itoa(n.Port))
+}
+
+// service returns the state of svc, refreshed to its node list. The fast
+// path is one map lookup and one pointer comparison.
+func (b *balancer) service(svc *Service) *svcState {
+	if st := (*b.services.Load())[svc.Name]; st != nil {
+		if v := st.view.Load(); v != nil && v.snap == svc {
+			return st
+		}
+	}
+	return b.refresh(svc)
+}
+
+// refresh installs svc as the current snapshot of its service, keeping the
+// state of nodes that stay (same ID and address) and dropping the others.
+func (b *balancer) refresh(svc *Service) *svcState {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	cur := *b.services.Load()
+	st := cur[svc.Name]
+	if st == nil {
+		st = &svcState{name: svc.Name}
+		st.budget.init(time.Now())
+		next := make(map[string]*svcState, len(cur)+1)
+		if len(cur) < maxBalancedSvcs {
+			for k, v := range cur {
+				next[k] = v
+			}
+		}
+		next[svc.Name] = st
+		b.services.Store(&next)
+	}
+	if v := st.view.Load(); v != nil && v.snap == svc {
+		return st
+	}
+	old := map[string]*nodeState{}
+	if v := st.view.Load(); v != nil {
+		for _, n := range v.nodes {
+			old[n.id] = n
+		}
+	}
+	nodes := make([]*nodeState, 0, len(svc.Nodes))
+	for _, n := range svc.Nodes {
+		if n == nil {
+			continue
+		}
+		addr := nodeHostPort(n)
+		if prev := old[n.ID]; prev != nil && prev.addr == addr {
+			nodes = append(nodes, prev)
+			continue
+		}
+		nodes = append(nodes, &nodeState{id: n.ID, addr: addr, url: nodeURLPrefix + addr + nodeURLSuffix, svc: st})
+	}
+	st.view.Store(&svcView{snap: svc, nodes: nodes})
+	return st
+}
+
+// forget drops the state of a service the registry no longer lists.
+func (b *balancer) forget(name string) {
+	if (*b.services.Load())[name] == nil {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	cur := *b.services.Load()
+	if cur[name] == nil {
+		return
+	}
+	next := make(map[string]*svcState, len(cur))
+	for k, v := range cur {
+		if k != name {
+			next[k] = v
+		}
+	}
+	b.services.Store(&next)
+}
+
+// pick chooses a node of st's current snapshot, avoiding the nodes in avoid
+// (those a call already tried) when another usable node exists, and
+// ejected nodes unless every candidate is ejected. now is the caller's
+// clock reading (it times the call anyway; reading the clock costs more
+// than a pick on some VMs). pick returns nil only for a service without
+// nodes; otherwise the caller must call done with the outcome.
+func (b *balancer) pick(st *svcState, avoid []*nodeState, now time.Time) *nodeState {
+	nodes := st.view.Load().nodes
+	ns := now.UnixNano()
+	var n *nodeState
+	switch len(nodes) {
+	case 0:
+		return nil
+	case 1:
+		n = nodes[0]
+	default:
+		switch b.strategy {
+		case strategyRoundRobin:
+			n = pickRoundRobin(nodes, st.next.Add(1), avoid, ns)
+		case strategyRandom:
+			n = draw(nodes, avoid, ns)
+		default:
+			n = pickP2C(nodes, avoid, ns)
+		}
+		if n == nil {
+			n = scan(nodes, avoid, ns)
+		}
+	}
+	n.inflight.Add(1)
+	return n
+}
+
+// usable reports whether n may take a call at now: not avoided, not
+// ejected.
+func (n *nodeState) usable(avoid []*nodeState, now int64) bool {
+	for _, a := range avoid {
+		if n == a {
+			return false
+		}
+	}
+	return now >= n.ejectUntil.Load()
+}
+
+// pickP2C draws two distinct nodes and keeps the cheaper usable one.
+func pickP2C(nodes []*nodeState, avoid []*nodeState, now int64) *nodeState {
+	// Two indexes from one random word, by multiply-shift (the bias is
+	// below 2^-16 for any node count the registry allows).
+	u := rand.Uint64()
+	i := int((u >> 32) * uint64(len(nodes)) >> 32)
+	j := int((u & 0xffffffff) * uint64(len(nodes)-1) >> 32)
+	if j >= i {
+		j++
+	}
+	a, c := nodes[i], nodes[j]
+	ua, uc := a.usable(avoid, now), c.usable(avoid, now)
+	switch {
+	case ua && uc:
+		if c.score() < a.score() {
+			return c
+		}
+		return a
+	case ua:
+		return a
+	case uc:
+		return c
+	}
+	return draw(nodes, avoid, now)
+}
+
+// draw returns a random usable node, or nil after a few unlucky draws.
+func draw(nodes []*nodeState, avoid []*nodeState, now int64) *nodeState {
+	for range pickDraws {
+		if n := nodes[rand.IntN(len(nodes))]; n.usable(avoid, now) {
+			return n
+		}
+	}
+	return nil
+}
+
+// pickRoundRobin returns the first usable node from position i on, looking
+// at a bounded number of nodes.
+func pickRoundRobin(nodes []*nodeState, i uint64, avoid []*nodeState, now int64) *nodeState {
+	for k := range uint64(min(len(nodes), 8)) {
+		if n := nodes[(i+k)%uint64(len(nodes))]; n.usable(avoid, now) {
+			return n
+		}
+	}
+	return nil
+}
+
+// scan is the slow path when draws found nothing: the first usable node
+// from a random start, else a node that is merely avoided, else (every node
+// ejected, which ejection itself never causes) any node.
+func scan(nodes []*nodeState, avoid []*nodeState, now int64) *nodeState {
+	start := rand.IntN(len(nodes))
+	var fallback *nodeState
+	for k := range nodes {
+		n := nodes[(start+k)%len(nodes)]
+		if n.usable(avoid, now) {
+			return n
+		}
+		if fallback == nil && n.usable(nil, now) {
+			fallback = n
+		}
+	}
+	if fallback != nil {
+		return fallback
+	}
+	return nodes[start]
+}
+
+// score is the expected cost of sending one more call to n: its latency
+// times its queue, doubled for each recent failure. Lower is better.
+func (n *nodeState) score() float64 {
+	lat := float64(n.ewma.Load() + 1)
+	q := float64(n.inflight.Load() + 1)
+	f := float64(min(n.fails.Load(), 16))
+	return lat * q * (1 + f)
+}
+
+// done records the outcome of a call picked on n: the latency of a success
+// feeds the EWMA and clears failures; failures in a row eject the node.
+func (b *balancer) done(n *nodeState, latency time.Duration, ok bool) {
+	n.inflight.Add(-1)
+	if ok {
+		n.observe(latency)
+		if n.fails.Load() != 0 {
+			n.fails.Store(0)
+		}
+		if n.ejectUntil.Load() != 0 {
+			n.ejectUntil.Store(0)
+		}
+		if l := n.level.Load(); l > 0 {
+			n.level.CompareAndSwap(l, l-1)
+		}
+		return
+	}
+	n.svc.failures.Add(1)
+	if n.fails.Add(1) >= b.ejectAfter {
+		b.eject(n)
+	}
+}
+
+// observe folds one latency sample into the EWMA; the first sample sets it.
+func (n *nodeState) observe(latency time.Duration) {
+	s := max(int64(latency), 1)
+	old := n.ewma.Load()
+	if old == 0 {
+		n.ewma.Store(s)
+		return
+	}
+	n.ewma.Store(old + (s-old)>>ewmaShift)
+}
+
+// eject skips n for a period that doubles with each ejection in a row,
+// unless that would leave too few nodes: a service never loses every node
+// (nor more than maxEjectedPercent of them) to ejection.
+func (b *balancer) eject(n *nodeState) {
+	now := time.Now().UnixNano()
+	u := n.ejectUntil.Load()
+	if u > now {
+		return // already ejected
+	}
+	nodes := n.svc.view.Load().nodes
+	limit := min(len(nodes)-1, max(1, len(nodes)*maxEjectedPercent/100))
+	ejected := 0
+	for _, m := range nodes {
+		if m != n && m.ejectUntil.Load() > now {
+			ejected++
+		}
+	}
+	if ejected >= limit {
+		return
+	}
+	level := min(n.level.Load(), maxEjectShift)
+	d := min(b.ejectBase<<level, b.ejectMax)
+	if !n.ejectUntil.CompareAndSwap(u, now+int64(d)) {
+		return // a concurrent failure ejected it
+	}
+	n.level.Add(1)
+	n.fails.Store(0)
+	n.svc.ejections.Add(1)
+	b.log.Info("node ejected", "service", n.svc.name, "node", n.id, "for", d)
+}
+
+// ejected reports whether n is ejected now.
+func (n *nodeState) ejected() bool {
+	return n.ejectUntil.Load() > time.Now().UnixNano()
+}
+
+// retryBudget bounds retries to a share of recent calls plus a small
+// steady allowance, so that retries cannot multiply load during an outage:
+// each call deposits ratio of a token, each retry withdraws one, tokens
+// also accrue at minPerSec, and the balance is capped. Safe for concurrent
+// use; tokens are counted in thousandths.
+type retryBudget struct {
+	tokens atomic.Int64 // milli-tokens
+	last   atomic.Int64 // unix ns of the last time-based accrual
+}
+
+const (
+	budgetPerCall   = 200     // milli-tokens a call deposits: retries <= 20% of calls
+	budgetPerSecond = 10      // retries per second always allowed
+	budgetMax       = 100_000 // cap: at most 100 retries in a burst
+	budgetRetry     = 1000    // milli-tokens a retry costs
+)
+
+func (rb *retryBudget) init(now time.Time) {
+	rb.tokens.Store(budgetPerSecond * budgetRetry)
+	rb.last.Store(now.UnixNano())
+}
+
+func (rb *retryBudget) add(milli int64) {
+	if rb.tokens.Add(milli) > budgetMax {
+		rb.tokens.Store(budgetMax)
+	}
+}
+
+// deposit records one call.
+func (rb *retryBudget) deposit() { rb.add(budgetPerCall) }
+
+// withdraw takes the budget of one retry, reporting whether there was one.
+func (rb *retryBudget) withdraw(now time.Time) bool {
+	ns := now.UnixNano()
+	if last := rb.last.Load(); ns > last && rb.last.CompareAndSwap(last, ns) {
+		elapsed := min(ns-last, int64(10*time.Second))
+		rb.add(elapsed * budgetPerSecond * budgetRetry / int64(time.Second))
+	}
+	for {
+		t := rb.tokens.Load()
+		if t < budgetRetry {
+			return false
+		}
+		if rb.tokens.CompareAndSwap(t, t-budgetRetry) {
+			return true
+		}
+	}
+}
+
+// metrics emits the per-service counters with the given name prefix
+// ("sidecar_rpc"), labelled by service name only.
+func (b *balancer) metrics(prefix string, emit emitFunc) {
+	now := time.Now().UnixNano()
+	for name, st := range *b.services.Load() {
+		emit(prefix+"_calls_total", "Calls received, by service.", "counter", float64(st.calls.Load()), "service", name)
+		emit(prefix+"_errors_total", "Calls answered with an error, by service.", "counter", float64(st.errors.Load()), "service", name)
+		emit(prefix+"_retries_total", "Extra attempts made, by service.", "counter", float64(st.retries.Load()), "service", name)
+		emit(prefix+"_timeouts_total", "Calls that ran out of time, by service.", "counter", float64(st.timeouts.Load()), "service", name)
+		emit(prefix+"_node_failures_total", "Attempts counted as a node failure, by service.", "counter", float64(st.failures.Load()), "service", name)
+		emit(prefix+"_ejections_total", "Nodes ejected after failures in a row, by service.", "counter", float64(st.ejections.Load()), "service", name)
+		ejected := 0
+		for _, n := range st.view.Load().nodes {
+			if n.ejectUntil.Load() > now {
+				ejected++
+			}
+		}
+		emit(prefix+"_nodes_ejected", "Nodes currently ejected, by service.", "gauge", float64(ejected), "service", name)
+	}
+}

@@ -1,0 +1,857 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Modes of an rpcBackend.
+const (
+	modeOK   = iota
+	mode503  // HTTP 503 with a plain-text body: nothing reached the app
+	modeHang // never answers until the caller gives up
+)
+
+// rpcBackend is a real JSON-RPC server, as gorilla/rpc/json or Python
+// json-rpc apps are, that records what arrived.
+type rpcBackend struct {
+	name string
+	srv  *httptest.Server
+	port int
+	mode atomic.Int32
+	hits atomic.Int64 // requests received, in any mode
+	oks  atomic.Int64 // requests answered in modeOK
+
+	mu   sync.Mutex // guards last
+	last recorded
+}
+
+// recorded is one request as the backend saw it.
+type recorded struct {
+	method string
+	params []json.RawMessage
+	id     json.RawMessage
+	header http.Header
+	path   string
+}
+
+func newRPCBackend(t *testing.T, name string) *rpcBackend {
+	t.Helper()
+	b := &rpcBackend{name: name}
+	release := make(chan struct{})
+	b.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b.hits.Add(1)
+		var req struct {
+			Method string            `json:"method"`
+			Params []json.RawMessage `json:"params"`
+			ID     json.RawMessage   `json:"id"`
+		}
+		body, _ := io.ReadAll(r.Body)
+		if err := json.Unmarshal(body, &req); err != nil {
+			http.Error(w, "bad json-rpc request: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		b.mu.Lock()
+		b.last = recorded{method: req.Method, params: req.Params, id: req.ID, header: r.Header.Clone(), path: r.URL.Path}
+		b.mu.Unlock()
+		switch b.mode.Load() {
+		case mode503:
+			http.Error(w, "unavailable", http.StatusServiceUnavailable)
+			return
+		case modeHang:
+			select {
+			case <-r.Context().Done():
+			case <-release:
+			}
+			return
+		}
+		b.oks.Add(1)
+		var result, rpcErr string
+		switch req.Method {
+		case "Example.Call":
+			var p struct{ Name string }
+			if len(req.Params) > 0 {
+				json.Unmarshal(req.Params[0], &p)
+			}
+			result = `{"msg": "Hello ` + p.Name + `"}` // spacing kept: the sidecar returns it verbatim
+		case "Err.NotFound":
+			e, _ := json.Marshal(`{"id":"go.micro.srv.example","code":404,"detail":"no such thing","status":"Not Found"}`)
+			rpcErr = string(e)
+		case "Err.Plain":
+			rpcErr = `"boom: disk full"`
+		default:
+			var p json.RawMessage = []byte("null")
+			if len(req.Params) > 0 {
+				p = req.Params[0]
+			}
+			r, _ := json.Marshal(map[string]any{"node": name, "method": req.Method, "params": p})
+			result = string(r)
+		}
+		w.Header().Set("Content-Type", "application/json")
+		if rpcErr != "" {
+			fmt.Fprintf(w, `{"id":%s,"result":null,"error":%s}`, req.ID, rpcErr)
+			return
+		}
+		fmt.Fprintf(w, `{"id":%s,"result":%s,"error":null}`, req.ID, result)
+	}))
+	t.Cleanup(func() {
+		close(release)
+		b.srv.CloseClientConnections()
+		b.srv.Close()
+	})
+	_, p, _ := net.SplitHostPort(b.srv.Listener.Addr().String())
+	b.port, _ = strconv.Atoi(p)
+	return b
+}
+
+func (b *rpcBackend) lastRequest() recorded {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.last
+}
+
+// kill stops the backend as a crash would: connections cut, port closed.
+func (b *rpcBackend) kill() {
+	b.srv.CloseClientConnections()
+	b.srv.Close()
+}
+
+// register registers backends as nodes of service through POST /registry.
+func register(t *testing.T, base, service string, backends ...*rpcBackend) {
+	t.Helper()
+	var nodes []string
+	for _, b := range backends {
+		nodes = append(nodes, fmt.Sprintf(`{"Id":%q,"Address":"127.0.0.1","Port":%d}`, b.name, b.port))
+	}
+	body := fmt.Sprintf(`{"Name":%q,"Nodes":[%s]}`, service, strings.Join(nodes, ","))
+	if code, resp := do(t, "POST", base+"/registry", body, "Content-Type", "application/json"); code != http.StatusOK {
+		t.Fatalf("POST /registry %s = %d %s", body, code, resp)
+	}
+}
+
+// newRPCTestServer is newTestServer with a hook that adjusts the server
+// (balancer timings) before it serves its first request.
+func newRPCTestServer(t *testing.T, cfg *Config, tweak func(*server)) (*server, *httptest.Server) {
+	t.Helper()
+	if cfg == nil {
+		cfg = testConfig()
+	}
+	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if testing.Verbose() {
+		logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	s, err := newServer(cfg, logger)
+	if err != nil {
+		t.Fatalf("newServer: %v", err)
+	}
+	if tweak != nil {
+		tweak(s)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s.start(ctx)
+	ts := httptest.NewServer(s.handler)
+	t.Cleanup(func() {
+		cancel()
+		ts.Close()
+		s.Close()
+	})
+	return s, ts
+}
+
+// TestRPCSeedExamples runs the two RPC examples of the seed README.
+func TestRPCSeedExamples(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, nil)
+	b := newRPCBackend(t, "example-1")
+	register(t, ts.URL, "go.micro.srv.example", b)
+
+	tests := []struct {
+		name, path, body, contentType string
+	}{
+		// curl -d 'service=go.micro.srv.example' -d 'method=Example.Call' -d 'request={"name": "John"}' /rpc
+		{"rpc form", "/rpc", `service=go.micro.srv.example&method=Example.Call&request={"name": "John"}`, "application/x-www-form-urlencoded"},
+		// curl -H 'Content-Type: application/json' -d '{"name": "John"}' /example/call
+		{"path json", "/example/call", `{"name": "John"}`, "application/json"},
+		{"rpc json object", "/rpc", `{"service":"go.micro.srv.example","endpoint":"Example.Call","request":{"name": "John"}}`, "application/json"},
+		{"rpc json string request", "/rpc", `{"Service":"go.micro.srv.example","Method":"Example.Call","Request":"{\"name\": \"John\"}"}`, "application/json"},
+		{"rpc form without content type", "/rpc", `service=go.micro.srv.example&method=Example.Call&request={"name": "John"}`, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, body := do(t, "POST", ts.URL+tt.path, tt.body, "Content-Type", tt.contentType)
+			if want := `{"msg": "Hello John"}`; code != http.StatusOK || string(body) != want {
+				t.Fatalf("POST %s %s = %d %s, want 200 %s", tt.path, tt.body, code, body, want)
+			}
+			if got := b.lastRequest().method; got != "Example.Call" {
+				t.Errorf("backend method = %q, want Example.Call", got)
+			}
+		})
+	}
+}
+
+// TestMapPath covers every row of the SPEC path-mapping table and the
+// paths that name no method.
+func TestMapPath(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		ns, path        string
+		service, method string
+		code            int // 0: maps
+	}{
+		{"go.micro.srv", "/foo/bar", "go.micro.srv.foo", "Foo.Bar", 0},
+		{"go.micro.srv", "/foo/bar/baz", "go.micro.srv.foo", "Bar.Baz", 0},
+		{"go.micro.srv", "/foo/bar/baz/cat", "go.micro.srv.foo.bar", "Baz.Cat", 0},
+		{"go.micro.srv", "/v1/foo/bar", "go.micro.srv.v1.foo", "Foo.Bar", 0},
+		{"go.micro.srv", "/v1/foo/bar/baz", "go.micro.srv.v1.foo", "Bar.Baz", 0},
+		{"go.micro.srv", "/v2/foo/bar", "go.micro.srv.v2.foo", "Foo.Bar", 0},
+		{"go.micro.srv", "/v2/foo/bar/baz", "go.micro.srv.v2.foo", "Bar.Baz", 0},
+		{"go.micro.srv", "/foo/bar/baz-xyz", "go.micro.srv.foo", "Bar.BazXyz", 0},
+		{"go.micro.srv", "/foo-svc/get-all-items", "go.micro.srv.foo-svc", "FooSvc.GetAllItems", 0},
+		{"go.micro.srv", "/example/call", "go.micro.srv.example", "Example.Call", 0},
+		{"go.micro.srv", "/foo/bar/", "go.micro.srv.foo", "Foo.Bar", 0},
+		{"go.micro.srv", "/a/b/c/d/e", "go.micro.srv.a.b.c", "D.E", 0},
+		{"go.micro.srv", "/version/foo/bar", "go.micro.srv.version", "Foo.Bar", 0},
+		{"go.micro.api", "/foo/bar", "go.micro.api.foo", "Foo.Bar", 0},
+		{"", "/foo/bar", "foo", "Foo.Bar", 0},
+		{"go.micro.srv", "/", "", "", http.StatusNotFound},
+		{"go.micro.srv", "", "", "", http.StatusNotFound},
+		{"go.micro.srv", "/foo", "", "", http.StatusNotFound},
+		{"go.micro.srv", "/foo//bar", "", "", http.StatusBadRequest},
+		{"go.micro.srv", "/foo/b.r", "", "", http.StatusBadRequest},
+		{"go.micro.srv", "/foo/bär", "", "", http.StatusBadRequest},
+		{"go.micro.srv", "/foo/---", "", "", http.StatusBadRequest},
+		{"go.micro.srv", "/foo/bar baz", "", "", http.StatusBadRequest},
+		{"go.micro.srv", "/" + strings.Repeat("a", 300) + "/b", "", "", http.StatusBadRequest},
+	}
+	for _, tt := range tests {
+		t.Run(tt.path, func(t *testing.T) {
+			service, method, err := mapPath(tt.ns, tt.path)
+			if tt.code != 0 {
+				var he *httpError
+				if err == nil || !asHTTPError(err, &he) || he.code != tt.code {
+					t.Fatalf("mapPath(%q, %q) = %q, %q, %v; want an error with code %d", tt.ns, tt.path, service, method, err, tt.code)
+				}
+				return
+			}
+			if err != nil || service != tt.service || method != tt.method {
+				t.Fatalf("mapPath(%q, %q) = %q, %q, %v; want %q, %q", tt.ns, tt.path, service, method, err, tt.service, tt.method)
+			}
+		})
+	}
+}
+
+func asHTTPError(err error, he **httpError) bool {
+	e, ok := err.(*httpError)
+	*he = e
+	return ok
+}
+
+// FuzzMapPath checks that any path either maps to a service in the
+// namespace and a Service.Method, or is a 400/404, and never panics.
+func FuzzMapPath(f *testing.F) {
+	for _, p := range []string{"/foo/bar", "/v1/foo/bar/baz", "/foo/bar/baz/cat", "/", "/a-b/c--d/-e-", "//", "/v1/x"} {
+		f.Add(p)
+	}
+	f.Fuzz(func(t *testing.T, p string) {
+		service, method, err := mapPath("go.micro.srv", p)
+		if err != nil {
+			var he *httpError
+			if !asHTTPError(err, &he) || (he.code != http.StatusNotFound && he.code != http.StatusBadRequest) {
+				t.Fatalf("mapPath(%q) error %v is not a 400/404", p, err)
+			}
+			return
+		}
+		if !strings.HasPrefix(service, "go.micro.srv.") || len(service) > maxNameLen || checkName("service", service) != nil {
+			t.Fatalf("mapPath(%q) service = %q", p, service)
+		}
+		a, b, ok := strings.Cut(method, ".")
+		if !ok || a == "" || b == "" || strings.Contains(b, ".") || strings.Contains(method, "-") {
+			t.Fatalf("mapPath(%q) method = %q, want Service.Method", p, method)
+		}
+	})
+}
+
+// TestRPCBackendSees asserts the wire protocol: what arrives at the node.
+func TestRPCBackendSees(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, nil)
+	b := newRPCBackend(t, "foo-1")
+	register(t, ts.URL, "go.micro.srv.foo", b)
+
+	const trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+	req, _ := http.NewRequest("POST", ts.URL+"/foo/bar-baz", strings.NewReader(`{"a": [1, 2]}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("X-Custom", "kept")
+	req.Header.Set("Authorization", "Bearer app-token") // no --auth_token: it is the app's
+	req.Header.Set("Traceparent", trace)
+	req.Header.Set("Connection", "X-Hop")
+	req.Header.Set("X-Hop", "dropped")
+	req.Header.Set("Keep-Alive", "timeout=5")
+	req.Header.Set("Proxy-Authorization", "Basic eDp5")
+	req.Header.Set("Te", "trailers")
+	req.Header.Set("Micro-Service", "forged")
+	req.Header.Set("Timeout", "2s")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("POST /foo/bar-baz = %d %s", resp.StatusCode, body)
+	}
+	got := b.lastRequest()
+	if got.method != "Foo.BarBaz" || got.path != "/" {
+		t.Errorf("backend got method %q at %q, want Foo.BarBaz at /", got.method, got.path)
+	}
+	if len(got.params) != 1 || string(got.params[0]) != `{"a": [1, 2]}` {
+		t.Errorf("backend params = %s, want [{\"a\": [1, 2]}]", got.params)
+	}
+	h := got.header
+	want := map[string]string{
+		"Content-Type":   "application/json",
+		"Micro-Service":  "go.micro.srv.foo",
+		"Micro-Endpoint": "Foo.BarBaz",
+		"Micro-Id":       string(got.id),
+		"X-Custom":       "kept",
+		"Authorization":  "Bearer app-token",
+		"Traceparent":    trace,
+	}
+	for k, v := range want {
+		if h.Get(k) != v {
+			t.Errorf("backend header %s = %q, want %q", k, h.Get(k), v)
+		}
+	}
+	for _, k := range []string{"X-Hop", "Keep-Alive", "Proxy-Authorization", "Te"} {
+		if v := h.Values(k); len(v) > 0 {
+			t.Errorf("backend got hop-by-hop header %s: %q", k, v)
+		}
+	}
+	if c := h.Get("Connection"); strings.Contains(strings.ToLower(c), "x-hop") {
+		t.Errorf("backend Connection header = %q, want the sidecar's own", c)
+	}
+	ns, err := strconv.ParseInt(h.Get("Timeout"), 10, 64)
+	if err != nil || ns <= 0 || ns > int64(2*time.Second) {
+		t.Errorf("backend Timeout = %q, want integer ns in (0, 2s]", h.Get("Timeout"))
+	}
+	var echo struct {
+		Node   string          `json:"node"`
+		Params json.RawMessage `json:"params"`
+	}
+	if err := json.Unmarshal(body, &echo); err != nil || echo.Node != "foo-1" {
+		t.Errorf("reply %s: want the backend's result", body)
+	}
+}
+
+// TestRPCGetQuery maps GET query parameters to a JSON object.
+func TestRPCGetQuery(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, nil)
+	b := newRPCBackend(t, "v1foo-1")
+	register(t, ts.URL, "go.micro.srv.v1.foo", b)
+	code, body := do(t, "GET", ts.URL+"/v1/foo/bar?name=John&tag=a&tag=b", "")
+	if code != http.StatusOK {
+		t.Fatalf("GET /v1/foo/bar = %d %s", code, body)
+	}
+	got := b.lastRequest()
+	if want := `{"name":"John","tag":["a","b"]}`; got.method != "Foo.Bar" || len(got.params) != 1 || string(got.params[0]) != want {
+		t.Errorf("backend got %s %s, want Foo.Bar [%s]", got.method, got.params, want)
+	}
+	tp := got.header.Get("Traceparent")
+	if !validTraceparent(tp) || !strings.HasPrefix(tp, "00-") || !strings.HasSuffix(tp, "-01") {
+		t.Errorf("backend traceparent = %q, want a new valid one", tp)
+	}
+}
+
+// TestRPCAuthorizationDropped keeps the sidecar's own token from the app.
+func TestRPCAuthorizationDropped(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig()
+	cfg.AuthToken = "sidecar-secret"
+	_, ts := newTestServer(t, cfg)
+	b := newRPCBackend(t, "foo-1")
+	code, body := do(t, "POST", ts.URL+"/registry", fmt.Sprintf(`{"name":"go.micro.srv.foo","nodes":[{"id":"n","address":"127.0.0.1","port":%d}]}`, b.port),
+		"Authorization", "Bearer sidecar-secret")
+	if code != http.StatusOK {
+		t.Fatalf("register = %d %s", code, body)
+	}
+	code, body = do(t, "POST", ts.URL+"/foo/bar", `{}`, "Authorization", "Bearer sidecar-secret")
+	if code != http.StatusOK {
+		t.Fatalf("POST /foo/bar = %d %s", code, body)
+	}
+	if v := b.lastRequest().header.Values("Authorization"); len(v) > 0 {
+		t.Errorf("backend got Authorization %q, want the sidecar's token removed", v)
+	}
+}
+
+// TestRPCErrors covers the JSON errors of bad calls and backend errors.
+func TestRPCErrors(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, nil)
+	b := newRPCBackend(t, "example-1")
+	register(t, ts.URL, "go.micro.srv.example", b)
+	form := "application/x-www-form-urlencoded"
+	tests := []struct {
+		name, method, path, body string
+		header                   []string
+		code                     int
+		detail                   string // substring of the error detail
+	}{
+		{"unknown service", "POST", "/rpc", `{"service":"go.micro.srv.nope","method":"X.Y"}`, nil, 404, "not found"},
+		{"unknown service by path", "POST", "/nope/call", `{}`, nil, 404, "go.micro.srv.nope"},
+		{"backend error code 404", "POST", "/rpc", `{"service":"go.micro.srv.example","method":"Err.NotFound"}`, nil, 404, "no such thing"},
+		{"backend plain error", "POST", "/example/err/plain", `{}`, nil, 500, "boom: disk full"},
+		{"address refused", "POST", "/rpc", `{"service":"go.micro.srv.example","method":"Example.Call","address":"127.0.0.1:1"}`, nil, 403, "--rpc_allow_address"},
+		{"address refused in form", "POST", "/rpc", `service=s&method=A.B&address=169.254.169.254:80`, []string{"Content-Type", form}, 403, "--rpc_allow_address"},
+		{"no service", "POST", "/rpc", `{"method":"Example.Call"}`, nil, 400, "service"},
+		{"no method", "POST", "/rpc", `service=go.micro.srv.example`, []string{"Content-Type", form}, 400, "method"},
+		{"request not json", "POST", "/rpc", `service=go.micro.srv.example&method=Example.Call&request={nope`, []string{"Content-Type", form}, 400, "request"},
+		{"malformed json", "POST", "/rpc", `{"service":`, []string{"Content-Type", "application/json"}, 400, "invalid JSON"},
+		{"wrong field type", "POST", "/rpc", `{"service":1}`, []string{"Content-Type", "application/json"}, 400, "service"},
+		{"path body not json", "POST", "/example/call", `{nope`, nil, 400, "not valid JSON"},
+		{"path names no method", "GET", "/example", ``, nil, 404, "no method"},
+		{"root", "GET", "/", ``, nil, 404, "no service"},
+		{"bad segment", "GET", "/ex.ample/call", ``, nil, 400, "segment"},
+		{"put on path", "PUT", "/example/call", `{}`, nil, 405, "PUT"},
+		{"bad timeout header", "POST", "/example/call", `{}`, []string{"Timeout", "soon"}, 400, "Timeout"},
+		{"negative timeout header", "POST", "/example/call", `{}`, []string{"Timeout", "-1s"}, 400, "Timeout"},
+		{"huge body", "POST", "/example/call", `{"a":"` + strings.Repeat("x", 5<<20) + `"}`, nil, 413, "exceeds"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, body := do(t, tt.method, ts.URL+tt.path, tt.body, tt.header...)
+			call := tt.method + " " + tt.path
+			e := wantError(t, call, code, body, tt.code)
+			if !strings.Contains(e.Detail, tt.detail) {
+				t.Errorf("%s detail = %q, want it to mention %q", call, e.Detail, tt.detail)
+			}
+		})
+	}
+}
+
+// TestRPCAddressAllowed calls an explicit address with --rpc_allow_address.
+func TestRPCAddressAllowed(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig()
+	cfg.RPCAllowAddress = true
+	_, ts := newTestServer(t, cfg)
+	b := newRPCBackend(t, "direct")
+	body := fmt.Sprintf(`{"service":"go.micro.srv.any","method":"Example.Call","request":{"name":"Ann"},"address":"127.0.0.1:%d"}`, b.port)
+	code, resp := do(t, "POST", ts.URL+"/rpc", body)
+	if code != http.StatusOK || string(resp) != `{"msg": "Hello Ann"}` {
+		t.Fatalf("POST /rpc with address = %d %s", code, resp)
+	}
+}
+
+// TestRPCPortZero reaches a node whose Address holds host:port.
+func TestRPCPortZero(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, nil)
+	b := newRPCBackend(t, "hp")
+	body := fmt.Sprintf(`{"name":"go.micro.srv.hp","nodes":[{"id":"hp","address":"127.0.0.1:%d","port":0}]}`, b.port)
+	if code, resp := do(t, "POST", ts.URL+"/registry", body); code != http.StatusOK {
+		t.Fatalf("register = %d %s", code, resp)
+	}
+	if code, resp := do(t, "POST", ts.URL+"/hp/call", `{}`); code != http.StatusOK {
+		t.Fatalf("POST /hp/call = %d %s", code, resp)
+	}
+}
+
+// callMany makes n calls with workers in parallel and returns the bodies
+// of the failed ones.
+func callMany(t *testing.T, url string, n, workers int, onDone func(i int)) []string {
+	t.Helper()
+	var next atomic.Int64
+	var mu sync.Mutex
+	var failed []string
+	var wg sync.WaitGroup
+	client := &http.Client{Timeout: 10 * time.Second}
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1)
+				if i > int64(n) {
+					return
+				}
+				resp, err := client.Post(url, "application/json", strings.NewReader(`{"i":`+strconv.FormatInt(i, 10)+`}`))
+				msg := ""
+				if err != nil {
+					msg = err.Error()
+				} else {
+					b, _ := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != http.StatusOK {
+						msg = fmt.Sprintf("%d %s", resp.StatusCode, b)
+					}
+				}
+				if msg != "" {
+					mu.Lock()
+					failed = append(failed, msg)
+					mu.Unlock()
+				}
+				if onDone != nil {
+					onDone(int(i))
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return failed
+}
+
+// TestRPCBalanceThreeNodes: 300 calls reach all three nodes, whatever the
+// strategy.
+func TestRPCBalanceThreeNodes(t *testing.T) {
+	t.Parallel()
+	for _, strategy := range []string{strategyP2C, strategyRandom, strategyRoundRobin} {
+		t.Run(strategy, func(t *testing.T) {
+			t.Parallel()
+			cfg := testConfig()
+			cfg.Balancer = strategy
+			_, ts := newTestServer(t, cfg)
+			bs := []*rpcBackend{newRPCBackend(t, "n1"), newRPCBackend(t, "n2"), newRPCBackend(t, "n3")}
+			register(t, ts.URL, "go.micro.srv.foo", bs...)
+			if failed := callMany(t, ts.URL+"/foo/bar", 300, 4, nil); len(failed) > 0 {
+				t.Fatalf("%d of 300 calls failed, first: %s", len(failed), failed[0])
+			}
+			for _, b := range bs {
+				if b.oks.Load() == 0 {
+					t.Errorf("node %s got no calls of 300 (%d, %d, %d)", b.name, bs[0].oks.Load(), bs[1].oks.Load(), bs[2].oks.Load())
+				}
+			}
+		})
+	}
+}
+
+// TestRPCKillNodeMidLoad: a node that dies under load costs at most a
+// handful of calls, and none once it is ejected.
+func TestRPCKillNodeMidLoad(t *testing.T) {
+	t.Parallel()
+	s, ts := newRPCTestServer(t, nil, func(s *server) { s.rpc.bal.ejectBase = time.Minute })
+	bs := []*rpcBackend{newRPCBackend(t, "n1"), newRPCBackend(t, "n2"), newRPCBackend(t, "n3")}
+	register(t, ts.URL, "go.micro.srv.foo", bs...)
+	var once sync.Once
+	failed := callMany(t, ts.URL+"/foo/bar", 300, 6, func(i int) {
+		if i >= 100 {
+			once.Do(bs[2].kill)
+		}
+	})
+	if len(failed) > 5 {
+		t.Fatalf("%d of 300 calls failed when one node of three died, want at most 5; first: %s", len(failed), failed[0])
+	}
+	t.Logf("%d of 300 calls failed when a node died", len(failed))
+	st := (*s.rpc.bal.services.Load())["go.micro.srv.foo"]
+	eventually(t, 5*time.Second, "the dead node is ejected", func() bool {
+		do(t, "POST", ts.URL+"/foo/bar", `{}`)
+		return st.ejections.Load() >= 1
+	})
+	if failed := callMany(t, ts.URL+"/foo/bar", 100, 4, nil); len(failed) > 0 {
+		t.Fatalf("%d of 100 calls failed after the dead node was ejected; first: %s", len(failed), failed[0])
+	}
+}
+
+// TestRPCEjectAndRecover: a node answering errors is ejected, gets no calls
+// while ejected, and takes calls again after it recovers.
+func TestRPCEjectAndRecover(t *testing.T) {
+	t.Parallel()
+	const ejectFor = 500 * time.Millisecond
+	s, ts := newRPCTestServer(t, nil, func(s *server) { s.rpc.bal.ejectBase = ejectFor })
+	bs := []*rpcBackend{newRPCBackend(t, "n1"), newRPCBackend(t, "n2"), newRPCBackend(t, "n3")}
+	register(t, ts.URL, "go.micro.srv.foo", bs...)
+	bad := bs[2]
+	bad.mode.Store(mode503)
+
+	st := func() *svcState { return (*s.rpc.bal.services.Load())["go.micro.srv.foo"] }
+	badState := func() *nodeState {
+		for _, n := range st().view.Load().nodes {
+			if n.id == bad.name {
+				return n
+			}
+		}
+		t.Fatal("no state for the bad node")
+		return nil
+	}
+	eventually(t, 5*time.Second, "the failing node is ejected", func() bool {
+		// 503 is retried on another node: callers see success.
+		if code, body := do(t, "POST", ts.URL+"/foo/bar", `{}`); code != http.StatusOK {
+			t.Fatalf("call while a node fails = %d %s, want 200 after a retry", code, body)
+		}
+		return badState().ejected()
+	})
+	hits := bad.hits.Load()
+	for range 20 {
+		do(t, "POST", ts.URL+"/foo/bar", `{}`)
+	}
+	if badState().ejected() && bad.hits.Load() != hits {
+		t.Errorf("ejected node got %d calls while ejected", bad.hits.Load()-hits)
+	}
+	bad.mode.Store(modeOK)
+	eventually(t, 10*time.Second, "the recovered node takes calls again", func() bool {
+		do(t, "POST", ts.URL+"/foo/bar", `{}`)
+		return bad.oks.Load() > 0 && !badState().ejected()
+	})
+}
+
+// TestRPCRetryAnotherNode: a 503 or a refused connection is retried on
+// another node, so callers see no failure; an app error is not retried.
+func TestRPCRetryAnotherNode(t *testing.T) {
+	t.Parallel()
+	for _, fault := range []string{"503", "refused"} {
+		t.Run(fault, func(t *testing.T) {
+			t.Parallel()
+			s, ts := newTestServer(t, nil)
+			good, bad := newRPCBackend(t, "good"), newRPCBackend(t, "bad")
+			if fault == "503" {
+				bad.mode.Store(mode503)
+			} else {
+				bad.kill()
+			}
+			register(t, ts.URL, "go.micro.srv.foo", good, bad)
+			if failed := callMany(t, ts.URL+"/foo/bar", 30, 1, nil); len(failed) > 0 {
+				t.Fatalf("%d of 30 calls failed with one good node and retries; first: %s", len(failed), failed[0])
+			}
+			st := (*s.rpc.bal.services.Load())["go.micro.srv.foo"]
+			if st.retries.Load() == 0 {
+				t.Errorf("no retries counted")
+			}
+			hits := good.hits.Load()
+			code, body := do(t, "POST", ts.URL+"/rpc", `{"service":"go.micro.srv.foo","method":"Err.Plain"}`)
+			wantError(t, "Err.Plain", code, body, 500)
+			if got := good.hits.Load() - hits; got != 1 {
+				t.Errorf("an app error reached the good node %d times, want 1 (no retry)", got)
+			}
+		})
+	}
+}
+
+// TestRPCRetryBudget: when every node fails, retries stay within the
+// budget (20% of calls plus 10 per second) instead of multiplying load.
+func TestRPCRetryBudget(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig()
+	cfg.ClientRetries = 3
+	s, ts := newTestServer(t, cfg)
+	a, b := newRPCBackend(t, "a"), newRPCBackend(t, "b")
+	a.mode.Store(mode503)
+	b.mode.Store(mode503)
+	register(t, ts.URL, "go.micro.srv.foo", a, b)
+	start := time.Now()
+	failed := callMany(t, ts.URL+"/foo/bar", 200, 4, nil)
+	elapsed := time.Since(start)
+	if len(failed) != 200 {
+		t.Fatalf("%d of 200 calls failed with every node down, want all", len(failed))
+	}
+	st := (*s.rpc.bal.services.Load())["go.micro.srv.foo"]
+	limit := int64(budgetPerSecond + 200*budgetPerCall/budgetRetry + budgetPerSecond*(elapsed.Seconds()+1))
+	if got := st.retries.Load(); got > limit {
+		t.Errorf("%d retries for 200 calls in %s, want at most %d (budget)", got, elapsed, limit)
+	}
+	if s.rpc.budgetRefusals.Load() == 0 {
+		t.Errorf("the budget refused no retry")
+	}
+	if hits := a.hits.Load() + b.hits.Load(); hits > 200+limit {
+		t.Errorf("nodes got %d requests for 200 calls, want at most %d", hits, 200+limit)
+	}
+}
+
+// TestRPCTimeout: a hung backend gives a JSON 504 soon after the timeout,
+// from the flag or lowered by the caller's Timeout header.
+func TestRPCTimeout(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig()
+	cfg.ClientRequestTimeout = 300 * time.Millisecond
+	_, ts := newTestServer(t, cfg)
+	hung := newRPCBackend(t, "hung")
+	hung.mode.Store(modeHang)
+	register(t, ts.URL, "go.micro.srv.hung", hung)
+	tests := []struct {
+		name    string
+		header  []string
+		timeout time.Duration
+	}{
+		{"flag", nil, 300 * time.Millisecond},
+		{"header duration", []string{"Timeout", "100ms"}, 100 * time.Millisecond},
+		{"header nanoseconds", []string{"Timeout", "100000000"}, 100 * time.Millisecond},
+		{"header above flag", []string{"Timeout", "1h"}, 300 * time.Millisecond},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			start := time.Now()
+			code, body := do(t, "POST", ts.URL+"/hung/call", `{}`, tt.header...)
+			took := time.Since(start)
+			e := wantError(t, "POST /hung/call", code, body, http.StatusGatewayTimeout)
+			if !strings.Contains(e.Detail, tt.timeout.String()) {
+				t.Errorf("detail %q does not name the timeout %s", e.Detail, tt.timeout)
+			}
+			// Precise figures are in BenchmarkRPCTimeout; a generous bound here.
+			if took > tt.timeout+time.Second {
+				t.Errorf("timeout answer took %s, want about %s", took, tt.timeout)
+			}
+		})
+	}
+}
+
+// BenchmarkRPCTimeout measures how long past the deadline the 504 takes.
+func BenchmarkRPCTimeout(b *testing.B) {
+	cfg := testConfig()
+	cfg.ClientRequestTimeout = 50 * time.Millisecond
+	s, err := newServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		b.Fatal(err)
+	}
+	ts := httptest.NewServer(s.handler)
+	defer ts.Close()
+	defer s.Close()
+	release := make(chan struct{})
+	hung := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+	}))
+	defer hung.Close()
+	defer close(release)
+	_, p, _ := net.SplitHostPort(hung.Listener.Addr().String())
+	body := `{"name":"go.micro.srv.hung","nodes":[{"id":"h","address":"127.0.0.1","port":` + p + `}]}`
+	if resp, err := http.Post(ts.URL+"/registry", "application/json", strings.NewReader(body)); err != nil || resp.StatusCode != 200 {
+		b.Fatalf("register: %v", err)
+	}
+	var over time.Duration
+	for b.Loop() {
+		start := time.Now()
+		resp, err := http.Post(ts.URL+"/hung/call", "application/json", strings.NewReader(`{}`))
+		if err != nil {
+			b.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusGatewayTimeout {
+			b.Fatalf("status %d, want 504", resp.StatusCode)
+		}
+		over = max(over, time.Since(start)-cfg.ClientRequestTimeout)
+	}
+	b.ReportMetric(float64(over.Microseconds())/1000, "max-ms-past-timeout")
+}
+
+// TestRPCMetrics: counters are emitted per service.
+func TestRPCMetrics(t *testing.T) {
+	t.Parallel()
+	s, ts := newTestServer(t, nil)
+	b := newRPCBackend(t, "n1")
+	register(t, ts.URL, "go.micro.srv.foo", b)
+	for range 3 {
+		do(t, "POST", ts.URL+"/foo/bar", `{}`)
+	}
+	do(t, "POST", ts.URL+"/nope/bar", `{}`)
+	got := map[string]float64{}
+	s.rpc.metrics(func(name, help, kind string, value float64, labels ...string) {
+		if help == "" || (kind != "counter" && kind != "gauge") {
+			t.Errorf("metric %s: help %q kind %q", name, help, kind)
+		}
+		got[name+"{"+strings.Join(labels, "=")+"}"] = value
+	})
+	for k, want := range map[string]float64{
+		"sidecar_rpc_calls_total{service=go.micro.srv.foo}":  3,
+		"sidecar_rpc_errors_total{service=go.micro.srv.foo}": 0,
+		"sidecar_rpc_unknown_service_total{}":                1,
+	} {
+		if v, ok := got[k]; !ok || v != want {
+			t.Errorf("metric %s = %v (present %v), want %v", k, v, ok, want)
+		}
+	}
+}
+
+func TestEnsureTraceparent(t *testing.T) {
+	t.Parallel()
+	const valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+	tests := []struct {
+		name, in string
+		kept     bool
+	}{
+		{"valid", valid, true},
+		{"future version with more fields", "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra", true},
+		{"absent", "", false},
+		{"upper case", strings.ToUpper(valid), false},
+		{"zero trace id", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", false},
+		{"zero span id", "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", false},
+		{"version ff", "ff" + valid[2:], false},
+		{"v00 too long", valid + "-x", false},
+		{"garbage", "hello", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := http.Header{}
+			if tt.in != "" {
+				h.Set("Traceparent", tt.in)
+				h.Set("Tracestate", "k=v")
+			}
+			ensureTraceparent(h)
+			got := h.Get("Traceparent")
+			if tt.kept && (got != tt.in || h.Get("Tracestate") != "k=v") {
+				t.Fatalf("ensureTraceparent(%q) = %q, want it kept with its tracestate", tt.in, got)
+			}
+			if !tt.kept && (got == tt.in || !validTraceparent(got) || len(got) != 55 || got[:3] != "00-" || got[52:] != "-01" || h.Get("Tracestate") != "") {
+				t.Fatalf("ensureTraceparent(%q) = %q, want a new valid 00 traceparent", tt.in, got)
+			}
+		})
+	}
+}
+
+// BenchmarkRPCCall is the full /rpc path: client -> sidecar -> local
+// JSON-RPC backend -> sidecar -> client, over real loopback HTTP.
+func BenchmarkRPCCall(b *testing.B) {
+	cfg := testConfig()
+	s, err := newServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		b.Fatal(err)
+	}
+	ts := httptest.NewServer(s.handler)
+	defer ts.Close()
+	defer s.Close()
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			ID json.RawMessage `json:"id"`
+		}
+		json.NewDecoder(r.Body).Decode(&req)
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"id":%s,"result":{"msg":"Hello John"},"error":null}`, req.ID)
+	}))
+	defer backend.Close()
+	_, p, _ := net.SplitHostPort(backend.Listener.Addr().String())
+	reg := `{"name":"go.micro.srv.example","nodes":[{"id":"e","address":"127.0.0.1","port":` + p + `}]}`
+	if resp, err := http.Post(ts.URL+"/registry", "application/json", strings.NewReader(reg)); err != nil || resp.StatusCode != 200 {
+		b.Fatalf("register: %v", err)
+	}
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	const form = `service=go.micro.srv.example&method=Example.Call&request={"name": "John"}`
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			resp, err := client.Post(ts.URL+"/rpc", "application/x-www-form-urlencoded", strings.NewReader(form))
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				b.Errorf("status %d", resp.StatusCode)
+				return
+			}
+		}
+	})
+}
