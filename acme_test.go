@@ -29,7 +29,6 @@ type pebble struct {
 	log    *syncBuffer
 }
 
-
 // freePort returns a loopback port nobody listens on right now.
 func freePort(t *testing.T) int {
 	t.Helper()

@@ -355,7 +355,6 @@ func startBinary(t *testing.T, args ...string) (*exec.Cmd, string, *syncBuffer) 
 	return cmd, url, stderr
 }
 
-
 func TestBinarySIGTERMDeregistersAndExits(t *testing.T) {
 	t.Parallel()
 	cmd, url, stderr := startBinary(t, "--server_name", "go.micro.srv.app", "--server_address", "127.0.0.1:9")

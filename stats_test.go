@@ -444,7 +444,6 @@ func TestStatsRouteOverflow(t *testing.T) {
 	}
 }
 
-
 func TestStatsAccessLog(t *testing.T) {
 	t.Parallel()
 	for _, tt := range []struct {
