@@ -149,17 +149,24 @@ func cliFlagSet(o *cliOptions, cmd *cliCommand) *flag.FlagSet {
 // returns -1 when there is none, or when a flag only the sidecar knows
 // comes first: then args run the sidecar.
 func cliCommandIndex(args []string) int {
+	i, _ := scanCLIArgs(args)
+	return i
+}
+
+// scanCLIArgs finds the command word as cliCommandIndex says, and reports
+// whether a flag only the client knows (--proxy_address) came before it.
+func scanCLIArgs(args []string) (cmd int, clientFlag bool) {
 	fs := cliFlagSet(&cliOptions{}, nil)
 	for i := 0; i < len(args); i++ {
 		a := args[i]
 		if a == "--" {
 			if i+1 < len(args) {
-				return i + 1
+				return i + 1, clientFlag
 			}
-			return -1
+			return -1, clientFlag
 		}
 		if a == "-" || !strings.HasPrefix(a, "-") {
-			return i
+			return i, clientFlag
 		}
 		name, _, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
 		if name == "h" || name == "help" {
@@ -167,18 +174,25 @@ func cliCommandIndex(args []string) int {
 		}
 		f := fs.Lookup(name)
 		if f == nil {
-			return -1
+			return -1, false
+		}
+		if name != "auth_token" && name != "auth_token_file" { // the sidecar's too
+			clientFlag = true
 		}
 		if b, ok := f.Value.(interface{ IsBoolFlag() bool }); !hasValue && !(ok && b.IsBoolFlag()) {
 			i++ // the flag's value
 		}
 	}
-	return -1
+	return -1, clientFlag
 }
 
-// isCLI reports whether args name a client command rather than flags of
-// the sidecar itself.
-func isCLI(args []string) bool { return cliCommandIndex(args) >= 0 }
+// isCLI reports whether args name a client command, or give client flags
+// without one (an error the client explains), rather than flags of the
+// sidecar itself.
+func isCLI(args []string) bool {
+	i, clientFlag := scanCLIArgs(args)
+	return i >= 0 || clientFlag
+}
 
 // runCLI runs the client command in args. Output goes to stdout; a failure
 // is returned as one line. flag.ErrHelp means help was printed.
@@ -217,7 +231,7 @@ type cli struct {
 func (c *cli) run(ctx context.Context, args []string) error {
 	i := cliCommandIndex(args)
 	if i < 0 {
-		return errors.New("no command (see sidecar help)")
+		return errors.New("client flags without a command (see sidecar help)")
 	}
 	name := args[i]
 	rest := append(append([]string{}, args[:i]...), args[i+1:]...)
@@ -787,6 +801,9 @@ func (c *cli) subscribe(ctx context.Context, args []string) error {
 			// for the sidecar's JSON error.
 			b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 			return fmt.Errorf("%s: %w", what, responseError(resp.StatusCode, b))
+		}
+		if ctx.Err() != nil {
+			return nil // interrupted while connecting
 		}
 		return fmt.Errorf("%s: %w", what, c.netError(ctx, err))
 	}

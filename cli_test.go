@@ -50,6 +50,27 @@ func TestCLICommandIndex(t *testing.T) {
 	}
 }
 
+func TestIsCLI(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		args []string
+		want bool
+	}{
+		{nil, false},
+		{[]string{"--address", ":0", "--enable_stats"}, false},
+		{[]string{"--auth_token", "t"}, false}, // the sidecar's flag too
+		{[]string{"--proxy_address", "h:1"}, true},
+		{[]string{"--json"}, true},
+		{[]string{"stats"}, true},
+		{[]string{"--help"}, false},
+	}
+	for _, tt := range tests {
+		if got := isCLI(tt.args); got != tt.want {
+			t.Errorf("isCLI(%q) = %v, want %v", tt.args, got, tt.want)
+		}
+	}
+}
+
 func TestParseProxyAddress(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
@@ -576,6 +597,7 @@ func TestCLIFailures(t *testing.T) {
 		{"flag of another command", []string{"list", "services", "--queue", "q"}, "-queue"},
 		{"bad proxy address", []string{"list", "services", "--proxy_address", "ftp://x"}, "--proxy_address"},
 		{"bad timeout", []string{"list", "services", "--timeout", "0s"}, "--timeout"},
+		{"client flag without a command", []string{"--proxy_address", url}, "client flags without a command"},
 		{"missing token file", []string{"list", "services", "--auth_token_file", "/nonexistent/token"}, "--auth_token_file"},
 	}
 	for _, tt := range tests {
