@@ -57,6 +57,9 @@ func main() {
 // run parses args, binds the listener, prints the bound address on one line
 // of stdout and serves until ctx is cancelled, then shuts down gracefully.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if isCLI(args) {
+		return runCLI(ctx, args, stdout, stderr) // sidecar COMMAND: the client (cli.go)
+	}
 	cfg, err := parseConfig(args, os.Getenv, stderr)
 	if err != nil {
 		return err
@@ -196,7 +199,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", cfg.ShutdownTimeout, "time to drain requests on SIGTERM")
 	fs.StringVar(&logLevel, "log_level", "info", "log level: debug, info, warn or error")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: sidecar [flags]\n\nEvery flag also reads MICRO_<NAME> from the environment (MICRO_ADDRESS for --address).\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: sidecar [flags]\n       sidecar COMMAND [ARGS] (commands of the client: sidecar help)\n\nEvery flag also reads MICRO_<NAME> from the environment (MICRO_ADDRESS for --address).\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
