@@ -180,24 +180,33 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusUpgradeRequired, "broker: GET /broker subscribes over a websocket; publish with POST /broker?topic=T")
 		return
 	}
+	// Subscribe before the handshake completes, so a client that is
+	// connected gets every message published after that. Until the
+	// connection exists, messages queue and no writer starts (writing).
+	s := &subscriber{b: b, writing: true}
+	if !b.add(topic, queue, s) {
+		writeError(w, http.StatusServiceUnavailable, "broker: sidecar is shutting down")
+		return
+	}
 	hj := &wsHijacker{ResponseWriter: w, readTimeout: 2 * b.pingInterval, writeTimeout: b.writeTimeout}
 	// The context accept returns ends with this handler, which returns at
 	// once: serve runs on, tracked by streams through done.
 	conn, _, done := b.streams.accept(hj, r, b.maxMessage)
-	if conn == nil {
+	if conn == nil || hj.conn == nil { // hj.conn: cannot happen, accept hijacks through hj
+		b.remove(topic, queue, s)
+		if conn != nil {
+			conn.Close(websocket.StatusInternalError, "broker: no connection")
+			done()
+		}
 		return
 	}
-	if hj.conn == nil { // cannot happen: accept hijacks through hj
-		conn.Close(websocket.StatusInternalError, "broker: no connection")
-		done()
-		return
+	s.mu.Lock()
+	s.conn, s.wc = conn, hj.conn
+	s.writing = false
+	if len(s.queue) > 0 || s.ping || s.slow {
+		s.startWriter()
 	}
-	s := &subscriber{b: b, conn: conn, wc: hj.conn}
-	if !b.add(topic, queue, s) {
-		conn.Close(websocket.StatusGoingAway, "sidecar shutting down")
-		done()
-		return
-	}
+	s.mu.Unlock()
 	b.log.Debug("subscribed", "topic", topic, "queue", queue, "remote", r.RemoteAddr)
 	go b.serve(s, topic, queue, done)
 }

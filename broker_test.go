@@ -581,3 +581,24 @@ func rawHandshake(tb testing.TB, ts *httptest.Server, path string) (net.Conn, *b
 	nc.SetDeadline(time.Time{})
 	return nc, br
 }
+
+// TestBrokerSubscribedOnConnect checks that a client whose handshake is
+// done gets a message published right after, with no wait in between.
+func TestBrokerSubscribedOnConnect(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, nil)
+	for i := range 20 {
+		topic := fmt.Sprint("t", i)
+		sub := dialBroker(t, ts, "/broker?topic="+topic)
+		if code, body := do(t, "POST", ts.URL+"/broker?topic="+topic, "hello"); code != 200 {
+			t.Fatalf("publish: %d %s", code, body)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		m := readMessage(t, ctx, sub)
+		cancel()
+		if string(m.Body) != "hello" {
+			t.Fatalf("round %d: body %q, want hello", i, m.Body)
+		}
+		sub.CloseNow()
+	}
+}
