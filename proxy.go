@@ -315,7 +315,7 @@ func (p *proxyHandler) rewrite(pr *httputil.ProxyRequest) {
 	}
 	ensureTraceparent(pr.Out.Header)
 	if pc := callOf(pr.In); pc != nil && pr.Out.Body != nil {
-		pc.body = proxyBody{rc: pr.Out.Body, pc: pc, sent: true}
+		pc.body = proxyBody{rc: pr.Out.Body, pc: pc, request: true}
 		pr.Out.Body = &pc.body
 	}
 }
@@ -450,7 +450,7 @@ func (p *proxyHandler) writeProxyError(w http.ResponseWriter, r *http.Request, e
 type proxyBody struct {
 	rc   io.ReadCloser
 	pc   *proxyCall
-	sent bool // the request body: EOF means it is all sent
+	request bool // the request body: EOF means it is all sent
 }
 
 func (b *proxyBody) Read(p []byte) (int, error) {
@@ -458,13 +458,21 @@ func (b *proxyBody) Read(p []byte) (int, error) {
 	if n > 0 {
 		b.pc.bytes.Add(int64(n))
 	}
-	if err == io.EOF && b.sent {
+	if err == io.EOF && b.request {
 		b.pc.bodySent()
 	}
 	return n, err
 }
 
-func (b *proxyBody) Close() error { return b.rc.Close() }
+// Close closes a response body. A request body stays open: ReverseProxy
+// closes it when the handler returns, and a body the transport closed after
+// a failed dial is sent again to another node.
+func (b *proxyBody) Close() error {
+	if b.request {
+		return nil
+	}
+	return b.rc.Close()
+}
 
 // upgradeConn is the node's side of an upgraded connection (a websocket):
 // the ReverseProxy reads what the node sends and writes what the caller
