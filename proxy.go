@@ -448,8 +448,8 @@ func (p *proxyHandler) writeProxyError(w http.ResponseWriter, r *http.Request, e
 // proxyBody is a request or response body seen by the idle check; the end
 // of the request body starts the wait for the response headers.
 type proxyBody struct {
-	rc   io.ReadCloser
-	pc   *proxyCall
+	rc      io.ReadCloser
+	pc      *proxyCall
 	request bool // the request body: EOF means it is all sent
 }
 
