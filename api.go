@@ -260,6 +260,24 @@ func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64
 	}
 }
 
+// join registers a stream that the caller serves itself, such as a proxied
+// websocket: stop is called when the sidecar shuts down, and Close waits
+// until done is called. ok is false once Close has begun.
+func (g *streams) join(stop func()) (done func(), ok bool) {
+	g.mu.Lock()
+	if g.closed {
+		g.mu.Unlock()
+		return nil, false
+	}
+	g.wg.Add(1)
+	g.mu.Unlock()
+	unregister := context.AfterFunc(g.ctx, stop)
+	return func() {
+		unregister()
+		g.wg.Done()
+	}, true
+}
+
 // shuttingDown reports whether Close has begun.
 func (g *streams) shuttingDown() bool { return g.ctx.Err() != nil }
 

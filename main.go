@@ -101,6 +101,7 @@ type Config struct {
 	ClientRetries        int           // extra attempts for safe-to-retry failures
 	ClientRequestTimeout time.Duration // budget of one call, all attempts included
 	RPCAllowAddress      bool          // lets /rpc name an explicit backend address
+	ProxyIdleTimeout     time.Duration // a proxied stream with no bytes either way for this long ends
 	Balancer             string        // node selection: p2c (default), random or roundrobin
 
 	EnableStats bool
@@ -146,6 +147,7 @@ func defaultConfig() *Config {
 		StatsInterval:        time.Second,
 		ClientRetries:        1,
 		ClientRequestTimeout: 5 * time.Second,
+		ProxyIdleTimeout:     defaultProxyIdleTimeout,
 		Balancer:             "p2c",
 		MaxBodyBytes:         4 << 20,
 		ShutdownTimeout:      10 * time.Second,
@@ -175,6 +177,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend")
 	fs.IntVar(&cfg.ClientRetries, "client_retries", cfg.ClientRetries, "retries of a call where retrying is safe")
 	fs.DurationVar(&cfg.ClientRequestTimeout, "client_request_timeout", cfg.ClientRequestTimeout, "timeout of a call, all attempts included")
+	fs.DurationVar(&cfg.ProxyIdleTimeout, "proxy_idle_timeout", cfg.ProxyIdleTimeout, "end a proxied stream (events, chunks, websocket) with no bytes either way for this long")
 	fs.StringVar(&cfg.Balancer, "balancer", cfg.Balancer, "node selection: p2c (latency- and failure-aware), random or roundrobin")
 	fs.BoolVar(&cfg.RPCAllowAddress, "rpc_allow_address", false, "let /rpc call an explicit address (makes the sidecar an open proxy)")
 	fs.BoolVar(&cfg.EnableStats, "enable_stats", false, "serve the stats page at /stats")
@@ -262,6 +265,7 @@ func (c *Config) validate() error {
 		{"register_ttl", c.RegisterTTL},
 		{"register_interval", c.RegisterInterval},
 		{"client_request_timeout", c.ClientRequestTimeout},
+		{"proxy_idle_timeout", c.ProxyIdleTimeout},
 		{"shutdown_timeout", c.ShutdownTimeout},
 	}
 	for _, p := range positive {
@@ -325,6 +329,7 @@ type server struct {
 	started  time.Time
 	registry *registryAPI
 	rpc      *rpcHandler
+	proxy    *proxyHandler
 	broker   *broker
 	stats    *stats
 	app      *appChecker // nil without --server_name
@@ -357,11 +362,13 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 		return nil, err
 	}
 	s.rpc = newRPCHandler(cfg, reg, clientTLS, logger.With("component", "rpc"))
+	s.proxy = newProxyHandler(cfg, reg, s.streams, clientTLS, logger.With("component", "proxy"))
 	s.broker = newBroker(cfg, s.streams, logger.With("component", "broker"))
 	s.stats = newStats(cfg, logger.With("component", "stats"))
 	s.stats.addSource(registrySizeSource(reg))
 	s.stats.addSource(s.broker.metrics)
 	s.stats.addSource(s.rpc.metrics)
+	s.stats.addSource(s.proxy.metrics)
 	if cfg.ServerName != "" {
 		app, err := newAppChecker(cfg, reg, logger.With("component", "health"))
 		if err != nil {
@@ -421,6 +428,10 @@ func (s *server) routes() *http.ServeMux {
 // handleRoot serves every path the sidecar does not own: RPC by path, or
 // the reverse proxy with --handler=proxy.
 func (s *server) handleRoot(w http.ResponseWriter, r *http.Request) {
+	if s.cfg.Handler == "proxy" {
+		s.proxy.handle(w, r)
+		return
+	}
 	s.rpc.handlePath(w, r)
 }
 
@@ -493,6 +504,7 @@ func (s *server) Close() error {
 	s.stats.Close()
 	s.broker.Close()
 	s.rpc.Close()
+	s.proxy.Close()
 	if s.app != nil {
 		s.app.Close()
 	}

@@ -64,27 +64,35 @@ type rpcHandler struct {
 // newRPCHandler builds the handler; clientTLS verifies backends called over
 // https (see backendScheme).
 func newRPCHandler(cfg *Config, reg Registry, clientTLS *tls.Config, logger *slog.Logger) *rpcHandler {
-	dialer := &net.Dialer{Timeout: min(cfg.ClientRequestTimeout, maxDialTimeout), KeepAlive: 30 * time.Second}
 	h := &rpcHandler{
-		cfg: cfg,
-		reg: reg,
-		log: logger,
-		bal: newBalancer(cfg.Balancer, logger),
-		transport: &http.Transport{
-			Proxy:                  nil, // backends are reached directly, whatever HTTP_PROXY says
-			DialContext:            dialer.DialContext,
-			MaxIdleConns:           maxIdleConns,
-			MaxIdleConnsPerHost:    idleConnsPerHost,
-			IdleConnTimeout:        90 * time.Second,
-			ResponseHeaderTimeout:  cfg.ClientRequestTimeout + time.Second, // a safety net: each call's deadline ends first
-			MaxResponseHeaderBytes: backendHeaderSize,
-			TLSClientConfig:        clientTLS,
-			TLSHandshakeTimeout:    min(cfg.ClientRequestTimeout, maxDialTimeout),
-		},
+		cfg:       cfg,
+		reg:       reg,
+		log:       logger,
+		bal:       newBalancer(cfg.Balancer, logger),
+		transport: newBackendTransport(cfg, clientTLS),
 	}
 	h.bal.useTLS = func(n *Node) bool { return backendScheme(cfg, n) == "https" }
 	h.direct.init(time.Now())
 	return h
+}
+
+// newBackendTransport is the HTTP transport to service nodes that the RPC
+// handler and the reverse proxy each own: direct (whatever HTTP_PROXY
+// says), bounded dial and header times, many idle connections per node, and
+// clientTLS for nodes called over https.
+func newBackendTransport(cfg *Config, clientTLS *tls.Config) *http.Transport {
+	dialer := &net.Dialer{Timeout: min(cfg.ClientRequestTimeout, maxDialTimeout), KeepAlive: 30 * time.Second}
+	return &http.Transport{
+		Proxy:                  nil, // backends are reached directly, whatever HTTP_PROXY says
+		DialContext:            dialer.DialContext,
+		MaxIdleConns:           maxIdleConns,
+		MaxIdleConnsPerHost:    idleConnsPerHost,
+		IdleConnTimeout:        90 * time.Second,
+		ResponseHeaderTimeout:  cfg.ClientRequestTimeout + time.Second, // a safety net: each call's deadline ends first
+		MaxResponseHeaderBytes: backendHeaderSize,
+		TLSClientConfig:        clientTLS,
+		TLSHandshakeTimeout:    min(cfg.ClientRequestTimeout, maxDialTimeout),
+	}
 }
 
 // Close releases idle backend connections. Calls in flight are the HTTP
@@ -356,9 +364,26 @@ func parseTimeout(v string) (time.Duration, error) {
 		d, err = time.Duration(n), nil
 	}
 	if err != nil || d <= 0 {
-		return 0, errorf(http.StatusBadRequest, "rpc: header Timeout %q is not a positive duration such as 250ms or integer nanoseconds", v)
+		return 0, errorf(http.StatusBadRequest, "header Timeout %q is not a positive duration such as 250ms or integer nanoseconds", v)
 	}
 	return d, nil
+}
+
+// requestTimeout is the budget of a call: def, or less when the caller's
+// Timeout header asks for less (lowered is then true).
+func requestTimeout(h http.Header, def time.Duration) (timeout time.Duration, lowered bool, err error) {
+	v := h.Get("Timeout")
+	if v == "" {
+		return def, false, nil
+	}
+	d, err := parseTimeout(v)
+	if err != nil {
+		return 0, false, err
+	}
+	if d < def {
+		return d, true, nil
+	}
+	return def, false, nil
 }
 
 // attempt is the outcome of one try of a call on one node.
@@ -373,17 +398,10 @@ type attempt struct {
 // call forwards c and writes the answer: the backend's result verbatim, or
 // a JSON error. Retries go to another node where one exists.
 func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
-	timeout := h.cfg.ClientRequestTimeout
-	lowered := false
-	if v := r.Header.Get("Timeout"); v != "" {
-		d, err := parseTimeout(v)
-		if err != nil {
-			writeErr(w, err)
-			return
-		}
-		if d < timeout {
-			timeout, lowered = d, true
-		}
+	timeout, lowered, err := requestTimeout(r.Header, h.cfg.ClientRequestTimeout)
+	if err != nil {
+		writeErr(w, err)
+		return
 	}
 	start := time.Now()
 	deadline := start.Add(timeout)

@@ -1,0 +1,595 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+// proxyTestConfig is testConfig with the proxy handler.
+func proxyTestConfig() *Config {
+	cfg := testConfig()
+	cfg.Handler = "proxy"
+	return cfg
+}
+
+// registerURLs registers the servers at urls as nodes of service.
+func registerURLs(t *testing.T, base, service string, urls ...string) {
+	t.Helper()
+	var nodes []string
+	for i, u := range urls {
+		_, port, err := net.SplitHostPort(strings.TrimPrefix(u, "http://"))
+		if err != nil {
+			t.Fatalf("node URL %q: %v", u, err)
+		}
+		nodes = append(nodes, fmt.Sprintf(`{"Id":"%s-%d","Address":"127.0.0.1","Port":%s}`, service, i, port))
+	}
+	body := fmt.Sprintf(`{"Name":%q,"Nodes":[%s]}`, service, strings.Join(nodes, ","))
+	if code, resp := do(t, "POST", base+"/registry", body, "Content-Type", "application/json"); code != http.StatusOK {
+		t.Fatalf("POST /registry %s = %d %s", body, code, resp)
+	}
+}
+
+// deadURL is the URL of a port nothing listens on.
+func deadURL(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := "http://" + ln.Addr().String()
+	ln.Close()
+	return u
+}
+
+// seen is one request as a backend saw it.
+type seen struct {
+	method, uri, host, body string
+	header                  http.Header
+}
+
+// recordingBackend answers every request with 200 "node NAME" and records
+// what arrived.
+func recordingBackend(t *testing.T, name string) (*httptest.Server, func() seen, *atomic.Int64) {
+	t.Helper()
+	var mu sync.Mutex
+	var last seen
+	var hits atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		b, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		last = seen{method: r.Method, uri: r.RequestURI, host: r.Host, body: string(b), header: r.Header.Clone()}
+		mu.Unlock()
+		w.Header().Set("X-Backend", name)
+		w.Header().Set("Keep-Alive", "timeout=5") // hop-by-hop: must not reach the caller
+		w.WriteHeader(http.StatusOK)
+		io.WriteString(w, "node "+name)
+	}))
+	t.Cleanup(srv.Close)
+	return srv, func() seen { mu.Lock(); defer mu.Unlock(); return last }, &hits
+}
+
+// TestProxyPassesThrough: method, path, query, body and end-to-end headers
+// reach the node unchanged; forwarding headers are set, hop-by-hop headers
+// removed, a traceparent passed or started; the answer comes back as is.
+func TestProxyPassesThrough(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, proxyTestConfig())
+	foo, lastFoo, _ := recordingBackend(t, "foo")
+	v1, lastV1, _ := recordingBackend(t, "v1foo")
+	registerURLs(t, ts.URL, "go.micro.srv.foo", foo.URL)
+	registerURLs(t, ts.URL, "go.micro.srv.v1.foo", v1.URL)
+	const trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+	tests := []struct {
+		name, method, path, body string
+		header                   []string
+		last                     func() seen
+		node                     string
+	}{
+		{"GET", "GET", "/foo/bar?x=1", "", nil, lastFoo, "foo"},
+		{"POST", "POST", "/foo/bar?x=1", `{"a":1}`, nil, lastFoo, "foo"},
+		{"PUT", "PUT", "/foo/bar?x=1", "put body", nil, lastFoo, "foo"},
+		{"DELETE", "DELETE", "/foo/bar?x=1", "", nil, lastFoo, "foo"},
+		{"PATCH escaped path", "PATCH", "/foo/a%2Fb/c?q=%20&x=1&x=2", "p", nil, lastFoo, "foo"},
+		{"service root", "GET", "/foo", "", nil, lastFoo, "foo"},
+		{"version", "GET", "/v1/foo/bar?x=1", "", nil, lastV1, "v1foo"},
+		{"traceparent kept", "GET", "/foo/t", "", []string{"Traceparent", trace}, lastFoo, "foo"},
+		{"hop-by-hop removed", "GET", "/foo/h", "", []string{"Connection", "X-Hop", "X-Hop", "1", "Keep-Alive", "timeout=1", "Proxy-Authorization", "Basic eA=="}, lastFoo, "foo"},
+		{"forwarded chain", "GET", "/foo/f", "", []string{"X-Forwarded-For", "10.0.0.1"}, lastFoo, "foo"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req, _ := http.NewRequest(tt.method, ts.URL+tt.path, strings.NewReader(tt.body))
+			req.Header.Set("X-End-To-End", "kept")
+			for i := 0; i+1 < len(tt.header); i += 2 {
+				req.Header.Set(tt.header[i], tt.header[i+1])
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			call := tt.method + " " + tt.path
+			if resp.StatusCode != 200 || string(b) != "node "+tt.node || resp.Header.Get("X-Backend") != tt.node {
+				t.Fatalf("%s = %d %q (X-Backend %q), want 200 %q", call, resp.StatusCode, b, resp.Header.Get("X-Backend"), "node "+tt.node)
+			}
+			if v := resp.Header.Get("Keep-Alive"); v != "" {
+				t.Errorf("%s: caller got hop-by-hop Keep-Alive %q", call, v)
+			}
+			got := tt.last()
+			if got.method != tt.method || got.uri != tt.path || got.body != tt.body {
+				t.Errorf("%s: backend saw %s %s body %q, want %s %s body %q", call, got.method, got.uri, got.body, tt.method, tt.path, tt.body)
+			}
+			h := got.header
+			wantXFF := "127.0.0.1"
+			if tt.name == "forwarded chain" {
+				wantXFF = "10.0.0.1, 127.0.0.1"
+			}
+			if h.Get("X-Forwarded-For") != wantXFF || h.Get("X-Forwarded-Proto") != "http" || h.Get("X-Forwarded-Host") != strings.TrimPrefix(ts.URL, "http://") {
+				t.Errorf("%s: X-Forwarded-For/Proto/Host = %q %q %q, want %q http %s", call, h.Get("X-Forwarded-For"), h.Get("X-Forwarded-Proto"), h.Get("X-Forwarded-Host"), wantXFF, ts.URL)
+			}
+			if h.Get("X-End-To-End") != "kept" {
+				t.Errorf("%s: end-to-end header X-End-To-End = %q, want kept", call, h.Get("X-End-To-End"))
+			}
+			for _, k := range []string{"X-Hop", "Keep-Alive", "Proxy-Authorization", "Connection"} {
+				if v := h.Get(k); v != "" {
+					t.Errorf("%s: backend got hop-by-hop %s: %q", call, k, v)
+				}
+			}
+			tp := h.Get("Traceparent")
+			if !validTraceparent(tp) || (tt.name == "traceparent kept" && tp != trace) {
+				t.Errorf("%s: backend traceparent %q, want valid (and %q when sent)", call, tp, trace)
+			}
+			if !strings.HasPrefix(got.host, "127.0.0.1:") {
+				t.Errorf("%s: backend Host %q, want the node's address", call, got.host)
+			}
+		})
+	}
+}
+
+// TestProxyAuthorizationDropped: the sidecar's own bearer token is not
+// passed to nodes.
+func TestProxyAuthorizationDropped(t *testing.T) {
+	t.Parallel()
+	cfg := proxyTestConfig()
+	cfg.AuthToken = "s3cret"
+	_, ts := newTestServer(t, cfg)
+	foo, last, _ := recordingBackend(t, "foo")
+	auth := []string{"Authorization", "Bearer s3cret", "Content-Type", "application/json"}
+	body := fmt.Sprintf(`{"Name":"go.micro.srv.foo","Nodes":[{"Id":"f","Address":"127.0.0.1","Port":%s}]}`, foo.URL[strings.LastIndex(foo.URL, ":")+1:])
+	if code, b := do(t, "POST", ts.URL+"/registry", body, auth...); code != 200 {
+		t.Fatalf("register = %d %s", code, b)
+	}
+	if code, b := do(t, "GET", ts.URL+"/foo/x", "", auth...); code != 200 {
+		t.Fatalf("GET /foo/x = %d %s", code, b)
+	}
+	if v := last().header.Get("Authorization"); v != "" {
+		t.Errorf("backend got Authorization %q, want none", v)
+	}
+}
+
+func TestProxyService(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		path, want string
+		code       int
+	}{
+		{"/foo", "ns.foo", 0},
+		{"/foo/", "ns.foo", 0},
+		{"/foo/bar/baz?x", "ns.foo", 0},
+		{"/v1/foo/bar", "ns.v1.foo", 0},
+		{"/v1", "ns.v1", 0},
+		{"/v1/", "ns.v1", 0},
+		{"/vx/foo", "ns.vx", 0},
+		{"/", "", 404},
+		{"//foo", "", 404},
+		{"/foo.bar/x", "", 404},
+		{"/" + strings.Repeat("a", 300), "", 404},
+	}
+	for _, tt := range tests {
+		got, err := proxyService("ns", tt.path)
+		var he *httpError
+		code := 0
+		if errors.As(err, &he) {
+			code = he.code
+		}
+		if got != tt.want || code != tt.code {
+			t.Errorf("proxyService(ns, %q) = %q, %v; want %q, code %d", tt.path, got, err, tt.want, tt.code)
+		}
+	}
+}
+
+func FuzzProxyService(f *testing.F) {
+	for _, s := range []string{"/foo/bar", "/v1/foo", "/", "//", "/v1//x", "/é/x"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, path string) {
+		name, err := proxyService("go.micro.srv", path)
+		if err == nil && (!strings.HasPrefix(name, "go.micro.srv.") || len(name) > maxNameLen) {
+			t.Errorf("proxyService(%q) = %q", path, name)
+		}
+	})
+}
+
+// TestProxyErrors: unknown services, dead nodes and hung nodes each give
+// the right JSON error promptly.
+func TestProxyErrors(t *testing.T) {
+	t.Parallel()
+	cfg := proxyTestConfig()
+	cfg.ClientRequestTimeout = 300 * time.Millisecond
+	_, ts := newTestServer(t, cfg)
+	release := make(chan struct{})
+	hung := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+	}))
+	t.Cleanup(func() { close(release); hung.Close() })
+	registerURLs(t, ts.URL, "go.micro.srv.hung", hung.URL)
+	registerURLs(t, ts.URL, "go.micro.srv.down", deadURL(t), deadURL(t))
+	tests := []struct {
+		name, method, path string
+		header             []string
+		code               int
+		within             time.Duration
+	}{
+		{"unknown service", "GET", "/nope/x", nil, 404, time.Second},
+		{"root", "GET", "/", nil, 404, time.Second},
+		{"bad segment", "GET", "/a.b/c", nil, 404, time.Second},
+		{"bad timeout header", "GET", "/hung/x", []string{"Timeout", "soon"}, 400, time.Second},
+		{"all nodes down GET", "GET", "/down/x", nil, 503, time.Second},
+		{"all nodes down POST", "POST", "/down/x", nil, 503, time.Second},
+		{"hung node", "GET", "/hung/x", nil, 504, 300*time.Millisecond + time.Second},
+		{"hung node, lowered timeout", "POST", "/hung/x", []string{"Timeout", "50ms"}, 504, 50*time.Millisecond + time.Second},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			start := time.Now()
+			code, body := do(t, tt.method, ts.URL+tt.path, "body", tt.header...)
+			wantError(t, tt.method+" "+tt.path, code, body, tt.code)
+			if took := time.Since(start); took > tt.within {
+				t.Errorf("%s %s took %s, want under %s", tt.method, tt.path, took, tt.within)
+			}
+		})
+	}
+}
+
+// TestProxyRetryAndEject: with one dead and one live node every request
+// succeeds (a failed dial is retried on the other node, with or without a
+// body), and the dead node is ejected; a POST that reached a node which
+// then broke the connection is not retried.
+func TestProxyRetryAndEject(t *testing.T) {
+	t.Parallel()
+	cfg := proxyTestConfig()
+	cfg.ClientRetries = 2
+	s, ts := newTestServer(t, cfg)
+	live, _, hits := recordingBackend(t, "live")
+	registerURLs(t, ts.URL, "go.micro.srv.flaky", deadURL(t), live.URL)
+	for i := range 20 {
+		method := []string{"GET", "POST"}[i%2]
+		if code, body := do(t, method, ts.URL+"/flaky/x", "payload"); code != 200 || string(body) != "node live" {
+			t.Fatalf("%s /flaky/x #%d = %d %s, want 200 from the live node", method, i, code, body)
+		}
+	}
+	if hits.Load() != 20 {
+		t.Errorf("live node got %d requests, want 20", hits.Load())
+	}
+	st := (*s.proxy.bal.services.Load())["go.micro.srv.flaky"]
+	if st == nil || st.ejections.Load() == 0 {
+		t.Errorf("dead node was not ejected")
+	}
+
+	var breaks atomic.Int64
+	breaker := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		breaks.Add(1)
+		io.ReadAll(r.Body)
+		conn, _, err := http.NewResponseController(w).Hijack()
+		if err == nil {
+			conn.Close() // reached the app, then no answer
+		}
+	}))
+	t.Cleanup(breaker.Close)
+	registerURLs(t, ts.URL, "go.micro.srv.breaks", breaker.URL, deadURL(t))
+	tests := []struct {
+		method string
+		body   string
+		tries  int64 // attempts that reach the breaking node, at most
+	}{
+		{"POST", "not idempotent", 1},
+		{"PUT", "a body cannot be sent again", 1},
+	}
+	for _, tt := range tests {
+		breaks.Store(0)
+		code, body := do(t, tt.method, ts.URL+"/breaks/x", tt.body)
+		wantError(t, tt.method+" /breaks/x", code, body, http.StatusBadGateway)
+		if n := breaks.Load(); n > tt.tries {
+			t.Errorf("%s /breaks/x reached the node %d times, want at most %d", tt.method, n, tt.tries)
+		}
+	}
+}
+
+// TestProxyLargeUpload: a 64 MiB body streams: the node receives its start
+// while the caller has not finished sending (the caller waits for that
+// before sending the rest, so a proxy buffering whole bodies would hang).
+func TestProxyLargeUpload(t *testing.T) {
+	t.Parallel()
+	const size, chunk = 64 << 20, 1 << 20
+	_, ts := newTestServer(t, proxyTestConfig())
+	started := make(chan struct{})
+	var received atomic.Int64
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		buf := make([]byte, 64<<10)
+		var once sync.Once
+		for {
+			n, err := r.Body.Read(buf)
+			if n > 0 {
+				received.Add(int64(n))
+				once.Do(func() { close(started) })
+			}
+			if err != nil {
+				break
+			}
+		}
+		fmt.Fprint(w, received.Load())
+	}))
+	t.Cleanup(up.Close)
+	registerURLs(t, ts.URL, "go.micro.srv.up", up.URL)
+
+	pr, pw := io.Pipe()
+	go func() {
+		block := make([]byte, chunk)
+		pw.Write(block)
+		select {
+		case <-started:
+		case <-time.After(10 * time.Second):
+			pw.CloseWithError(errors.New("the node received nothing while the caller was still sending"))
+			return
+		}
+		for sent := chunk; sent < size; sent += chunk {
+			if _, err := pw.Write(block); err != nil {
+				return
+			}
+		}
+		pw.Close()
+	}()
+	req, _ := http.NewRequest("POST", ts.URL+"/up/load", pr)
+	req.ContentLength = size
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("POST 64 MiB: %v", err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(b) != strconv.Itoa(size) {
+		t.Fatalf("POST 64 MiB = %d %q, want 200 %d", resp.StatusCode, b, size)
+	}
+}
+
+// TestProxyServerSentEvents: the first event reaches the caller while the
+// node has not finished the response; a stream silent for longer than
+// --proxy_idle_timeout is ended.
+func TestProxyServerSentEvents(t *testing.T) {
+	t.Parallel()
+	cfg := proxyTestConfig()
+	cfg.ProxyIdleTimeout = 200 * time.Millisecond
+	s, ts := newTestServer(t, cfg)
+	release := make(chan struct{})
+	sse := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: first\n\n")
+		w.(http.Flusher).Flush()
+		if r.URL.Path == "/events/silent" {
+			<-r.Context().Done() // sends nothing more
+			return
+		}
+		select {
+		case <-release:
+		case <-r.Context().Done():
+			return
+		}
+		io.WriteString(w, "data: second\n\n")
+	}))
+	t.Cleanup(func() { sse.CloseClientConnections(); sse.Close() })
+	registerURLs(t, ts.URL, "go.micro.srv.events", sse.URL)
+
+	resp, err := http.Get(ts.URL + "/events/live")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	rd := bufio.NewReader(resp.Body)
+	line, err := rd.ReadString('\n')
+	if err != nil || line != "data: first\n" {
+		t.Fatalf("first event line = %q, %v; want %q before the node finishes", line, err, "data: first\n")
+	}
+	close(release)
+	rest, _ := io.ReadAll(rd)
+	if string(rest) != "\ndata: second\n\n" {
+		t.Errorf("rest of the stream = %q", rest)
+	}
+
+	start := time.Now()
+	resp2, err := http.Get(ts.URL + "/events/silent")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp2.Body.Close()
+	b, err := io.ReadAll(resp2.Body)
+	if err == nil || string(b) != "data: first\n\n" {
+		t.Errorf("silent stream = %q, %v; want the first event, then an aborted stream", b, err)
+	}
+	if took := time.Since(start); took > 200*time.Millisecond*5/4+time.Second {
+		t.Errorf("silent stream ended after %s, want about 200ms", took)
+	}
+	if s.proxy.idleTimeouts.Load() == 0 {
+		t.Errorf("idle timeout not counted")
+	}
+}
+
+// echoWebsocket is a websocket echo node.
+func echoWebsocket(t *testing.T) (*httptest.Server, chan error) {
+	t.Helper()
+	ended := make(chan error, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, err := websocket.Accept(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer c.CloseNow()
+		c.SetReadLimit(1 << 20)
+		for {
+			typ, msg, err := c.Read(r.Context())
+			if err != nil {
+				ended <- err
+				return
+			}
+			if err := c.Write(r.Context(), typ, msg); err != nil {
+				ended <- err
+				return
+			}
+		}
+	}))
+	t.Cleanup(func() { srv.CloseClientConnections(); srv.Close() })
+	return srv, ended
+}
+
+// TestProxyWebsocket: a websocket echo node works through the proxy, and
+// shutting the sidecar down ends the proxied connection on both sides.
+func TestProxyWebsocket(t *testing.T) {
+	t.Parallel()
+	s, ts := newTestServer(t, proxyTestConfig())
+	echo, ended := echoWebsocket(t)
+	registerURLs(t, ts.URL, "go.micro.srv.echo", echo.URL)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, _, err := websocket.Dial(ctx, ts.URL+"/echo/ws", nil)
+	if err != nil {
+		t.Fatalf("dial through the proxy: %v", err)
+	}
+	defer c.CloseNow()
+	c.SetReadLimit(1 << 20)
+	for _, msg := range []string{"hello", strings.Repeat("x", 100<<10)} {
+		if err := c.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		_, got, err := c.Read(ctx)
+		if err != nil || string(got) != msg {
+			t.Fatalf("echo of %d bytes = %d bytes, %v", len(msg), len(got), err)
+		}
+	}
+	if n := s.proxy.upgraded.Load(); n != 1 {
+		t.Errorf("upgraded connections = %d, want 1", n)
+	}
+
+	closed := make(chan struct{})
+	go func() { s.streams.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("streams.Close did not return with a proxied websocket open")
+	}
+	if _, _, err := c.Read(ctx); err == nil {
+		t.Errorf("caller's websocket still open after shutdown")
+	}
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Errorf("node's websocket still open after shutdown")
+	}
+	eventually(t, time.Second, "upgraded gauge back to 0", func() bool { return s.proxy.upgraded.Load() == 0 })
+	if code, body := do(t, "GET", ts.URL+"/echo/ws", "", "Connection", "Upgrade", "Upgrade", "websocket"); code != 503 {
+		t.Errorf("upgrade after shutdown = %d %s, want 503", code, body)
+	}
+}
+
+// TestProxyWebsocketIdle: a proxied websocket with no bytes either way for
+// --proxy_idle_timeout ends.
+func TestProxyWebsocketIdle(t *testing.T) {
+	t.Parallel()
+	cfg := proxyTestConfig()
+	cfg.ProxyIdleTimeout = 200 * time.Millisecond
+	_, ts := newTestServer(t, cfg)
+	echo, _ := echoWebsocket(t)
+	registerURLs(t, ts.URL, "go.micro.srv.echo", echo.URL)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, _, err := websocket.Dial(ctx, ts.URL+"/echo/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseNow()
+	// Traffic for longer than the idle timeout keeps it open.
+	for range 6 {
+		if err := c.Write(ctx, websocket.MessageText, []byte("ping")); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := c.Read(ctx); err != nil {
+			t.Fatalf("read while active: %v", err)
+		}
+		time.Sleep(60 * time.Millisecond) // traffic spaced below the idle timeout
+	}
+	start := time.Now()
+	if _, _, err := c.Read(ctx); err == nil {
+		t.Fatal("read on an idle websocket returned a message")
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("idle websocket ended after %s, want about 200ms", took)
+	}
+}
+
+// BenchmarkProxy is the full proxy path: client -> sidecar -> local node
+// with a small fixed body -> sidecar -> client, over real loopback HTTP.
+func BenchmarkProxy(b *testing.B) {
+	cfg := proxyTestConfig()
+	s, err := newServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		b.Fatal(err)
+	}
+	ts := httptest.NewServer(s.handler)
+	defer ts.Close()
+	defer s.Close()
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		io.WriteString(w, "hello, world\n")
+	}))
+	defer backend.Close()
+	_, p, _ := net.SplitHostPort(backend.Listener.Addr().String())
+	reg := `{"name":"go.micro.srv.hello","nodes":[{"id":"h","address":"127.0.0.1","port":` + p + `}]}`
+	if resp, err := http.Post(ts.URL+"/registry", "application/json", strings.NewReader(reg)); err != nil || resp.StatusCode != 200 {
+		b.Fatalf("register: %v", err)
+	}
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			resp, err := client.Get(ts.URL + "/hello/world?x=1")
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				b.Errorf("status %d", resp.StatusCode)
+				return
+			}
+		}
+	})
+}
