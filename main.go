@@ -442,13 +442,20 @@ func (s *server) middleware(next http.Handler) http.Handler {
 		if s.cors.handle(w, r) {
 			return // preflight answered
 		}
-		if len(token) > 0 && r.URL.Path != "/health" && !bearerMatches(r, token) {
+		if len(token) > 0 && !publicPath(r) && !bearerMatches(r, token) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="sidecar"`)
 			writeError(w, http.StatusUnauthorized, "missing or invalid bearer token")
 			return
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// publicPath reports whether r needs no token: /health, for probes, and
+// the /stats page itself, a static shell whose data requests need the
+// token (the page sends the one in its URL fragment, /stats#token=T).
+func publicPath(r *http.Request) bool {
+	return r.URL.Path == "/health" || (r.URL.Path == "/stats" && r.Method == http.MethodGet && !wantsJSON(r))
 }
 
 // start begins the components' background work.

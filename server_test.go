@@ -125,6 +125,7 @@ func TestAuthToken(t *testing.T) {
 	t.Parallel()
 	cfg := testConfig()
 	cfg.AuthToken = "s3cret"
+	cfg.EnableStats = true
 	_, ts := newTestServer(t, cfg)
 	tests := []struct {
 		name, path, auth string
@@ -138,6 +139,10 @@ func TestAuthToken(t *testing.T) {
 		{"lower-case scheme", "/registry", "bearer s3cret", 200},
 		{"health needs none", "/health", "", 200},
 		{"unknown path needs token too", "/foo/bar", "", 401},
+		{"stats page shell needs none", "/stats", "", 200},
+		{"stats data needs the token", "/stats?format=json", "", 401},
+		{"stats data with the token", "/stats?format=json", "Bearer s3cret", 200},
+		{"metrics need the token", "/metrics", "", 401},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
