@@ -143,7 +143,7 @@ var errRejected = errors.New("registry: rejected")
 // localReg is a registration made through this sidecar, remembered so it
 // can be re-sent when the backend comes back.
 type localReg struct {
-	svc     *Service  // one node
+	svc     *Service // one node
 	ttl     time.Duration
 	expires time.Time // zero: never
 	sent    bool      // the backend has it, as far as we know
@@ -172,6 +172,7 @@ type cachedRegistry struct {
 	nodes    int                             // nodes in view
 	watchers map[chan Event]struct{}
 	up       bool // the backend answered the last sync call
+	down     bool // the last sync call failed: calls are queued, not tried
 	synced   bool // at least one full state arrived
 	closed   bool
 
@@ -277,11 +278,11 @@ func (c *cachedRegistry) Register(ctx context.Context, s *Service, ttl time.Dura
 		regs[n.ID] = &localReg{svc: one, ttl: ttl, expires: expires}
 		delete(c.deregs, regKey(s.Name, n.ID))
 	}
-	up := c.up
+	down := c.down
 	c.refreshLocked(s.Name)
 	c.mu.Unlock()
 
-	if !up {
+	if down {
 		c.log.Debug("backend unreachable; registration queued", "service", s.Name)
 		c.signal()
 		return nil
@@ -347,11 +348,11 @@ func (c *cachedRegistry) Deregister(ctx context.Context, s *Service) error {
 	if len(regs) == 0 {
 		delete(c.local, s.Name)
 	}
-	up := c.up
+	down := c.down
 	c.refreshLocked(s.Name)
 	c.mu.Unlock()
 
-	if !up {
+	if down {
 		if !known {
 			return errNotFound
 		}
@@ -513,7 +514,7 @@ func (c *cachedRegistry) markSyncedLocked() {
 func (c *cachedRegistry) healthy(ok bool, err error) {
 	c.mu.Lock()
 	was := c.up
-	c.up = ok
+	c.up, c.down = ok, !ok
 	if ok && !was {
 		for _, regs := range c.local {
 			for _, r := range regs {
