@@ -513,7 +513,7 @@ func (c *cachedRegistry) markSyncedLocked() {
 // local registration is re-sent: it may have restarted empty.
 func (c *cachedRegistry) healthy(ok bool, err error) {
 	c.mu.Lock()
-	was := c.up
+	was, wasDown := c.up, c.down
 	c.up, c.down = ok, !ok
 	if ok && !was {
 		for _, regs := range c.local {
@@ -527,7 +527,7 @@ func (c *cachedRegistry) healthy(ok bool, err error) {
 	case ok && !was:
 		c.log.Info("registry backend reachable")
 		c.signal()
-	case !ok && was:
+	case !ok && !wasDown:
 		c.log.Warn("registry backend unreachable; serving cached data", "err", err)
 	}
 }

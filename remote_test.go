@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -227,4 +228,134 @@ func TestSidecarRegistryShared(t *testing.T) {
 		// A restarted empty: what only A held is gone from B too.
 		eventually(t, wait, "other dropped on B", func() bool { return lookup(t, urlB, "other") == nil })
 	})
+}
+
+// badConsul is a real HTTP server that answers like a broken Consul agent:
+// 500s, garbage JSON or hung requests, until it is told to behave. It counts
+// every request so a test can show that the sidecar backs off.
+type badConsul struct {
+	mode     atomic.Value // "500", "garbage", "hang" or "ok"
+	requests atomic.Int64
+	release  chan struct{} // closed at cleanup: hung requests return
+
+	mu         sync.Mutex // guards registered
+	registered map[string]consulRegistration
+}
+
+func newBadConsul(t *testing.T, mode string) (*badConsul, *httptest.Server) {
+	t.Helper()
+	f := &badConsul{release: make(chan struct{}), registered: map[string]consulRegistration{}}
+	f.mode.Store(mode)
+	ts := httptest.NewServer(f)
+	t.Cleanup(func() {
+		close(f.release)
+		ts.Close()
+	})
+	return f, ts
+}
+
+func (f *badConsul) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	f.requests.Add(1)
+	switch f.mode.Load().(string) {
+	case "500":
+		http.Error(w, "rpc error: No cluster leader", http.StatusInternalServerError)
+	case "garbage":
+		w.Header().Set("X-Consul-Index", "7")
+		w.Write([]byte(`{"services": [1, 2, {`))
+	case "hang":
+		select {
+		case <-r.Context().Done():
+		case <-f.release:
+		}
+	case "ok": // just enough of Consul for the catalog watch and registrations
+		switch {
+		case r.Method == "GET" && r.URL.Path == "/v1/catalog/services":
+			if r.URL.Query().Get("index") != "" { // a blocking query with nothing new
+				select {
+				case <-r.Context().Done():
+				case <-f.release:
+				case <-time.After(100 * time.Millisecond):
+				}
+			}
+			w.Header().Set("X-Consul-Index", "3")
+			w.Write([]byte(`{}`))
+		case r.Method == "PUT" && r.URL.Path == "/v1/agent/service/register":
+			var reg consulRegistration
+			if err := json.NewDecoder(r.Body).Decode(&reg); err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			f.mu.Lock()
+			f.registered[reg.ID] = reg
+			f.mu.Unlock()
+		default:
+			http.Error(w, "not found", http.StatusNotFound)
+		}
+	}
+}
+
+func (f *badConsul) registration(id string) (consulRegistration, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	r, ok := f.registered[id]
+	return r, ok
+}
+
+// TestConsulBadResponses points the sidecar at a Consul that fails in each
+// way: the sidecar keeps serving, answers registrations and lookups of its
+// own nodes, backs off instead of spinning, and re-sends its registrations
+// once Consul answers again.
+func TestConsulBadResponses(t *testing.T) {
+	const window = 1500 * time.Millisecond // requests are counted over this
+	// A spinning client makes thousands of requests in the window; with
+	// backoff (100 ms doubling, capped at the 200 ms wait here) the
+	// catalog watch makes about a dozen.
+	const maxRequests = 40
+	for _, mode := range []string{"500", "garbage", "hang"} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			fake, ts := newBadConsul(t, mode)
+			cfg := remoteConfig("consul", ts.URL)
+			cfg.RegistryTimeout = 100 * time.Millisecond
+			cfg.RegistryWait = 200 * time.Millisecond
+			_, base := newTestServer(t, cfg)
+			url := base.URL
+
+			if code, body := do(t, "GET", url+"/health", ""); code != http.StatusOK {
+				t.Fatalf("GET /health = %d %s, want 200", code, body)
+			}
+			register(t, url, "10s", "app", "app-1") // accepted, queued
+			if !hasNodes(t, url, "app", "app-1") {
+				t.Fatalf("GET app = %v, want its own registration [app-1]", lookup(t, url, "app"))
+			}
+			code, body := do(t, "GET", url+"/registry?service=unknown", "")
+			wantError(t, "GET unknown with Consul broken", code, body, http.StatusServiceUnavailable)
+
+			before := fake.requests.Load()
+			time.Sleep(window)
+			n := fake.requests.Load() - before
+			t.Logf("%d requests to the broken Consul in %s", n, window)
+			if n > maxRequests || n == 0 {
+				t.Fatalf("%d requests to the broken Consul in %s, want 1 to %d (retries with backoff)", n, window, maxRequests)
+			}
+			if code, _ := do(t, "GET", url+"/registry?service=app", ""); code != http.StatusOK {
+				t.Fatalf("GET app = %d after %s of failures, want 200", code, window)
+			}
+
+			fake.mode.Store("ok")
+			eventually(t, 5*time.Second, "registration re-sent to Consul", func() bool {
+				_, ok := fake.registration("app-1")
+				return ok
+			})
+			reg, _ := fake.registration("app-1")
+			if reg.Name != "app" || reg.Port != 9090 || reg.Meta["version"] != "1.2" || reg.Meta["zone"] != "a" ||
+				reg.Check == nil || reg.Check.CheckID != "sidecar:app-1" || reg.Check.DeregisterCriticalServiceAfter != "1m0s" {
+				t.Fatalf("registration sent = %+v (check %+v), want app:9090 version 1.2 zone a with a TTL check", reg, reg.Check)
+			}
+			ttl, err := time.ParseDuration(reg.Check.TTL)
+			if err != nil || ttl <= 0 || ttl > 10*time.Second {
+				t.Fatalf("re-sent check TTL = %q, want what is left of 10s", reg.Check.TTL)
+			}
+		})
+	}
 }
