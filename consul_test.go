@@ -211,3 +211,69 @@ func TestConsulAgent(t *testing.T) {
 		}
 	})
 }
+
+// TestConsulMapping checks what goes into Consul's Meta (within its limits)
+// and that the sidecar tag brings everything back exactly.
+func TestConsulMapping(t *testing.T) {
+	meta := map[string]string{
+		"az":                                   "a",
+		"bad key":                              "spaces are not allowed in Meta keys",
+		"consul-reserved":                      "reserved prefix",
+		"long":                                 string(bytes.Repeat([]byte("v"), 513)),
+		"version":                              "a node key that collides with the version",
+		string(bytes.Repeat([]byte("k"), 129)): "key too long",
+	}
+	for i := range 70 {
+		meta[fmt.Sprintf("k%02d", i)] = "x"
+	}
+	svc := &Service{Name: "greeter", Version: "2.0", Metadata: map[string]string{"team": "x"},
+		Endpoints: []*Endpoint{{Name: "Say.Hello", Request: json.RawMessage(`{"name":"string"}`)}}}
+	node := &Node{ID: "g1", Address: "127.0.0.1", Port: 8080, Metadata: meta}
+	b, err := newConsulBackend("127.0.0.1:1", "", remoteTiming{}, discardLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := b.consulBody(svc, node, 10*time.Second)
+
+	if len(reg.Meta) > consulMaxMeta {
+		t.Errorf("Meta has %d keys, want at most %d", len(reg.Meta), consulMaxMeta)
+	}
+	for k, v := range reg.Meta {
+		if !consulMetaKeyOK(k) || len(v) > consulMaxMetaValue {
+			t.Errorf("Meta[%q] = %d bytes: Consul refuses it", k, len(v))
+		}
+	}
+	if reg.Meta["version"] != "2.0" || reg.Meta["az"] != "a" {
+		t.Errorf("Meta version, az = %q, %q; want 2.0, a", reg.Meta["version"], reg.Meta["az"])
+	}
+	if reg.Check == nil || reg.Check.TTL != "10s" || reg.Check.DeregisterCriticalServiceAfter != "1m0s" || reg.Check.Status != "passing" {
+		t.Errorf("Check = %+v, want TTL 10s, reap after 1m0s, passing", reg.Check)
+	}
+	if r := b.consulBody(svc, node, 0); r.Check != nil {
+		t.Errorf("Check without TTL = %+v, want none", r.Check)
+	}
+
+	var e consulEntry
+	e.Node.Address = "10.1.1.1"
+	e.Service.ID, e.Service.Service, e.Service.Tags, e.Service.Meta = reg.ID, reg.Name, reg.Tags, reg.Meta
+	e.Service.Address, e.Service.Port = reg.Address, reg.Port
+	got := consulService("greeter", []consulEntry{e})
+	n := got.Nodes[0]
+	if got.Version != "2.0" || got.Metadata["team"] != "x" || len(got.Endpoints) != 1 || got.Endpoints[0].Name != "Say.Hello" ||
+		string(got.Endpoints[0].Request) != `{"name":"string"}` || n.Address != "127.0.0.1" || n.Port != 8080 || n.Version != "2.0" || !mapsEqual(n.Metadata, meta) {
+		t.Errorf("round trip = %+v node %+v, want the registration back", got, n)
+	}
+
+	// A service another tool registered: Meta is the node metadata, and the
+	// Consul node's address stands in for an empty service address.
+	var ext consulEntry
+	ext.Node.Address = "10.1.1.1"
+	ext.Service.ID, ext.Service.Port, ext.Service.Meta = "web-1", 80, map[string]string{"version": "7", "owner": "ops"}
+	got = consulService("web", []consulEntry{ext})
+	if n := got.Nodes[0]; got.Version != "7" || n.Address != "10.1.1.1" || n.Port != 80 || n.Metadata["owner"] != "ops" {
+		t.Errorf("external = %+v node %+v, want version 7 at 10.1.1.1:80 with owner=ops", got, n)
+	}
+	if got := consulService("none", nil); got != nil {
+		t.Errorf("no entries = %+v, want nil", got)
+	}
+}
