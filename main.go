@@ -97,6 +97,8 @@ type Config struct {
 	Registry        string        // "memory" (default) or another backend
 	RegistryAddress string        // address of a remote registry
 	RegistrySweep   time.Duration // how often expired nodes are removed
+	RegistryTimeout time.Duration // one call to a remote registry; zero: 5s
+	RegistryWait    time.Duration // longest blocking query of a remote registry; zero: 30s
 
 	ClientRetries        int           // extra attempts for safe-to-retry failures
 	ClientRequestTimeout time.Duration // budget of one call, all attempts included
@@ -173,8 +175,8 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&cfg.HealthcheckTimeout, "healthcheck_timeout", cfg.HealthcheckTimeout, "timeout of one health check of the app")
 	fs.DurationVar(&cfg.RegisterTTL, "register_ttl", cfg.RegisterTTL, "TTL of the app's registration")
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", cfg.RegisterInterval, "interval of the app's registration heartbeat")
-	fs.StringVar(&cfg.Registry, "registry", cfg.Registry, "registry backend: memory")
-	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend")
+	fs.StringVar(&cfg.Registry, "registry", cfg.Registry, "registry backend: memory, consul or sidecar (another sidecar's /registry)")
+	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend (consul: host:port, default $CONSUL_HTTP_ADDR or 127.0.0.1:8500; sidecar: http://host:port)")
 	fs.IntVar(&cfg.ClientRetries, "client_retries", cfg.ClientRetries, "retries of a call where retrying is safe")
 	fs.DurationVar(&cfg.ClientRequestTimeout, "client_request_timeout", cfg.ClientRequestTimeout, "timeout of a call, all attempts included")
 	fs.DurationVar(&cfg.ProxyIdleTimeout, "proxy_idle_timeout", cfg.ProxyIdleTimeout, "end a proxied stream (events, chunks, websocket) with no bytes either way for this long")
@@ -276,8 +278,6 @@ func (c *Config) validate() error {
 	switch {
 	case c.Handler != "rpc" && c.Handler != "proxy":
 		return fmt.Errorf("invalid value %q for flag --handler: want rpc or proxy", c.Handler)
-	case c.Registry != "memory":
-		return fmt.Errorf("invalid value %q for flag --registry: want memory", c.Registry)
 	case c.ClientRetries < 0 || c.ClientRetries > 10:
 		return fmt.Errorf("invalid value %d for flag --client_retries: want 0 to 10", c.ClientRetries)
 	case !validStrategy(c.Balancer):
@@ -292,6 +292,9 @@ func (c *Config) validate() error {
 		return errors.New("flags --server_name and --server_address go together")
 	case c.HealthcheckURL != "" && c.ServerName == "":
 		return errors.New("flag --healthcheck_url needs --server_name and --server_address")
+	}
+	if err := validateRegistry(c); err != nil {
+		return err
 	}
 	if c.ServerAddress != "" {
 		if _, _, err := splitHostPort(c.ServerAddress); err != nil {
@@ -355,7 +358,10 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	}
 	s.tls = tlsm
 	s.streams = newStreams(s.cors)
-	reg := newMemoryRegistry(cfg.RegistrySweep, time.Now, logger.With("component", "registry"))
+	reg, err := newRegistry(cfg, logger.With("component", "registry"))
+	if err != nil {
+		return nil, err
+	}
 	s.registry = newRegistryAPI(reg, s.streams, cfg.MaxBodyBytes, logger.With("component", "registry"))
 	clientTLS, err := clientTLSConfig(cfg)
 	if err != nil {

@@ -1,0 +1,391 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+// startSidecarAt serves a new sidecar built by newServer on addr
+// ("127.0.0.1:0" for any port) and returns its URL and an idempotent stop,
+// also run at cleanup. Starting again on the same addr simulates a restart.
+func startSidecarAt(t *testing.T, cfg *Config, addr string) (*server, string, func()) {
+	t.Helper()
+	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if testing.Verbose() {
+		logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	s, err := newServer(cfg, logger)
+	if err != nil {
+		t.Fatalf("newServer: %v", err)
+	}
+	var ln net.Listener
+	for i := 0; ; i++ { // the old listener's port may take a moment to free
+		ln, err = net.Listen("tcp", addr)
+		if err == nil || i == 50 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		s.Close()
+		t.Fatalf("listen %s: %v", addr, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s.start(ctx)
+	ts := httptest.NewUnstartedServer(s.handler)
+	ts.Listener.Close()
+	ts.Listener = ln
+	ts.Config.ReadHeaderTimeout = 5 * time.Second
+	ts.Start()
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			s.streams.Close() // ends websocket watches, as serve does
+			ts.CloseClientConnections()
+			ts.Close()
+			s.Close()
+		})
+	}
+	t.Cleanup(stop)
+	return s, ts.URL, stop
+}
+
+// remoteConfig is testConfig with a remote registry and short timings.
+func remoteConfig(kind, addr string) *Config {
+	cfg := testConfig()
+	cfg.Registry = kind
+	cfg.RegistryAddress = addr
+	cfg.RegistryTimeout = 500 * time.Millisecond
+	cfg.RegistryWait = time.Second
+	return cfg
+}
+
+// lookup returns the node IDs of service name at base, or nil on 404.
+func lookup(t *testing.T, base, name string) []string {
+	t.Helper()
+	code, body := do(t, "GET", base+"/registry?service="+name, "")
+	if code == http.StatusNotFound {
+		return nil
+	}
+	if code != http.StatusOK {
+		t.Fatalf("GET %s/registry?service=%s = %d %s", base, name, code, body)
+	}
+	var s Service
+	if err := json.Unmarshal(body, &s); err != nil {
+		t.Fatalf("decode %s: %v", body, err)
+	}
+	ids := make([]string, len(s.Nodes))
+	for i, n := range s.Nodes {
+		ids[i] = n.ID
+	}
+	return ids
+}
+
+func hasNodes(t *testing.T, base, name string, want ...string) bool {
+	t.Helper()
+	got := lookup(t, base, name)
+	return strings.Join(got, ",") == strings.Join(want, ",")
+}
+
+func register(t *testing.T, base, ttl, name, node string) {
+	t.Helper()
+	q := ""
+	if ttl != "" {
+		q = "?ttl=" + ttl
+	}
+	body := fmt.Sprintf(`{"name":%q,"version":"1.2","metadata":{"team":"x"},"nodes":[{"id":%q,"address":"127.0.0.1","port":9090,"metadata":{"zone":"a"}}]}`, name, node)
+	if code, b := do(t, "POST", base+"/registry"+q, body); code != http.StatusOK {
+		t.Fatalf("POST %s/registry%s = %d %s", base, q, code, b)
+	}
+}
+
+func deregister(t *testing.T, base, name, node string) {
+	t.Helper()
+	body := fmt.Sprintf(`{"name":%q,"nodes":[{"id":%q}]}`, name, node)
+	if code, b := do(t, "DELETE", base+"/registry", body); code != http.StatusOK {
+		t.Fatalf("DELETE %s/registry = %d %s", base, code, b)
+	}
+}
+
+// cacheUp reports whether s's cached registry last reached its backend.
+func cacheUp(s *server) bool {
+	c := s.registry.reg.(*cachedRegistry)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.up
+}
+
+func TestSidecarRegistryShared(t *testing.T) {
+	_, urlA, stopA := startSidecarAt(t, testConfig(), "127.0.0.1:0")
+	b, urlB, _ := startSidecarAt(t, remoteConfig("sidecar", urlA), "127.0.0.1:0")
+	const wait = 5 * time.Second
+
+	// B's websocket watch shows changes made on A, derived from its cache.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	ws, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(urlB, "http")+"/registry", nil)
+	if err != nil {
+		t.Fatalf("dial watch on B: %v", err)
+	}
+	defer ws.CloseNow()
+
+	t.Run("register on B is visible on A and B", func(t *testing.T) {
+		register(t, urlB, "", "foo", "b1")
+		if !hasNodes(t, urlA, "foo", "b1") {
+			t.Fatalf("A: foo = %v, want [b1]", lookup(t, urlA, "foo"))
+		}
+		if !hasNodes(t, urlB, "foo", "b1") {
+			t.Fatalf("B: foo = %v, want [b1]", lookup(t, urlB, "foo"))
+		}
+		// Version and metadata round-trip through A.
+		_, body := do(t, "GET", urlB+"/registry?service=foo", "")
+		var s Service
+		json.Unmarshal(body, &s)
+		if s.Version != "1.2" || s.Metadata["team"] != "x" || s.Nodes[0].Metadata["zone"] != "a" || s.Nodes[0].Port != 9090 {
+			t.Fatalf("B: foo = %s, want version 1.2, metadata team=x, node zone=a port 9090", body)
+		}
+	})
+
+	t.Run("register on A is visible on B and its watch", func(t *testing.T) {
+		register(t, urlA, "", "bar", "a1")
+		eventually(t, wait, "bar visible on B", func() bool { return hasNodes(t, urlB, "bar", "a1") })
+		for {
+			_, data, err := ws.Read(ctx)
+			if err != nil {
+				t.Fatalf("watch on B: %v", err)
+			}
+			var ev Event
+			json.Unmarshal(data, &ev)
+			if ev.Service != nil && ev.Service.Name == "bar" {
+				if ev.Action != "create" || len(ev.Service.Nodes) != 1 || ev.Service.Nodes[0].ID != "a1" {
+					t.Fatalf("watch event %s, want create of bar a1", data)
+				}
+				break
+			}
+		}
+	})
+
+	t.Run("TTL expiry propagates", func(t *testing.T) {
+		register(t, urlB, "300ms", "ttl", "b2")
+		if !hasNodes(t, urlA, "ttl", "b2") {
+			t.Fatalf("A: ttl = %v, want [b2]", lookup(t, urlA, "ttl"))
+		}
+		// No heartbeat: gone from both.
+		eventually(t, wait, "ttl expired on A", func() bool { return lookup(t, urlA, "ttl") == nil })
+		eventually(t, wait, "ttl expired on B", func() bool { return lookup(t, urlB, "ttl") == nil })
+	})
+
+	t.Run("deregister propagates", func(t *testing.T) {
+		register(t, urlB, "", "gone", "b3")
+		deregister(t, urlB, "gone", "b3")
+		if got := lookup(t, urlA, "gone"); got != nil {
+			t.Fatalf("A: gone = %v after DELETE on B, want 404", got)
+		}
+		eventually(t, wait, "gone removed on B", func() bool { return lookup(t, urlB, "gone") == nil })
+		deregister(t, urlA, "bar", "a1")
+		eventually(t, wait, "bar removed on B", func() bool { return lookup(t, urlB, "bar") == nil })
+		code, body := do(t, "DELETE", urlB+"/registry", `{"name":"nope","nodes":[{"id":"x"}]}`)
+		wantError(t, "DELETE unknown on B", code, body, http.StatusNotFound)
+	})
+
+	t.Run("A down: B serves its cache; A back: B re-sends", func(t *testing.T) {
+		register(t, urlA, "", "other", "a2")
+		eventually(t, wait, "other visible on B", func() bool { return hasNodes(t, urlB, "other", "a2") })
+		addrA := strings.TrimPrefix(urlA, "http://")
+		stopA()
+		eventually(t, wait, "B notices A is down", func() bool { return !cacheUp(b) })
+		for _, name := range []string{"foo", "other"} {
+			if lookup(t, urlB, name) == nil {
+				t.Fatalf("B: %s not served from cache while A is down", name)
+			}
+		}
+		code, body := do(t, "GET", urlB+"/registry", "")
+		if code != http.StatusOK || !strings.Contains(string(body), `"foo"`) {
+			t.Fatalf("B: GET /registry = %d %s while A is down, want the cached list", code, body)
+		}
+		register(t, urlB, "10s", "during", "b4") // accepted and queued
+		if !hasNodes(t, urlB, "during", "b4") {
+			t.Fatalf("B: during = %v, want its own registration at once", lookup(t, urlB, "during"))
+		}
+
+		_, urlA2, _ := startSidecarAt(t, testConfig(), addrA) // empty memory registry
+		eventually(t, wait, "foo re-sent to A", func() bool { return hasNodes(t, urlA2, "foo", "b1") })
+		eventually(t, wait, "during sent to A", func() bool { return hasNodes(t, urlA2, "during", "b4") })
+		// A restarted empty: what only A held is gone from B too.
+		eventually(t, wait, "other dropped on B", func() bool { return lookup(t, urlB, "other") == nil })
+	})
+}
+
+// badConsul is a real HTTP server that answers like a broken Consul agent:
+// 500s, garbage JSON or hung requests, until it is told to behave. It counts
+// every request so a test can show that the sidecar backs off.
+type badConsul struct {
+	mode     atomic.Value // "500", "garbage", "hang" or "ok"
+	requests atomic.Int64
+	release  chan struct{} // closed at cleanup: hung requests return
+
+	mu         sync.Mutex // guards registered
+	registered map[string]consulRegistration
+}
+
+func newBadConsul(t *testing.T, mode string) (*badConsul, *httptest.Server) {
+	t.Helper()
+	f := &badConsul{release: make(chan struct{}), registered: map[string]consulRegistration{}}
+	f.mode.Store(mode)
+	ts := httptest.NewServer(f)
+	t.Cleanup(func() {
+		close(f.release)
+		ts.Close()
+	})
+	return f, ts
+}
+
+func (f *badConsul) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	f.requests.Add(1)
+	switch f.mode.Load().(string) {
+	case "500":
+		http.Error(w, "rpc error: No cluster leader", http.StatusInternalServerError)
+	case "garbage":
+		w.Header().Set("X-Consul-Index", "7")
+		w.Write([]byte(`{"services": [1, 2, {`))
+	case "hang":
+		select {
+		case <-r.Context().Done():
+		case <-f.release:
+		}
+	case "ok": // just enough of Consul for the catalog watch and registrations
+		switch {
+		case r.Method == "GET" && r.URL.Path == "/v1/catalog/services":
+			if r.URL.Query().Get("index") != "" { // a blocking query with nothing new
+				select {
+				case <-r.Context().Done():
+				case <-f.release:
+				case <-time.After(100 * time.Millisecond):
+				}
+			}
+			w.Header().Set("X-Consul-Index", "3")
+			w.Write([]byte(`{}`))
+		case r.Method == "PUT" && r.URL.Path == "/v1/agent/service/register":
+			var reg consulRegistration
+			if err := json.NewDecoder(r.Body).Decode(&reg); err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			f.mu.Lock()
+			f.registered[reg.ID] = reg
+			f.mu.Unlock()
+		default:
+			http.Error(w, "not found", http.StatusNotFound)
+		}
+	}
+}
+
+func (f *badConsul) registration(id string) (consulRegistration, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	r, ok := f.registered[id]
+	return r, ok
+}
+
+// TestConsulBadResponses points the sidecar at a Consul that fails in each
+// way: the sidecar keeps serving, answers registrations and lookups of its
+// own nodes, backs off instead of spinning, and re-sends its registrations
+// once Consul answers again.
+func TestConsulBadResponses(t *testing.T) {
+	const window = 1500 * time.Millisecond // requests are counted over this
+	// A spinning client makes thousands of requests in the window; with
+	// backoff (100 ms doubling, capped at the 200 ms wait here) the
+	// catalog watch makes about a dozen.
+	const maxRequests = 40
+	for _, mode := range []string{"500", "garbage", "hang"} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			fake, ts := newBadConsul(t, mode)
+			cfg := remoteConfig("consul", ts.URL)
+			cfg.RegistryTimeout = 100 * time.Millisecond
+			cfg.RegistryWait = 200 * time.Millisecond
+			_, base := newTestServer(t, cfg)
+			url := base.URL
+
+			if code, body := do(t, "GET", url+"/health", ""); code != http.StatusOK {
+				t.Fatalf("GET /health = %d %s, want 200", code, body)
+			}
+			register(t, url, "10s", "app", "app-1") // accepted, queued
+			if !hasNodes(t, url, "app", "app-1") {
+				t.Fatalf("GET app = %v, want its own registration [app-1]", lookup(t, url, "app"))
+			}
+			code, body := do(t, "GET", url+"/registry?service=unknown", "")
+			wantError(t, "GET unknown with Consul broken", code, body, http.StatusServiceUnavailable)
+
+			before := fake.requests.Load()
+			time.Sleep(window)
+			n := fake.requests.Load() - before
+			t.Logf("%d requests to the broken Consul in %s", n, window)
+			if n > maxRequests || n == 0 {
+				t.Fatalf("%d requests to the broken Consul in %s, want 1 to %d (retries with backoff)", n, window, maxRequests)
+			}
+			if code, _ := do(t, "GET", url+"/registry?service=app", ""); code != http.StatusOK {
+				t.Fatalf("GET app = %d after %s of failures, want 200", code, window)
+			}
+
+			fake.mode.Store("ok")
+			eventually(t, 5*time.Second, "registration re-sent to Consul", func() bool {
+				_, ok := fake.registration("app-1")
+				return ok
+			})
+			reg, _ := fake.registration("app-1")
+			if reg.Name != "app" || reg.Port != 9090 || reg.Meta["version"] != "1.2" || reg.Meta["zone"] != "a" ||
+				reg.Check == nil || reg.Check.CheckID != "sidecar:app-1" || reg.Check.DeregisterCriticalServiceAfter != "1m0s" {
+				t.Fatalf("registration sent = %+v (check %+v), want app:9090 version 1.2 zone a with a TTL check", reg, reg.Check)
+			}
+			ttl, err := time.ParseDuration(reg.Check.TTL)
+			if err != nil || ttl <= 0 || ttl > 10*time.Second {
+				t.Fatalf("re-sent check TTL = %q, want what is left of 10s", reg.Check.TTL)
+			}
+		})
+	}
+}
+
+func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func TestRegistryFlags(t *testing.T) {
+	tests := []struct {
+		args    []string
+		wantErr string // "" for success
+	}{
+		{[]string{"--registry", "memory"}, ""},
+		{[]string{"--registry", "consul"}, ""},
+		{[]string{"--registry", "consul", "--registry_address", "127.0.0.1:8500"}, ""},
+		{[]string{"--registry", "consul", "--registry_address", "https://consul.internal:8501"}, ""},
+		{[]string{"--registry", "consul", "--registry_address", "ftp://x"}, "--registry_address"},
+		{[]string{"--registry", "sidecar", "--registry_address", "http://127.0.0.1:8081"}, ""},
+		{[]string{"--registry", "sidecar"}, "--registry_address"},
+		{[]string{"--registry", "sidecar", "--registry_address", "http://h:1/path"}, "--registry_address"},
+		{[]string{"--registry", "etcd"}, "--registry"},
+	}
+	for _, tt := range tests {
+		t.Run(fmt.Sprint(tt.args), func(t *testing.T) {
+			_, err := parseConfig(tt.args, func(string) string { return "" }, io.Discard)
+			switch {
+			case tt.wantErr == "" && err != nil:
+				t.Fatalf("parseConfig(%q) = %v, want no error", tt.args, err)
+			case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
+				t.Fatalf("parseConfig(%q) = %v, want an error naming %s", tt.args, err, tt.wantErr)
+			}
+		})
+	}
+}

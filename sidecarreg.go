@@ -1,0 +1,304 @@
+package main
+
+// sidecarreg.go is the "sidecar" registry backend: another sidecar's
+// /registry HTTP API used as a shared registry. Two sidecars share services
+// this way without Consul (the project's CI does): one runs the memory
+// registry, the others run --registry sidecar --registry_address pointing
+// at it. Changes arrive over its websocket watch.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"sync"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+const (
+	sidecarRegLimit   = 16 << 20 // largest response read from the other sidecar
+	sidecarEventLimit = 1 << 20  // largest watch event
+)
+
+// sidecarBackend talks to another sidecar's /registry. Safe for
+// concurrent use.
+type sidecarBackend struct {
+	base   string // scheme://host:port
+	token  string // sent as a bearer token when set
+	timing remoteTiming
+	client *http.Client
+	log    *slog.Logger
+}
+
+func sidecarBaseURL(addr string) (*url.URL, error) { return httpBaseURL(addr) }
+
+func newSidecarBackend(addr, token string, t remoteTiming, logger *slog.Logger) (*sidecarBackend, error) {
+	u, err := sidecarBaseURL(addr)
+	if err != nil {
+		return nil, fmt.Errorf("registry: sidecar address %q: %w", addr, err)
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	return &sidecarBackend{
+		base:   u.String(),
+		token:  token,
+		timing: t,
+		client: &http.Client{Transport: tr},
+		log:    logger,
+	}, nil
+}
+
+func (b *sidecarBackend) close() { b.client.CloseIdleConnections() }
+
+// sidecarStatusError is a non-2xx answer of the other sidecar.
+type sidecarStatusError struct {
+	code   int
+	detail string
+}
+
+func (e *sidecarStatusError) Error() string {
+	return fmt.Sprintf("sidecar registry: status %d: %s", e.code, e.detail)
+}
+
+func (b *sidecarBackend) header() http.Header {
+	h := http.Header{}
+	if b.token != "" {
+		h.Set("Authorization", "Bearer "+b.token)
+	}
+	return h
+}
+
+// call sends one request to the other sidecar and decodes its JSON answer.
+func (b *sidecarBackend) call(ctx context.Context, method, pathQuery string, body any, out any) error {
+	var rd io.Reader
+	if body != nil {
+		buf, err := json.Marshal(body)
+		if err != nil {
+			return fmt.Errorf("%w: encode: %v", errRejected, err)
+		}
+		rd = bytes.NewReader(buf)
+	}
+	ctx, cancel := context.WithTimeout(ctx, b.timing.timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, b.base+pathQuery, rd)
+	if err != nil {
+		return fmt.Errorf("%w: %v", errRejected, err)
+	}
+	req.Header = b.header()
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := b.client.Do(req)
+	if err != nil {
+		return fmt.Errorf("sidecar registry: %s %s: %w", method, pathQuery, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, sidecarRegLimit+1))
+	if err != nil {
+		return fmt.Errorf("sidecar registry: %s %s: read: %w", method, pathQuery, err)
+	}
+	if len(data) > sidecarRegLimit {
+		return fmt.Errorf("sidecar registry: %s %s: response exceeds %d bytes", method, pathQuery, sidecarRegLimit)
+	}
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		var e apiError
+		detail := snippet(data)
+		if json.Unmarshal(data, &e) == nil && e.Detail != "" {
+			detail = e.Detail
+		}
+		se := &sidecarStatusError{resp.StatusCode, detail}
+		switch {
+		case resp.StatusCode == http.StatusNotFound:
+			return fmt.Errorf("%w: %v", errNotFound, se)
+		case resp.StatusCode == http.StatusBadRequest || resp.StatusCode == http.StatusRequestEntityTooLarge ||
+			resp.StatusCode == http.StatusInsufficientStorage:
+			return fmt.Errorf("%w: %v", errRejected, se)
+		}
+		return se
+	}
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			return fmt.Errorf("sidecar registry: %s %s: bad JSON: %v", method, pathQuery, err)
+		}
+	}
+	return nil
+}
+
+func (b *sidecarBackend) register(ctx context.Context, s *Service, ttl time.Duration) error {
+	path := "/registry"
+	if ttl > 0 {
+		path += "?ttl=" + url.QueryEscape(ttl.String())
+	}
+	err := b.call(ctx, http.MethodPost, path, s, nil)
+	if errors.Is(err, errNotFound) {
+		// A 404 on POST means the other end is not a sidecar.
+		return fmt.Errorf("%w: %v", errRejected, err)
+	}
+	return err
+}
+
+func (b *sidecarBackend) deregister(ctx context.Context, s *Service) error {
+	ids := &Service{Name: s.Name}
+	for _, n := range s.Nodes {
+		ids.Nodes = append(ids.Nodes, &Node{ID: n.ID})
+	}
+	return b.call(ctx, http.MethodDelete, "/registry", ids, nil)
+}
+
+// get returns one service; nil when the other sidecar does not know it.
+func (b *sidecarBackend) get(ctx context.Context, name string) (*Service, error) {
+	var s Service
+	err := b.call(ctx, http.MethodGet, "/registry?service="+url.QueryEscape(name), nil, &s)
+	if errors.Is(err, errNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if s.Name != name {
+		return nil, fmt.Errorf("sidecar registry: asked for %q, got %q", name, s.Name)
+	}
+	return &s, nil
+}
+
+// load reads the other sidecar's whole registry.
+func (b *sidecarBackend) load(ctx context.Context) (map[string]*Service, error) {
+	var names []serviceName
+	if err := b.call(ctx, http.MethodGet, "/registry", nil, &names); err != nil {
+		return nil, err
+	}
+	all := make(map[string]*Service, len(names))
+	for _, n := range names {
+		if len(all) >= maxRemoteServices {
+			break
+		}
+		svc, err := b.get(ctx, n.Name)
+		if err != nil {
+			return nil, err
+		}
+		if svc != nil {
+			all[n.Name] = svc
+		}
+	}
+	return all, nil
+}
+
+// sync subscribes to the other sidecar's watch, loads its whole registry,
+// then refreshes each service named by an event. Whenever the stream
+// breaks it reconnects with backoff and loads everything again.
+func (b *sidecarBackend) sync(ctx context.Context, sink syncSink) {
+	bo := newBackoff(b.timing.minBackoff, b.timing.maxBackoff)
+	for {
+		err := b.session(ctx, sink, bo)
+		if ctx.Err() != nil {
+			return
+		}
+		sink.healthy(false, err)
+		d := bo.next()
+		b.log.Debug("sidecar registry watch ended", "err", err, "retry_in", d)
+		if !sleepCtx(ctx, d) {
+			return
+		}
+	}
+}
+
+// session is one connection of the watch; it returns why it ended.
+func (b *sidecarBackend) session(ctx context.Context, sink syncSink, bo *backoff) error {
+	wsURL := b.base + "/registry"
+	dctx, cancel := context.WithTimeout(ctx, b.timing.timeout)
+	conn, resp, err := websocket.Dial(dctx, wsURL, &websocket.DialOptions{HTTPClient: b.client, HTTPHeader: b.header()})
+	cancel()
+	if err != nil {
+		if resp != nil && resp.Body != nil {
+			resp.Body.Close()
+		}
+		return fmt.Errorf("sidecar registry: watch %s: %w", wsURL, err)
+	}
+	conn.SetReadLimit(sidecarEventLimit)
+	sctx, stop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		stop()
+		conn.CloseNow()
+		wg.Wait()
+	}()
+	wg.Add(1)
+	go func() { // a hung peer is noticed by a failed ping
+		defer wg.Done()
+		t := time.NewTicker(b.timing.wait)
+		defer t.Stop()
+		for {
+			select {
+			case <-sctx.Done():
+				return
+			case <-t.C:
+			}
+			pctx, cancel := context.WithTimeout(sctx, b.timing.timeout)
+			err := conn.Ping(pctx)
+			cancel()
+			if err != nil && sctx.Err() == nil {
+				b.log.Debug("sidecar registry ping failed", "err", err)
+				conn.CloseNow()
+				return
+			}
+		}
+	}()
+
+	// The reader runs while the full load happens, so no event is missed
+	// and pongs are read.
+	type msg struct {
+		data []byte
+		err  error
+	}
+	msgs := make(chan msg, 64)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			_, data, err := conn.Read(sctx)
+			select {
+			case msgs <- msg{data, err}:
+			case <-sctx.Done():
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+
+	all, err := b.load(sctx)
+	if err != nil {
+		return err
+	}
+	sink.replaceAll(all)
+	sink.healthy(true, nil)
+	bo.reset()
+	for {
+		var m msg
+		select {
+		case <-sctx.Done():
+			return sctx.Err()
+		case m = <-msgs:
+		}
+		if m.err != nil {
+			return fmt.Errorf("sidecar registry: watch: %w", m.err)
+		}
+		var ev Event
+		if err := json.Unmarshal(m.data, &ev); err != nil || ev.Service == nil || ev.Service.Name == "" {
+			b.log.Warn("sidecar registry: bad watch event; ignored", "event", snippet(m.data))
+			continue
+		}
+		svc, err := b.get(sctx, ev.Service.Name)
+		if err != nil {
+			return err
+		}
+		sink.update(ev.Service.Name, svc)
+	}
+}
