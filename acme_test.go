@@ -29,17 +29,6 @@ type pebble struct {
 	log    *syncBuffer
 }
 
-// freePort returns a loopback port nobody listens on right now.
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 // startPebble runs Pebble on loopback ports, validating every challenge
 // without DNS (PEBBLE_VA_ALWAYS_VALID), and waits until it answers. It
 // skips the test when Pebble is not installed.

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -25,16 +24,6 @@ type consulAgent struct {
 	http  string // host:port of the HTTP API
 	cmd   *exec.Cmd
 	waitc chan error
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }
 
 // startConsul starts a dev agent, or skips the test when there is no
@@ -139,7 +128,7 @@ func TestConsulAgent(t *testing.T) {
 	const wait = 15 * time.Second
 
 	t.Run("register with TTL is in Consul and on B", func(t *testing.T) {
-		register(t, urlA, "5s", "greeter", "greeter-1")
+		registerNode(t, urlA, "5s", "greeter", "greeter-1")
 		if got := consul.passing("greeter"); fmt.Sprint(got) != "[greeter-1]" {
 			t.Fatalf("consul passing greeter = %v, want [greeter-1]", got)
 		}
@@ -152,7 +141,7 @@ func TestConsulAgent(t *testing.T) {
 			t.Fatalf("B: greeter = %s, want version 1.2, team=x, zone=a, 127.0.0.1:9090", body)
 		}
 		// A heartbeat is a check pass, and keeps it alive past the TTL.
-		register(t, urlA, "5s", "greeter", "greeter-1")
+		registerNode(t, urlA, "5s", "greeter", "greeter-1")
 	})
 
 	t.Run("no heartbeat: gone from Consul and B", func(t *testing.T) {
@@ -161,11 +150,11 @@ func TestConsulAgent(t *testing.T) {
 	})
 
 	t.Run("DELETE removes it from Consul", func(t *testing.T) {
-		register(t, urlA, "", "deleted", "deleted-1")
+		registerNode(t, urlA, "", "deleted", "deleted-1")
 		if code := consul.api("GET", "/v1/agent/service/deleted-1", nil, nil); code != http.StatusOK {
 			t.Fatalf("consul agent service deleted-1 = %d, want 200", code)
 		}
-		deregister(t, urlA, "deleted", "deleted-1")
+		deregisterNode(t, urlA, "deleted", "deleted-1")
 		if code := consul.api("GET", "/v1/agent/service/deleted-1", nil, nil); code != http.StatusNotFound {
 			t.Fatalf("consul agent service deleted-1 = %d after DELETE, want 404", code)
 		}
@@ -188,7 +177,7 @@ func TestConsulAgent(t *testing.T) {
 	})
 
 	t.Run("Consul down: cache serves; registrations come back", func(t *testing.T) {
-		register(t, urlA, "", "durable", "durable-1")
+		registerNode(t, urlA, "", "durable", "durable-1")
 		eventually(t, wait, "durable on B", func() bool { return hasNodes(t, urlB, "durable", "durable-1") })
 		consul.stop()
 		eventually(t, wait, "A and B notice Consul is down", func() bool { return !cacheUp(a) && !cacheUp(b) })

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -117,6 +118,18 @@ func wantError(t *testing.T, call string, gotCode int, body []byte, code int) ap
 		t.Fatalf("%s = %d %+v, want a JSON error with code %d", call, gotCode, e, code)
 	}
 	return e
+}
+
+// freePort returns a loopback port free at the time of the call, for
+// servers started outside the test process (Pebble, Consul).
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
 }
 
 // eventually polls cond until it holds or the deadline passes.

@@ -371,7 +371,7 @@ func (p *proxyHandler) RoundTrip(req *http.Request) (*http.Response, error) {
 		if nodeFailed {
 			p.log.Debug("attempt failed", "service", pc.service, "node", n.addr, "try", try, "err", err)
 		}
-		wait := backoff(try)
+		wait := retryBackoff(try)
 		if !retry || try >= p.cfg.ClientRetries || time.Now().Add(wait).After(pc.start.Add(pc.timeout)) {
 			return nil, pe
 		}

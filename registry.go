@@ -77,6 +77,8 @@ type Registry interface {
 	// ends or when the watcher falls too far behind (it never blocks the
 	// registry).
 	Watch(ctx context.Context) (<-chan Event, error)
+	// size counts the services and nodes known here, for metrics.
+	size() (services, nodes int)
 	start(ctx context.Context)
 	Close() error
 }
@@ -469,6 +471,9 @@ func (m *memoryRegistry) size() (services, nodes int) {
 func sameNode(cur, in *Node, version string) bool {
 	return cur.Address == in.Address && cur.Port == in.Port && cur.Version == version && mapsEqual(cur.Metadata, in.Metadata)
 }
+
+// nodesEqual reports whether a and b describe the same node.
+func nodesEqual(a, b *Node) bool { return sameNode(a, b, b.Version) }
 
 func mapsEqual(a, b map[string]string) bool {
 	if len(a) != len(b) {

@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net/url"
 	"os"
 	"sort"
@@ -805,23 +804,10 @@ func (b *backoff) next() time.Duration {
 	} else if b.cur *= 2; b.cur > b.max {
 		b.cur = b.max
 	}
-	half := b.cur / 2
-	return half + rand.N(half+1)
+	return jitter(b.cur)
 }
 
 func (b *backoff) reset() { b.cur = 0 }
-
-// sleepCtx waits d or until ctx ends; it reports whether d passed.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
 
 // snippet is the start of a response body for error messages.
 func snippet(b []byte) string {

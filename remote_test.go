@@ -101,7 +101,7 @@ func hasNodes(t *testing.T, base, name string, want ...string) bool {
 	return strings.Join(got, ",") == strings.Join(want, ",")
 }
 
-func register(t *testing.T, base, ttl, name, node string) {
+func registerNode(t *testing.T, base, ttl, name, node string) {
 	t.Helper()
 	q := ""
 	if ttl != "" {
@@ -113,7 +113,7 @@ func register(t *testing.T, base, ttl, name, node string) {
 	}
 }
 
-func deregister(t *testing.T, base, name, node string) {
+func deregisterNode(t *testing.T, base, name, node string) {
 	t.Helper()
 	body := fmt.Sprintf(`{"name":%q,"nodes":[{"id":%q}]}`, name, node)
 	if code, b := do(t, "DELETE", base+"/registry", body); code != http.StatusOK {
@@ -144,7 +144,7 @@ func TestSidecarRegistryShared(t *testing.T) {
 	defer ws.CloseNow()
 
 	t.Run("register on B is visible on A and B", func(t *testing.T) {
-		register(t, urlB, "", "foo", "b1")
+		registerNode(t, urlB, "", "foo", "b1")
 		if !hasNodes(t, urlA, "foo", "b1") {
 			t.Fatalf("A: foo = %v, want [b1]", lookup(t, urlA, "foo"))
 		}
@@ -161,7 +161,7 @@ func TestSidecarRegistryShared(t *testing.T) {
 	})
 
 	t.Run("register on A is visible on B and its watch", func(t *testing.T) {
-		register(t, urlA, "", "bar", "a1")
+		registerNode(t, urlA, "", "bar", "a1")
 		eventually(t, wait, "bar visible on B", func() bool { return hasNodes(t, urlB, "bar", "a1") })
 		for {
 			_, data, err := ws.Read(ctx)
@@ -180,7 +180,7 @@ func TestSidecarRegistryShared(t *testing.T) {
 	})
 
 	t.Run("TTL expiry propagates", func(t *testing.T) {
-		register(t, urlB, "300ms", "ttl", "b2")
+		registerNode(t, urlB, "300ms", "ttl", "b2")
 		if !hasNodes(t, urlA, "ttl", "b2") {
 			t.Fatalf("A: ttl = %v, want [b2]", lookup(t, urlA, "ttl"))
 		}
@@ -190,20 +190,20 @@ func TestSidecarRegistryShared(t *testing.T) {
 	})
 
 	t.Run("deregister propagates", func(t *testing.T) {
-		register(t, urlB, "", "gone", "b3")
-		deregister(t, urlB, "gone", "b3")
+		registerNode(t, urlB, "", "gone", "b3")
+		deregisterNode(t, urlB, "gone", "b3")
 		if got := lookup(t, urlA, "gone"); got != nil {
 			t.Fatalf("A: gone = %v after DELETE on B, want 404", got)
 		}
 		eventually(t, wait, "gone removed on B", func() bool { return lookup(t, urlB, "gone") == nil })
-		deregister(t, urlA, "bar", "a1")
+		deregisterNode(t, urlA, "bar", "a1")
 		eventually(t, wait, "bar removed on B", func() bool { return lookup(t, urlB, "bar") == nil })
 		code, body := do(t, "DELETE", urlB+"/registry", `{"name":"nope","nodes":[{"id":"x"}]}`)
 		wantError(t, "DELETE unknown on B", code, body, http.StatusNotFound)
 	})
 
 	t.Run("A down: B serves its cache; A back: B re-sends", func(t *testing.T) {
-		register(t, urlA, "", "other", "a2")
+		registerNode(t, urlA, "", "other", "a2")
 		eventually(t, wait, "other visible on B", func() bool { return hasNodes(t, urlB, "other", "a2") })
 		addrA := strings.TrimPrefix(urlA, "http://")
 		stopA()
@@ -217,7 +217,7 @@ func TestSidecarRegistryShared(t *testing.T) {
 		if code != http.StatusOK || !strings.Contains(string(body), `"foo"`) {
 			t.Fatalf("B: GET /registry = %d %s while A is down, want the cached list", code, body)
 		}
-		register(t, urlB, "10s", "during", "b4") // accepted and queued
+		registerNode(t, urlB, "10s", "during", "b4") // accepted and queued
 		if !hasNodes(t, urlB, "during", "b4") {
 			t.Fatalf("B: during = %v, want its own registration at once", lookup(t, urlB, "during"))
 		}
@@ -324,7 +324,7 @@ func TestConsulBadResponses(t *testing.T) {
 			if code, body := do(t, "GET", url+"/health", ""); code != http.StatusOK {
 				t.Fatalf("GET /health = %d %s, want 200", code, body)
 			}
-			register(t, url, "10s", "app", "app-1") // accepted, queued
+			registerNode(t, url, "10s", "app", "app-1") // accepted, queued
 			if !hasNodes(t, url, "app", "app-1") {
 				t.Fatalf("GET app = %v, want its own registration [app-1]", lookup(t, url, "app"))
 			}

@@ -465,7 +465,7 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 		if !res.retry || try >= h.cfg.ClientRetries {
 			break
 		}
-		wait := backoff(try)
+		wait := retryBackoff(try)
 		if time.Now().Add(wait).After(deadline) {
 			break
 		}
@@ -519,10 +519,15 @@ func (h *rpcHandler) apiErr(code int, format string, args ...any) *apiError {
 	return &apiError{ID: errorID, Code: code, Detail: fmt.Sprintf(format, args...), Status: http.StatusText(code)}
 }
 
-// backoff is the jittered wait before retry number try+1: half of an
-// exponentially growing step plus a random part of the other half.
-func backoff(try int) time.Duration {
-	d := min(retryBackoffBase<<min(try, 10), retryBackoffMax)
+// retryBackoff is the jittered wait before retry number try+1, of an
+// exponentially growing step.
+func retryBackoff(try int) time.Duration {
+	return jitter(min(retryBackoffBase<<min(try, 10), retryBackoffMax))
+}
+
+// jitter returns a random duration in [d/2, d], so clients that failed
+// together do not retry together.
+func jitter(d time.Duration) time.Duration {
 	return d/2 + rand.N(d/2+1)
 }
 

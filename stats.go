@@ -204,8 +204,8 @@ func (st *stats) addSource(fn func(emit emitFunc)) {
 	st.sourcesMu.Unlock()
 }
 
-// registrySizeSource reports the size of a registry that knows it.
-func registrySizeSource(reg interface{ size() (services, nodes int) }) func(emit emitFunc) {
+// registrySizeSource reports the size of the registry.
+func registrySizeSource(reg Registry) func(emit emitFunc) {
 	return func(emit emitFunc) {
 		services, nodes := reg.size()
 		emit("sidecar_registry_services", "Services in the registry.", "gauge", float64(services))
