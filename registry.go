@@ -172,7 +172,7 @@ type memoryRegistry struct {
 
 	mu       sync.Mutex // guards services, watchers, nodes
 	services map[string]*memService
-	watchers map[chan Event]struct{}
+	watchers watchers
 	nodes    int
 
 	stop      chan struct{}
@@ -215,7 +215,7 @@ func newMemoryRegistry(sweep time.Duration, now func() time.Time, logger *slog.L
 		now:      now,
 		log:      logger,
 		services: map[string]*memService{},
-		watchers: map[chan Event]struct{}{},
+		watchers: newWatchers(logger),
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
 	}
@@ -235,10 +235,7 @@ func (m *memoryRegistry) Close() error {
 			<-m.done
 		}
 		m.mu.Lock()
-		for ch := range m.watchers {
-			delete(m.watchers, ch)
-			close(ch)
-		}
+		m.watchers.closeAll()
 		m.mu.Unlock()
 	})
 	return nil
@@ -420,43 +417,76 @@ func (m *memoryRegistry) ListServices(ctx context.Context) ([]string, error) {
 }
 
 func (m *memoryRegistry) Watch(ctx context.Context) (<-chan Event, error) {
-	ch := make(chan Event, watchBuffer)
 	m.mu.Lock()
+	defer m.mu.Unlock()
 	select {
 	case <-m.stop:
-		m.mu.Unlock()
 		return nil, errors.New("registry: closed")
 	default:
 	}
-	m.watchers[ch] = struct{}{}
-	m.mu.Unlock()
-	context.AfterFunc(ctx, func() {
-		m.mu.Lock()
-		defer m.mu.Unlock()
-		if _, ok := m.watchers[ch]; ok {
-			delete(m.watchers, ch)
-			close(ch)
-		}
-	})
-	return ch, nil
+	return m.watchers.add(ctx, &m.mu), nil
 }
 
-// notifyLocked sends an event to every watcher without blocking; a watcher
-// whose buffer is full is dropped and its channel closed. Sending under the
-// lock keeps events in the order the changes happened.
+// notifyLocked tells watchers that nodes of a service changed.
 func (m *memoryRegistry) notifyLocked(action, name string, svc *memService, nodes []*Node) {
-	if len(m.watchers) == 0 {
+	if m.watchers.empty() {
 		return
 	}
-	ev := Event{Action: action, Service: svc.view(name, nodes)}
-	for ch := range m.watchers {
+	m.watchers.send(Event{Action: action, Service: svc.view(name, nodes)})
+}
+
+// watchers are the channels of a registry's Watch calls. The registry's
+// mutex guards them: it is held for every method, and add is given it for
+// the removal when a watch's context ends. Sending under that lock keeps
+// events in the order the changes happened.
+type watchers struct {
+	chans map[chan Event]struct{}
+	log   *slog.Logger
+}
+
+func newWatchers(logger *slog.Logger) watchers {
+	return watchers{chans: map[chan Event]struct{}{}, log: logger}
+}
+
+func (w *watchers) empty() bool { return len(w.chans) == 0 }
+
+// add registers a watcher until ctx ends; mu is the owner's lock, held by
+// the caller now and taken again for the removal.
+func (w *watchers) add(ctx context.Context, mu *sync.Mutex) <-chan Event {
+	ch := make(chan Event, watchBuffer)
+	w.chans[ch] = struct{}{}
+	context.AfterFunc(ctx, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		w.remove(ch)
+	})
+	return ch
+}
+
+// send gives ev to every watcher without blocking; a watcher whose buffer
+// is full is dropped and its channel closed.
+func (w *watchers) send(ev Event) {
+	for ch := range w.chans {
 		select {
 		case ch <- ev:
 		default:
-			delete(m.watchers, ch)
-			close(ch)
-			m.log.Warn("watcher fell behind; dropped")
+			w.remove(ch)
+			w.log.Warn("watcher fell behind; dropped")
 		}
+	}
+}
+
+func (w *watchers) remove(ch chan Event) {
+	if _, ok := w.chans[ch]; ok {
+		delete(w.chans, ch)
+		close(ch)
+	}
+}
+
+// closeAll ends every watch.
+func (w *watchers) closeAll() {
+	for ch := range w.chans {
+		w.remove(ch)
 	}
 }
 

@@ -169,7 +169,7 @@ type cachedRegistry struct {
 	deregs   map[string]*Service             // "service\x00node" -> pending deregistration
 	view     map[string]*Service             // remote merged with local: what lookups see
 	nodes    int                             // nodes in view
-	watchers map[chan Event]struct{}
+	watchers watchers
 	up       bool // the backend answered the last sync call
 	down     bool // the last sync call failed: calls are queued, not tried
 	synced   bool // at least one full state arrived
@@ -198,7 +198,7 @@ func newCachedRegistry(b remoteBackend, t remoteTiming, sweep time.Duration, log
 		local:    map[string]map[string]*localReg{},
 		deregs:   map[string]*Service{},
 		view:     map[string]*Service{},
-		watchers: map[chan Event]struct{}{},
+		watchers: newWatchers(logger),
 		syncedc:  make(chan struct{}),
 		kick:     make(chan struct{}, 1),
 	}
@@ -239,10 +239,7 @@ func (c *cachedRegistry) Close() error {
 		c.wg.Wait()
 		c.backend.close()
 		c.mu.Lock()
-		for ch := range c.watchers {
-			delete(c.watchers, ch)
-			close(ch)
-		}
+		c.watchers.closeAll()
 		c.mu.Unlock()
 	})
 	return nil
@@ -440,23 +437,12 @@ func (c *cachedRegistry) awaitSync(ctx context.Context) error {
 }
 
 func (c *cachedRegistry) Watch(ctx context.Context) (<-chan Event, error) {
-	ch := make(chan Event, watchBuffer)
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	if c.closed {
-		c.mu.Unlock()
 		return nil, errors.New("registry: closed")
 	}
-	c.watchers[ch] = struct{}{}
-	c.mu.Unlock()
-	context.AfterFunc(ctx, func() {
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		if _, ok := c.watchers[ch]; ok {
-			delete(c.watchers, ch)
-			close(ch)
-		}
-	})
-	return ch, nil
+	return c.watchers.add(ctx, &c.mu), nil
 }
 
 // size returns the number of services and nodes that lookups see.
@@ -709,7 +695,7 @@ func (c *cachedRegistry) refreshLocked(name string) {
 
 // diffLocked sends watchers the events that turn old into next.
 func (c *cachedRegistry) diffLocked(name string, old, next *Service) {
-	if len(c.watchers) == 0 {
+	if c.watchers.empty() {
 		return
 	}
 	before := map[string]*Node{}
@@ -737,28 +723,14 @@ func (c *cachedRegistry) diffLocked(name string, old, next *Service) {
 		}
 	}
 	if len(gone) > 0 {
-		c.notifyLocked(Event{Action: "delete", Service: withNodes(old, gone)})
+		c.watchers.send(Event{Action: "delete", Service: withNodes(old, gone)})
 	}
 	if len(changed) > 0 {
 		action := "update"
 		if old == nil {
 			action = "create"
 		}
-		c.notifyLocked(Event{Action: action, Service: withNodes(next, changed)})
-	}
-}
-
-// notifyLocked sends ev to every watcher without blocking; a watcher that
-// fell behind is dropped, as in memoryRegistry.
-func (c *cachedRegistry) notifyLocked(ev Event) {
-	for ch := range c.watchers {
-		select {
-		case ch <- ev:
-		default:
-			delete(c.watchers, ch)
-			close(ch)
-			c.log.Warn("watcher fell behind; dropped")
-		}
+		c.watchers.send(Event{Action: action, Service: withNodes(next, changed)})
 	}
 }
 
