@@ -149,7 +149,7 @@ const (
 // shutdown); for an ordinary request its context is the caller's, and an
 // abort ends the backend connection's blocked reads and writes instead.
 type proxyCall struct {
-	context.Context // Value(proxyCallKey{}) is the call
+	context.Context                         // Value(proxyCallKey{}) is the call
 	cancel          context.CancelCauseFunc // upgrades: cancels Context
 	stopWatch       func() bool             // ordinary requests: stops the caller-gone watch
 
