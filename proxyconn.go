@@ -44,10 +44,11 @@ var (
 // address). Safe for concurrent use; close closes every idle connection and
 // makes later returns close theirs.
 type connPools struct {
-	dialer *net.Dialer
-	tls    *tls.Config // base configuration of https nodes
-	dials  atomic.Int64
-	closed atomic.Bool
+	dialer     *net.Dialer
+	tls        *tls.Config   // base configuration of https nodes
+	staleAfter time.Duration // idle time after which a connection is probed; staleCheckAfter
+	dials      atomic.Int64
+	closed     atomic.Bool
 
 	mu    sync.Mutex // serialises creation and pruning of pools
 	pools sync.Map   // node URL -> *connPool
@@ -60,8 +61,9 @@ func newConnPools(cfg *Config, clientTLS *tls.Config) *connPools {
 		clientTLS = &tls.Config{MinVersion: tls.VersionTLS12}
 	}
 	return &connPools{
-		dialer: &net.Dialer{Timeout: min(cfg.ClientRequestTimeout, maxDialTimeout), KeepAlive: 30 * time.Second},
-		tls:    clientTLS,
+		dialer:     &net.Dialer{Timeout: min(cfg.ClientRequestTimeout, maxDialTimeout), KeepAlive: 30 * time.Second},
+		tls:        clientTLS,
+		staleAfter: staleCheckAfter,
 	}
 }
 
@@ -148,7 +150,7 @@ type backendConn struct {
 type hdrField struct{ k0, k1, v1 int32 }
 
 // get returns an idle connection, or nil when there is none. A connection
-// idle for longer than staleCheckAfter is first probed when probe is set
+// idle for longer than staleAfter is first probed when probe is set
 // (the request cannot be sent again should the node have closed it).
 func (p *connPool) get(now time.Time, probe bool) *backendConn {
 	for {
@@ -163,7 +165,7 @@ func (p *connPool) get(now time.Time, probe bool) *backendConn {
 		p.idle = p.idle[:n-1]
 		p.mu.Unlock()
 		idle := now.Sub(c.idleSince)
-		if idle >= poolIdleTimeout || (probe && idle >= staleCheckAfter && !c.alive()) {
+		if idle >= poolIdleTimeout || (probe && idle >= p.owner.staleAfter && !c.alive()) {
 			c.close()
 			continue
 		}
