@@ -6,7 +6,9 @@ package main
 // balancer (balancer.go); requests are retried on another node only where
 // that is safe; ordinary requests get a timeout for the response headers,
 // and streams (server-sent events, chunked bodies, websockets) an idle
-// timeout instead of a total one.
+// timeout instead of a total one. Ordinary requests travel over the
+// sidecar's own HTTP/1.1 client (proxyconn.go), upgrades over
+// httputil.ReverseProxy and an http.Transport.
 
 import (
 	"context"
@@ -704,7 +706,8 @@ func (pc *proxyCall) bodySent() {
 	}
 }
 
-// rewrite prepares the outgoing request: path and query stay as they came;
+// rewrite prepares an outgoing upgrade request (writeRequestHead does the
+// same for the others): path and query stay as they came;
 // the Host header names the node; X-Forwarded-For extends the caller's
 // chain, X-Forwarded-Host and -Proto describe the caller's request; the
 // sidecar's own bearer token is not passed on; a W3C traceparent is passed
@@ -735,7 +738,8 @@ type proxyError struct {
 func (e *proxyError) Error() string { return e.err.Error() }
 func (e *proxyError) Unwrap() error { return e.err }
 
-// RoundTrip sends the outgoing request to a node of the call's service.
+// RoundTrip sends an upgrade request (the ReverseProxy's outgoing request)
+// to a node of the call's service; forward does the same for the others.
 // On a failure that is safe to retry (a request that never reached a node,
 // or an idempotent one without a body) it tries another node, within the
 // retry budget and the request timeout. Every outcome feeds the node's
