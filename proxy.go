@@ -6,7 +6,9 @@ package main
 // balancer (balancer.go); requests are retried on another node only where
 // that is safe; ordinary requests get a timeout for the response headers,
 // and streams (server-sent events, chunked bodies, websockets) an idle
-// timeout instead of a total one.
+// timeout instead of a total one. Ordinary requests travel over the
+// sidecar's own HTTP/1.1 client (proxyconn.go), upgrades over
+// httputil.ReverseProxy and an http.Transport.
 
 import (
 	"context"
@@ -35,21 +37,27 @@ var (
 	errHeaderTimeout = errors.New("no response headers in time")
 	errIdleTimeout   = errors.New("stream idle for too long")
 	errShutdown      = errors.New("sidecar shutting down")
+	errCallerGone    = errors.New("caller went away")
 )
 
-// proxyHandler is the reverse proxy. It owns a backend transport (shared by
-// every request), a balancer, and an httputil.ReverseProxy whose Rewrite
-// sets the forwarding headers and whose Transport is the proxyHandler
-// itself: RoundTrip picks nodes and retries. Safe for concurrent use; it
-// starts no goroutines of its own beyond a timer per request in flight,
-// proxied websockets are registered with streams so shutdown ends them,
-// and Close releases idle backend connections.
+// proxyHandler is the reverse proxy. Ordinary requests go through its own
+// HTTP/1.1 forwarder (forward, proxyconn.go) over pools of keep-alive
+// connections to the nodes, on the handler's goroutine. Upgrade requests
+// (websockets) go through an httputil.ReverseProxy whose Rewrite sets the
+// forwarding headers and whose Transport is the proxyHandler itself:
+// RoundTrip picks nodes and retries over a backend http.Transport. Both
+// share one balancer. Safe for concurrent use; it starts no goroutines of
+// its own beyond a timer per request in flight and one per pool with idle
+// connections; proxied websockets are registered with streams so shutdown
+// ends them, and Close releases idle backend connections.
 type proxyHandler struct {
 	cfg       *Config
 	reg       Registry
 	log       *slog.Logger
 	bal       *balancer
-	transport *http.Transport
+	transport *http.Transport // upgrade requests only
+	conns     *connPools      // every other request
+	buffers   *bufferPool
 	streams   *streams
 	rp        *httputil.ReverseProxy
 
@@ -70,6 +78,8 @@ func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Confi
 		log:       logger,
 		bal:       newBalancer(cfg.Balancer, logger),
 		transport: newBackendTransport(cfg, clientTLS),
+		conns:     newConnPools(cfg, clientTLS),
+		buffers:   &bufferPool{},
 		streams:   g,
 	}
 	// Bodies pass through as the node encoded them: the transport must not
@@ -85,7 +95,7 @@ func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Confi
 		// through the connection's buffer. -1 (flush every write of every
 		// body) cost 14% more CPU per request in bench/proxy.sh.
 		FlushInterval: 0,
-		BufferPool:    &bufferPool{},
+		BufferPool:    p.buffers,
 		ErrorHandler:  p.writeProxyError,
 		ErrorLog:      slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
 	}
@@ -95,6 +105,7 @@ func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Confi
 // Close releases idle backend connections. Requests in flight are the HTTP
 // server's to drain, proxied websockets the streams' to end. Idempotent.
 func (p *proxyHandler) Close() error {
+	p.conns.close()
 	p.transport.CloseIdleConnections()
 	return nil
 }
@@ -133,13 +144,16 @@ const (
 	phaseStreaming        // the response (or upgraded connection) flows: idle timeout
 )
 
-// proxyCall is the state of one proxied request. It is the outgoing
+// proxyCall is the state of one proxied request and carries what the
+// forwarder, RoundTrip and the error handler need, so a request costs one
+// allocation of the sidecar's own. For an upgrade it is the outgoing
 // request's context (cancelled with a cause: header timeout, idle stream,
-// shutdown) and carries what RoundTrip and the error handler need, so a
-// request costs one allocation of the sidecar's own.
+// shutdown); for an ordinary request its context is the caller's, and an
+// abort ends the backend connection's blocked reads and writes instead.
 type proxyCall struct {
-	context.Context // cancelled by cancel; Value(proxyCallKey{}) is the call
-	cancel          context.CancelCauseFunc
+	context.Context                         // Value(proxyCallKey{}) is the call
+	cancel          context.CancelCauseFunc // upgrades: cancels Context
+	stopWatch       func() bool             // ordinary requests: stops the caller-gone watch
 
 	p         *proxyHandler
 	service   string
@@ -156,10 +170,14 @@ type proxyCall struct {
 	bytes atomic.Int64 // bytes moved either way: the idle check's activity
 
 	timer *time.Timer
-	mu    sync.Mutex // guards ended, seen, quiet; held by the timer while it acts
-	ended bool       // the handler returned: w is off limits
-	seen  int64      // bytes at the previous idle check
-	quiet int        // idle checks in a row without a byte
+	mu    sync.Mutex   // guards ended, seen, quiet, cause, conn; held by the timer while it acts
+	ended bool         // the handler returned: w is off limits
+	seen  int64        // bytes at the previous idle check
+	quiet int          // idle checks in a row without a byte
+	cause error        // why the call was aborted; nil while it runs
+	conn  *backendConn // the connection in use by the forwarder, for abort
+
+	bodyRead int64 // bytes of the caller's body consumed; the handler's goroutine only
 
 	body  proxyBody // the outgoing request body, when there is one
 	resp  proxyBody // the response body
@@ -212,11 +230,14 @@ func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
 	st.budget.deposit()
 
 	pc := &proxyCall{p: p, service: service, st: st, w: w, start: time.Now(), timeout: timeout, lowered: lowered}
-	pc.Context, pc.cancel = context.WithCancelCause(r.Context())
-	hasBody := r.ContentLength != 0 // ReverseProxy sends no body for 0; -1 is chunked
+	hasBody := r.ContentLength != 0 // no body is sent for 0; -1 is chunked
 	pc.retrySafe = !hasBody && idempotent(r.Method)
 	pc.upgrade = r.Header.Get("Upgrade") != "" && headerHasToken(r.Header, "Connection", "upgrade")
-	if pc.upgrade {
+	if !pc.upgrade {
+		pc.Context = r.Context()
+		pc.stopWatch = context.AfterFunc(r.Context(), pc.callerGone)
+	} else {
+		pc.Context, pc.cancel = context.WithCancelCause(r.Context())
 		// http.Server.Shutdown neither ends nor waits for hijacked
 		// connections: the streams end this one and wait for it.
 		done, ok := p.streams.join(func() { pc.cancel(errShutdown) })
@@ -237,7 +258,328 @@ func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
 	}
 	pc.timer = time.AfterFunc(first, pc.tick)
 	defer pc.end()
-	p.rp.ServeHTTP(w, r.WithContext(pc))
+	if pc.upgrade {
+		p.rp.ServeHTTP(w, r.WithContext(pc))
+		return
+	}
+	p.forward(w, r, pc)
+}
+
+// forward sends an ordinary request to a node of the call's service over a
+// pooled connection and streams the answer back, all on the handler's
+// goroutine. Nodes are picked and retried as in RoundTrip. An error before
+// the response starts is the caller's JSON error; one after it aborts the
+// caller's response (http.ErrAbortHandler), as ReverseProxy does.
+func (p *proxyHandler) forward(w http.ResponseWriter, r *http.Request, pc *proxyCall) {
+	ensureTraceparent(r.Header)
+	tried := pc.tried[:0] // nodes this request failed on: retries go elsewhere
+	for try := 0; ; try++ {
+		t0 := time.Now()
+		n := p.bal.pick(pc.st, tried, t0)
+		if n == nil {
+			p.fail(w, r, pc, &proxyError{http.StatusServiceUnavailable, fmt.Errorf("service %q has no nodes", pc.service)})
+			return
+		}
+		c, h, err := p.exchange(pc, r, n, t0)
+		if err == nil {
+			p.bal.done(n, time.Since(t0), h.code < 500)
+			if h.code >= 500 {
+				pc.st.errors.Add(1)
+			}
+			p.respond(w, r, pc, c, h)
+			return
+		}
+		if pe := pc.failed(n, try, t0, err); pe != nil {
+			p.fail(w, r, pc, pe)
+			return
+		}
+		tried = append(tried, n)
+	}
+}
+
+// exchange sends r to node n and reads the response head. It uses an idle
+// connection of the node's pool if there is one; when that fails before
+// anything of the response arrived and the request can be sent again
+// (nothing of its body consumed, and idempotent or not sent at all), the
+// node probably closed the idle connection, and a fresh one is tried once,
+// as net/http does. On success the connection is attached to pc, its
+// response body unread.
+func (p *proxyHandler) exchange(pc *proxyCall, r *http.Request, n *nodeState, now time.Time) (*backendConn, respHead, error) {
+	pool := p.conns.pool(n.url, n.addr)
+	c := pool.get(now, !pc.retrySafe)
+	for fresh := c == nil; ; fresh = true {
+		if c == nil {
+			var err error
+			if c, err = pc.dial(pool); err != nil {
+				return nil, respHead{}, err
+			}
+		}
+		if !pc.attach(c) {
+			pc.detach()
+			c.close()
+			return nil, respHead{}, errors.New("aborted")
+		}
+		h, started, wrote, err := p.roundTrip(pc, r, c)
+		if err == nil {
+			return c, h, nil
+		}
+		reused := c.reused
+		aborted := pc.detach()
+		c.close()
+		var ce *callerError
+		if fresh || !reused || started || aborted || pc.bodyRead > 0 || (wrote && !idempotent(r.Method)) || errors.As(err, &ce) {
+			return nil, respHead{}, err
+		}
+		p.log.Debug("pooled connection failed; trying a fresh one", "service", pc.service, "node", n.addr, "err", err)
+		c = nil
+	}
+}
+
+// dial opens a connection to pool's node; without a body to send first,
+// no later than the response header deadline.
+func (pc *proxyCall) dial(pool *connPool) (*backendConn, error) {
+	if pc.phase.Load() != phaseHeaders {
+		return pool.dial(pc.Context)
+	}
+	ctx, cancel := context.WithDeadline(pc.Context, time.Unix(0, pc.due.Load()))
+	defer cancel()
+	return pool.dial(ctx)
+}
+
+// roundTrip writes r (head and body) on c and reads the final response
+// head, skipping 1xx interim responses. started says whether any byte of a
+// response arrived, wrote whether the request was written without error.
+// When writing the body fails, the node may have answered early (a 413,
+// say): that answer is used if it can be read.
+func (p *proxyHandler) roundTrip(pc *proxyCall, r *http.Request, c *backendConn) (h respHead, started, wrote bool, err error) {
+	writeRequestHead(c.bw, r, c.pool.addr, r.ContentLength, p.cfg.AuthToken != "")
+	var werr error
+	if r.ContentLength != 0 {
+		if werr = p.sendBody(pc, r, c); werr != nil {
+			var ce *callerError
+			if errors.As(werr, &ce) {
+				return h, false, false, werr
+			}
+			pc.bodySent() // the header deadline bounds the wait for an early answer
+		}
+	}
+	if werr == nil {
+		werr = c.bw.Flush()
+	}
+	if werr != nil && pc.bodyRead == 0 {
+		return h, false, false, werr
+	}
+	for interim := 0; ; interim++ {
+		h, started, err = c.readResponseHead(backendHeaderSize)
+		if err != nil {
+			if werr != nil {
+				err = werr
+			}
+			return h, started, werr == nil, err
+		}
+		if h.code >= 200 || h.code == http.StatusSwitchingProtocols {
+			break
+		}
+		if interim == maxInterim {
+			return h, true, true, fmt.Errorf("more than %d interim responses", maxInterim)
+		}
+	}
+	if h.code == http.StatusSwitchingProtocols {
+		return h, true, true, errors.New("101 Switching Protocols to a request without an upgrade")
+	}
+	if werr != nil {
+		h.close = true
+	}
+	return h, true, true, nil
+}
+
+// callerError is a failure to read the caller's request body: not the
+// node's fault.
+type callerError struct{ err error }
+
+func (e *callerError) Error() string { return "read request body: " + e.err.Error() }
+func (e *callerError) Unwrap() error { return e.err }
+
+// sendBody streams the caller's body to c, with its Content-Length or
+// chunked. A small body is read straight into the connection's write
+// buffer; a large one goes through a pooled copy buffer. The end of the
+// body starts the wait for the response headers.
+func (p *proxyHandler) sendBody(pc *proxyCall, r *http.Request, c *backendConn) error {
+	bw := c.bw
+	if r.ContentLength > 0 && r.ContentLength <= int64(bw.Available()) {
+		for remaining := r.ContentLength; remaining > 0; {
+			buf := bw.AvailableBuffer()[:remaining]
+			n, err := r.Body.Read(buf)
+			if n > 0 {
+				pc.bodyRead += int64(n)
+				pc.bytes.Add(int64(n))
+				remaining -= int64(n)
+				bw.Write(buf[:n]) // in place: bufio copies it onto itself
+			}
+			if err != nil && (err != io.EOF || remaining > 0) {
+				if err == io.EOF {
+					err = io.ErrUnexpectedEOF
+				}
+				return &callerError{err}
+			}
+		}
+		pc.bodySent()
+		return nil
+	}
+	buf := p.buffers.Get()
+	defer p.buffers.Put(buf)
+	var dst io.Writer = bw
+	var cw io.WriteCloser
+	if r.ContentLength < 0 {
+		cw = httputil.NewChunkedWriter(bw)
+		dst = cw
+	}
+	remaining := r.ContentLength
+	for {
+		b := buf
+		if remaining >= 0 && remaining < int64(len(b)) {
+			b = b[:remaining]
+		}
+		n, err := r.Body.Read(b)
+		if n > 0 {
+			pc.bodyRead += int64(n)
+			pc.bytes.Add(int64(n))
+			if remaining > 0 {
+				remaining -= int64(n)
+			}
+			if _, werr := dst.Write(b[:n]); werr != nil {
+				return werr
+			}
+			if cw != nil {
+				// A chunked upload may be a stream: pass each piece on.
+				if werr := bw.Flush(); werr != nil {
+					return werr
+				}
+			}
+		}
+		if err == io.EOF || (err == nil && remaining == 0) {
+			break
+		}
+		if err != nil {
+			return &callerError{err}
+		}
+	}
+	if remaining > 0 {
+		return &callerError{io.ErrUnexpectedEOF}
+	}
+	if cw != nil {
+		cw.Close()
+		bw.WriteString("\r\n") // no trailer
+	}
+	pc.bodySent()
+	return nil
+}
+
+// respond writes the response whose head c just read to w, then its body.
+// The connection goes back to the pool only when the body was read to its
+// end and neither side asked to close it; any other end closes it. A
+// failure once the status is written aborts the caller's response.
+func (p *proxyHandler) respond(w http.ResponseWriter, r *http.Request, pc *proxyCall, c *backendConn, h respHead) {
+	pc.phase.Store(phaseStreaming)
+	pc.timer.Reset(p.cfg.ProxyIdleTimeout / idleChecks)
+	c.header(w.Header(), h.chunked)
+	w.WriteHeader(h.code)
+	bodyless := r.Method == http.MethodHead || h.code == http.StatusNoContent || h.code == http.StatusNotModified
+	var err error
+	if !bodyless {
+		err = p.copyBody(w, pc, c, h)
+	}
+	aborted := pc.detach()
+	if err == nil && !aborted && !h.close && (bodyless || h.length >= 0 || h.chunked) {
+		c.pool.put(c, time.Now())
+	} else {
+		c.close()
+	}
+	if err != nil {
+		p.log.Debug("response aborted", "service", pc.service, "err", err)
+		panic(http.ErrAbortHandler)
+	}
+}
+
+// copyBody copies the response body from c to w: Content-Length bytes,
+// chunks up to the last one (trailers become the caller's trailers), or
+// everything up to the node's close. Bytes already buffered go out without
+// a copy; a large body is read through a pooled buffer. Event streams and
+// bodies of unknown length are flushed on every write, so each event
+// reaches the caller at once.
+func (p *proxyHandler) copyBody(w http.ResponseWriter, pc *proxyCall, c *backendConn, h respHead) error {
+	var rc *http.ResponseController
+	if h.stream || h.length < 0 {
+		rc = http.NewResponseController(w)
+	}
+	var src io.Reader = c.br
+	if h.chunked {
+		src = httputil.NewChunkedReader(c.br)
+	}
+	var buf []byte
+	defer func() {
+		if buf != nil {
+			p.buffers.Put(buf)
+		}
+	}()
+	remaining := h.length
+	for {
+		var chunk []byte
+		var rerr error
+		peeked := false
+		switch {
+		case h.length >= 0 && remaining == 0:
+			return nil
+		case h.length >= 0 && (c.br.Buffered() > 0 || remaining < connBufferSize):
+			if c.br.Buffered() == 0 {
+				_, rerr = c.br.Peek(1)
+			}
+			if rerr == nil {
+				chunk, _ = c.br.Peek(int(min(int64(c.br.Buffered()), remaining)))
+				peeked = true
+			}
+		default:
+			if buf == nil {
+				buf = p.buffers.Get()
+			}
+			b := buf
+			if h.length >= 0 && remaining < int64(len(b)) {
+				b = b[:remaining]
+			}
+			var n int
+			n, rerr = src.Read(b)
+			chunk = b[:n]
+		}
+		if len(chunk) > 0 {
+			pc.bytes.Add(int64(len(chunk)))
+			if _, err := w.Write(chunk); err != nil {
+				return fmt.Errorf("write to caller: %w", err)
+			}
+			if rc != nil {
+				if err := rc.Flush(); err != nil {
+					return fmt.Errorf("flush to caller: %w", err)
+				}
+			}
+			if peeked {
+				c.br.Discard(len(chunk))
+			}
+			if remaining > 0 {
+				remaining -= int64(len(chunk))
+			}
+		}
+		if rerr == io.EOF {
+			switch {
+			case h.chunked:
+				return c.readTrailer(w.Header(), backendHeaderSize)
+			case h.length < 0:
+				return nil // the node's close ends the body
+			}
+			rerr = io.ErrUnexpectedEOF
+		}
+		if rerr != nil {
+			return fmt.Errorf("read response body: %w", rerr)
+		}
+	}
 }
 
 // idempotent reports whether a request with method may be sent twice with
@@ -252,11 +594,73 @@ func idempotent(method string) bool {
 
 // end stops the timer and the outgoing request once the handler returns.
 func (pc *proxyCall) end() {
+	if pc.stopWatch != nil {
+		pc.stopWatch()
+	}
 	pc.mu.Lock()
 	pc.ended = true
 	pc.mu.Unlock()
 	pc.timer.Stop()
-	pc.cancel(nil)
+	if pc.cancel != nil {
+		pc.cancel(nil)
+	}
+}
+
+// abort ends the call for cause: the upgrade's context is cancelled, the
+// forwarder's connection and a read of the caller's body unblocked.
+// pc.mu is held.
+func (pc *proxyCall) abort(cause error) {
+	if pc.cause == nil {
+		pc.cause = cause
+	}
+	if pc.cancel != nil {
+		pc.cancel(cause)
+		return
+	}
+	if pc.conn != nil {
+		pc.conn.SetDeadline(aLongTimeAgo)
+	}
+	if pc.phase.Load() == phaseSending {
+		http.NewResponseController(pc.w).SetReadDeadline(aLongTimeAgo)
+	}
+}
+
+// callerGone aborts an ordinary call whose caller went away.
+func (pc *proxyCall) callerGone() {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if !pc.ended {
+		pc.abort(errCallerGone)
+	}
+}
+
+// causeOf is why the call was aborted, or nil.
+func (pc *proxyCall) causeOf() error {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	return pc.cause
+}
+
+// attach makes c the connection an abort ends; false if the call is
+// already aborted.
+func (pc *proxyCall) attach(c *backendConn) bool {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	pc.conn = c
+	if pc.cause != nil {
+		c.SetDeadline(aLongTimeAgo)
+		return false
+	}
+	return true
+}
+
+// detach takes the connection back from abort's reach and reports whether
+// the call was aborted (the connection may then have a past deadline).
+func (pc *proxyCall) detach() (aborted bool) {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	pc.conn = nil
+	return pc.cause != nil
 }
 
 // tick is the call's timer: the header deadline while waiting for the
@@ -273,7 +677,7 @@ func (pc *proxyCall) tick() {
 			pc.timer.Reset(wait)
 			return
 		}
-		pc.cancel(errHeaderTimeout)
+		pc.abort(errHeaderTimeout)
 		return
 	}
 	if n := pc.bytes.Load(); n != pc.seen {
@@ -286,7 +690,7 @@ func (pc *proxyCall) tick() {
 		return
 	}
 	pc.p.idleTimeouts.Add(1)
-	pc.cancel(errIdleTimeout)
+	pc.abort(errIdleTimeout)
 	if !pc.upgrade {
 		// A write blocked on a caller that stopped reading ends too.
 		http.NewResponseController(pc.w).SetWriteDeadline(time.Now())
@@ -302,7 +706,8 @@ func (pc *proxyCall) bodySent() {
 	}
 }
 
-// rewrite prepares the outgoing request: path and query stay as they came;
+// rewrite prepares an outgoing upgrade request (writeRequestHead does the
+// same for the others): path and query stay as they came;
 // the Host header names the node; X-Forwarded-For extends the caller's
 // chain, X-Forwarded-Host and -Proto describe the caller's request; the
 // sidecar's own bearer token is not passed on; a W3C traceparent is passed
@@ -333,7 +738,8 @@ type proxyError struct {
 func (e *proxyError) Error() string { return e.err.Error() }
 func (e *proxyError) Unwrap() error { return e.err }
 
-// RoundTrip sends the outgoing request to a node of the call's service.
+// RoundTrip sends an upgrade request (the ReverseProxy's outgoing request)
+// to a node of the call's service; forward does the same for the others.
 // On a failure that is safe to retry (a request that never reached a node,
 // or an idempotent one without a body) it tries another node, within the
 // retry budget and the request timeout. Every outcome feeds the node's
@@ -366,26 +772,37 @@ func (p *proxyHandler) RoundTrip(req *http.Request) (*http.Response, error) {
 			}
 			return pc.received(resp), nil
 		}
-		pe, nodeFailed, retry := pc.classify(err)
-		p.bal.done(n, time.Since(t0), !nodeFailed)
-		if nodeFailed {
-			p.log.Debug("attempt failed", "service", pc.service, "node", n.addr, "try", try, "err", err)
-		}
-		wait := retryBackoff(try)
-		if !retry || try >= p.cfg.ClientRetries || time.Now().Add(wait).After(pc.start.Add(pc.timeout)) {
-			return nil, pe
-		}
-		if !pc.st.budget.withdraw(time.Now()) {
-			p.budgetRefusals.Add(1)
-			return nil, pe
-		}
-		pc.st.retries.Add(1)
-		if !sleepCtx(pc, wait) {
-			pe, _, _ = pc.classify(pc.Err())
+		if pe := pc.failed(n, try, t0, err); pe != nil {
 			return nil, pe
 		}
 		tried = append(tried, n)
 	}
+}
+
+// failed feeds a failed attempt on n to the balancer and decides what
+// follows: nil to try another node (after a backoff, within the retry
+// budget and the request timeout), or the caller's error.
+func (pc *proxyCall) failed(n *nodeState, try int, t0 time.Time, err error) *proxyError {
+	p := pc.p
+	pe, nodeFailed, retry := pc.classify(err)
+	p.bal.done(n, time.Since(t0), !nodeFailed)
+	if nodeFailed {
+		p.log.Debug("attempt failed", "service", pc.service, "node", n.addr, "try", try, "err", err)
+	}
+	wait := retryBackoff(try)
+	if !retry || try >= p.cfg.ClientRetries || time.Now().Add(wait).After(pc.start.Add(pc.timeout)) {
+		return pe
+	}
+	if !pc.st.budget.withdraw(time.Now()) {
+		p.budgetRefusals.Add(1)
+		return pe
+	}
+	pc.st.retries.Add(1)
+	if !sleepCtx(pc, wait) || pc.causeOf() != nil {
+		pe, _, _ = pc.classify(context.Canceled)
+		return pe
+	}
+	return nil
 }
 
 // classify turns a failed attempt into the caller's error, and says whether
@@ -393,7 +810,11 @@ func (p *proxyHandler) RoundTrip(req *http.Request) (*http.Response, error) {
 // request that never reached a node (a failed dial, nothing of the body
 // read), or an idempotent one without a body.
 func (pc *proxyCall) classify(err error) (pe *proxyError, nodeFailed, retry bool) {
-	switch cause := context.Cause(pc); {
+	cause := pc.causeOf()
+	if cause == nil && pc.phase.Load() == phaseHeaders && time.Now().UnixNano() >= pc.due.Load() {
+		cause = errHeaderTimeout // a dial ran into the deadline before the timer did
+	}
+	switch {
 	case cause == errHeaderTimeout:
 		// The caller's own short deadline says nothing of the node.
 		return &proxyError{http.StatusGatewayTimeout, fmt.Errorf("no response headers within %s", pc.timeout)}, !pc.lowered, false
@@ -401,8 +822,12 @@ func (pc *proxyCall) classify(err error) (pe *proxyError, nodeFailed, retry bool
 		return &proxyError{http.StatusGatewayTimeout, fmt.Errorf("request body idle for %s", pc.p.cfg.ProxyIdleTimeout)}, false, false
 	case cause == errShutdown:
 		return &proxyError{http.StatusServiceUnavailable, cause}, false, false
-	case pc.Err() != nil:
-		return &proxyError{statusClientClosed, errors.New("caller went away")}, false, false
+	case cause == errCallerGone || pc.Err() != nil:
+		return &proxyError{statusClientClosed, errCallerGone}, false, false
+	}
+	var ce *callerError
+	if errors.As(err, &ce) {
+		return &proxyError{http.StatusBadRequest, err}, false, false
 	}
 	var op *net.OpError
 	if errors.As(err, &op) && op.Op == "dial" {
@@ -435,10 +860,16 @@ func (pc *proxyCall) received(resp *http.Response) *http.Response {
 // writeProxyError is the ReverseProxy's one error handler: every failure
 // of a proxied request is the JSON error of its status.
 func (p *proxyHandler) writeProxyError(w http.ResponseWriter, r *http.Request, err error) {
+	p.fail(w, r, callOf(r), err)
+}
+
+// fail answers a proxied request that failed before its response started
+// with the JSON error of its status.
+func (p *proxyHandler) fail(w http.ResponseWriter, r *http.Request, pc *proxyCall, err error) {
 	pe := &proxyError{http.StatusBadGateway, err}
 	errors.As(err, &pe)
 	service := "?"
-	if pc := callOf(r); pc != nil {
+	if pc != nil {
 		service = pc.service
 		pc.st.errors.Add(1)
 		if pe.code == http.StatusGatewayTimeout {
@@ -532,4 +963,5 @@ func (p *proxyHandler) metrics(emit emitFunc) {
 	emit("sidecar_proxy_retry_budget_exhausted_total", "Proxy retries refused by the retry budget.", "counter", float64(p.budgetRefusals.Load()))
 	emit("sidecar_proxy_idle_timeouts_total", "Proxied streams ended by --proxy_idle_timeout.", "counter", float64(p.idleTimeouts.Load()))
 	emit("sidecar_proxy_upgraded_connections", "Upgraded connections (websockets) proxied now.", "gauge", float64(p.upgraded.Load()))
+	emit("sidecar_proxy_backend_dials_total", "Connections the proxy opened to nodes for ordinary requests.", "counter", float64(p.conns.dials.Load()))
 }

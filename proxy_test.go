@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +11,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -592,4 +595,355 @@ func BenchmarkProxy(b *testing.B) {
 			}
 		}
 	})
+}
+
+// countingBackend is a node whose handler is h, counting the connections
+// it accepts.
+func countingBackend(t *testing.T, h http.HandlerFunc) (*httptest.Server, *atomic.Int64) {
+	t.Helper()
+	var accepts atomic.Int64
+	srv := httptest.NewUnstartedServer(h)
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			accepts.Add(1)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	return srv, &accepts
+}
+
+// TestProxyConnectionReuse: sequential requests of every kind of response
+// framing reuse one pooled connection to the node; the bodies and the
+// status codes without a body come through intact.
+func TestProxyConnectionReuse(t *testing.T) {
+	t.Parallel()
+	s, ts := newTestServer(t, proxyTestConfig())
+	node, accepts := countingBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/reuse/204":
+			w.WriteHeader(http.StatusNoContent)
+		case "/reuse/304":
+			w.WriteHeader(http.StatusNotModified)
+		case "/reuse/chunked":
+			io.WriteString(w, "part one,")
+			w.(http.Flusher).Flush()
+			io.WriteString(w, "part two")
+		default:
+			b, _ := io.ReadAll(r.Body)
+			w.Header().Set("Content-Length", strconv.Itoa(len(b)+5))
+			io.WriteString(w, "echo:"+string(b))
+		}
+	})
+	registerURLs(t, ts.URL, "go.micro.srv.reuse", node.URL)
+	tests := []struct {
+		method, path, body string
+		code               int
+		want               string
+	}{
+		{"GET", "/reuse/a", "", 200, "echo:"},
+		{"POST", "/reuse/a", "payload", 200, "echo:payload"},
+		{"HEAD", "/reuse/a", "", 200, ""},
+		{"GET", "/reuse/204", "", 204, ""},
+		{"GET", "/reuse/304", "", 304, ""},
+		{"GET", "/reuse/chunked", "", 200, "part one,part two"},
+		{"PUT", "/reuse/a", strings.Repeat("x", 100<<10), 200, "echo:" + strings.Repeat("x", 100<<10)},
+		{"GET", "/reuse/a", "", 200, "echo:"},
+	}
+	for i := 0; i < 3; i++ {
+		for _, tt := range tests {
+			code, body := do(t, tt.method, ts.URL+tt.path, tt.body)
+			if code != tt.code || string(body) != tt.want {
+				t.Fatalf("%s %s = %d %.40q, want %d %.40q", tt.method, tt.path, code, body, tt.code, tt.want)
+			}
+		}
+	}
+	if n := accepts.Load(); n != 1 {
+		t.Errorf("node accepted %d connections for %d sequential requests, want 1", n, 3*len(tests))
+	}
+	if n := s.proxy.conns.dials.Load(); n != 1 {
+		t.Errorf("proxy dialled %d times, want 1", n)
+	}
+}
+
+// rawBackend is a node speaking raw HTTP/1.1: serve gets each accepted
+// connection with a reader over it.
+func rawBackend(t *testing.T, serve func(c net.Conn, r *bufio.Reader)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	conns := map[net.Conn]bool{}
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for c := range conns {
+			c.Close() // the proxy may hold it idle in its pool
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns[c] = true
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				serve(c, bufio.NewReader(c))
+			}()
+		}
+	}()
+	return "http://" + ln.Addr().String()
+}
+
+// readRawRequest reads one request (head and body) from r.
+func readRawRequest(r *bufio.Reader) (*http.Request, string, error) {
+	req, err := http.ReadRequest(r)
+	if err != nil {
+		return nil, "", err
+	}
+	b, err := io.ReadAll(req.Body)
+	return req, string(b), err
+}
+
+// TestProxyNodeClosesIdle: a node that closes each connection after one
+// answer, without saying so, costs no request: a GET that meets the closed
+// pooled connection is sent again on a fresh one, and a POST (which cannot
+// be sent again) finds the connection closed before it is sent.
+func TestProxyNodeClosesIdle(t *testing.T) {
+	t.Parallel()
+	s, ts := newTestServer(t, proxyTestConfig())
+	s.proxy.conns.staleAfter = 0 // probe before every POST on a pooled connection
+	closed := make(chan struct{}, 100)
+	node := rawBackend(t, func(c net.Conn, r *bufio.Reader) {
+		_, body, err := readRawRequest(r)
+		if err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: "+strconv.Itoa(len(body)+3)+"\r\n\r\nok "+body)
+		c.Close()
+		closed <- struct{}{}
+	})
+	registerURLs(t, ts.URL, "go.micro.srv.closer", node)
+	for i, method := range []string{"GET", "GET", "POST", "GET", "POST", "POST"} {
+		body := ""
+		if method == "POST" {
+			body = "p" + strconv.Itoa(i)
+		}
+		code, got := do(t, method, ts.URL+"/closer/x", body)
+		if code != 200 || string(got) != "ok "+body {
+			t.Fatalf("%s #%d = %d %q, want 200 %q", method, i, code, got, "ok "+body)
+		}
+		<-closed // the node has closed the connection the proxy pooled
+	}
+}
+
+// TestProxyChunked: a body of unknown length goes to the node chunked and
+// comes back chunked, trailers included.
+func TestProxyChunked(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, proxyTestConfig())
+	node := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		w.Header().Set("Trailer", "X-Sum")
+		w.Header().Set("X-Request-Chunked", strconv.FormatBool(len(r.TransferEncoding) > 0 && r.TransferEncoding[0] == "chunked"))
+		w.Write(b[:len(b)/2])
+		w.(http.Flusher).Flush()
+		w.Write(b[len(b)/2:])
+		w.Header().Set("X-Sum", strconv.Itoa(len(b)))
+	}))
+	t.Cleanup(node.Close)
+	registerURLs(t, ts.URL, "go.micro.srv.chunks", node.URL)
+	want := strings.Repeat("0123456789", 10_000)
+	req, _ := http.NewRequest("POST", ts.URL+"/chunks/x", io.MultiReader(strings.NewReader(want[:5]), strings.NewReader(want[5:])))
+	req.ContentLength = -1
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != 200 || string(b) != want {
+		t.Fatalf("POST chunked = %d, %d bytes, %v; want 200 and the %d bytes sent", resp.StatusCode, len(b), err, len(want))
+	}
+	if got := resp.Header.Get("X-Request-Chunked"); got != "true" {
+		t.Errorf("node saw a chunked request: %s, want true", got)
+	}
+	if len(resp.TransferEncoding) == 0 || resp.Trailer.Get("X-Sum") != strconv.Itoa(len(want)) {
+		t.Errorf("response transfer encoding %v, trailer X-Sum %q; want chunked and %d", resp.TransferEncoding, resp.Trailer.Get("X-Sum"), len(want))
+	}
+}
+
+// TestProxyLargeResponse: bodies much larger than any buffer come through
+// whole: with a Content-Length, chunked, and delimited by the node's close.
+func TestProxyLargeResponse(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, proxyTestConfig())
+	const size = 5<<20 + 123
+	block := strings.Repeat("abcdefghijklmnopqrstuvwxyz012345", size/32+1)[:size]
+	node := rawBackend(t, func(c net.Conn, r *bufio.Reader) {
+		for {
+			req, _, err := readRawRequest(r)
+			if err != nil {
+				return
+			}
+			switch req.URL.Path {
+			case "/big/length":
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: "+strconv.Itoa(size)+"\r\n\r\n"+block)
+			case "/big/chunked":
+				bw := bufio.NewWriter(c)
+				bw.WriteString("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+				cw := httputil.NewChunkedWriter(bw)
+				for i := 0; i < size; i += 70_000 {
+					cw.Write([]byte(block[i:min(i+70_000, size)]))
+				}
+				cw.Close()
+				bw.WriteString("\r\n")
+				bw.Flush()
+			default: // until close
+				io.WriteString(c, "HTTP/1.1 200 OK\r\n\r\n"+block)
+				return
+			}
+		}
+	})
+	registerURLs(t, ts.URL, "go.micro.srv.big", node)
+	for _, path := range []string{"/big/length", "/big/chunked", "/big/close", "/big/length"} {
+		code, b := do(t, "GET", ts.URL+path, "")
+		if code != 200 || len(b) != size || string(b) != block {
+			t.Errorf("GET %s = %d, %d bytes; want 200 and the node's %d bytes", path, code, len(b), size)
+		}
+	}
+}
+
+// TestProxyBadNodes: a node sending a header larger than the limit, a
+// malformed answer, a slow trickle of header bytes (slowloris) or closing
+// without an answer each give a prompt JSON error.
+func TestProxyBadNodes(t *testing.T) {
+	t.Parallel()
+	cfg := proxyTestConfig()
+	cfg.ClientRequestTimeout = 300 * time.Millisecond
+	_, ts := newTestServer(t, cfg)
+	node := rawBackend(t, func(c net.Conn, r *bufio.Reader) {
+		req, _, err := readRawRequest(r)
+		if err != nil {
+			return
+		}
+		switch req.URL.Path {
+		case "/bad/huge":
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nX-Big: "+strings.Repeat("b", backendHeaderSize+1)+"\r\n\r\n")
+		case "/bad/manyfields":
+			io.WriteString(c, "HTTP/1.1 200 OK\r\n"+strings.Repeat("X-Field: 0123456789\r\n", backendHeaderSize/20)+"\r\n")
+		case "/bad/garbage":
+			io.WriteString(c, "SMTP ready\r\n\r\n")
+		case "/bad/twolengths":
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab")
+		case "/bad/slowloris":
+			io.WriteString(c, "HTTP/1.1 200 OK\r\n")
+			for range 100 {
+				if _, err := io.WriteString(c, "X"); err != nil {
+					return
+				}
+				time.Sleep(50 * time.Millisecond) // the attack: a byte now and then
+			}
+		case "/bad/hangup":
+		}
+	})
+	registerURLs(t, ts.URL, "go.micro.srv.bad", node)
+	tests := []struct {
+		path string
+		code int
+	}{
+		{"/bad/huge", 502},
+		{"/bad/manyfields", 502},
+		{"/bad/garbage", 502},
+		{"/bad/twolengths", 502},
+		{"/bad/slowloris", 504},
+		{"/bad/hangup", 502},
+	}
+	for _, tt := range tests {
+		start := time.Now()
+		code, body := do(t, "POST", ts.URL+tt.path, "x")
+		wantError(t, "POST "+tt.path, code, body, tt.code)
+		if took := time.Since(start); took > 300*time.Millisecond+time.Second {
+			t.Errorf("POST %s took %s, want about the 300ms timeout at most", tt.path, took)
+		}
+	}
+}
+
+// TestProxyTLSNode: a node registered with the metadata https=true is
+// called over TLS, verified against --client_ca_file, its connection
+// reused.
+func TestProxyTLSNode(t *testing.T) {
+	t.Parallel()
+	var accepts atomic.Int64
+	node := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "tls=%v", r.TLS != nil)
+	}))
+	node.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			accepts.Add(1)
+		}
+	}
+	node.StartTLS()
+	t.Cleanup(node.Close)
+	ca := t.TempDir() + "/ca.pem"
+	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: node.Certificate().Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := proxyTestConfig()
+	cfg.ClientCAFile = ca
+	_, ts := newTestServer(t, cfg)
+	_, port, _ := net.SplitHostPort(strings.TrimPrefix(node.URL, "https://"))
+	reg := `{"Name":"go.micro.srv.secure","Nodes":[{"Id":"s","Address":"127.0.0.1","Port":` + port + `,"Metadata":{"https":"true"}}]}`
+	if code, b := do(t, "POST", ts.URL+"/registry", reg, "Content-Type", "application/json"); code != 200 {
+		t.Fatalf("register = %d %s", code, b)
+	}
+	for i := range 3 {
+		if code, b := do(t, "GET", ts.URL+"/secure/x", ""); code != 200 || string(b) != "tls=true" {
+			t.Fatalf("GET /secure/x #%d = %d %s, want 200 tls=true", i, code, b)
+		}
+	}
+	if n := accepts.Load(); n != 1 {
+		t.Errorf("TLS node accepted %d connections, want 1", n)
+	}
+}
+
+// TestProxyCloseClosesPool: Close closes the idle connections to nodes.
+func TestProxyCloseClosesPool(t *testing.T) {
+	t.Parallel()
+	s, ts := newTestServer(t, proxyTestConfig())
+	var open atomic.Int64
+	node := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	node.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		switch st {
+		case http.StateNew:
+			open.Add(1)
+		case http.StateClosed, http.StateHijacked:
+			open.Add(-1)
+		}
+	}
+	node.Start()
+	t.Cleanup(node.Close)
+	registerURLs(t, ts.URL, "go.micro.srv.pooled", node.URL)
+	if code, b := do(t, "GET", ts.URL+"/pooled/x", ""); code != 200 {
+		t.Fatalf("GET = %d %s", code, b)
+	}
+	if n := open.Load(); n != 1 {
+		t.Fatalf("open connections to the node = %d, want 1", n)
+	}
+	s.proxy.Close()
+	eventually(t, 2*time.Second, "pooled connection closed", func() bool { return open.Load() == 0 })
 }
