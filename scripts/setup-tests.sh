@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 status=0
 for s in install-*.sh; do
 	[ -f "$s" ] || continue
-	if ! sh "$s"; then
+	if ! bash "$s"; then
 		echo "setup-tests: $s failed; the tests that need it will skip" >&2
 		status=1
 	fi
