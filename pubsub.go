@@ -87,6 +87,7 @@ type peerBroker struct {
 	cancel    context.CancelFunc
 	kick      chan struct{} // wakes the registrar; buffered 1
 	wg        sync.WaitGroup
+	queueLen  int // messages one other sidecar may lag; tests lower it before serving
 
 	forwarded     atomic.Int64 // messages another sidecar accepted
 	forwardErrors atomic.Int64 // messages whose POST failed after retries
@@ -151,6 +152,7 @@ func newPeerBroker(cfg *Config, reg Registry, b *broker, clientTLS *tls.Config, 
 		ctx:        ctx,
 		cancel:     cancel,
 		kick:       make(chan struct{}, 1),
+		queueLen:   peerQueueLen,
 		subs:       map[entryKey]int{},
 		registered: map[entryKey]bool{},
 		routes:     map[string]*topicRoute{},
@@ -224,6 +226,7 @@ func (p *peerBroker) setAdvertise(host string, port int, https bool) {
 	p.shared = p.cfg.Registry != "memory" || p.cfg.BrokerAddress != ""
 	p.wg.Add(1)
 	go p.registrar()
+	p.wake() // register the membership node now
 	if !p.shared {
 		p.wg.Add(1)
 		go p.watchPeers()
@@ -584,7 +587,7 @@ func (p *peerBroker) enqueue(url string, d *peerDelivery) {
 	case pe == nil:
 		pe = &peer{url: url}
 		p.peers[url] = pe
-	case len(pe.queue) >= peerQueueLen:
+	case len(pe.queue) >= p.queueLen:
 		p.remoteDropped.Add(1)
 		return
 	}
