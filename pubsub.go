@@ -42,7 +42,7 @@ const (
 	peerQueueLen   = 4096    // messages waiting for one other sidecar before new ones are dropped
 	peerBatchLen   = 256     // messages in one POST
 	peerBatchBytes = 1 << 20 // body bytes in one POST, unless one message is larger
-	peerRetries    = 2       // extra attempts of a POST that surely did not arrive
+	peerRetries    = 3       // extra attempts of a POST that surely did not arrive
 	maxPeers       = 1024    // other sidecars with deliveries in flight
 	maxTopicRoutes = 10_000  // topics whose registry entry is parsed and kept
 )
@@ -120,7 +120,8 @@ type peerBroker struct {
 // sidecars with plain subscribers, and those with members of each group.
 // Immutable; rebuilt when the registry returns another snapshot.
 type topicRoute struct {
-	svc    *Service
+	name   string              // the entry's service name
+	svc    *Service            // the snapshot parsed; nil: no entry
 	plain  []string            // scheme://host:port
 	groups map[string][]string // queue -> scheme://host:port
 	names  []string            // keys of groups, in the registry's order
@@ -452,35 +453,48 @@ func (p *peerBroker) setShared() {
 }
 
 // route returns the other sidecars that have subscribers of topic, from
-// the registry's snapshot of its entry, parsed once per snapshot. It never
-// waits on the network.
+// the registry's snapshot of its entry, parsed once per snapshot (and
+// cached, absent entries too, so a publish allocates nothing here). It
+// never waits on the network.
 func (p *peerBroker) route(topic string) *topicRoute {
-	name, ok := topicService(topic)
-	if !ok {
-		return nil
-	}
-	svc, err := p.reg.GetService(p.nowait, name)
-	if err != nil || svc == nil {
-		p.rmu.RLock()
-		_, cached := p.routes[topic]
-		p.rmu.RUnlock()
-		if cached {
-			p.rmu.Lock()
-			delete(p.routes, topic)
-			p.rmu.Unlock()
-		}
-		return nil
-	}
 	p.rmu.RLock()
 	rt := p.routes[topic]
 	p.rmu.RUnlock()
+	name := ""
+	if rt != nil {
+		name = rt.name
+	} else {
+		var ok bool
+		if name, ok = topicService(topic); !ok {
+			return nil
+		}
+	}
+	svc, err := p.reg.GetService(p.nowait, name)
+	if err != nil {
+		svc = nil
+	}
 	if rt != nil && rt.svc == svc {
 		return rt
 	}
+	rt = p.parseRoute(name, svc)
+	p.rmu.Lock()
+	if len(p.routes) >= maxTopicRoutes {
+		clear(p.routes)
+	}
+	p.routes[topic] = rt
+	p.rmu.Unlock()
+	return rt
+}
+
+// parseRoute lists the other sidecars in svc, a topic's entry (nil: none).
+func (p *peerBroker) parseRoute(name string, svc *Service) *topicRoute {
 	p.mu.Lock()
 	self := p.self
 	p.mu.Unlock()
-	rt = &topicRoute{svc: svc, groups: map[string][]string{}}
+	rt := &topicRoute{name: name, svc: svc, groups: map[string][]string{}}
+	if svc == nil {
+		return rt
+	}
 	seenPlain := map[string]bool{}
 	for _, n := range svc.Nodes {
 		if n == nil || n.Metadata["sidecar"] == p.instance || n.Address == "" || n.Port <= 0 {
@@ -507,12 +521,6 @@ func (p *peerBroker) route(topic string) *topicRoute {
 			rt.groups[q] = append(rt.groups[q], url)
 		}
 	}
-	p.rmu.Lock()
-	if len(p.routes) >= maxTopicRoutes {
-		clear(p.routes)
-	}
-	p.routes[topic] = rt
-	p.rmu.Unlock()
 	return rt
 }
 
@@ -634,9 +642,10 @@ func (p *peerBroker) send(pe *peer) {
 	}
 }
 
-// post sends one batch, retrying only when it surely did not arrive (the
-// connection was refused, or the sidecar answered 503 while shutting
-// down), so that no message is delivered twice.
+// post sends one batch, retrying only when it surely did not arrive, so
+// that no message is delivered twice: the connection was refused, the
+// sidecar answered 503 (shutting down), or 403 (its copy of the registry
+// does not list this sidecar yet: it just started).
 func (p *peerBroker) post(url string, batch []*peerDelivery) error {
 	body, err := json.Marshal(peerBatch{Messages: batch})
 	if err != nil {
@@ -675,7 +684,8 @@ func (p *peerBroker) postOnce(url string, body []byte) (retry bool, err error) {
 	defer resp.Body.Close()
 	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<10))
 	if resp.StatusCode/100 != 2 {
-		return resp.StatusCode == http.StatusServiceUnavailable, fmt.Errorf("broker: deliver to %s: %s: %s", url, resp.Status, snippet(msg))
+		retry := resp.StatusCode == http.StatusServiceUnavailable || resp.StatusCode == http.StatusForbidden
+		return retry, fmt.Errorf("broker: deliver to %s: %s: %s", url, resp.Status, snippet(msg))
 	}
 	return false, nil
 }

@@ -9,8 +9,10 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -457,4 +459,72 @@ func TestPubSubFlags(t *testing.T) {
 			}
 		})
 	}
+}
+
+// BenchmarkPubSubAcrossSidecars publishes on A to one subscriber on B (B
+// uses A's registry): the throughput of the delivery path between
+// sidecars, batching included.
+func BenchmarkPubSubAcrossSidecars(b *testing.B) {
+	const window = peerQueueLen / 2 // the queue to B never fills
+	logger := discardLogger()
+	start := func(cfg *Config) (*server, *httptest.Server) {
+		s, err := newServer(cfg, logger)
+		if err != nil {
+			b.Fatal(err)
+		}
+		s.start(context.Background())
+		ts := httptest.NewServer(s.handler)
+		s.setAdvertise(ts.Listener.Addr())
+		b.Cleanup(func() { s.streams.Close(); ts.CloseClientConnections(); ts.Close(); s.Close() })
+		return s, ts
+	}
+	a, tsA := start(testConfig())
+	bs, tsB := start(remoteConfig("sidecar", tsA.URL))
+
+	var received atomic.Int64
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	nc, br := rawHandshake(b, tsB, "/broker?topic=bench")
+	defer nc.Close() // before wg.Wait: ends the reader
+	wg.Go(func() {
+		for {
+			h, err := br.Peek(2)
+			if err != nil {
+				return
+			}
+			if _, err := br.Discard(2 + int(h[1]&0x7f)); err != nil {
+				return
+			}
+			received.Add(1)
+		}
+	})
+	for len(lookupNodes(a, topicServicePrefix+"bench")) != 1 || len(lookupNodes(bs, brokerService)) != 2 {
+		time.Sleep(time.Millisecond)
+	}
+	m := &Message{Header: map[string]string{"Timestamp": "1"}, Body: []byte("0123456789abcdef")}
+	b.ReportAllocs()
+	b.ResetTimer()
+	t0 := time.Now()
+	for i := range b.N {
+		for received.Load() < int64(i-window) {
+			runtime.Gosched()
+		}
+		a.broker.publish("bench", m)
+	}
+	for received.Load() < int64(b.N) {
+		runtime.Gosched()
+	}
+	b.ReportMetric(float64(b.N)/time.Since(t0).Seconds(), "msgs/s")
+	b.StopTimer()
+	if d := a.peers.remoteDropped.Load(); d != 0 {
+		b.Fatalf("%d dropped", d)
+	}
+}
+
+func lookupNodes(s *server, name string) []*Node {
+	svc, err := s.registry.reg.GetService(context.Background(), name)
+	if err != nil {
+		return nil
+	}
+	return svc.Nodes
 }
