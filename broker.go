@@ -127,13 +127,6 @@ func (b *broker) publish(topic string, m *Message) {
 	b.deliverTo(subs, m, true, sent)
 }
 
-// deliverLocal delivers m to this host's subscribers of topic only: every
-// plain subscriber, and one member of each queue group. It returns the
-// number of subscribers it was queued for.
-func (b *broker) deliverLocal(topic string, m *Message) int {
-	return b.deliverTo(b.topics.get(topic), m, true, nil)
-}
-
 // deliverRemote delivers m, sent by another sidecar, to this host's
 // subscribers of topic: every plain subscriber if plain, and one member of
 // each group in queues. It never forwards. missed counts the groups of

@@ -41,7 +41,7 @@ const (
 
 	peerQueueLen   = 4096    // messages waiting for one other sidecar before new ones are dropped
 	peerBatchLen   = 256     // messages in one POST
-	peerBatchBytes = 1 << 20 // body bytes in one POST, unless one message is larger
+	peerBatchBytes = 1 << 20 // estimated bytes of one POST, unless one message is larger
 	peerRetries    = 3       // extra attempts of a POST that surely did not arrive
 	maxPeers       = 1024    // other sidecars with deliveries in flight
 	maxTopicRoutes = 10_000  // topics whose registry entry is parsed and kept
@@ -95,6 +95,7 @@ type peerBroker struct {
 	received      atomic.Int64 // messages delivered here by other sidecars
 	missed        atomic.Int64 // queue deliveries that found no member here (it left)
 	refused       atomic.Int64 // POST /broker/deliver refused: caller is not a sidecar
+	lastWarn      atomic.Int64 // unix ns of the last delivery failure logged at warn
 
 	mu         sync.Mutex       // guards the fields below
 	subs       map[entryKey]int // local subscribers per registry node
@@ -622,8 +623,12 @@ func (p *peerBroker) send(pe *peer) {
 			return
 		}
 		n, size := 0, 0
-		for n < len(pe.queue) && n < peerBatchLen && (n == 0 || size+len(pe.queue[n].Body) <= peerBatchBytes) {
-			size += len(pe.queue[n].Body)
+		for n < len(pe.queue) && n < peerBatchLen {
+			sz := pe.queue[n].size()
+			if n > 0 && size+sz > peerBatchBytes {
+				break
+			}
+			size += sz
 			n++
 		}
 		batch := pe.queue[:n:n]
@@ -635,11 +640,35 @@ func (p *peerBroker) send(pe *peer) {
 
 		if err := p.post(pe.url, batch); err != nil {
 			p.forwardErrors.Add(int64(len(batch)))
-			p.log.Warn("delivery to sidecar failed", "sidecar", pe.url, "messages", len(batch), "err", err)
+			p.warnf("delivery to sidecar failed", "sidecar", pe.url, "messages", len(batch), "err", err)
 			continue
 		}
 		p.forwarded.Add(int64(len(batch)))
 	}
+}
+
+// warnf logs a failed delivery at most once a second; the counters keep
+// the full count.
+func (p *peerBroker) warnf(msg string, args ...any) {
+	now := time.Now().UnixNano()
+	last := p.lastWarn.Load()
+	if now-last < int64(time.Second) || !p.lastWarn.CompareAndSwap(last, now) {
+		p.log.Debug(msg, args...)
+		return
+	}
+	p.log.Warn(msg, args...)
+}
+
+// size estimates the bytes of d in a delivery's JSON body.
+func (d *peerDelivery) size() int {
+	n := 64 + len(d.Topic) + len(d.Body)*4/3
+	for k, v := range d.Header {
+		n += 8 + len(k) + len(v)
+	}
+	for _, q := range d.Queues {
+		n += 4 + len(q)
+	}
+	return n
 }
 
 // post sends one batch, retrying only when it surely did not arrive, so
@@ -701,7 +730,8 @@ func (p *peerBroker) handleDeliver(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, err)
 		return
 	}
-	limit := int64(peerBatchBytes)*2 + p.b.maxMessage*2 + 64<<10 // base64 and JSON around the bodies
+	// What a sender's batch may hold: base64 bodies, escaped headers.
+	limit := int64(peerBatchBytes)*2 + p.b.maxMessage*2 + 1<<20
 	body, err := readBody(w, r, limit)
 	if err != nil {
 		writeErr(w, err)

@@ -139,8 +139,25 @@ func bodies(prefix string, n int) []string {
 func TestPubSubAcrossSidecars(t *testing.T) {
 	a, urlA := startSharing(t, testConfig())
 	b, urlB := startSharing(t, remoteConfig("sidecar", urlA))
-	const wait = 10 * time.Second
+	exchange(t, a, urlA, b, urlB)
+}
 
+// TestPubSubConsul is TestPubSubAcrossSidecars with both sidecars on a
+// real Consul agent (skipped without a consul binary).
+func TestPubSubConsul(t *testing.T) {
+	consul := startConsul(t)
+	a, urlA := startSharing(t, remoteConfig("consul", consul.http))
+	b, urlB := startSharing(t, remoteConfig("consul", consul.http))
+	exchange(t, a, urlA, b, urlB)
+}
+
+// exchange subscribes on A and B (plain, and queue group g on each),
+// publishes 50 messages on each, checks that every plain subscriber got
+// each once and the group each once in total, then unsubscribes and
+// checks that the topic entry goes away.
+func exchange(t *testing.T, a *server, urlA string, b *server, urlB string) {
+	t.Helper()
+	const wait = 10 * time.Second
 	plainA := subscribe(t, urlA, "/broker?topic=orders")
 	plainB := subscribe(t, urlB, "/broker?topic=orders")
 	groupA := subscribe(t, urlA, "/broker?topic=orders&queue=g")
