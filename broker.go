@@ -120,11 +120,11 @@ func (b *broker) publish(topic string, m *Message) {
 	b.published.Add(1)
 	subs := b.topics.get(topic)
 	if b.forward == nil {
-		b.deliverTo(subs, m, true, nil)
+		b.deliverTo(subs, m, nil)
 		return
 	}
 	sent := b.forward.Forward(topic, m, subs.groupNames())
-	b.deliverTo(subs, m, true, sent)
+	b.deliverTo(subs, m, sent)
 }
 
 // deliverRemote delivers m, sent by another sidecar, to this host's
@@ -157,20 +157,18 @@ func (b *broker) deliverRemote(topic string, m *Message, plain bool, queues []st
 	return n, missed
 }
 
-// deliverTo delivers m to subs: every plain subscriber if plain, and one
-// member of each queue group not in skip. It encodes the frame once and
-// returns the number of subscribers it was queued for.
-func (b *broker) deliverTo(subs *topicSubs, m *Message, plain bool, skip []string) int {
-	if subs == nil || (!plain || len(subs.plain) == 0) && len(subs.groups) == len(skip) {
+// deliverTo delivers m to subs: every plain subscriber, and one member of
+// each queue group not in skip. It encodes the frame once and returns the
+// number of subscribers it was queued for.
+func (b *broker) deliverTo(subs *topicSubs, m *Message, skip []string) int {
+	if subs == nil || len(subs.plain) == 0 && len(subs.groups) == len(skip) {
 		return 0
 	}
 	frame := encodeFrame(m)
 	n := 0
-	if plain {
-		for _, s := range subs.plain {
-			if s.enqueue(frame, false) {
-				n++
-			}
+	for _, s := range subs.plain {
+		if s.enqueue(frame, false) {
+			n++
 		}
 	}
 	for _, g := range subs.groups {

@@ -354,7 +354,8 @@ func (p *peerBroker) sync(heartbeat bool) {
 	p.mu.Unlock()
 
 	for _, r := range deregs {
-		ctx, cancel := context.WithTimeout(p.ctx, p.registryTimeout())
+		// Not p.ctx: a deregistration must finish even as Close begins.
+		ctx, cancel := context.WithTimeout(context.Background(), p.registryTimeout())
 		if err := p.reg.Deregister(ctx, r.svc); err != nil && !errors.Is(err, errNotFound) {
 			p.log.Warn("deregister topic failed", "service", r.svc.Name, "err", err)
 		}

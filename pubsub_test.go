@@ -545,3 +545,15 @@ func lookupNodes(s *server, name string) []*Node {
 	}
 	return svc.Nodes
 }
+
+func TestAdvertiseHost(t *testing.T) {
+	if got := advertiseHost(net.ParseIP("10.1.2.3")); got != "10.1.2.3" {
+		t.Fatalf("advertiseHost(10.1.2.3) = %q, want 10.1.2.3", got)
+	}
+	for _, ip := range []net.IP{net.IPv4zero, net.IPv6unspecified, nil} {
+		got := net.ParseIP(advertiseHost(ip))
+		if got == nil || got.IsUnspecified() {
+			t.Fatalf("advertiseHost(%v) = %v, want an address other hosts can dial", ip, got)
+		}
+	}
+}
