@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -44,12 +45,19 @@ type Message struct {
 }
 
 // Forwarder carries a message published on this sidecar to the sidecars of
-// other hosts. Forward is called once per publish, after local delivery; it
-// must not block (queue and return) and must not modify m. A message that
-// arrives from another host enters through broker.deliverLocal, which does
-// not forward again, so messages never loop.
+// other hosts (pubsub.go). Forward is called once per publish, before local
+// delivery; it must not block (queue and return) and must not modify m, and
+// the caller does not modify m afterwards. groups are the queue groups with
+// members here; Forward returns those among them whose one delivery it sent
+// to another sidecar, and local delivery skips them, so that each message
+// reaches one member of a group across all sidecars. A message that arrives
+// from another host enters through broker.deliverRemote, which does not
+// forward again, so messages never loop. Subscribed and Unsubscribed are
+// called for every subscriber that joins and leaves; they must not block.
 type Forwarder interface {
-	Forward(topic string, m *Message)
+	Forward(topic string, m *Message, groups []string) (sent []string)
+	Subscribed(topic, queue string)
+	Unsubscribed(topic, queue string)
 }
 
 // broker serves /broker. It owns the topic table and the subscribers'
@@ -106,21 +114,54 @@ func newBroker(cfg *Config, st *streams, logger *slog.Logger) *broker {
 func (b *broker) setForwarder(f Forwarder) { b.forward = f }
 
 // publish delivers m to this host's subscribers of topic and hands it to
-// the forwarder. It never blocks on a subscriber.
+// the forwarder, which may take some queue groups' deliveries elsewhere. It
+// never blocks on a subscriber or another host.
 func (b *broker) publish(topic string, m *Message) {
 	b.published.Add(1)
-	b.deliverLocal(topic, m)
-	if b.forward != nil {
-		b.forward.Forward(topic, m)
+	subs := b.topics.get(topic)
+	if b.forward == nil {
+		b.deliverTo(subs, m, nil)
+		return
 	}
+	sent := b.forward.Forward(topic, m, subs.groupNames())
+	b.deliverTo(subs, m, sent)
 }
 
-// deliverLocal delivers m to this host's subscribers of topic only: every
-// plain subscriber, and one member of each queue group. It encodes the
-// frame once and returns the number of subscribers it was queued for.
-func (b *broker) deliverLocal(topic string, m *Message) int {
+// deliverRemote delivers m, sent by another sidecar, to this host's
+// subscribers of topic: every plain subscriber if plain, and one member of
+// each group in queues. It never forwards. missed counts the groups of
+// queues without a member here (they left since the sender looked).
+func (b *broker) deliverRemote(topic string, m *Message, plain bool, queues []string) (n, missed int) {
 	subs := b.topics.get(topic)
 	if subs == nil {
+		return 0, len(queues)
+	}
+	frame := encodeFrame(m)
+	if plain {
+		for _, s := range subs.plain {
+			if s.enqueue(frame, false) {
+				n++
+			}
+		}
+	}
+	for _, q := range queues {
+		g := subs.group(q)
+		if g == nil {
+			missed++
+			continue
+		}
+		if g.deliver(frame) {
+			n++
+		}
+	}
+	return n, missed
+}
+
+// deliverTo delivers m to subs: every plain subscriber, and one member of
+// each queue group not in skip. It encodes the frame once and returns the
+// number of subscribers it was queued for.
+func (b *broker) deliverTo(subs *topicSubs, m *Message, skip []string) int {
+	if subs == nil || len(subs.plain) == 0 && len(subs.groups) == len(skip) {
 		return 0
 	}
 	frame := encodeFrame(m)
@@ -131,6 +172,9 @@ func (b *broker) deliverLocal(topic string, m *Message) int {
 		}
 	}
 	for _, g := range subs.groups {
+		if slices.Contains(skip, g.name) {
+			continue
+		}
 		if g.deliver(frame) {
 			n++
 		}
@@ -269,6 +313,9 @@ func (b *broker) add(topic, queue string, s *subscriber) bool {
 	}
 	b.topics.add(topic, queue, s)
 	b.subscribers.Add(1)
+	if b.forward != nil {
+		b.forward.Subscribed(topic, queue)
+	}
 	return true
 }
 
@@ -278,6 +325,9 @@ func (b *broker) remove(topic, queue string, s *subscriber) {
 	delete(b.all, s)
 	b.topics.remove(topic, queue, s)
 	b.mu.Unlock()
+	if b.forward != nil {
+		b.forward.Unsubscribed(topic, queue)
+	}
 	s.mu.Lock()
 	s.closed = true
 	s.queue, s.spare = nil, nil
@@ -353,6 +403,31 @@ type queueGroup struct {
 	name    string
 	members []*subscriber
 	next    *atomic.Uint32 // shared by the snapshots of one group
+}
+
+// groupNames returns the names of the queue groups; nil for none.
+func (t *topicSubs) groupNames() []string {
+	if t == nil || len(t.groups) == 0 {
+		return nil
+	}
+	names := make([]string, len(t.groups))
+	for i, g := range t.groups {
+		names[i] = g.name
+	}
+	return names
+}
+
+// group returns the queue group named q, or nil.
+func (t *topicSubs) group(q string) *queueGroup {
+	if t == nil {
+		return nil
+	}
+	for _, g := range t.groups {
+		if g.name == q {
+			return g
+		}
+	}
+	return nil
 }
 
 func newTopicTable() *topicTable {

@@ -13,6 +13,7 @@
 //	POST   /rpc                     call service/method (form or JSON)
 //	POST   /broker?topic=T          publish the raw body
 //	GET    /broker?topic=T[&queue=Q] websocket subscribe (and publish)
+//	POST   /broker/deliver          messages from other sidecars (sidecars only)
 //	/[service]/[method]             RPC by path (--handler=rpc) or a reverse
 //	                                proxy by service name (--handler=proxy)
 //
@@ -75,6 +76,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(stdout, "sidecar listening on %s://%s\n", s.tls.scheme(), ln.Addr())
+	s.setAdvertise(ln.Addr())
 	return s.serve(ctx, ln)
 }
 
@@ -99,6 +101,9 @@ type Config struct {
 	RegistrySweep   time.Duration // how often expired nodes are removed
 	RegistryTimeout time.Duration // one call to a remote registry; zero: 5s
 	RegistryWait    time.Duration // longest blocking query of a remote registry; zero: 30s
+
+	BrokerAddress string // host:port other sidecars deliver to; empty: the bound address
+	BrokerSecret  string // required of sidecars delivering messages here (pubsub.go)
 
 	ClientRetries        int           // extra attempts for safe-to-retry failures
 	ClientRequestTimeout time.Duration // budget of one call, all attempts included
@@ -177,6 +182,8 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", cfg.RegisterInterval, "interval of the app's registration heartbeat")
 	fs.StringVar(&cfg.Registry, "registry", cfg.Registry, "registry backend: memory, consul or sidecar (another sidecar's /registry)")
 	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend (consul: host:port, default $CONSUL_HTTP_ADDR or 127.0.0.1:8500; sidecar: http://host:port)")
+	fs.StringVar(&cfg.BrokerAddress, "broker_address", "", "`host:port` where other sidecars deliver pub/sub messages (default: the bound --address)")
+	fs.StringVar(&cfg.BrokerSecret, "broker_secret", "", "`secret` that sidecars sharing a registry send each other when delivering messages")
 	fs.IntVar(&cfg.ClientRetries, "client_retries", cfg.ClientRetries, "retries of a call where retrying is safe")
 	fs.DurationVar(&cfg.ClientRequestTimeout, "client_request_timeout", cfg.ClientRequestTimeout, "timeout of a call, all attempts included")
 	fs.DurationVar(&cfg.ProxyIdleTimeout, "proxy_idle_timeout", cfg.ProxyIdleTimeout, "end a proxied stream (events, chunks, websocket) with no bytes either way for this long")
@@ -296,6 +303,11 @@ func (c *Config) validate() error {
 	if err := validateRegistry(c); err != nil {
 		return err
 	}
+	if c.BrokerAddress != "" {
+		if _, port, err := splitHostPort(c.BrokerAddress); err != nil || port == 0 {
+			return fmt.Errorf("invalid value %q for flag --broker_address: want host:port with a port", c.BrokerAddress)
+		}
+	}
 	if c.ServerAddress != "" {
 		if _, _, err := splitHostPort(c.ServerAddress); err != nil {
 			return fmt.Errorf("invalid value %q for flag --server_address: %v", c.ServerAddress, err)
@@ -334,6 +346,7 @@ type server struct {
 	rpc      *rpcHandler
 	proxy    *proxyHandler
 	broker   *broker
+	peers    *peerBroker // pub/sub across sidecars sharing the registry
 	stats    *stats
 	app      *appChecker // nil without --server_name
 	tls      *tlsManager
@@ -370,9 +383,12 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	s.rpc = newRPCHandler(cfg, reg, clientTLS, logger.With("component", "rpc"))
 	s.proxy = newProxyHandler(cfg, reg, s.streams, clientTLS, logger.With("component", "proxy"))
 	s.broker = newBroker(cfg, s.streams, logger.With("component", "broker"))
+	s.peers = newPeerBroker(cfg, reg, s.broker, clientTLS, logger.With("component", "broker"))
+	s.broker.setForwarder(s.peers)
 	s.stats = newStats(cfg, logger.With("component", "stats"))
 	s.stats.addSource(registrySizeSource(reg))
 	s.stats.addSource(s.broker.metrics)
+	s.stats.addSource(s.peers.metrics)
 	s.stats.addSource(s.rpc.metrics)
 	s.stats.addSource(s.proxy.metrics)
 	if cfg.ServerName != "" {
@@ -405,6 +421,7 @@ func (s *server) routes() *http.ServeMux {
 		{"POST /rpc", s.rpc.handleRPC},
 		{"POST /broker", s.broker.handlePublish},
 		{"GET /broker", s.broker.handleSubscribe},
+		{"POST /broker/deliver", s.peers.handleDeliver},
 		{"GET /stats", s.stats.handleStats},
 		{"GET /metrics", s.stats.handleMetrics},
 		{"/", s.handleRoot},
@@ -516,6 +533,7 @@ func (s *server) Close() error {
 	s.streams.Close()
 	s.stats.Close()
 	s.broker.Close()
+	s.peers.Close()
 	s.rpc.Close()
 	s.proxy.Close()
 	if s.app != nil {

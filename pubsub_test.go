@@ -1,0 +1,559 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"maps"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+// startSharing starts a sidecar on a loopback port and advertises its bound
+// address to other sidecars, as run does once it has listened.
+func startSharing(t *testing.T, cfg *Config) (*server, string) {
+	t.Helper()
+	s, base, _ := startSidecarAt(t, cfg, "127.0.0.1:0")
+	addr, err := net.ResolveTCPAddr("tcp", strings.TrimPrefix(base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.setAdvertise(addr)
+	return s, base
+}
+
+// inbox records what one websocket subscriber receives, by body.
+type inbox struct {
+	conn *websocket.Conn
+
+	mu     sync.Mutex // guards the fields below
+	counts map[string]int
+	header map[string]map[string]string
+	total  int
+}
+
+// subscribe opens a websocket subscriber at base+path and records its
+// messages until the test ends or the subscriber is closed.
+func subscribe(t *testing.T, base, path string) *inbox {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	conn, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(base, "http")+path, nil)
+	if err != nil {
+		t.Fatalf("dial %s%s: %v", base, path, err)
+	}
+	in := &inbox{conn: conn, counts: map[string]int{}, header: map[string]map[string]string{}}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			_, data, err := conn.Read(context.Background())
+			if err != nil {
+				return
+			}
+			var m Message
+			if err := json.Unmarshal(data, &m); err != nil {
+				t.Errorf("frame %q is not a message: %v", data, err)
+				return
+			}
+			in.mu.Lock()
+			in.counts[string(m.Body)]++
+			in.header[string(m.Body)] = m.Header
+			in.total++
+			in.mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		conn.CloseNow()
+		wg.Wait()
+	})
+	return in
+}
+
+// has reports whether every body in want arrived.
+func (in *inbox) has(want []string) bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	for _, b := range want {
+		if in.counts[b] == 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func (in *inbox) snapshot() (counts map[string]int, total int) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return maps.Clone(in.counts), in.total
+}
+
+// topicNodes returns the node IDs of topic's registry entry as seen at base.
+func topicNodes(t *testing.T, base, topic string) []string {
+	t.Helper()
+	return lookup(t, base, topicServicePrefix+topic)
+}
+
+// peersIdle reports whether s has no delivery queued or in flight to other
+// sidecars.
+func peersIdle(s *server) bool {
+	s.peers.pmu.Lock()
+	defer s.peers.pmu.Unlock()
+	return len(s.peers.peers) == 0
+}
+
+func publishN(t *testing.T, base, topic, prefix string, n int) {
+	t.Helper()
+	for i := range n {
+		body := fmt.Sprintf("%s-%d", prefix, i)
+		code, resp := do(t, "POST", base+"/broker?topic="+topic, body, "Timestamp", fmt.Sprint(1499951537+i), "X-From", prefix)
+		if code != http.StatusOK {
+			t.Fatalf("POST %s/broker?topic=%s = %d %s", base, topic, code, resp)
+		}
+	}
+}
+
+func bodies(prefix string, n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = fmt.Sprintf("%s-%d", prefix, i)
+	}
+	return out
+}
+
+// TestPubSubAcrossSidecars: B uses A's registry (--registry sidecar); A,
+// with the memory registry, starts sharing when B appears. Messages
+// published on either reach every plain subscriber on both exactly once,
+// and a queue group spread over both exactly once in total.
+func TestPubSubAcrossSidecars(t *testing.T) {
+	a, urlA := startSharing(t, testConfig())
+	b, urlB := startSharing(t, remoteConfig("sidecar", urlA))
+	exchange(t, a, urlA, b, urlB)
+}
+
+// TestPubSubConsul is TestPubSubAcrossSidecars with both sidecars on a
+// real Consul agent (skipped without a consul binary).
+func TestPubSubConsul(t *testing.T) {
+	consul := startConsul(t)
+	a, urlA := startSharing(t, remoteConfig("consul", consul.http))
+	b, urlB := startSharing(t, remoteConfig("consul", consul.http))
+	exchange(t, a, urlA, b, urlB)
+}
+
+// exchange subscribes on A and B (plain, and queue group g on each),
+// publishes 50 messages on each, checks that every plain subscriber got
+// each once and the group each once in total, then unsubscribes and
+// checks that the topic entry goes away.
+func exchange(t *testing.T, a *server, urlA string, b *server, urlB string) {
+	t.Helper()
+	const wait = 10 * time.Second
+	plainA := subscribe(t, urlA, "/broker?topic=orders")
+	plainB := subscribe(t, urlB, "/broker?topic=orders")
+	groupA := subscribe(t, urlA, "/broker?topic=orders&queue=g")
+	groupB := subscribe(t, urlB, "/broker?topic=orders&queue=g")
+	// Two nodes per sidecar: plain, and group g; seen from both.
+	eventually(t, wait, "orders entry with 4 nodes on A and B", func() bool {
+		return len(topicNodes(t, urlA, "orders")) == 4 && len(topicNodes(t, urlB, "orders")) == 4
+	})
+
+	const n = 50
+	publishN(t, urlA, "orders", "A", n)
+	publishN(t, urlB, "orders", "B", n)
+	want := append(bodies("A", n), bodies("B", n)...)
+
+	eventually(t, wait, "every message at every plain subscriber and at the group", func() bool {
+		if !plainA.has(want) || !plainB.has(want) {
+			return false
+		}
+		ca, _ := groupA.snapshot()
+		cb, _ := groupB.snapshot()
+		for _, w := range want {
+			if ca[w]+cb[w] == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	// Quiet: nothing queued for another sidecar, and every frame written
+	// to a subscriber has been read. Then no duplicate can still come.
+	readAll := func() int {
+		_, t1 := plainA.snapshot()
+		_, t2 := plainB.snapshot()
+		_, t3 := groupA.snapshot()
+		_, t4 := groupB.snapshot()
+		return t1 + t2 + t3 + t4
+	}
+	eventually(t, wait, "deliveries finished", func() bool {
+		return peersIdle(a) && peersIdle(b) && a.broker.delivered.Load()+b.broker.delivered.Load() == int64(readAll())
+	})
+
+	for _, sub := range []struct {
+		name string
+		in   *inbox
+	}{{"plain on A", plainA}, {"plain on B", plainB}} {
+		counts, total := sub.in.snapshot()
+		if total != len(want) {
+			t.Errorf("%s received %d messages, want %d", sub.name, total, len(want))
+		}
+		for _, w := range want {
+			if counts[w] != 1 {
+				t.Errorf("%s received %q %d times, want once", sub.name, w, counts[w])
+			}
+		}
+	}
+	ca, ta := groupA.snapshot()
+	cb, tb := groupB.snapshot()
+	if ta+tb != len(want) || ta == 0 || tb == 0 {
+		t.Errorf("group g received %d on A + %d on B, want %d in total, some on each", ta, tb, len(want))
+	}
+	for _, w := range want {
+		if ca[w]+cb[w] != 1 {
+			t.Errorf("group g received %q %d times on A and %d on B, want once in total", w, ca[w], cb[w])
+		}
+	}
+	t.Logf("group g: %d on A, %d on B; A forwarded %d, B forwarded %d", ta, tb, a.peers.forwarded.Load(), b.peers.forwarded.Load())
+
+	// Headers arrive as published, on the publisher's sidecar and the other.
+	for _, body := range []string{"A-7", "B-7"} {
+		plainA.mu.Lock()
+		ha := plainA.header[body]
+		plainA.mu.Unlock()
+		plainB.mu.Lock()
+		hb := plainB.header[body]
+		plainB.mu.Unlock()
+		if !maps.Equal(ha, hb) || ha["Timestamp"] != "1499951544" || ha["X-From"] != body[:1] {
+			t.Errorf("headers of %q: on A %v, on B %v; want the same, with Timestamp 1499951544 and X-From %s", body, ha, hb, body[:1])
+		}
+	}
+	if a.peers.forwardErrors.Load()+b.peers.forwardErrors.Load()+a.peers.remoteDropped.Load()+b.peers.remoteDropped.Load() != 0 {
+		t.Errorf("forward errors %d/%d, dropped %d/%d, want none", a.peers.forwardErrors.Load(), b.peers.forwardErrors.Load(),
+			a.peers.remoteDropped.Load(), b.peers.remoteDropped.Load())
+	}
+
+	t.Run("unsubscribing removes the topic entry", func(t *testing.T) {
+		plainB.conn.Close(websocket.StatusNormalClosure, "")
+		groupB.conn.Close(websocket.StatusNormalClosure, "")
+		eventually(t, wait, "B's nodes gone from orders on A and B", func() bool {
+			return len(topicNodes(t, urlA, "orders")) == 2 && len(topicNodes(t, urlB, "orders")) == 2
+		})
+		plainA.conn.Close(websocket.StatusNormalClosure, "")
+		groupA.conn.Close(websocket.StatusNormalClosure, "")
+		eventually(t, wait, "orders entry gone on A and B", func() bool {
+			return topicNodes(t, urlA, "orders") == nil && topicNodes(t, urlB, "orders") == nil
+		})
+	})
+}
+
+// TestPubSubThreeSidecars: B and C share A's registry; a queue group with a
+// member on each of the three gets each message once in total.
+func TestPubSubThreeSidecars(t *testing.T) {
+	_, urlA := startSharing(t, testConfig())
+	_, urlB := startSharing(t, remoteConfig("sidecar", urlA))
+	_, urlC := startSharing(t, remoteConfig("sidecar", urlA))
+	const wait = 10 * time.Second
+	members := []*inbox{
+		subscribe(t, urlA, "/broker?topic=jobs&queue=w"),
+		subscribe(t, urlB, "/broker?topic=jobs&queue=w"),
+		subscribe(t, urlC, "/broker?topic=jobs&queue=w"),
+	}
+	plainC := subscribe(t, urlC, "/broker?topic=jobs")
+	eventually(t, wait, "jobs entry with 4 nodes everywhere", func() bool {
+		return len(topicNodes(t, urlA, "jobs")) == 4 && len(topicNodes(t, urlB, "jobs")) == 4 && len(topicNodes(t, urlC, "jobs")) == 4
+	})
+	const n = 60
+	publishN(t, urlB, "jobs", "B", n)
+	want := bodies("B", n)
+	eventually(t, wait, "every job at C's plain subscriber and at group w", func() bool {
+		if !plainC.has(want) {
+			return false
+		}
+		for _, w := range want {
+			got := 0
+			for _, m := range members {
+				c, _ := m.snapshot()
+				got += c[w]
+			}
+			if got == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	for _, w := range want {
+		got := 0
+		for _, m := range members {
+			c, _ := m.snapshot()
+			got += c[w]
+		}
+		if got != 1 {
+			t.Errorf("group w received %q %d times, want once", w, got)
+		}
+	}
+}
+
+// TestPubSubDeliverRefused: /broker/deliver answers only sidecars.
+func TestPubSubDeliverRefused(t *testing.T) {
+	const valid = `{"messages":[{"topic":"t","plain":true,"header":{"A":"1"},"body":"aGk="}]}`
+	// A client on another loopback address than the sidecars' 127.0.0.1.
+	stranger := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		DialContext: (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 9)}}).DialContext,
+	}}
+	post := func(t *testing.T, client *http.Client, url, body string, header ...string) (int, []byte) {
+		t.Helper()
+		req, _ := http.NewRequest("POST", url, strings.NewReader(body))
+		for i := 0; i+1 < len(header); i += 2 {
+			req.Header.Set(header[i], header[i+1])
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("POST %s: %v", url, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, b
+	}
+
+	t.Run("without a secret: addresses of registered sidecars", func(t *testing.T) {
+		a, urlA := startSharing(t, testConfig())
+		startSharing(t, remoteConfig("sidecar", urlA))
+		eventually(t, 10*time.Second, "A and B registered as broker members", func() bool {
+			return len(lookup(t, urlA, brokerService)) == 2
+		})
+		code, body := post(t, stranger, urlA+deliverPath, valid)
+		wantError(t, "POST /broker/deliver from 127.0.0.9", code, body, http.StatusForbidden)
+		if a.peers.refused.Load() != 1 {
+			t.Fatalf("refused = %d, want 1", a.peers.refused.Load())
+		}
+		// From the address B registered (any process there: see README).
+		if code, body := post(t, http.DefaultClient, urlA+deliverPath, valid); code != http.StatusOK {
+			t.Fatalf("POST /broker/deliver from 127.0.0.1 = %d %s, want 200", code, body)
+		}
+	})
+
+	t.Run("with --broker_secret", func(t *testing.T) {
+		cfgA := testConfig()
+		cfgA.BrokerSecret = "s3cret"
+		_, urlA := startSharing(t, cfgA)
+		cfgB := remoteConfig("sidecar", urlA)
+		cfgB.BrokerSecret = "s3cret"
+		_, urlB := startSharing(t, cfgB)
+		sub := subscribe(t, urlB, "/broker?topic=t")
+		eventually(t, 10*time.Second, "B's node of t seen on A", func() bool { return len(topicNodes(t, urlA, "t")) == 1 })
+		publishN(t, urlA, "t", "A", 3)
+		eventually(t, 10*time.Second, "messages from A on B", func() bool { return sub.has(bodies("A", 3)) })
+
+		tests := []struct {
+			name   string
+			body   string
+			header []string
+			code   int
+		}{
+			{"no secret", valid, nil, http.StatusForbidden},
+			{"wrong secret", valid, []string{brokerSecretHeader, "guess"}, http.StatusForbidden},
+			{"bad JSON", `{"messages":[`, []string{brokerSecretHeader, "s3cret"}, http.StatusBadRequest},
+			{"bad topic", `{"messages":[{"topic":"a b","plain":true}]}`, []string{brokerSecretHeader, "s3cret"}, http.StatusBadRequest},
+			{"null message", `{"messages":[null]}`, []string{brokerSecretHeader, "s3cret"}, http.StatusBadRequest},
+		}
+		for _, tt := range tests {
+			code, body := post(t, http.DefaultClient, urlB+deliverPath, tt.body, tt.header...)
+			wantError(t, "POST /broker/deliver "+tt.name, code, body, tt.code)
+		}
+		code, body := post(t, http.DefaultClient, urlB+deliverPath, valid, brokerSecretHeader, "s3cret")
+		if code != http.StatusOK || !strings.Contains(string(body), `"delivered":1`) {
+			t.Fatalf("POST /broker/deliver with the secret = %d %s, want 200 delivered 1", code, body)
+		}
+	})
+
+	t.Run("with --auth_token", func(t *testing.T) {
+		cfgA := testConfig()
+		cfgA.AuthToken = "tok"
+		_, urlA := startSharing(t, cfgA)
+		cfgB := remoteConfig("sidecar", urlA)
+		cfgB.AuthToken = "tok"
+		_, urlB := startSharing(t, cfgB)
+		code, body := post(t, http.DefaultClient, urlB+deliverPath, valid)
+		wantError(t, "POST /broker/deliver without the token", code, body, http.StatusUnauthorized)
+
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		conn, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(urlB, "http")+"/broker?topic=t",
+			&websocket.DialOptions{HTTPHeader: http.Header{"Authorization": {"Bearer tok"}}})
+		if err != nil {
+			t.Fatalf("dial B: %v", err)
+		}
+		defer conn.CloseNow()
+		eventually(t, 10*time.Second, "B's node of t seen on A", func() bool {
+			code, body := do(t, "GET", urlA+"/registry?service="+topicServicePrefix+"t", "", "Authorization", "Bearer tok")
+			return code == http.StatusOK && strings.Contains(string(body), `"id"`)
+		})
+		if code, body := do(t, "POST", urlA+"/broker?topic=t", "hello", "Authorization", "Bearer tok"); code != http.StatusOK {
+			t.Fatalf("POST /broker on A = %d %s", code, body)
+		}
+		_, data, err := conn.Read(ctx)
+		var m Message
+		if err != nil || json.Unmarshal(data, &m) != nil || string(m.Body) != "hello" {
+			t.Fatalf("B's subscriber read %q, %v; want the message hello published on A", data, err)
+		}
+	})
+}
+
+// TestPubSubPeerDown: a sidecar in the topic entry that refuses
+// connections, and one that never answers, do not hold up publishing on
+// A: local subscribers get everything, the lost deliveries are counted.
+func TestPubSubPeerDown(t *testing.T) {
+	cfg := testConfig()
+	cfg.ClientRequestTimeout = time.Second
+	a, urlA := startSharing(t, cfg)
+	a.peers.pmu.Lock()
+	a.peers.queueLen = 4
+	a.peers.pmu.Unlock()
+
+	release := make(chan struct{})
+	hung := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+	}))
+	t.Cleanup(func() { close(release); hung.Close() })
+	hungPort := hung.Listener.Addr().(*net.TCPAddr).Port
+	for id, port := range map[string]int{"refused": freePort(t), "hung": hungPort} {
+		body := fmt.Sprintf(`{"name":"%st","nodes":[{"id":%q,"address":"127.0.0.1","port":%d,"metadata":{"sidecar":%q}}]}`,
+			topicServicePrefix, id, port, id)
+		if code, resp := do(t, "POST", urlA+"/registry", body); code != http.StatusOK {
+			t.Fatalf("register %s: %d %s", id, code, resp)
+		}
+	}
+	local := subscribe(t, urlA, "/broker?topic=t")
+	waitSubscribers(t, a, 1)
+
+	const n = 50
+	start := time.Now()
+	publishN(t, urlA, "t", "A", n) // each call returns: publishing never waits on the dead sidecars
+	t.Logf("%d publishes with two dead sidecars in the entry took %s", n, time.Since(start))
+	eventually(t, 10*time.Second, "local subscriber got everything", func() bool { return local.has(bodies("A", n)) })
+	eventually(t, 10*time.Second, "failures and drops counted", func() bool {
+		return a.peers.forwardErrors.Load() > 0 && a.peers.remoteDropped.Load() > 0
+	})
+	t.Logf("forward errors %d, dropped %d", a.peers.forwardErrors.Load(), a.peers.remoteDropped.Load())
+	code, body := do(t, "GET", urlA+"/metrics", "")
+	for _, m := range []string{"sidecar_broker_forward_errors_total", "sidecar_broker_remote_dropped_total", "sidecar_broker_forwarded_total"} {
+		if code != http.StatusOK || !strings.Contains(string(body), m) {
+			t.Fatalf("GET /metrics = %d, want %s in\n%s", code, m, body)
+		}
+	}
+}
+
+func TestPubSubFlags(t *testing.T) {
+	tests := []struct {
+		args    []string
+		wantErr string
+	}{
+		{[]string{"--broker_address", "10.0.0.5:8081"}, ""},
+		{[]string{"--broker_address", "sidecar-a.internal:8081", "--broker_secret", "s"}, ""},
+		{[]string{"--broker_address", "10.0.0.5"}, "--broker_address"},
+		{[]string{"--broker_address", "10.0.0.5:0"}, "--broker_address"},
+	}
+	for _, tt := range tests {
+		t.Run(fmt.Sprint(tt.args), func(t *testing.T) {
+			_, err := parseConfig(tt.args, func(string) string { return "" }, io.Discard)
+			switch {
+			case tt.wantErr == "" && err != nil:
+				t.Fatalf("parseConfig(%q) = %v, want no error", tt.args, err)
+			case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
+				t.Fatalf("parseConfig(%q) = %v, want an error naming %s", tt.args, err, tt.wantErr)
+			}
+		})
+	}
+}
+
+// BenchmarkPubSubAcrossSidecars publishes on A to one subscriber on B (B
+// uses A's registry): the throughput of the delivery path between
+// sidecars, batching included.
+func BenchmarkPubSubAcrossSidecars(b *testing.B) {
+	const window = peerQueueLen / 2 // the queue to B never fills
+	logger := discardLogger()
+	start := func(cfg *Config) (*server, *httptest.Server) {
+		s, err := newServer(cfg, logger)
+		if err != nil {
+			b.Fatal(err)
+		}
+		s.start(context.Background())
+		ts := httptest.NewServer(s.handler)
+		s.setAdvertise(ts.Listener.Addr())
+		b.Cleanup(func() { s.streams.Close(); ts.CloseClientConnections(); ts.Close(); s.Close() })
+		return s, ts
+	}
+	a, tsA := start(testConfig())
+	bs, tsB := start(remoteConfig("sidecar", tsA.URL))
+
+	var received atomic.Int64
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	nc, br := rawHandshake(b, tsB, "/broker?topic=bench")
+	defer nc.Close() // before wg.Wait: ends the reader
+	wg.Go(func() {
+		for {
+			h, err := br.Peek(2)
+			if err != nil {
+				return
+			}
+			if _, err := br.Discard(2 + int(h[1]&0x7f)); err != nil {
+				return
+			}
+			received.Add(1)
+		}
+	})
+	for len(lookupNodes(a, topicServicePrefix+"bench")) != 1 || len(lookupNodes(bs, brokerService)) != 2 {
+		time.Sleep(time.Millisecond)
+	}
+	m := &Message{Header: map[string]string{"Timestamp": "1"}, Body: []byte("0123456789abcdef")}
+	b.ReportAllocs()
+	b.ResetTimer()
+	t0 := time.Now()
+	for i := range b.N {
+		for received.Load() < int64(i-window) {
+			runtime.Gosched()
+		}
+		a.broker.publish("bench", m)
+	}
+	for received.Load() < int64(b.N) {
+		runtime.Gosched()
+	}
+	b.ReportMetric(float64(b.N)/time.Since(t0).Seconds(), "msgs/s")
+	b.StopTimer()
+	if d := a.peers.remoteDropped.Load(); d != 0 {
+		b.Fatalf("%d dropped", d)
+	}
+}
+
+func lookupNodes(s *server, name string) []*Node {
+	svc, err := s.registry.reg.GetService(context.Background(), name)
+	if err != nil {
+		return nil
+	}
+	return svc.Nodes
+}
+
+func TestAdvertiseHost(t *testing.T) {
+	if got := advertiseHost(net.ParseIP("10.1.2.3")); got != "10.1.2.3" {
+		t.Fatalf("advertiseHost(10.1.2.3) = %q, want 10.1.2.3", got)
+	}
+	for _, ip := range []net.IP{net.IPv4zero, net.IPv6unspecified, nil} {
+		got := net.ParseIP(advertiseHost(ip))
+		if got == nil || got.IsUnspecified() {
+			t.Fatalf("advertiseHost(%v) = %v, want an address other hosts can dial", ip, got)
+		}
+	}
+}
