@@ -107,25 +107,33 @@ func (s *Service) validate(needAddr bool) error {
 	}
 	seen := make(map[string]bool, len(s.Nodes))
 	for i, n := range s.Nodes {
-		if n == nil {
-			return fmt.Errorf("nodes[%d] is null", i)
-		}
-		if err := checkName(fmt.Sprintf("nodes[%d].id", i), n.ID); err != nil {
+		if err := checkNode(i, n, needAddr); err != nil {
 			return err
 		}
 		if seen[n.ID] {
 			return fmt.Errorf("nodes[%d].id %q appears twice", i, n.ID)
 		}
 		seen[n.ID] = true
-		if !needAddr {
-			continue
-		}
-		if n.Address == "" || len(n.Address) > maxNameLen {
-			return fmt.Errorf("nodes[%d].address is required (at most %d bytes)", i, maxNameLen)
-		}
-		if n.Port < 0 || n.Port > 65535 {
-			return fmt.Errorf("nodes[%d].port %d is out of range 0-65535", i, n.Port)
-		}
+	}
+	return nil
+}
+
+// checkNode checks node i of a registration (needAddr) or deregistration.
+func checkNode(i int, n *Node, needAddr bool) error {
+	if n == nil {
+		return fmt.Errorf("nodes[%d] is null", i)
+	}
+	if err := checkName(fmt.Sprintf("nodes[%d].id", i), n.ID); err != nil {
+		return err
+	}
+	if !needAddr {
+		return nil
+	}
+	if n.Address == "" || len(n.Address) > maxNameLen {
+		return fmt.Errorf("nodes[%d].address is required (at most %d bytes)", i, maxNameLen)
+	}
+	if n.Port < 0 || n.Port > 65535 {
+		return fmt.Errorf("nodes[%d].port %d is out of range 0-65535", i, n.Port)
 	}
 	return nil
 }

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net/url"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -465,7 +466,7 @@ func (c *cachedRegistry) replaceAll(all map[string]*Service) {
 	}
 	c.remote = map[string]*Service{}
 	for name, svc := range all {
-		if svc != nil && len(svc.Nodes) > 0 && len(c.remote) < maxRemoteServices {
+		if svc = sanitizeRemote(name, svc); svc != nil && len(c.remote) < maxRemoteServices {
 			c.remote[name] = svc
 		}
 	}
@@ -477,14 +478,49 @@ func (c *cachedRegistry) replaceAll(all map[string]*Service) {
 
 // update implements syncSink.
 func (c *cachedRegistry) update(name string, svc *Service) {
+	svc = sanitizeRemote(name, svc)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if svc == nil || len(svc.Nodes) == 0 {
+	if svc == nil {
 		delete(c.remote, name)
 	} else if c.remote[name] != nil || len(c.remote) < maxRemoteServices {
 		c.remote[name] = svc
 	}
 	c.refreshLocked(name)
+}
+
+// sanitizeRemote is where a backend's data enters the cache, so the rest
+// of the sidecar can trust it as it trusts its own registrations: it keeps
+// the nodes that would pass validation (no null node, an ID, an address, a
+// port in range, each ID once), fills empty maps, and returns nil for a bad
+// name or a service left without nodes. A hostile or broken registry then
+// costs entries, never a crash.
+func sanitizeRemote(name string, svc *Service) *Service {
+	if svc == nil || checkName("name", name) != nil {
+		return nil
+	}
+	out := *svc
+	out.Name = name
+	out.Metadata = orEmpty(svc.Metadata)
+	out.Endpoints = orEmptySlice(slices.DeleteFunc(slices.Clone(svc.Endpoints), func(e *Endpoint) bool { return e == nil }))
+	out.Nodes = make([]*Node, 0, len(svc.Nodes))
+	seen := make(map[string]bool, len(svc.Nodes))
+	for i, n := range svc.Nodes {
+		if checkNode(i, n, true) != nil || seen[n.ID] {
+			continue
+		}
+		seen[n.ID] = true
+		if n.Metadata == nil {
+			c := *n
+			c.Metadata = map[string]string{}
+			n = &c
+		}
+		out.Nodes = append(out.Nodes, n)
+	}
+	if len(out.Nodes) == 0 {
+		return nil
+	}
+	return &out
 }
 
 func (c *cachedRegistry) markSyncedLocked() {

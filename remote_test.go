@@ -389,3 +389,48 @@ func TestRegistryFlags(t *testing.T) {
 		})
 	}
 }
+
+// TestHostileRegistryPeer points a sidecar at a "sidecar registry" that
+// answers with null, nameless and out-of-range nodes: the sidecar keeps
+// the valid node, drops the rest, and keeps serving.
+func TestHostileRegistryPeer(t *testing.T) {
+	t.Parallel()
+	const evil = `[null,{"id":"ok","address":"10.0.0.1","port":1},{"id":"","address":"x"},` +
+		`{"id":"port","address":"h","port":99999},{"id":"noaddr","port":1},{"id":"ok","address":"dup","port":2}]`
+	peer := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.URL.Path == "/registry" && isWebsocket(r):
+			c, err := websocket.Accept(w, r, nil)
+			if err != nil {
+				return
+			}
+			defer c.CloseNow()
+			c.Write(r.Context(), websocket.MessageText, []byte(`{"action":"update","service":{"name":"go.micro.srv.evil","nodes":[null]}}`))
+			c.Read(r.Context()) // until the sidecar leaves
+		case r.URL.Path == "/registry" && r.URL.Query().Has("service"):
+			fmt.Fprintf(w, `{"name":%q,"endpoints":[null],"nodes":%s}`, r.URL.Query().Get("service"), evil)
+		case r.URL.Path == "/registry" && r.Method == "GET":
+			fmt.Fprint(w, `[{"name":"go.micro.srv.evil"},{"name":"go.micro.http.broker"},{"name":"bad name"}]`)
+		default:
+			fmt.Fprint(w, `{}`)
+		}
+	}))
+	t.Cleanup(peer.Close)
+	cfg := remoteConfig("sidecar", peer.URL)
+	_, ts := newTestServer(t, cfg)
+	eventually(t, 5*time.Second, "the peer's service to sync", func() bool {
+		return len(lookup(t, ts.URL, "go.micro.srv.evil")) > 0
+	})
+	if got := lookup(t, ts.URL, "go.micro.srv.evil"); len(got) != 1 || got[0] != "ok" {
+		t.Fatalf("nodes of the hostile service = %v, want only [ok]", got)
+	}
+	// Subscribing makes the broker read go.micro.http.broker's nodes too.
+	sub := dialBroker(t, ts, "/broker?topic=t")
+	do(t, "POST", ts.URL+"/broker?topic=t", "x")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	readMessage(t, ctx, sub)
+	if code, _ := do(t, "GET", ts.URL+"/health", ""); code != 200 {
+		t.Errorf("/health = %d after hostile registry data, want 200", code)
+	}
+}
