@@ -155,8 +155,11 @@ func (p corsPolicy) allowed(origin string) bool {
 	return p.any || p.origins[strings.ToLower(origin)]
 }
 
-// handle sets the CORS response headers and answers a preflight request
-// itself, reporting whether it did (the caller then stops).
+// handle sets the CORS response headers, answers a preflight request
+// itself and refuses a request from a page of another origin that --cors
+// does not allow, reporting whether it answered (the caller then stops).
+// The refusal matters for "simple" requests, which browsers send without a
+// preflight: a page anywhere could otherwise POST to a loopback sidecar.
 func (p corsPolicy) handle(w http.ResponseWriter, r *http.Request) bool {
 	origin := r.Header.Get("Origin")
 	preflight := r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != ""
@@ -166,11 +169,11 @@ func (p corsPolicy) handle(w http.ResponseWriter, r *http.Request) bool {
 	h := w.Header()
 	h.Add("Vary", "Origin")
 	if !p.allowed(origin) {
-		if preflight {
-			writeError(w, http.StatusForbidden, "origin %s is not allowed (see --cors)", origin)
-			return true
+		if !preflight && sameOrigin(origin, r.Host) {
+			return false // the sidecar's own page (/stats)
 		}
-		return false // the browser refuses to read the answer
+		writeError(w, http.StatusForbidden, "origin %s is not allowed (see --cors)", origin)
+		return true
 	}
 	if p.origins[strings.ToLower(origin)] {
 		h.Set("Access-Control-Allow-Origin", origin)
@@ -225,16 +228,12 @@ func headerHasToken(h http.Header, name, token string) bool {
 	return false
 }
 
-// accept checks the origin against --cors, upgrades r to a websocket and
-// registers the stream. The returned context ends when the request does or
+// accept upgrades r to a websocket and registers the stream; the
+// middleware has checked the origin against --cors. The returned context ends when the request does or
 // the sidecar shuts down (shuttingDown then tells which); done must be
 // called when the handler returns. On failure accept has written the JSON
 // error and returns a nil conn.
 func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64) (*websocket.Conn, context.Context, func()) {
-	if origin := r.Header.Get("Origin"); origin != "" && !g.cors.allowed(origin) && !sameOrigin(origin, r.Host) {
-		writeError(w, http.StatusForbidden, "websocket origin %s is not allowed (see --cors)", origin)
-		return nil, nil, nil
-	}
 	g.mu.Lock()
 	if g.closed {
 		g.mu.Unlock()
@@ -244,7 +243,7 @@ func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64
 	g.wg.Add(1)
 	g.mu.Unlock()
 
-	// The origin was checked above against the same policy as CORS.
+	// The middleware checked the origin against the same policy as CORS.
 	conn, err := websocket.Accept(w, r, &websocket.AcceptOptions{InsecureSkipVerify: true})
 	if err != nil {
 		g.wg.Done() // Accept has answered the handshake failure
@@ -296,6 +295,21 @@ func (g *streams) Close() {
 	g.mu.Unlock()
 	g.cancel()
 	g.wg.Wait()
+}
+
+// loopbackHost reports whether the Host header host[:port] names this
+// machine's loopback: localhost or a loopback address.
+func loopbackHost(hostport string) bool {
+	host := hostport
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	if strings.EqualFold(host, "localhost") || strings.HasSuffix(strings.ToLower(host), ".localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // sameOrigin reports whether origin names host, as a same-origin page does.

@@ -618,6 +618,9 @@ func printService(w io.Writer, svc *Service) {
 	var versions []string
 	byVersion := map[string][]*Node{}
 	for _, n := range svc.Nodes {
+		if n == nil {
+			continue // not from a sidecar, which never sends one
+		}
 		v := n.Version
 		if v == "" {
 			v = svc.Version

@@ -461,9 +461,17 @@ func (s *server) handleRoot(w http.ResponseWriter, r *http.Request) {
 // middleware applies what every request goes through: CORS and auth.
 func (s *server) middleware(next http.Handler) http.Handler {
 	token := []byte(s.cfg.AuthToken)
+	// A sidecar on loopback answers only to loopback names: a page whose
+	// DNS name rebinds to 127.0.0.1 is then refused, as is its origin.
+	// Over TLS the certificate already refuses a rebound name.
+	loopback := listensOnLoopback(s.cfg.Address) && !s.cfg.EnableTLS && !s.cfg.EnableACME
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if loopback && !loopbackHost(r.Host) {
+			writeError(w, http.StatusForbidden, "host %q is not this sidecar's: it listens on loopback (see --address)", r.Host)
+			return
+		}
 		if s.cors.handle(w, r) {
-			return // preflight answered
+			return // preflight answered, or a foreign page refused
 		}
 		if len(token) > 0 && !publicPath(r) && !bearerMatches(r, token) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="sidecar"`)
@@ -472,6 +480,12 @@ func (s *server) middleware(next http.Handler) http.Handler {
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// listensOnLoopback reports whether address binds a loopback host only.
+func listensOnLoopback(address string) bool {
+	host, _, err := net.SplitHostPort(address)
+	return err == nil && host != "" && loopbackHost(host)
 }
 
 // publicPath reports whether r needs no token: /health, for probes, and

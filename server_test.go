@@ -186,9 +186,20 @@ func TestCORS(t *testing.T) {
 	if resp := preflight(t, ts.URL, "https://evil.example"); resp.StatusCode != 403 || resp.Header.Get("Access-Control-Allow-Origin") != "" {
 		t.Errorf("disallowed preflight = %d %v, want 403 without allow-origin", resp.StatusCode, resp.Header)
 	}
-	code, _ := do(t, "GET", ts.URL+"/registry", "", "Origin", "https://evil.example", "Authorization", "Bearer t")
-	if code != 200 {
-		t.Errorf("simple request from another origin = %d, want 200 (the browser hides it)", code)
+	// Browsers send "simple" requests without a preflight: a foreign page
+	// must not get to change anything, even without a token.
+	for _, method := range []string{"GET", "POST", "DELETE"} {
+		code, body := do(t, method, ts.URL+"/registry", seedService, "Origin", "https://evil.example", "Authorization", "Bearer t", "Content-Type", "text/plain")
+		wantError(t, method+" /registry from another origin", code, body, http.StatusForbidden)
+	}
+	if code, body := do(t, "GET", ts.URL+"/registry", "", "Origin", "https://app.example", "Authorization", "Bearer t"); code != 200 {
+		t.Errorf("GET from an allowed origin = %d %s, want 200", code, body)
+	}
+	if code, body := do(t, "GET", ts.URL+"/registry", "", "Origin", ts.URL, "Authorization", "Bearer t"); code != 200 {
+		t.Errorf("GET from the sidecar's own origin = %d %s, want 200", code, body)
+	}
+	if _, svc := getService(t, ts.URL, "foo.bar"); svc != nil {
+		t.Errorf("a foreign page registered %+v", svc)
 	}
 
 	star := testConfig()
@@ -202,6 +213,42 @@ func TestCORS(t *testing.T) {
 	_, ts3 := newTestServer(t, nil)
 	if resp := preflight(t, ts3.URL, "https://app.example"); resp.Header.Get("Access-Control-Allow-Origin") != "" {
 		t.Errorf("without --cors preflight allowed origin: %v", resp.Header)
+	}
+}
+
+func TestLoopbackHostOnly(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, nil) // testConfig listens on 127.0.0.1
+	for _, tt := range []struct {
+		host string
+		code int
+	}{
+		{"127.0.0.1:8081", 200},
+		{"localhost:8081", 200},
+		{"[::1]:8081", 200},
+		{"app.localhost", 200},
+		{"rebound.evil.example:8081", 403},
+		{"10.0.0.1", 403},
+	} {
+		req, _ := http.NewRequest("GET", ts.URL+"/registry", nil)
+		req.Host = tt.host
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tt.code {
+			t.Errorf("GET /registry with Host %s = %d, want %d", tt.host, resp.StatusCode, tt.code)
+		}
+	}
+	// Listening on every interface, any Host is served.
+	cfg := testConfig()
+	cfg.Address = ":0"
+	_, all := newTestServer(t, cfg)
+	req, _ := http.NewRequest("GET", all.URL+"/registry", nil)
+	req.Host = "sidecar.internal:8081"
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 200 {
+		t.Errorf("GET with Host sidecar.internal on :0 = %v %v, want 200", resp, err)
 	}
 }
 
