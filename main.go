@@ -516,6 +516,9 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
+	// Streams end as the drain begins: Shutdown would wait for proxied
+	// event streams until the drain timeout. Close is idempotent.
+	hs.RegisterOnShutdown(s.streams.Close)
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 

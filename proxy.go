@@ -28,8 +28,9 @@ import (
 
 const (
 	defaultProxyIdleTimeout = 60 * time.Second
-	proxyBufferSize         = 32 << 10 // copy buffer of one streamed body
-	idleChecks              = 4        // checks per idle period: a stream ends 1 to 1.25 periods after its last byte
+	proxyBufferSize         = 32 << 10    // copy buffer of one streamed body
+	idleChecks              = 4           // checks per idle period: a stream ends 1 to 1.25 periods after its last byte
+	shutdownWriteGrace      = time.Second // a stream's caller has this long to take its end at shutdown
 )
 
 // Causes of an outgoing request's end, read back by the error handler.
@@ -479,12 +480,28 @@ func (p *proxyHandler) sendBody(pc *proxyCall, r *http.Request, c *backendConn) 
 // The connection goes back to the pool only when the body was read to its
 // end and neither side asked to close it; any other end closes it. A
 // failure once the status is written aborts the caller's response.
+//
+// A stream (an event stream, or a body of unknown length) joins the
+// streams, since http.Server.Shutdown would wait for it until the drain
+// timeout: shutdown aborts it, and the caller's response then ends
+// cleanly (a chunked body gets its last chunk).
 func (p *proxyHandler) respond(w http.ResponseWriter, r *http.Request, pc *proxyCall, c *backendConn, h respHead) {
+	bodyless := r.Method == http.MethodHead || h.code == http.StatusNoContent || h.code == http.StatusNotModified
+	stream := !bodyless && (h.stream || h.length < 0)
+	if stream {
+		done, ok := p.streams.join(pc.shutdown)
+		if !ok {
+			pc.detach()
+			c.close()
+			writeError(w, http.StatusServiceUnavailable, "proxy: sidecar is shutting down")
+			return
+		}
+		defer done()
+	}
 	pc.phase.Store(phaseStreaming)
 	pc.timer.Reset(p.cfg.ProxyIdleTimeout / idleChecks)
 	c.header(w.Header(), h.chunked)
 	w.WriteHeader(h.code)
-	bodyless := r.Method == http.MethodHead || h.code == http.StatusNoContent || h.code == http.StatusNotModified
 	var err error
 	if !bodyless {
 		err = p.copyBody(w, pc, c, h)
@@ -494,6 +511,10 @@ func (p *proxyHandler) respond(w http.ResponseWriter, r *http.Request, pc *proxy
 		c.pool.put(c, time.Now())
 	} else {
 		c.close()
+	}
+	if err != nil && stream && pc.causeOf() == errShutdown {
+		p.log.Debug("stream ended by shutdown", "service", pc.service)
+		return
 	}
 	if err != nil {
 		p.log.Debug("response aborted", "service", pc.service, "err", err)
@@ -625,6 +646,18 @@ func (pc *proxyCall) abort(cause error) {
 	}
 }
 
+// shutdown aborts an ordinary call's stream as the sidecar shuts down. The
+// caller has shutdownWriteGrace to take the end of the response; one that
+// does not read holds shutdown no longer.
+func (pc *proxyCall) shutdown() {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if !pc.ended {
+		pc.abort(errShutdown)
+		http.NewResponseController(pc.w).SetWriteDeadline(time.Now().Add(shutdownWriteGrace))
+	}
+}
+
 // callerGone aborts an ordinary call whose caller went away.
 func (pc *proxyCall) callerGone() {
 	pc.mu.Lock()
@@ -691,8 +724,10 @@ func (pc *proxyCall) tick() {
 	}
 	pc.p.idleTimeouts.Add(1)
 	pc.abort(errIdleTimeout)
-	if !pc.upgrade {
+	if !pc.upgrade && pc.phase.Load() == phaseStreaming {
 		// A write blocked on a caller that stopped reading ends too.
+		// Before the response starts the caller's connection must stay
+		// writable for the JSON error.
 		http.NewResponseController(pc.w).SetWriteDeadline(time.Now())
 	}
 }

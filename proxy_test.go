@@ -947,3 +947,122 @@ func TestProxyCloseClosesPool(t *testing.T) {
 	s.proxy.Close()
 	eventually(t, 2*time.Second, "pooled connection closed", func() bool { return open.Load() == 0 })
 }
+
+// TestProxyStreamsEndOnShutdown: a proxied event stream or chunked body
+// that never ends does not hold shutdown for --shutdown_timeout: once
+// serve's context is cancelled the stream ends cleanly (the caller sees
+// the end of the body, not a broken connection) and serve returns.
+func TestProxyStreamsEndOnShutdown(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name, contentType string
+	}{
+		{"event stream", "text/event-stream"},
+		{"chunked", "application/octet-stream"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			node := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", tt.contentType)
+				io.WriteString(w, "data: first\n\n")
+				w.(http.Flusher).Flush()
+				<-r.Context().Done() // never ends on its own
+			}))
+			t.Cleanup(func() { node.CloseClientConnections(); node.Close() })
+
+			cfg := proxyTestConfig()
+			cfg.ShutdownTimeout = 10 * time.Second
+			s, err := newServer(cfg, testLogger(t))
+			if err != nil {
+				t.Fatalf("newServer: %v", err)
+			}
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				s.Close()
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			served := make(chan error, 1)
+			go func() { served <- s.serve(ctx, ln) }()
+			base := "http://" + ln.Addr().String()
+			registerURLs(t, base, "go.micro.srv.events", node.URL)
+
+			resp, err := http.Get(base + "/events/x")
+			if err != nil {
+				cancel()
+				<-served
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			rd := bufio.NewReader(resp.Body)
+			if line, err := rd.ReadString('\n'); err != nil || line != "data: first\n" {
+				cancel()
+				<-served
+				t.Fatalf("first line = %q, %v; want %q", line, err, "data: first\n")
+			}
+			read := make(chan error, 1)
+			go func() {
+				_, err := io.ReadAll(rd)
+				read <- err
+			}()
+
+			start := time.Now()
+			cancel()
+			select {
+			case err := <-served:
+				if err != nil {
+					t.Errorf("serve: %v", err)
+				}
+			case <-time.After(cfg.ShutdownTimeout + 5*time.Second):
+				t.Fatal("serve did not return")
+			}
+			if took := time.Since(start); took > 3*time.Second {
+				t.Errorf("serve returned %s after shutdown began, want well under --shutdown_timeout %s", took, cfg.ShutdownTimeout)
+			}
+			select {
+			case err := <-read:
+				if err != nil {
+					t.Errorf("stream ended with %v, want a clean end of the body", err)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("the caller's stream did not end")
+			}
+		})
+	}
+}
+
+// TestProxyStalledUploadAnswered: a caller whose upload stalls gets the
+// JSON error of the idle timeout, not a connection cut without an answer.
+func TestProxyStalledUploadAnswered(t *testing.T) {
+	t.Parallel()
+	cfg := proxyTestConfig()
+	cfg.ProxyIdleTimeout = 200 * time.Millisecond
+	_, ts := newTestServer(t, cfg)
+	node, _, hits := recordingBackend(t, "upload")
+	registerURLs(t, ts.URL, "go.micro.srv.upload", node.URL)
+
+	conn, err := net.Dial("tcp", ts.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(conn, "POST /upload/x HTTP/1.1\r\nHost: sidecar\r\nContent-Length: 10\r\n\r\nx"); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("read response to a stalled upload: %v; want the JSON error", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("read body: %v", err)
+	}
+	wantError(t, "POST /upload/x with a stalled body", resp.StatusCode, body, http.StatusGatewayTimeout)
+	if n := hits.Load(); n != 0 {
+		t.Errorf("node answered %d requests, want 0 (the body never completed)", n)
+	}
+}
