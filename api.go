@@ -14,10 +14,12 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/coder/websocket"
 )
@@ -85,11 +87,28 @@ func writeErr(w http.ResponseWriter, err error) {
 	writeError(w, code, "%s", err.Error())
 }
 
+// bodyReadTimeout bounds reading one request body the sidecar reads whole:
+// a client that sends a Content-Length and then stalls must not hold a
+// handler (and a connection) forever. The server clears read deadlines for
+// the next request on the connection.
+const bodyReadTimeout = 30 * time.Second
+
 // readBody reads the whole request body up to limit bytes, whatever its
-// Content-Type. An empty or oversized body is an *httpError.
+// Content-Type, within bodyReadTimeout. An empty, oversized or stalled body
+// is an *httpError.
 func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, error) {
+	return readBodyWithin(w, r, limit, bodyReadTimeout)
+}
+
+func readBodyWithin(w http.ResponseWriter, r *http.Request, limit int64, timeout time.Duration) ([]byte, error) {
+	// Not every ResponseWriter has deadlines (a test recorder); reading
+	// then goes unbounded, as it would without this.
+	http.NewResponseController(w).SetReadDeadline(time.Now().Add(timeout))
 	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
 	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, errorf(http.StatusRequestTimeout, "request body not received within %s", timeout)
+		}
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
 			return nil, errorf(http.StatusRequestEntityTooLarge, "request body exceeds %d bytes", limit)

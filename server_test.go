@@ -6,6 +6,9 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -462,4 +465,32 @@ func TestBinaryBadFlagOneLine(t *testing.T) {
 	if !strings.Contains(string(out), "register_ttl") {
 		t.Errorf("bad flag output %q does not name the flag", out)
 	}
+}
+
+// TestStalledBodyTimesOut sends a Content-Length and then one byte: the
+// read gives up after its timeout with a JSON 408 instead of holding the
+// handler forever.
+func TestStalledBodyTimesOut(t *testing.T) {
+	t.Parallel()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, err := readBodyWithin(w, r, 1<<20, 200*time.Millisecond); err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, 200, struct{}{})
+	}))
+	t.Cleanup(srv.Close)
+	c, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("no answer to a stalled body: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	wantError(t, "POST with a stalled body", resp.StatusCode, body, http.StatusRequestTimeout)
 }
