@@ -109,7 +109,8 @@ func (a *appChecker) loop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-heartbeat.C:
-			if a.state().Registered {
+			// Renew, or retry a registration the registry refused.
+			if a.state().Healthy {
 				a.register(ctx)
 			}
 		case <-check:

@@ -579,8 +579,14 @@ func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	if s.app != nil {
 		st := s.app.state()
 		resp["app"] = st
-		if !st.Healthy && code == http.StatusOK {
+		switch {
+		case !st.Healthy && code == http.StatusOK:
 			resp["status"], code = "unhealthy", http.StatusServiceUnavailable
+		case !st.Registered && code == http.StatusOK:
+			// Healthy but not in the registry (it refused; retried on each
+			// heartbeat): callers cannot find the app, yet restarting it
+			// would not help, so the answer stays 200.
+			resp["status"] = "degraded"
 		}
 	}
 	writeJSON(w, code, resp)

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -493,4 +494,38 @@ func TestStalledBodyTimesOut(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	wantError(t, "POST with a stalled body", resp.StatusCode, body, http.StatusRequestTimeout)
+}
+
+// refuseFirst is the real memory registry with one injected fault: it
+// refuses the first registration, as Consul does while ACLs propagate.
+type refuseFirst struct {
+	Registry
+	calls atomic.Int32
+}
+
+func (r *refuseFirst) Register(ctx context.Context, s *Service, ttl time.Duration) error {
+	if r.calls.Add(1) == 1 {
+		return fmt.Errorf("%w: status 403: ACL not found", errRejected)
+	}
+	return r.Registry.Register(ctx, s, ttl)
+}
+
+func TestAppRegistrationRetried(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig()
+	cfg.ServerName, cfg.ServerAddress = "go.micro.srv.app", "127.0.0.1:9"
+	cfg.RegisterInterval, cfg.RegisterTTL = 20*time.Millisecond, 500*time.Millisecond
+	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
+	mem := newMemoryRegistry(cfg.RegistrySweep, time.Now, logger)
+	reg := &refuseFirst{Registry: mem}
+	app, err := newAppChecker(cfg, reg, logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	app.start(context.Background())
+	t.Cleanup(func() { app.Close(); mem.Close() })
+	eventually(t, 5*time.Second, "the app registered after a refusal", func() bool {
+		_, err := mem.GetService(context.Background(), cfg.ServerName)
+		return err == nil && app.state().Registered
+	})
 }
