@@ -473,6 +473,12 @@ func (s *server) middleware(next http.Handler) http.Handler {
 		if s.cors.handle(w, r) {
 			return // preflight answered, or a foreign page refused
 		}
+		if !strings.HasPrefix(r.URL.Path, "/") {
+			// CONNECT host:port names no path: the mux would answer in
+			// plain text. The sidecar is not a forward proxy.
+			writeError(w, http.StatusMethodNotAllowed, "%s %s is not served: the sidecar is not a forward proxy", r.Method, r.RequestURI)
+			return
+		}
 		if len(token) > 0 && !publicPath(r) && !bearerMatches(r, token) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="sidecar"`)
 			writeError(w, http.StatusUnauthorized, "missing or invalid bearer token")

@@ -123,6 +123,24 @@ func TestErrorsAreJSON(t *testing.T) {
 		code, body := do(t, tt.method, ts.URL+tt.path, "")
 		wantError(t, tt.method+" "+tt.path, code, body, http.StatusMethodNotAllowed)
 	}
+	// CONNECT in authority form has no path for the mux to match (on a
+	// sidecar that answers to any Host).
+	cfg := testConfig()
+	cfg.Address = ":0"
+	_, all := newTestServer(t, cfg)
+	c, err := net.Dial("tcp", all.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "CONNECT example.com:443 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("CONNECT: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	wantError(t, "CONNECT example.com:443", resp.StatusCode, body, http.StatusMethodNotAllowed)
 }
 
 func TestAuthToken(t *testing.T) {
