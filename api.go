@@ -37,9 +37,18 @@ type apiError struct {
 	Status string `json:"status"`
 }
 
+// unreadBodyGrace bounds how long the server may wait for the rest of a
+// body nobody read: after a handler answers, net/http reads what is left
+// so the connection can be reused, and a client that stalls there would
+// hold it. Past the grace the connection is closed instead.
+const unreadBodyGrace = 2 * time.Second
+
 // writeError writes the JSON error for code. Every failure the sidecar
 // answers goes through here.
 func writeError(w http.ResponseWriter, code int, format string, args ...any) {
+	// Many errors are answered before the body is read. The server resets
+	// the read deadline for the next request on the connection.
+	http.NewResponseController(w).SetReadDeadline(time.Now().Add(unreadBodyGrace))
 	writeJSON(w, code, apiError{
 		ID:     errorID,
 		Code:   code,

@@ -1049,7 +1049,7 @@ func TestProxyStalledUploadAnswered(t *testing.T) {
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.WriteString(conn, "POST /upload/x HTTP/1.1\r\nHost: sidecar\r\nContent-Length: 10\r\n\r\nx"); err != nil {
+	if _, err := io.WriteString(conn, "POST /upload/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\nx"); err != nil {
 		t.Fatal(err)
 	}
 	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)

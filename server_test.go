@@ -547,3 +547,25 @@ func TestAppRegistrationRetried(t *testing.T) {
 		return err == nil && app.state().Registered
 	})
 }
+
+// TestEarlyErrorWithStalledBody: a request refused before its body is read
+// gets its JSON error even though the client never sends the body.
+func TestEarlyErrorWithStalledBody(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig()
+	cfg.AuthToken = "t"
+	_, ts := newTestServer(t, cfg)
+	c, err := net.Dial("tcp", ts.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "POST /registry HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n{")
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("no answer to an unauthorized request with a stalled body: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	wantError(t, "POST /registry without a token", resp.StatusCode, body, http.StatusUnauthorized)
+}
