@@ -61,7 +61,11 @@ type consulBackend struct {
 	client *http.Client
 	log    *slog.Logger
 
-	mu   sync.Mutex        // guards sent
+	// mu guards sent: the body each node was last registered with, so that
+	// a renewal with the same data only passes the TTL check. Entries go
+	// when the cache forgets the node (expiry, deregistration), so sent
+	// holds at most the live local registrations.
+	mu   sync.Mutex
 	sent map[string]string // service ID -> body last registered with a TTL check
 }
 
@@ -317,6 +321,16 @@ func (b *consulBackend) register(ctx context.Context, s *Service, ttl time.Durat
 		b.mu.Unlock()
 	}
 	return nil
+}
+
+// forget implements remoteBackend: the next registration of these nodes
+// is a full one.
+func (b *consulBackend) forget(s *Service) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, n := range s.Nodes {
+		delete(b.sent, n.ID)
+	}
 }
 
 func (b *consulBackend) deregister(ctx context.Context, s *Service) error {

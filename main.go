@@ -183,7 +183,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.StringVar(&cfg.Registry, "registry", cfg.Registry, "registry backend: memory, consul or sidecar (another sidecar's /registry)")
 	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend (consul: host:port, default $CONSUL_HTTP_ADDR or 127.0.0.1:8500; sidecar: http://host:port)")
 	fs.StringVar(&cfg.BrokerAddress, "broker_address", "", "`host:port` where other sidecars deliver pub/sub messages (default: the bound --address)")
-	fs.StringVar(&cfg.BrokerSecret, "broker_secret", "", "`secret` that sidecars sharing a registry send each other when delivering messages")
+	fs.StringVar(&cfg.BrokerSecret, "broker_secret", "", "`secret` that keys the signature of deliveries between sidecars sharing a registry (default: --auth_token)")
 	fs.IntVar(&cfg.ClientRetries, "client_retries", cfg.ClientRetries, "retries of a call where retrying is safe")
 	fs.DurationVar(&cfg.ClientRequestTimeout, "client_request_timeout", cfg.ClientRequestTimeout, "timeout of a call, all attempts included")
 	fs.DurationVar(&cfg.ProxyIdleTimeout, "proxy_idle_timeout", cfg.ProxyIdleTimeout, "end a proxied stream (events, chunks, websocket) with no bytes either way for this long")
@@ -498,7 +498,8 @@ func listensOnLoopback(address string) bool {
 // the /stats page itself, a static shell whose data requests need the
 // token (the page sends the one in its URL fragment, /stats#token=T).
 func publicPath(r *http.Request) bool {
-	return r.URL.Path == "/health" || (r.URL.Path == "/stats" && r.Method == http.MethodGet && !wantsJSON(r))
+	return r.URL.Path == "/health" || (r.URL.Path == "/stats" && r.Method == http.MethodGet && !wantsJSON(r)) ||
+		r.URL.Path == deliverPath // sidecars sign deliveries with a key instead (pubsub.go)
 }
 
 // start begins the components' background work.

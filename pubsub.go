@@ -9,13 +9,21 @@ package main
 // group (this one or another), so that every subscriber gets it once and
 // every group once in total. Every sharing sidecar also registers one node
 // under go.micro.http.broker, which tells the others who may deliver.
+//
+// The addresses of other sidecars come from the registry, which anyone who
+// can write to it can fill, so nothing secret is ever sent to them: not the
+// bearer token of --auth_token, and not --broker_secret itself. A delivery
+// is signed instead: an HMAC-SHA256 of its timestamp and body, keyed by
+// --broker_secret (else by --auth_token), which proves the key without
+// revealing it; the receiver checks it in constant time and refuses
+// timestamps more than a minute away from its clock, which bounds replays.
 
 import (
 	"bytes"
 	"context"
+	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/subtle"
 	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
@@ -36,8 +44,10 @@ const (
 	topicServicePrefix = "go.micro.topic."      // + topic: the sidecars with subscribers of a topic
 	brokerService      = "go.micro.http.broker" // every sidecar that shares pub/sub, one node each
 	deliverPath        = "/broker/deliver"
-	broadcastMarker    = "*"                   // version of a node for plain subscribers
-	brokerSecretHeader = "Micro-Broker-Secret" // carries --broker_secret between sidecars
+	broadcastMarker    = "*"                      // version of a node for plain subscribers
+	deliverTimeHeader  = "Micro-Broker-Timestamp" // unix seconds when a delivery was signed
+	deliverSigHeader   = "Micro-Broker-Signature" // hex HMAC-SHA256 of a delivery (signDelivery)
+	deliverMaxSkew     = time.Minute              // signed deliveries older (or newer) than this are refused
 
 	peerQueueLen   = 4096    // messages waiting for one other sidecar before new ones are dropped
 	peerBatchLen   = 256     // messages in one POST
@@ -80,6 +90,7 @@ type peerBroker struct {
 	reg       Registry
 	b         *broker
 	instance  string // random: tells this sidecar's nodes from others'
+	key       []byte // signs and checks deliveries (deliveryKey); nil: the address check
 	transport *http.Transport
 	client    *http.Client
 	nowait    context.Context // already cancelled: lookups answer from memory at once
@@ -148,6 +159,7 @@ func newPeerBroker(cfg *Config, reg Registry, b *broker, clientTLS *tls.Config, 
 		reg:        reg,
 		b:          b,
 		instance:   hex.EncodeToString(id[:]),
+		key:        deliveryKey(cfg),
 		transport:  t,
 		client:     &http.Client{Transport: t, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
 		nowait:     nowait,
@@ -692,6 +704,9 @@ func (p *peerBroker) post(url string, batch []*peerDelivery) error {
 	}
 }
 
+// postOnce sends one delivery. The URL comes from the registry, so the
+// request carries no credential: only a signature (see signDelivery),
+// made anew for each attempt.
 func (p *peerBroker) postOnce(url string, body []byte) (retry bool, err error) {
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ClientRequestTimeout)
 	defer cancel()
@@ -700,11 +715,10 @@ func (p *peerBroker) postOnce(url string, body []byte) (retry bool, err error) {
 		return false, fmt.Errorf("broker: deliver to %s: %w", url, err)
 	}
 	req.Header.Set("Content-Type", "application/json")
-	if p.cfg.AuthToken != "" {
-		req.Header.Set("Authorization", "Bearer "+p.cfg.AuthToken)
-	}
-	if p.cfg.BrokerSecret != "" {
-		req.Header.Set(brokerSecretHeader, p.cfg.BrokerSecret)
+	if p.key != nil {
+		ts := strconv.FormatInt(time.Now().Unix(), 10)
+		req.Header.Set(deliverTimeHeader, ts)
+		req.Header.Set(deliverSigHeader, signDelivery(p.key, ts, body))
 	}
 	resp, err := p.client.Do(req)
 	if err != nil {
@@ -722,9 +736,11 @@ func (p *peerBroker) postOnce(url string, body []byte) (retry bool, err error) {
 
 // handleDeliver serves POST /broker/deliver: messages from another
 // sidecar for this one's subscribers. Only sidecars may call it: with
-// --broker_secret, callers must send it; else with --auth_token, the
-// bearer token (checked by the middleware) is the proof; else the caller's
-// IP must be the address of a sidecar registered under go.micro.http.broker.
+// --broker_secret or --auth_token, the request must be signed with it
+// (signDelivery: senders never send the secret or the token, so the
+// middleware lets this path through without a bearer token); with
+// neither, the caller's IP must be the address of a sidecar registered
+// under go.micro.http.broker.
 func (p *peerBroker) handleDeliver(w http.ResponseWriter, r *http.Request) {
 	if err := p.authorize(r); err != nil {
 		p.refused.Add(1)
@@ -735,6 +751,11 @@ func (p *peerBroker) handleDeliver(w http.ResponseWriter, r *http.Request) {
 	limit := int64(peerBatchBytes)*2 + p.b.maxMessage*2 + 1<<20
 	body, err := readBody(w, r, limit)
 	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	if err := p.verify(r, body); err != nil {
+		p.refused.Add(1)
 		writeErr(w, err)
 		return
 	}
@@ -785,16 +806,49 @@ func checkDelivery(d *peerDelivery, maxBody int64) error {
 	return nil
 }
 
-// authorize decides whether r comes from a sidecar (see handleDeliver).
+// deliveryKey is the key that signs deliveries between sidecars:
+// --broker_secret, else --auth_token (every sharing sidecar has the same),
+// else nil (deliveries are checked by the caller's address).
+func deliveryKey(cfg *Config) []byte {
+	switch {
+	case cfg.BrokerSecret != "":
+		return []byte(cfg.BrokerSecret)
+	case cfg.AuthToken != "":
+		return []byte(cfg.AuthToken)
+	}
+	return nil
+}
+
+// signDelivery is the hex HMAC-SHA256, keyed by key, of a delivery's
+// timestamp ts (unix seconds, the deliverTimeHeader) and body. It proves
+// that the sender holds the key without revealing it, so it can go to
+// any address the registry lists, even over plain HTTP; the timestamp
+// bounds a replay of a captured delivery to deliverMaxSkew.
+func signDelivery(key []byte, ts string, body []byte) string {
+	m := hmac.New(sha256.New, key)
+	io.WriteString(m, "sidecar broker delivery\n")
+	io.WriteString(m, ts)
+	io.WriteString(m, "\n")
+	m.Write(body)
+	return hex.EncodeToString(m.Sum(nil))
+}
+
+// authorize decides, before the body is read, whether r may come from a
+// sidecar (see handleDeliver): with a key, the signature headers are
+// present and the timestamp recent (verify checks the signature); without
+// one, the caller's address is a sidecar's.
 func (p *peerBroker) authorize(r *http.Request) error {
-	if p.cfg.BrokerSecret != "" {
-		if subtle.ConstantTimeCompare([]byte(r.Header.Get(brokerSecretHeader)), []byte(p.cfg.BrokerSecret)) != 1 {
-			return errorf(http.StatusForbidden, "broker: %s is for sidecars only: missing or wrong %s header (--broker_secret)", deliverPath, brokerSecretHeader)
+	if p.key != nil {
+		sec, err := strconv.ParseInt(r.Header.Get(deliverTimeHeader), 10, 64)
+		if err != nil || len(r.Header.Get(deliverSigHeader)) != 2*sha256.Size {
+			return errorf(http.StatusForbidden, "broker: %s is for sidecars only: missing or malformed %s and %s headers (signed with --broker_secret, else --auth_token)",
+				deliverPath, deliverTimeHeader, deliverSigHeader)
+		}
+		if d := time.Since(time.Unix(sec, 0)); d > deliverMaxSkew || d < -deliverMaxSkew {
+			return errorf(http.StatusForbidden, "broker: %s: %s %d is more than %s away from this sidecar's clock",
+				deliverPath, deliverTimeHeader, sec, deliverMaxSkew)
 		}
 		return nil
-	}
-	if p.cfg.AuthToken != "" {
-		return nil // the middleware checked the bearer token every sidecar shares
 	}
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	ip := net.ParseIP(host)
@@ -808,6 +862,21 @@ func (p *peerBroker) authorize(r *http.Request) error {
 		}
 	}
 	return errorf(http.StatusForbidden, "broker: %s is for sidecars only: %s is not the address of a sidecar in the registry (%s)", deliverPath, host, brokerService)
+}
+
+// verify checks, in constant time, the signature of a delivery that
+// authorize let through; without a key there is none to check.
+func (p *peerBroker) verify(r *http.Request, body []byte) error {
+	if p.key == nil {
+		return nil
+	}
+	got, err := hex.DecodeString(r.Header.Get(deliverSigHeader))
+	want, _ := hex.DecodeString(signDelivery(p.key, r.Header.Get(deliverTimeHeader), body))
+	if err != nil || !hmac.Equal(got, want) {
+		return errorf(http.StatusForbidden, "broker: %s is for sidecars only: wrong %s (signed with another key than --broker_secret, else --auth_token, or the body changed)",
+			deliverPath, deliverSigHeader)
+	}
+	return nil
 }
 
 // Close stops registering and deregisters this sidecar's nodes, ends

@@ -2,6 +2,9 @@ package main
 
 import (
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -10,6 +13,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -353,25 +357,36 @@ func TestPubSubDeliverRefused(t *testing.T) {
 		publishN(t, urlA, "t", "A", 3)
 		eventually(t, 10*time.Second, "messages from A on B", func() bool { return sub.has(bodies("A", 3)) })
 
+		now := time.Now()
 		tests := []struct {
 			name   string
 			body   string
 			header []string
 			code   int
 		}{
-			{"no secret", valid, nil, http.StatusForbidden},
-			{"wrong secret", valid, []string{brokerSecretHeader, "guess"}, http.StatusForbidden},
-			{"bad JSON", `{"messages":[`, []string{brokerSecretHeader, "s3cret"}, http.StatusBadRequest},
-			{"bad topic", `{"messages":[{"topic":"a b","plain":true}]}`, []string{brokerSecretHeader, "s3cret"}, http.StatusBadRequest},
-			{"null message", `{"messages":[null]}`, []string{brokerSecretHeader, "s3cret"}, http.StatusBadRequest},
+			{"no signature", valid, nil, http.StatusForbidden},
+			{"the raw secret, as before", valid, []string{"Micro-Broker-Secret", "s3cret"}, http.StatusForbidden},
+			{"the bearer token", valid, []string{"Authorization", "Bearer s3cret"}, http.StatusForbidden},
+			{"signed with another key", valid, signed("guess", now, valid), http.StatusForbidden},
+			{"signature of another body", valid, signed("s3cret", now, `{"messages":[]}`), http.StatusForbidden},
+			{"timestamp changed", valid, append(signed("s3cret", now, valid), deliverTimeHeader, fmt.Sprint(now.Unix()+1)), http.StatusForbidden},
+			{"signed 2 minutes ago", valid, signed("s3cret", now.Add(-2*time.Minute), valid), http.StatusForbidden},
+			{"signed 2 minutes ahead", valid, signed("s3cret", now.Add(2*time.Minute), valid), http.StatusForbidden},
+			{"timestamp not a number", valid, append(signed("s3cret", now, valid), deliverTimeHeader, "soon"), http.StatusForbidden},
+			{"signature not hex", valid, append(signed("s3cret", now, valid), deliverSigHeader, strings.Repeat("z", 64)), http.StatusForbidden},
+			{"bad JSON", `{"messages":[`, signed("s3cret", now, `{"messages":[`), http.StatusBadRequest},
+			{"bad topic", `{"messages":[{"topic":"a b","plain":true}]}`, signed("s3cret", now, `{"messages":[{"topic":"a b","plain":true}]}`), http.StatusBadRequest},
+			{"null message", `{"messages":[null]}`, signed("s3cret", now, `{"messages":[null]}`), http.StatusBadRequest},
 		}
 		for _, tt := range tests {
 			code, body := post(t, http.DefaultClient, urlB+deliverPath, tt.body, tt.header...)
 			wantError(t, "POST /broker/deliver "+tt.name, code, body, tt.code)
 		}
-		code, body := post(t, http.DefaultClient, urlB+deliverPath, valid, brokerSecretHeader, "s3cret")
-		if code != http.StatusOK || !strings.Contains(string(body), `"delivered":1`) {
-			t.Fatalf("POST /broker/deliver with the secret = %d %s, want 200 delivered 1", code, body)
+		for _, at := range []time.Time{now, now.Add(-50 * time.Second), now.Add(50 * time.Second)} {
+			code, body := post(t, http.DefaultClient, urlB+deliverPath, valid, signed("s3cret", at, valid)...)
+			if code != http.StatusOK || !strings.Contains(string(body), `"delivered":1`) {
+				t.Fatalf("POST /broker/deliver signed with the secret at now%+ds = %d %s, want 200 delivered 1", int(at.Sub(now).Seconds()), code, body)
+			}
 		}
 	})
 
@@ -382,8 +397,25 @@ func TestPubSubDeliverRefused(t *testing.T) {
 		cfgB := remoteConfig("sidecar", urlA)
 		cfgB.AuthToken = "tok"
 		_, urlB := startSharing(t, cfgB)
-		code, body := post(t, http.DefaultClient, urlB+deliverPath, valid)
-		wantError(t, "POST /broker/deliver without the token", code, body, http.StatusUnauthorized)
+		// The token keys the signature; on its own it is no proof, since
+		// senders never send it.
+		for _, tt := range []struct {
+			name   string
+			header []string
+		}{
+			{"without anything", nil},
+			{"with the bearer token alone", []string{"Authorization", "Bearer tok"}},
+			{"signed with another key", signed("guess", time.Now(), valid)},
+		} {
+			code, body := post(t, http.DefaultClient, urlB+deliverPath, valid, tt.header...)
+			wantError(t, "POST /broker/deliver "+tt.name, code, body, http.StatusForbidden)
+		}
+		if code, body := post(t, http.DefaultClient, urlB+deliverPath, valid, signed("tok", time.Now(), valid)...); code != http.StatusOK {
+			t.Fatalf("POST /broker/deliver signed with the token, without a bearer token = %d %s, want 200", code, body)
+		}
+		if code, body := do(t, "GET", urlB+"/registry", ""); code != http.StatusUnauthorized {
+			t.Fatalf("GET /registry without the token = %d %s, want 401: only %s skips the bearer check", code, body, deliverPath)
+		}
 
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -406,6 +438,106 @@ func TestPubSubDeliverRefused(t *testing.T) {
 			t.Fatalf("B's subscriber read %q, %v; want the message hello published on A", data, err)
 		}
 	})
+}
+
+// signed returns the headers of a delivery of body signed with key at at,
+// computed here from the documented format rather than with signDelivery.
+func signed(key string, at time.Time, body string) []string {
+	ts := fmt.Sprint(at.Unix())
+	m := hmac.New(sha256.New, []byte(key))
+	m.Write([]byte("sidecar broker delivery\n" + ts + "\n" + body))
+	return []string{deliverTimeHeader, ts, deliverSigHeader, hex.EncodeToString(m.Sum(nil))}
+}
+
+// TestPubSubDeliverSendsNoCredential: the addresses a delivery goes to come
+// from the registry, which anyone who can write to it fills. A fake peer
+// registered under the topic records what arrives: no Authorization, nor
+// the secret or the token anywhere in headers or body; a signature that
+// checks out with the expected key instead.
+func TestPubSubDeliverSendsNoCredential(t *testing.T) {
+	tests := []struct {
+		name          string
+		secret, token string
+		key           string // what signs deliveries; "" none
+	}{
+		{"secret and token", "s3cret-value", "token-value", "s3cret-value"},
+		{"token only", "", "token-value", "token-value"},
+		{"secret only", "s3cret-value", "", "s3cret-value"},
+		{"neither", "", "", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			type arrival struct {
+				header http.Header
+				body   []byte
+			}
+			got := make(chan arrival, 16)
+			fake := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				body, _ := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+				select {
+				case got <- arrival{r.Header.Clone(), body}:
+				default:
+				}
+				w.Write([]byte(`{"delivered":1}`))
+			}))
+			t.Cleanup(fake.Close)
+
+			cfg := testConfig()
+			cfg.BrokerSecret, cfg.AuthToken = tt.secret, tt.token
+			_, urlA := startSharing(t, cfg)
+			auth := []string{"Authorization", "Bearer " + tt.token}
+			reg := fmt.Sprintf(`{"name":"%st","nodes":[{"id":"fake","address":"127.0.0.1","port":%d,"metadata":{"sidecar":"fake"}}]}`,
+				topicServicePrefix, fake.Listener.Addr().(*net.TCPAddr).Port)
+			if code, resp := do(t, "POST", urlA+"/registry", reg, auth...); code != http.StatusOK {
+				t.Fatalf("register the fake peer: %d %s", code, resp)
+			}
+			if code, resp := do(t, "POST", urlA+"/broker?topic=t", "hello", auth...); code != http.StatusOK {
+				t.Fatalf("POST /broker?topic=t = %d %s", code, resp)
+			}
+			var a arrival
+			select {
+			case a = <-got:
+			case <-time.After(10 * time.Second):
+				t.Fatal("no delivery reached the fake peer in 10s")
+			}
+			if v := a.header.Get("Authorization"); v != "" {
+				t.Errorf("delivery carried Authorization %q, want none", v)
+			}
+			for _, cred := range []string{tt.secret, tt.token} {
+				if cred == "" {
+					continue
+				}
+				for k, vs := range a.header {
+					for _, v := range vs {
+						if strings.Contains(v, cred) {
+							t.Errorf("delivery header %s: %q carries the credential %q", k, v, cred)
+						}
+					}
+				}
+				if strings.Contains(string(a.body), cred) {
+					t.Errorf("delivery body %s carries the credential %q", a.body, cred)
+				}
+			}
+			if !strings.Contains(string(a.body), `"topic":"t"`) {
+				t.Errorf("delivery body = %s, want the message on topic t", a.body)
+			}
+			ts, sig := a.header.Get(deliverTimeHeader), a.header.Get(deliverSigHeader)
+			if tt.key == "" {
+				if ts != "" || sig != "" {
+					t.Errorf("unsigned delivery carried %s %q, %s %q; want neither", deliverTimeHeader, ts, deliverSigHeader, sig)
+				}
+				return
+			}
+			sec, err := strconv.ParseInt(ts, 10, 64)
+			if err != nil || time.Since(time.Unix(sec, 0)).Abs() > time.Minute {
+				t.Errorf("%s = %q, want the current unix time", deliverTimeHeader, ts)
+			}
+			want := signed(tt.key, time.Unix(sec, 0), string(a.body))[3]
+			if sig != want {
+				t.Errorf("%s = %q, want HMAC-SHA256 keyed by %q: %q", deliverSigHeader, sig, tt.key, want)
+			}
+		})
+	}
 }
 
 // TestPubSubPeerDown: a sidecar in the topic entry that refuses

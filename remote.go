@@ -120,6 +120,12 @@ type remoteBackend interface {
 	register(ctx context.Context, s *Service, ttl time.Duration) error
 	// deregister removes the nodes of s by ID; errNotFound if none exist.
 	deregister(ctx context.Context, s *Service) error
+	// forget drops whatever the backend keeps about the nodes of s (by
+	// ID): the cache calls it whenever it drops local registrations
+	// (expiry, deregistration, rejection), so per-node state stays bounded
+	// by the live registrations. It must not call the backend, and
+	// forgetting too much is harmless (a registration only costs more).
+	forget(s *Service)
 	// sync keeps sink up to date with the backend until ctx ends. It
 	// calls sink.healthy after every success and failure of its watch.
 	sync(ctx context.Context, sink syncSink)
@@ -300,10 +306,10 @@ func (c *cachedRegistry) Register(ctx context.Context, s *Service, ttl time.Dura
 	return nil
 }
 
-// forget drops the local registrations of s's nodes.
+// forget drops the local registrations of s's nodes, here and in the
+// backend's state.
 func (c *cachedRegistry) forget(s *Service) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	regs := c.local[s.Name]
 	for _, n := range s.Nodes {
 		delete(regs, n.ID)
@@ -312,17 +318,30 @@ func (c *cachedRegistry) forget(s *Service) {
 		delete(c.local, s.Name)
 	}
 	c.refreshLocked(s.Name)
+	c.mu.Unlock()
+	c.backend.forget(s)
 }
 
 // markSent records that the backend took the registrations of s (unless a
-// newer registration or a deregistration replaced them meanwhile).
+// newer registration or a deregistration replaced them meanwhile). A node
+// whose registration expired or was deregistered while the call was in
+// flight is forgotten by the backend again: the sweep's forget may have
+// run before the backend stored its state.
 func (c *cachedRegistry) markSent(s *Service, ttl time.Duration) {
+	var gone []*Node
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	for _, n := range s.Nodes {
-		if r := c.local[s.Name][n.ID]; r != nil && r.ttl == ttl && nodesEqual(r.svc.Nodes[0], n) {
+		r := c.local[s.Name][n.ID]
+		switch {
+		case r == nil:
+			gone = append(gone, &Node{ID: n.ID})
+		case r.ttl == ttl && nodesEqual(r.svc.Nodes[0], n):
 			r.sent = true
 		}
+	}
+	c.mu.Unlock()
+	if len(gone) > 0 {
+		c.backend.forget(&Service{Name: s.Name, Nodes: gone})
 	}
 }
 
@@ -348,6 +367,7 @@ func (c *cachedRegistry) Deregister(ctx context.Context, s *Service) error {
 	down := c.down
 	c.refreshLocked(s.Name)
 	c.mu.Unlock()
+	c.backend.forget(s)
 
 	if down {
 		if !known {
@@ -643,16 +663,21 @@ func (c *cachedRegistry) resend(ctx context.Context) bool {
 		default:
 			c.log.Debug("registration re-sent", "service", p.svc.Name, "node", p.svc.Nodes[0].ID)
 			c.mu.Lock()
-			if r := c.local[p.svc.Name][p.svc.Nodes[0].ID]; r != nil && r.svc == p.svc {
+			r := c.local[p.svc.Name][p.svc.Nodes[0].ID]
+			if r != nil && r.svc == p.svc {
 				r.sent = true
 			}
 			c.mu.Unlock()
+			if r == nil {
+				c.backend.forget(p.svc) // expired or deregistered meanwhile
+			}
 		}
 	}
 	return ok
 }
 
-// sweepLoop removes expired local registrations.
+// sweepLoop removes expired local registrations, and makes the backend
+// forget them.
 func (c *cachedRegistry) sweepLoop(ctx context.Context) {
 	t := time.NewTicker(c.sweep)
 	defer t.Stop()
@@ -663,23 +688,29 @@ func (c *cachedRegistry) sweepLoop(ctx context.Context) {
 		case <-t.C:
 		}
 		now := c.now()
+		var expired []*Service
 		c.mu.Lock()
 		for name, regs := range c.local {
-			n := len(regs)
+			var gone []*Node
 			for id, r := range regs {
 				if !r.expires.IsZero() && now.After(r.expires) {
 					delete(regs, id)
+					gone = append(gone, &Node{ID: id})
 				}
 			}
-			if len(regs) == n {
+			if len(gone) == 0 {
 				continue
 			}
 			if len(regs) == 0 {
 				delete(c.local, name)
 			}
 			c.refreshLocked(name)
+			expired = append(expired, &Service{Name: name, Nodes: gone})
 		}
 		c.mu.Unlock()
+		for _, s := range expired {
+			c.backend.forget(s)
+		}
 	}
 }
 

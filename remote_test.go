@@ -434,3 +434,48 @@ func TestHostileRegistryPeer(t *testing.T) {
 		t.Errorf("/health = %d after hostile registry data, want 200", code)
 	}
 }
+
+// TestConsulSentBounded: the fingerprints the Consul backend keeps of
+// registrations it sent go when the registrations expire, so that anyone
+// who can POST /registry cannot grow them with fresh node IDs and short
+// TTLs.
+func TestConsulSentBounded(t *testing.T) {
+	const nodes, perPost = 500, 50
+	fake, ts := newBadConsul(t, "ok")
+	cfg := remoteConfig("consul", ts.URL)
+	cfg.RegistryTimeout = 5 * time.Second
+	s, base := newTestServer(t, cfg)
+	c := s.registry.reg.(*cachedRegistry)
+	b := c.backend.(*consulBackend)
+	sent := func() int {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return len(b.sent)
+	}
+	eventually(t, 5*time.Second, "cache reaches the fake Consul", func() bool { return cacheUp(s) })
+
+	for i := 0; i < nodes; i += perPost {
+		var ns []string
+		for j := i; j < i+perPost; j++ {
+			ns = append(ns, fmt.Sprintf(`{"id":"n-%d","address":"127.0.0.1","port":9090}`, j))
+		}
+		body := `{"name":"app","nodes":[` + strings.Join(ns, ",") + `]}`
+		if code, resp := do(t, "POST", base.URL+"/registry?ttl=30ms", body); code != http.StatusOK {
+			t.Fatalf("POST /registry?ttl=30ms (nodes %d..%d) = %d %s", i, i+perPost-1, code, resp)
+		}
+	}
+	if _, ok := fake.registration(fmt.Sprintf("n-%d", nodes-1)); !ok {
+		t.Fatalf("node n-%d never reached the fake Consul", nodes-1)
+	}
+	eventually(t, 5*time.Second, "every fingerprint forgotten once the registrations expired", func() bool { return sent() == 0 })
+
+	// Deregistering forgets too, also while the registration lives.
+	registerNode(t, base.URL, "1h", "app", "kept")
+	if got := sent(); got != 1 {
+		t.Fatalf("len(sent) = %d after one registration with a TTL, want 1", got)
+	}
+	deregisterNode(t, base.URL, "app", "kept")
+	if got := sent(); got != 0 {
+		t.Fatalf("len(sent) = %d after deregistering, want 0", got)
+	}
+}

@@ -143,6 +143,10 @@ func (b *sidecarBackend) register(ctx context.Context, s *Service, ttl time.Dura
 	return err
 }
 
+// forget implements remoteBackend: the other sidecar's registry expires
+// its nodes itself, and this backend keeps nothing per node.
+func (b *sidecarBackend) forget(*Service) {}
+
 func (b *sidecarBackend) deregister(ctx context.Context, s *Service) error {
 	ids := &Service{Name: s.Name}
 	for _, n := range s.Nodes {
