@@ -587,29 +587,6 @@ func TestPubSubPeerDown(t *testing.T) {
 	}
 }
 
-func TestPubSubFlags(t *testing.T) {
-	tests := []struct {
-		args    []string
-		wantErr string
-	}{
-		{[]string{"--broker_address", "10.0.0.5:8081"}, ""},
-		{[]string{"--broker_address", "sidecar-a.internal:8081", "--broker_secret", "s"}, ""},
-		{[]string{"--broker_address", "10.0.0.5"}, "--broker_address"},
-		{[]string{"--broker_address", "10.0.0.5:0"}, "--broker_address"},
-	}
-	for _, tt := range tests {
-		t.Run(fmt.Sprint(tt.args), func(t *testing.T) {
-			_, err := parseConfig(tt.args, func(string) string { return "" }, io.Discard)
-			switch {
-			case tt.wantErr == "" && err != nil:
-				t.Fatalf("parseConfig(%q) = %v, want no error", tt.args, err)
-			case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
-				t.Fatalf("parseConfig(%q) = %v, want an error naming %s", tt.args, err, tt.wantErr)
-			}
-		})
-	}
-}
-
 // BenchmarkPubSubAcrossSidecars publishes on A to one subscriber on B (B
 // uses A's registry): the throughput of the delivery path between
 // sidecars, batching included.

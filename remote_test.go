@@ -362,34 +362,6 @@ func TestConsulBadResponses(t *testing.T) {
 
 func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
-func TestRegistryFlags(t *testing.T) {
-	tests := []struct {
-		args    []string
-		wantErr string // "" for success
-	}{
-		{[]string{"--registry", "memory"}, ""},
-		{[]string{"--registry", "consul"}, ""},
-		{[]string{"--registry", "consul", "--registry_address", "127.0.0.1:8500"}, ""},
-		{[]string{"--registry", "consul", "--registry_address", "https://consul.internal:8501"}, ""},
-		{[]string{"--registry", "consul", "--registry_address", "ftp://x"}, "--registry_address"},
-		{[]string{"--registry", "sidecar", "--registry_address", "http://127.0.0.1:8081"}, ""},
-		{[]string{"--registry", "sidecar"}, "--registry_address"},
-		{[]string{"--registry", "sidecar", "--registry_address", "http://h:1/path"}, "--registry_address"},
-		{[]string{"--registry", "etcd"}, "--registry"},
-	}
-	for _, tt := range tests {
-		t.Run(fmt.Sprint(tt.args), func(t *testing.T) {
-			_, err := parseConfig(tt.args, func(string) string { return "" }, io.Discard)
-			switch {
-			case tt.wantErr == "" && err != nil:
-				t.Fatalf("parseConfig(%q) = %v, want no error", tt.args, err)
-			case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
-				t.Fatalf("parseConfig(%q) = %v, want an error naming %s", tt.args, err, tt.wantErr)
-			}
-		})
-	}
-}
-
 // TestHostileRegistryPeer points a sidecar at a "sidecar registry" that
 // answers with null, nameless and out-of-range nodes: the sidecar keeps
 // the valid node, drops the rest, and keeps serving.

@@ -60,6 +60,18 @@ func TestParseConfig(t *testing.T) {
 		{name: "stray argument", args: []string{"--address=:1", "extra"}, wantErr: "extra"},
 		{name: "both tokens", args: []string{"--auth_token=a", "--auth_token_file=/dev/null"}, wantErr: "--auth_token_file"},
 		{name: "missing token file", args: []string{"--auth_token_file=/nonexistent/token"}, wantErr: "--auth_token_file"},
+		{name: "--registry memory", args: []string{"--registry", "memory"}},
+		{name: "--registry consul", args: []string{"--registry", "consul"}},
+		{name: "--registry consul --registry_address 127.0.0.1:8500", args: []string{"--registry", "consul", "--registry_address", "127.0.0.1:8500"}},
+		{name: "--registry consul --registry_address https://consul.internal:8501", args: []string{"--registry", "consul", "--registry_address", "https://consul.internal:8501"}},
+		{name: "--registry consul --registry_address ftp://x", args: []string{"--registry", "consul", "--registry_address", "ftp://x"}, wantErr: "--registry_address"},
+		{name: "--registry sidecar --registry_address http://127.0.0.1:8081", args: []string{"--registry", "sidecar", "--registry_address", "http://127.0.0.1:8081"}},
+		{name: "--registry sidecar", args: []string{"--registry", "sidecar"}, wantErr: "--registry_address"},
+		{name: "--registry sidecar --registry_address http://h:1/path", args: []string{"--registry", "sidecar", "--registry_address", "http://h:1/path"}, wantErr: "--registry_address"},
+		{name: "--broker_address 10.0.0.5:8081", args: []string{"--broker_address", "10.0.0.5:8081"}},
+		{name: "--broker_address sidecar-a.internal:8081 --broker_secret s", args: []string{"--broker_address", "sidecar-a.internal:8081", "--broker_secret", "s"}},
+		{name: "--broker_address 10.0.0.5", args: []string{"--broker_address", "10.0.0.5"}, wantErr: "--broker_address"},
+		{name: "--broker_address 10.0.0.5:0", args: []string{"--broker_address", "10.0.0.5:0"}, wantErr: "--broker_address"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -78,7 +90,7 @@ func TestParseConfig(t *testing.T) {
 			if err != nil {
 				t.Fatalf("parseConfig(%q) = %v", tt.args, err)
 			}
-			if !tt.check(cfg) {
+			if tt.check != nil && !tt.check(cfg) {
 				t.Errorf("parseConfig(%q, env %v) = %+v, not what the test wants", tt.args, tt.env, cfg)
 			}
 		})
