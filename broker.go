@@ -804,8 +804,12 @@ type wsConn struct {
 	writeTimeout time.Duration
 	unread       []byte // bytes the HTTP server read past the handshake; reader only
 
-	wmu    sync.Mutex // guards the fields below and serializes writes
-	noData bool       // a close frame is coming: no more data frames
+	// noData is set once a close frame is coming or went out (RFC 6455
+	// 5.5.1: no data after Close); writeFrames checks it between writes.
+	noData atomic.Bool
+
+	wmu    sync.Mutex // serializes writes; guards broken
+	broken bool       // a write failed midway: the stream may end inside a frame
 }
 
 var errDataStopped = errors.New("broker: connection closing")
@@ -825,24 +829,40 @@ func (c *wsConn) Read(p []byte) (int, error) {
 	return c.Conn.Read(p)
 }
 
+// Write is the websocket library's path: control frames, each whole in
+// one call (its write buffer is larger than any control frame).
 func (c *wsConn) Write(p []byte) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	return c.writeLocked(p)
-}
-
-func (c *wsConn) writeLocked(p []byte) (int, error) {
-	if err := c.Conn.SetWriteDeadline(time.Now().Add(c.writeTimeout)); err != nil {
-		return 0, err
+	if len(p) > 0 && p[0]&0x0f == 0x8 {
+		c.noData.Store(true) // the library closes on its own (a protocol error, an echo)
 	}
-	return c.Conn.Write(p)
+	return c.writeLocked(p, time.Now().Add(c.writeTimeout))
 }
 
-// stopData makes later writeFrames fail; it returns after a write in
-// progress ends.
+// writeLocked writes p by deadline. After a failed write nothing more is
+// written: the stream may end inside a frame, and a control frame written
+// after it would land in the middle.
+func (c *wsConn) writeLocked(p []byte, deadline time.Time) (int, error) {
+	if c.broken {
+		return 0, net.ErrClosed
+	}
+	err := c.Conn.SetWriteDeadline(deadline)
+	n := 0
+	if err == nil {
+		n, err = c.Conn.Write(p)
+	}
+	if err != nil {
+		c.broken = true
+	}
+	return n, err
+}
+
+// stopData makes writeFrames stop at its next write; it returns after a
+// write in progress ends (within that batch's deadline).
 func (c *wsConn) stopData() {
+	c.noData.Store(true)
 	c.wmu.Lock()
-	c.noData = true
 	c.wmu.Unlock()
 }
 
@@ -861,21 +881,32 @@ func (c *wsConn) writeFrames(frames [][]byte, ping bool) error {
 	}()
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if c.noData {
+	// One deadline for the whole batch: a client reading just fast enough
+	// to beat a per-write deadline must not hold the writer (and a
+	// shutdown waiting in stopData) for the length of an 8 MiB queue.
+	deadline := time.Now().Add(c.writeTimeout)
+	if c.noData.Load() {
 		return errDataStopped
+	}
+	write := func(p []byte) error {
+		if c.noData.Load() {
+			return errDataStopped
+		}
+		_, err := c.writeLocked(p, deadline)
+		return err
 	}
 	if ping {
 		buf = append(buf, pingFrame...)
 	}
 	for _, f := range frames {
 		if len(buf)+len(f) > brokerWriteBatch && len(buf) > 0 {
-			if _, err := c.writeLocked(buf); err != nil {
+			if err := write(buf); err != nil {
 				return err
 			}
 			buf = buf[:0]
 		}
 		if len(f) > brokerWriteBatch {
-			if _, err := c.writeLocked(f); err != nil {
+			if err := write(f); err != nil {
 				return err
 			}
 			continue
@@ -883,9 +914,7 @@ func (c *wsConn) writeFrames(frames [][]byte, ping bool) error {
 		buf = append(buf, f...)
 	}
 	if len(buf) > 0 {
-		if _, err := c.writeLocked(buf); err != nil {
-			return err
-		}
+		return write(buf)
 	}
 	return nil
 }

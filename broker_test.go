@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -600,5 +601,79 @@ func TestBrokerSubscribedOnConnect(t *testing.T) {
 			t.Fatalf("round %d: body %q, want hello", i, m.Body)
 		}
 		sub.CloseNow()
+	}
+}
+
+// readRawFrame reads one unmasked server frame: opcode and payload.
+func readRawFrame(br *bufio.Reader) (byte, []byte, error) {
+	var h [2]byte
+	if _, err := io.ReadFull(br, h[:]); err != nil {
+		return 0, nil, err
+	}
+	n := uint64(h[1] & 0x7f)
+	switch n {
+	case 126:
+		var b [2]byte
+		if _, err := io.ReadFull(br, b[:]); err != nil {
+			return 0, nil, err
+		}
+		n = uint64(binary.BigEndian.Uint16(b[:]))
+	case 127:
+		var b [8]byte
+		if _, err := io.ReadFull(br, b[:]); err != nil {
+			return 0, nil, err
+		}
+		n = binary.BigEndian.Uint64(b[:])
+	}
+	p := make([]byte, n)
+	_, err := io.ReadFull(br, p)
+	return h[0] & 0x0f, p, err
+}
+
+// TestBrokerNoDataAfterClose: when the websocket library itself sends
+// a close frame (protocol error, oversized message), the subscriber's
+// writer keeps writing data frames after it (RFC 6455 5.5.1 forbids it).
+func TestBrokerNoDataAfterClose(t *testing.T) {
+	bad := 0
+	for round := 0; round < 30 && bad == 0; round++ {
+		func() {
+			s, ts := newTestServer(t, nil)
+			nc, br := rawHandshake(t, ts, "/broker?topic=x")
+			defer nc.Close()
+			waitSubscribers(t, s, 1)
+			var stop atomic.Bool
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				for !stop.Load() {
+					s.broker.publish("x", &Message{Body: []byte("hello")})
+				}
+			}()
+			defer func() { stop.Store(true); <-done }()
+			time.Sleep(5 * time.Millisecond)
+			// A continuation frame with no message: a protocol error the
+			// library answers with a close frame (masked, empty payload).
+			nc.Write([]byte{0x80, 0x80, 1, 2, 3, 4})
+			nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+			sawClose := false
+			for {
+				op, _, err := readRawFrame(br)
+				if err != nil {
+					return
+				}
+				if op == 8 {
+					sawClose = true
+					continue
+				}
+				if sawClose && (op == 1 || op == 2) {
+					bad++
+					t.Logf("round %d: data frame after close frame", round)
+					return
+				}
+			}
+		}()
+	}
+	if bad > 0 {
+		t.Errorf("data frames written after the close frame")
 	}
 }

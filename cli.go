@@ -19,6 +19,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -600,14 +601,27 @@ func (c *cli) getService(ctx context.Context, args []string) error {
 	if c.opts.json {
 		return c.printJSON(b)
 	}
-	var svc Service
-	if err := json.Unmarshal(b, &svc); err != nil {
-		return fmt.Errorf("get service: unexpected answer from the sidecar: %v", err)
+	svc, err := decodeService(b)
+	if err != nil {
+		return fmt.Errorf("get service: %v", err)
 	}
 	var out bytes.Buffer
-	printService(&out, &svc)
+	printService(&out, svc)
 	_, err = c.stdout.Write(out.Bytes())
 	return err
+}
+
+// decodeService reads a service the sidecar sent, dropping null nodes and
+// endpoints, which a sidecar never sends but another server at
+// --proxy_address might.
+func decodeService(b []byte) (*Service, error) {
+	var svc Service
+	if err := json.Unmarshal(b, &svc); err != nil {
+		return nil, fmt.Errorf("unexpected answer from the sidecar: %v", err)
+	}
+	svc.Nodes = slices.DeleteFunc(svc.Nodes, func(n *Node) bool { return n == nil })
+	svc.Endpoints = slices.DeleteFunc(svc.Endpoints, func(e *Endpoint) bool { return e == nil })
+	return &svc, nil
 }
 
 // printService writes svc as the original micro CLI's get service did:
@@ -618,9 +632,6 @@ func printService(w io.Writer, svc *Service) {
 	var versions []string
 	byVersion := map[string][]*Node{}
 	for _, n := range svc.Nodes {
-		if n == nil {
-			continue // not from a sidecar, which never sends one
-		}
 		v := n.Version
 		if v == "" {
 			v = svc.Version
@@ -646,9 +657,6 @@ func printService(w io.Writer, svc *Service) {
 		tw.Flush()
 	}
 	for _, e := range svc.Endpoints {
-		if e == nil {
-			continue
-		}
 		fmt.Fprintf(w, "\nEndpoint: %s\n", e.Name)
 		if len(e.Metadata) > 0 {
 			fmt.Fprintf(w, "Metadata: %s\n", formatMetadata(e.Metadata))
@@ -892,9 +900,9 @@ func (c *cli) health(ctx context.Context, args []string) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", what, err)
 	}
-	var svc Service
-	if err := json.Unmarshal(b, &svc); err != nil {
-		return fmt.Errorf("%s: unexpected answer from the sidecar: %v", what, err)
+	svc, err := decodeService(b)
+	if err != nil {
+		return fmt.Errorf("%s: %v", what, err)
 	}
 	nodes := c.dialNodes(ctx, svc.Nodes)
 	if ctx.Err() != nil {

@@ -723,3 +723,26 @@ func TestCLISubscribeEndsWithSidecar(t *testing.T) {
 	}
 	wantFailure(t, cliResult{stderr: sub.stderr.String(), code: ee.ExitCode()}, "the sidecar ended the subscription (websocket close 1001", "subscribe")
 }
+
+// TestCLINullNodes: a server at --proxy_address that answers null nodes
+// (a sidecar never does) gets no panic from health or get service.
+func TestCLINullNodes(t *testing.T) {
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/health" {
+			io.WriteString(w, `{"status":"ok"}`)
+			return
+		}
+		io.WriteString(w, `{"name":"x","nodes":[null]}`)
+	}))
+	defer ts.Close()
+	var out, errb bytes.Buffer
+	defer func() {
+		if p := recover(); p != nil {
+			t.Errorf("sidecar health panicked on a null node: %v", p)
+		}
+	}()
+	for _, cmd := range [][]string{{"health", "x"}, {"get", "service", "x"}} {
+		err := runCLI(context.Background(), append([]string{"--proxy_address", ts.URL}, cmd...), &out, &errb)
+		t.Logf("%v: err %v", cmd, err)
+	}
+}

@@ -49,12 +49,13 @@ const (
 	deliverSigHeader   = "Micro-Broker-Signature" // hex HMAC-SHA256 of a delivery (signDelivery)
 	deliverMaxSkew     = time.Minute              // signed deliveries older (or newer) than this are refused
 
-	peerQueueLen   = 4096    // messages waiting for one other sidecar before new ones are dropped
-	peerBatchLen   = 256     // messages in one POST
-	peerBatchBytes = 1 << 20 // estimated bytes of one POST, unless one message is larger
-	peerRetries    = 3       // extra attempts of a POST that surely did not arrive
-	maxPeers       = 1024    // other sidecars with deliveries in flight
-	maxTopicRoutes = 10_000  // topics whose registry entry is parsed and kept
+	peerQueueLen   = 4096     // messages waiting for one other sidecar before new ones are dropped
+	peerQueueBytes = 16 << 20 // and their bytes, as estimated by size
+	peerBatchLen   = 256      // messages in one POST
+	peerBatchBytes = 1 << 20  // estimated bytes of one POST, unless one message is larger
+	peerRetries    = 3        // extra attempts of a POST that surely did not arrive
+	maxPeers       = 1024     // other sidecars with deliveries in flight
+	maxTopicRoutes = 10_000   // topics whose registry entry is parsed and kept
 )
 
 // peerDelivery is one message for another sidecar: which of its local
@@ -141,9 +142,10 @@ type topicRoute struct {
 
 // peer is another sidecar's delivery queue; guarded by peerBroker.pmu.
 type peer struct {
-	url     string // scheme://host:port
-	queue   []*peerDelivery
-	sending bool // a sender goroutine runs
+	url        string // scheme://host:port
+	queue      []*peerDelivery
+	queueBytes int  // the size of queue's deliveries
+	sending    bool // a sender goroutine runs
 }
 
 func newPeerBroker(cfg *Config, reg Registry, b *broker, clientTLS *tls.Config, logger *slog.Logger) *peerBroker {
@@ -609,11 +611,12 @@ func (p *peerBroker) enqueue(url string, d *peerDelivery) {
 	case pe == nil:
 		pe = &peer{url: url}
 		p.peers[url] = pe
-	case len(pe.queue) >= p.queueLen:
+	case len(pe.queue) >= p.queueLen || pe.queueBytes+d.size() > peerQueueBytes:
 		p.remoteDropped.Add(1)
 		return
 	}
 	pe.queue = append(pe.queue, d)
+	pe.queueBytes += d.size()
 	if !pe.sending {
 		pe.sending = true
 		p.wg.Add(1)
@@ -628,7 +631,7 @@ func (p *peerBroker) send(pe *peer) {
 		p.pmu.Lock()
 		if len(pe.queue) == 0 || p.pclosed {
 			p.remoteDropped.Add(int64(len(pe.queue)))
-			pe.queue, pe.sending = nil, false
+			pe.queue, pe.queueBytes, pe.sending = nil, 0, false
 			if p.peers[pe.url] == pe {
 				delete(p.peers, pe.url) // an idle peer holds nothing
 			}
@@ -646,6 +649,7 @@ func (p *peerBroker) send(pe *peer) {
 		}
 		batch := pe.queue[:n:n]
 		pe.queue = pe.queue[n:]
+		pe.queueBytes -= size
 		if len(pe.queue) == 0 {
 			pe.queue = nil // let the backing array go
 		}

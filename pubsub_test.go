@@ -666,3 +666,42 @@ func TestAdvertiseHost(t *testing.T) {
 		}
 	}
 }
+
+// TestPubSubPeerQueueBytes: the queue for a hung sidecar is bounded in
+// bytes too, not only in messages (4096 x 1 MiB would be 4 GiB).
+func TestPubSubPeerQueueBytes(t *testing.T) {
+	cfg := testConfig()
+	a, urlA := startSharing(t, cfg)
+	release := make(chan struct{})
+	hung := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+	}))
+	t.Cleanup(func() { close(release); hung.Close() })
+	port := hung.Listener.Addr().(*net.TCPAddr).Port
+	body := fmt.Sprintf(`{"name":"%st","nodes":[{"id":"hung","address":"127.0.0.1","port":%d,"metadata":{"sidecar":"hung"}}]}`, topicServicePrefix, port)
+	if code, resp := do(t, "POST", urlA+"/registry", body); code != http.StatusOK {
+		t.Fatalf("register: %d %s", code, resp)
+	}
+	msg := make([]byte, 512<<10)
+	for range 300 {
+		a.broker.publish("t", &Message{Header: map[string]string{}, Body: msg[:len(msg):len(msg)]})
+	}
+	a.peers.pmu.Lock()
+	queued := 0
+	for _, pe := range a.peers.peers {
+		for _, d := range pe.queue {
+			queued += len(d.Body)
+		}
+	}
+	a.peers.pmu.Unlock()
+	t.Logf("queued for the hung sidecar: %d MiB, dropped %d", queued>>20, a.peers.remoteDropped.Load())
+	if queued > peerQueueBytes {
+		t.Errorf("%d MiB queued for one hung peer, want at most %d MiB", queued>>20, peerQueueBytes>>20)
+	}
+	if a.peers.remoteDropped.Load() == 0 {
+		t.Error("no message counted as dropped for the hung peer")
+	}
+}
