@@ -863,6 +863,7 @@ func (c *wsConn) writeLocked(p []byte, deadline time.Time) (int, error) {
 func (c *wsConn) stopData() {
 	c.noData.Store(true)
 	c.wmu.Lock()
+	//lint:ignore SA2001 taking the lock waits for the write in progress
 	c.wmu.Unlock()
 }
 

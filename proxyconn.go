@@ -36,7 +36,6 @@ const (
 var (
 	errHeaderTooLarge = errors.New("response header larger than the limit")
 	errMalformed      = errors.New("malformed response")
-	errStaleConn      = errors.New("pooled connection closed by the node")
 	aLongTimeAgo      = time.Unix(1, 0) // a deadline in the past: ends blocked reads and writes
 )
 
