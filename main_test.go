@@ -31,7 +31,7 @@ func testConfig() *Config {
 // newTestServer builds the server through the constructor run uses, lets
 // tweaks adjust it (balancer timings), starts it and serves its real route
 // table on a real port.
-func newTestServer(t *testing.T, cfg *Config, tweaks ...func(*server)) (*server, *httptest.Server) {
+func newTestServer(t testing.TB, cfg *Config, tweaks ...func(*server)) (*server, *httptest.Server) {
 	t.Helper()
 	if cfg == nil {
 		cfg = testConfig()
@@ -78,7 +78,7 @@ func (b *syncBuffer) String() string {
 	return b.buf.String()
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))

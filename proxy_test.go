@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -561,13 +560,7 @@ func TestProxyWebsocketIdle(t *testing.T) {
 // with a small fixed body -> sidecar -> client, over real loopback HTTP.
 func BenchmarkProxy(b *testing.B) {
 	cfg := proxyTestConfig()
-	s, err := newServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		b.Fatal(err)
-	}
-	ts := httptest.NewServer(s.handler)
-	defer ts.Close()
-	defer s.Close()
+	_, ts := newTestServer(b, cfg)
 	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
 		io.WriteString(w, "hello, world\n")

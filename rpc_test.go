@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -687,13 +686,7 @@ func TestRPCTimeout(t *testing.T) {
 func BenchmarkRPCTimeout(b *testing.B) {
 	cfg := testConfig()
 	cfg.ClientRequestTimeout = 50 * time.Millisecond
-	s, err := newServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		b.Fatal(err)
-	}
-	ts := httptest.NewServer(s.handler)
-	defer ts.Close()
-	defer s.Close()
+	_, ts := newTestServer(b, cfg)
 	release := make(chan struct{})
 	hung := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		select {
@@ -793,13 +786,7 @@ func TestEnsureTraceparent(t *testing.T) {
 // JSON-RPC backend -> sidecar -> client, over real loopback HTTP.
 func BenchmarkRPCCall(b *testing.B) {
 	cfg := testConfig()
-	s, err := newServer(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		b.Fatal(err)
-	}
-	ts := httptest.NewServer(s.handler)
-	defer ts.Close()
-	defer s.Close()
+	_, ts := newTestServer(b, cfg)
 	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		var req struct {
 			ID json.RawMessage `json:"id"`
