@@ -35,6 +35,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -127,6 +128,9 @@ type peerBroker struct {
 	pmu     sync.Mutex // guards peers and pclosed
 	peers   map[string]*peer
 	pclosed bool
+
+	smu  sync.Mutex           // guards seen
+	seen map[string]time.Time // signatures accepted, until they expire: no replay
 }
 
 // topicRoute is the parsed registry entry of one topic: the other
@@ -722,7 +726,7 @@ func (p *peerBroker) postOnce(url string, body []byte) (retry bool, err error) {
 	if p.key != nil {
 		ts := strconv.FormatInt(time.Now().Unix(), 10)
 		req.Header.Set(deliverTimeHeader, ts)
-		req.Header.Set(deliverSigHeader, signDelivery(p.key, ts, body))
+		req.Header.Set(deliverSigHeader, signDelivery(p.key, ts, req.URL.Host, body))
 	}
 	resp, err := p.client.Do(req)
 	if err != nil {
@@ -824,14 +828,18 @@ func deliveryKey(cfg *Config) []byte {
 }
 
 // signDelivery is the hex HMAC-SHA256, keyed by key, of a delivery's
-// timestamp ts (unix seconds, the deliverTimeHeader) and body. It proves
-// that the sender holds the key without revealing it, so it can go to
-// any address the registry lists, even over plain HTTP; the timestamp
-// bounds a replay of a captured delivery to deliverMaxSkew.
-func signDelivery(key []byte, ts string, body []byte) string {
+// timestamp ts (unix seconds, the deliverTimeHeader), the host:port it is
+// sent to (its Host header) and its body. It proves that the sender holds
+// the key without revealing it, so it can go to any address the registry
+// lists, even over plain HTTP. The host ties it to one sidecar, and the
+// timestamp and the receiver's memory of accepted signatures (verify) keep
+// a captured delivery from being played again.
+func signDelivery(key []byte, ts, host string, body []byte) string {
 	m := hmac.New(sha256.New, key)
 	io.WriteString(m, "sidecar broker delivery\n")
 	io.WriteString(m, ts)
+	io.WriteString(m, "\n")
+	io.WriteString(m, strings.ToLower(host))
 	io.WriteString(m, "\n")
 	m.Write(body)
 	return hex.EncodeToString(m.Sum(nil))
@@ -874,12 +882,43 @@ func (p *peerBroker) verify(r *http.Request, body []byte) error {
 	if p.key == nil {
 		return nil
 	}
-	got, err := hex.DecodeString(r.Header.Get(deliverSigHeader))
-	want, _ := hex.DecodeString(signDelivery(p.key, r.Header.Get(deliverTimeHeader), body))
+	sig := r.Header.Get(deliverSigHeader)
+	got, err := hex.DecodeString(sig)
+	want, _ := hex.DecodeString(signDelivery(p.key, r.Header.Get(deliverTimeHeader), r.Host, body))
 	if err != nil || !hmac.Equal(got, want) {
-		return errorf(http.StatusForbidden, "broker: %s is for sidecars only: wrong %s (signed with another key than --broker_secret, else --auth_token, or the body changed)",
+		return errorf(http.StatusForbidden, "broker: %s is for sidecars only: wrong %s (signed with another key than --broker_secret, else --auth_token, for another sidecar, or the body changed)",
 			deliverPath, deliverSigHeader)
 	}
+	return p.firstSeen(sig, time.Now())
+}
+
+// maxSeen bounds the memory of accepted signatures; past it, deliveries
+// get a 503 (which their sender retries) until old ones expire.
+const maxSeen = 1 << 17
+
+// firstSeen records sig, refusing one accepted before (a replay).
+// Signatures are kept for twice deliverMaxSkew, longer than authorize
+// accepts their timestamp.
+func (p *peerBroker) firstSeen(sig string, now time.Time) error {
+	p.smu.Lock()
+	defer p.smu.Unlock()
+	if _, ok := p.seen[sig]; ok {
+		return errorf(http.StatusForbidden, "broker: %s: this signed delivery was accepted before (a replay)", deliverPath)
+	}
+	if len(p.seen) >= maxSeen {
+		for k, exp := range p.seen {
+			if now.After(exp) {
+				delete(p.seen, k)
+			}
+		}
+		if len(p.seen) >= maxSeen {
+			return errorf(http.StatusServiceUnavailable, "broker: %s: too many deliveries in the last %s; retry", deliverPath, 2*deliverMaxSkew)
+		}
+	}
+	if p.seen == nil {
+		p.seen = map[string]time.Time{}
+	}
+	p.seen[sig] = now.Add(2 * deliverMaxSkew)
 	return nil
 }
 

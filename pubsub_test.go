@@ -352,6 +352,7 @@ func TestPubSubDeliverRefused(t *testing.T) {
 		cfgB := remoteConfig("sidecar", urlA)
 		cfgB.BrokerSecret = "s3cret"
 		_, urlB := startSharing(t, cfgB)
+		hostB := strings.TrimPrefix(urlB, "http://")
 		sub := subscribe(t, urlB, "/broker?topic=t")
 		eventually(t, 10*time.Second, "B's node of t seen on A", func() bool { return len(topicNodes(t, urlA, "t")) == 1 })
 		publishN(t, urlA, "t", "A", 3)
@@ -367,27 +368,33 @@ func TestPubSubDeliverRefused(t *testing.T) {
 			{"no signature", valid, nil, http.StatusForbidden},
 			{"the raw secret, as before", valid, []string{"Micro-Broker-Secret", "s3cret"}, http.StatusForbidden},
 			{"the bearer token", valid, []string{"Authorization", "Bearer s3cret"}, http.StatusForbidden},
-			{"signed with another key", valid, signed("guess", now, valid), http.StatusForbidden},
-			{"signature of another body", valid, signed("s3cret", now, `{"messages":[]}`), http.StatusForbidden},
-			{"timestamp changed", valid, append(signed("s3cret", now, valid), deliverTimeHeader, fmt.Sprint(now.Unix()+1)), http.StatusForbidden},
-			{"signed 2 minutes ago", valid, signed("s3cret", now.Add(-2*time.Minute), valid), http.StatusForbidden},
-			{"signed 2 minutes ahead", valid, signed("s3cret", now.Add(2*time.Minute), valid), http.StatusForbidden},
-			{"timestamp not a number", valid, append(signed("s3cret", now, valid), deliverTimeHeader, "soon"), http.StatusForbidden},
-			{"signature not hex", valid, append(signed("s3cret", now, valid), deliverSigHeader, strings.Repeat("z", 64)), http.StatusForbidden},
-			{"bad JSON", `{"messages":[`, signed("s3cret", now, `{"messages":[`), http.StatusBadRequest},
-			{"bad topic", `{"messages":[{"topic":"a b","plain":true}]}`, signed("s3cret", now, `{"messages":[{"topic":"a b","plain":true}]}`), http.StatusBadRequest},
-			{"null message", `{"messages":[null]}`, signed("s3cret", now, `{"messages":[null]}`), http.StatusBadRequest},
+			{"signed with another key", valid, signed("guess", hostB, now, valid), http.StatusForbidden},
+			{"signature of another body", valid, signed("s3cret", hostB, now, `{"messages":[]}`), http.StatusForbidden},
+			{"timestamp changed", valid, append(signed("s3cret", hostB, now, valid), deliverTimeHeader, fmt.Sprint(now.Unix()+1)), http.StatusForbidden},
+			{"signed 2 minutes ago", valid, signed("s3cret", hostB, now.Add(-2*time.Minute), valid), http.StatusForbidden},
+			{"signed 2 minutes ahead", valid, signed("s3cret", hostB, now.Add(2*time.Minute), valid), http.StatusForbidden},
+			{"timestamp not a number", valid, append(signed("s3cret", hostB, now, valid), deliverTimeHeader, "soon"), http.StatusForbidden},
+			{"signature not hex", valid, append(signed("s3cret", hostB, now, valid), deliverSigHeader, strings.Repeat("z", 64)), http.StatusForbidden},
+			{"bad JSON", `{"messages":[`, signed("s3cret", hostB, now, `{"messages":[`), http.StatusBadRequest},
+			{"bad topic", `{"messages":[{"topic":"a b","plain":true}]}`, signed("s3cret", hostB, now, `{"messages":[{"topic":"a b","plain":true}]}`), http.StatusBadRequest},
+			{"null message", `{"messages":[null]}`, signed("s3cret", hostB, now, `{"messages":[null]}`), http.StatusBadRequest},
 		}
 		for _, tt := range tests {
 			code, body := post(t, http.DefaultClient, urlB+deliverPath, tt.body, tt.header...)
 			wantError(t, "POST /broker/deliver "+tt.name, code, body, tt.code)
 		}
 		for _, at := range []time.Time{now, now.Add(-50 * time.Second), now.Add(50 * time.Second)} {
-			code, body := post(t, http.DefaultClient, urlB+deliverPath, valid, signed("s3cret", at, valid)...)
+			code, body := post(t, http.DefaultClient, urlB+deliverPath, valid, signed("s3cret", hostB, at, valid)...)
 			if code != http.StatusOK || !strings.Contains(string(body), `"delivered":1`) {
 				t.Fatalf("POST /broker/deliver signed with the secret at now%+ds = %d %s, want 200 delivered 1", int(at.Sub(now).Seconds()), code, body)
 			}
 		}
+		// The same signed delivery again (a replay), and one signed for
+		// another sidecar, are refused.
+		code, body := post(t, http.DefaultClient, urlB+deliverPath, valid, signed("s3cret", hostB, now, valid)...)
+		wantError(t, "POST /broker/deliver replayed", code, body, http.StatusForbidden)
+		code, body = post(t, http.DefaultClient, urlB+deliverPath, valid, signed("s3cret", "127.0.0.1:1", time.Now(), valid)...)
+		wantError(t, "POST /broker/deliver signed for another sidecar", code, body, http.StatusForbidden)
 	})
 
 	t.Run("with --auth_token", func(t *testing.T) {
@@ -397,6 +404,7 @@ func TestPubSubDeliverRefused(t *testing.T) {
 		cfgB := remoteConfig("sidecar", urlA)
 		cfgB.AuthToken = "tok"
 		_, urlB := startSharing(t, cfgB)
+		hostB := strings.TrimPrefix(urlB, "http://")
 		// The token keys the signature; on its own it is no proof, since
 		// senders never send it.
 		for _, tt := range []struct {
@@ -405,12 +413,12 @@ func TestPubSubDeliverRefused(t *testing.T) {
 		}{
 			{"without anything", nil},
 			{"with the bearer token alone", []string{"Authorization", "Bearer tok"}},
-			{"signed with another key", signed("guess", time.Now(), valid)},
+			{"signed with another key", signed("guess", hostB, time.Now(), valid)},
 		} {
 			code, body := post(t, http.DefaultClient, urlB+deliverPath, valid, tt.header...)
 			wantError(t, "POST /broker/deliver "+tt.name, code, body, http.StatusForbidden)
 		}
-		if code, body := post(t, http.DefaultClient, urlB+deliverPath, valid, signed("tok", time.Now(), valid)...); code != http.StatusOK {
+		if code, body := post(t, http.DefaultClient, urlB+deliverPath, valid, signed("tok", hostB, time.Now(), valid)...); code != http.StatusOK {
 			t.Fatalf("POST /broker/deliver signed with the token, without a bearer token = %d %s, want 200", code, body)
 		}
 		if code, body := do(t, "GET", urlB+"/registry", ""); code != http.StatusUnauthorized {
@@ -440,12 +448,13 @@ func TestPubSubDeliverRefused(t *testing.T) {
 	})
 }
 
-// signed returns the headers of a delivery of body signed with key at at,
-// computed here from the documented format rather than with signDelivery.
-func signed(key string, at time.Time, body string) []string {
+// signed returns the headers of a delivery of body to host signed with key
+// at at, computed here from the documented format rather than with
+// signDelivery.
+func signed(key, host string, at time.Time, body string) []string {
 	ts := fmt.Sprint(at.Unix())
 	m := hmac.New(sha256.New, []byte(key))
-	m.Write([]byte("sidecar broker delivery\n" + ts + "\n" + body))
+	m.Write([]byte("sidecar broker delivery\n" + ts + "\n" + host + "\n" + body))
 	return []string{deliverTimeHeader, ts, deliverSigHeader, hex.EncodeToString(m.Sum(nil))}
 }
 
@@ -532,7 +541,7 @@ func TestPubSubDeliverSendsNoCredential(t *testing.T) {
 			if err != nil || time.Since(time.Unix(sec, 0)).Abs() > time.Minute {
 				t.Errorf("%s = %q, want the current unix time", deliverTimeHeader, ts)
 			}
-			want := signed(tt.key, time.Unix(sec, 0), string(a.body))[3]
+			want := signed(tt.key, fake.Listener.Addr().String(), time.Unix(sec, 0), string(a.body))[3]
 			if sig != want {
 				t.Errorf("%s = %q, want HMAC-SHA256 keyed by %q: %q", deliverSigHeader, sig, tt.key, want)
 			}
