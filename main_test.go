@@ -120,6 +120,21 @@ func wantError(t *testing.T, call string, gotCode int, body []byte, code int) ap
 	return e
 }
 
+// hungServer is a backend that accepts requests and never answers them,
+// until the caller leaves or the test ends.
+func hungServer(t testing.TB) *httptest.Server {
+	t.Helper()
+	release := make(chan struct{})
+	hung := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+	}))
+	t.Cleanup(func() { close(release); hung.Close() })
+	return hung
+}
+
 // freePort returns a loopback port free at the time of the call, for
 // servers started outside the test process (Pebble, Consul).
 func freePort(t *testing.T) int {

@@ -236,14 +236,7 @@ func TestProxyErrors(t *testing.T) {
 	cfg := proxyTestConfig()
 	cfg.ClientRequestTimeout = 300 * time.Millisecond
 	_, ts := newTestServer(t, cfg)
-	release := make(chan struct{})
-	hung := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case <-r.Context().Done():
-		case <-release:
-		}
-	}))
-	t.Cleanup(func() { close(release); hung.Close() })
+	hung := hungServer(t)
 	registerURLs(t, ts.URL, "go.micro.srv.hung", hung.URL)
 	registerURLs(t, ts.URL, "go.micro.srv.down", deadURL(t), deadURL(t))
 	tests := []struct {

@@ -560,14 +560,7 @@ func TestPubSubPeerDown(t *testing.T) {
 	a.peers.queueLen = 4
 	a.peers.pmu.Unlock()
 
-	release := make(chan struct{})
-	hung := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case <-r.Context().Done():
-		case <-release:
-		}
-	}))
-	t.Cleanup(func() { close(release); hung.Close() })
+	hung := hungServer(t)
 	hungPort := hung.Listener.Addr().(*net.TCPAddr).Port
 	for id, port := range map[string]int{"refused": freePort(t), "hung": hungPort} {
 		body := fmt.Sprintf(`{"name":"%st","nodes":[{"id":%q,"address":"127.0.0.1","port":%d,"metadata":{"sidecar":%q}}]}`,
@@ -681,14 +674,7 @@ func TestAdvertiseHost(t *testing.T) {
 func TestPubSubPeerQueueBytes(t *testing.T) {
 	cfg := testConfig()
 	a, urlA := startSharing(t, cfg)
-	release := make(chan struct{})
-	hung := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case <-r.Context().Done():
-		case <-release:
-		}
-	}))
-	t.Cleanup(func() { close(release); hung.Close() })
+	hung := hungServer(t)
 	port := hung.Listener.Addr().(*net.TCPAddr).Port
 	body := fmt.Sprintf(`{"name":"%st","nodes":[{"id":"hung","address":"127.0.0.1","port":%d,"metadata":{"sidecar":"hung"}}]}`, topicServicePrefix, port)
 	if code, resp := do(t, "POST", urlA+"/registry", body); code != http.StatusOK {

@@ -687,15 +687,7 @@ func BenchmarkRPCTimeout(b *testing.B) {
 	cfg := testConfig()
 	cfg.ClientRequestTimeout = 50 * time.Millisecond
 	_, ts := newTestServer(b, cfg)
-	release := make(chan struct{})
-	hung := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case <-r.Context().Done():
-		case <-release:
-		}
-	}))
-	defer hung.Close()
-	defer close(release)
+	hung := hungServer(b)
 	_, p, _ := net.SplitHostPort(hung.Listener.Addr().String())
 	body := `{"name":"go.micro.srv.hung","nodes":[{"id":"h","address":"127.0.0.1","port":` + p + `}]}`
 	if resp, err := http.Post(ts.URL+"/registry", "application/json", strings.NewReader(body)); err != nil || resp.StatusCode != 200 {
