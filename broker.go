@@ -45,7 +45,7 @@ type Message struct {
 }
 
 // Forwarder carries a message published on this sidecar to the sidecars of
-// other hosts (pubsub.go). Forward is called once per publish, before local
+// other hosts (broker_peers.go). Forward is called once per publish, before local
 // delivery; it must not block (queue and return) and must not modify m, and
 // the caller does not modify m afterwards. groups are the queue groups with
 // members here; Forward returns those among them whose one delivery it sent

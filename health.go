@@ -2,7 +2,8 @@ package main
 
 // health.go owns app mode: the app named by --server_name and
 // --server_address is registered with a TTL the sidecar heartbeats, checked
-// at --healthcheck_url, deregistered while it fails and on shutdown.
+// at --healthcheck_url, deregistered while it fails and on shutdown; and
+// GET /health, which reports the sidecar's and the app's state.
 
 import (
 	"context"
@@ -232,4 +233,36 @@ func (a *appChecker) Close() error {
 		}
 	})
 	return nil
+}
+
+// handleHealth reports the sidecar's and the app's state. It answers 503
+// while the sidecar drains or while the app fails its checks, so a load
+// balancer or orchestrator stops sending traffic.
+func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
+	status, code := "ok", http.StatusOK
+	if s.draining.Load() {
+		status, code = "draining", http.StatusServiceUnavailable
+	}
+	resp := map[string]any{
+		"status": status,
+		"sidecar": map[string]any{
+			"status":  status,
+			"started": s.started.UTC().Format(time.RFC3339),
+			"uptime":  time.Since(s.started).Round(time.Second).String(),
+		},
+	}
+	if s.app != nil {
+		st := s.app.state()
+		resp["app"] = st
+		switch {
+		case !st.Healthy && code == http.StatusOK:
+			resp["status"], code = "unhealthy", http.StatusServiceUnavailable
+		case !st.Registered && code == http.StatusOK:
+			// Healthy but not in the registry (it refused; retried on each
+			// heartbeat): callers cannot find the app, yet restarting it
+			// would not help, so the answer stays 200.
+			resp["status"] = "degraded"
+		}
+	}
+	writeJSON(w, code, resp)
 }

@@ -103,7 +103,7 @@ type Config struct {
 	RegistryWait    time.Duration // longest blocking query of a remote registry; zero: 30s
 
 	BrokerAddress string // host:port other sidecars deliver to; empty: the bound address
-	BrokerSecret  string // required of sidecars delivering messages here (pubsub.go)
+	BrokerSecret  string // required of sidecars delivering messages here (broker_peers.go)
 
 	ClientRetries        int           // extra attempts for safe-to-retry failures
 	ClientRequestTimeout time.Duration // budget of one call, all attempts included
@@ -499,7 +499,7 @@ func listensOnLoopback(address string) bool {
 // token (the page sends the one in its URL fragment, /stats#token=T).
 func publicPath(r *http.Request) bool {
 	return r.URL.Path == "/health" || (r.URL.Path == "/stats" && r.Method == http.MethodGet && !wantsJSON(r)) ||
-		r.URL.Path == deliverPath // sidecars sign deliveries with a key instead (pubsub.go)
+		r.URL.Path == deliverPath // sidecars sign deliveries with a key instead (broker_peers.go)
 }
 
 // start begins the components' background work.
@@ -567,34 +567,15 @@ func (s *server) Close() error {
 	return s.registry.reg.Close()
 }
 
-// handleHealth reports the sidecar's and the app's state. It answers 503
-// while the sidecar drains or while the app fails its checks, so a load
-// balancer or orchestrator stops sending traffic.
-func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
-	status, code := "ok", http.StatusOK
-	if s.draining.Load() {
-		status, code = "draining", http.StatusServiceUnavailable
+// setAdvertise makes this sidecar reachable by the others at
+// --broker_address, or at the address its listener is bound to, and starts
+// registering. Call it once the listener is bound (run does).
+func (s *server) setAdvertise(bound net.Addr) {
+	host, port := "", 0
+	if s.cfg.BrokerAddress != "" {
+		host, port, _ = splitHostPort(s.cfg.BrokerAddress) // validated by parseConfig
+	} else if a, ok := bound.(*net.TCPAddr); ok {
+		host, port = advertiseHost(a.IP), a.Port
 	}
-	resp := map[string]any{
-		"status": status,
-		"sidecar": map[string]any{
-			"status":  status,
-			"started": s.started.UTC().Format(time.RFC3339),
-			"uptime":  time.Since(s.started).Round(time.Second).String(),
-		},
-	}
-	if s.app != nil {
-		st := s.app.state()
-		resp["app"] = st
-		switch {
-		case !st.Healthy && code == http.StatusOK:
-			resp["status"], code = "unhealthy", http.StatusServiceUnavailable
-		case !st.Registered && code == http.StatusOK:
-			// Healthy but not in the registry (it refused; retried on each
-			// heartbeat): callers cannot find the app, yet restarting it
-			// would not help, so the answer stays 200.
-			resp["status"] = "degraded"
-		}
-	}
-	writeJSON(w, code, resp)
+	s.peers.setAdvertise(host, port, s.tls.scheme() == "https")
 }

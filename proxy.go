@@ -7,7 +7,7 @@ package main
 // that is safe; ordinary requests get a timeout for the response headers,
 // and streams (server-sent events, chunked bodies, websockets) an idle
 // timeout instead of a total one. Ordinary requests travel over the
-// sidecar's own HTTP/1.1 client (proxyconn.go), upgrades over
+// sidecar's own HTTP/1.1 client (proxy_conn.go), upgrades over
 // httputil.ReverseProxy and an http.Transport.
 
 import (
@@ -42,7 +42,7 @@ var (
 )
 
 // proxyHandler is the reverse proxy. Ordinary requests go through its own
-// HTTP/1.1 forwarder (forward, proxyconn.go) over pools of keep-alive
+// HTTP/1.1 forwarder (forward, proxy_conn.go) over pools of keep-alive
 // connections to the nodes, on the handler's goroutine. Upgrade requests
 // (websockets) go through an httputil.ReverseProxy whose Rewrite sets the
 // forwarding headers and whose Transport is the proxyHandler itself:

@@ -2,7 +2,8 @@ package main
 
 // registry.go owns service discovery: the data model of the seeds, the
 // Registry interface that backends implement, the in-memory backend with
-// TTL expiry and watches, and the /registry HTTP API.
+// TTL expiry and watches, the /registry HTTP API, and which registry runs
+// (newRegistry: memory, or a remote backend behind registry_cache.go).
 
 import (
 	"context"
@@ -11,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"os"
 	"slices"
 	"sort"
 	"sync"
@@ -742,4 +744,60 @@ func writeTimeout(conn *websocket.Conn, b []byte) error {
 	ctx, cancel := context.WithTimeout(context.Background(), wsWriteTimeout)
 	defer cancel()
 	return conn.Write(ctx, websocket.MessageText, b)
+}
+
+// validateRegistry checks --registry and --registry_address; Config.validate
+// calls it.
+func validateRegistry(c *Config) error {
+	switch c.Registry {
+	case "memory":
+		return nil
+	case "consul":
+		if c.RegistryAddress == "" {
+			return nil // CONSUL_HTTP_ADDR or 127.0.0.1:8500
+		}
+		if _, err := consulBaseURL(c.RegistryAddress); err != nil {
+			return fmt.Errorf("invalid value %q for flag --registry_address: %v", c.RegistryAddress, err)
+		}
+		return nil
+	case "sidecar":
+		if c.RegistryAddress == "" {
+			return errors.New("flag --registry sidecar needs --registry_address http://host:port of another sidecar")
+		}
+		if _, err := sidecarBaseURL(c.RegistryAddress); err != nil {
+			return fmt.Errorf("invalid value %q for flag --registry_address: %v", c.RegistryAddress, err)
+		}
+		return nil
+	}
+	return fmt.Errorf("invalid value %q for flag --registry: want memory, consul or sidecar", c.Registry)
+}
+
+// newRegistry builds the backend named by cfg.Registry. Remote backends come
+// wrapped in a cachedRegistry.
+func newRegistry(cfg *Config, logger *slog.Logger) (Registry, error) {
+	t := remoteTimingOf(cfg)
+	switch cfg.Registry {
+	case "", "memory":
+		return newMemoryRegistry(cfg.RegistrySweep, time.Now, logger), nil
+	case "consul":
+		addr := cfg.RegistryAddress
+		if addr == "" {
+			addr = os.Getenv("CONSUL_HTTP_ADDR")
+		}
+		if addr == "" {
+			addr = "127.0.0.1:8500"
+		}
+		b, err := newConsulBackend(addr, os.Getenv("CONSUL_HTTP_TOKEN"), t, logger.With("backend", "consul"))
+		if err != nil {
+			return nil, err
+		}
+		return newCachedRegistry(b, t, cfg.RegistrySweep, logger), nil
+	case "sidecar":
+		b, err := newSidecarBackend(cfg.RegistryAddress, cfg.AuthToken, t, logger.With("backend", "sidecar"))
+		if err != nil {
+			return nil, err
+		}
+		return newCachedRegistry(b, t, cfg.RegistrySweep, logger), nil
+	}
+	return nil, fmt.Errorf("registry: unknown backend %q", cfg.Registry)
 }

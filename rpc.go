@@ -76,25 +76,6 @@ func newRPCHandler(cfg *Config, reg Registry, clientTLS *tls.Config, logger *slo
 	return h
 }
 
-// newBackendTransport is the HTTP transport to service nodes that the RPC
-// handler and the reverse proxy each own: direct (whatever HTTP_PROXY
-// says), bounded dial and header times, many idle connections per node, and
-// clientTLS for nodes called over https.
-func newBackendTransport(cfg *Config, clientTLS *tls.Config) *http.Transport {
-	dialer := &net.Dialer{Timeout: min(cfg.ClientRequestTimeout, maxDialTimeout), KeepAlive: 30 * time.Second}
-	return &http.Transport{
-		Proxy:                  nil, // backends are reached directly, whatever HTTP_PROXY says
-		DialContext:            dialer.DialContext,
-		MaxIdleConns:           maxIdleConns,
-		MaxIdleConnsPerHost:    idleConnsPerHost,
-		IdleConnTimeout:        90 * time.Second,
-		ResponseHeaderTimeout:  cfg.ClientRequestTimeout + time.Second, // a safety net: each call's deadline ends first
-		MaxResponseHeaderBytes: backendHeaderSize,
-		TLSClientConfig:        clientTLS,
-		TLSHandshakeTimeout:    min(cfg.ClientRequestTimeout, maxDialTimeout),
-	}
-}
-
 // Close releases idle backend connections. Calls in flight are the HTTP
 // server's to drain. Idempotent.
 func (h *rpcHandler) Close() error {
@@ -517,30 +498,6 @@ func (h *rpcHandler) expired(ctx context.Context, r *http.Request, c rpcCall, ti
 
 func (h *rpcHandler) apiErr(code int, format string, args ...any) *apiError {
 	return &apiError{ID: errorID, Code: code, Detail: fmt.Sprintf(format, args...), Status: http.StatusText(code)}
-}
-
-// retryBackoff is the jittered wait before retry number try+1, of an
-// exponentially growing step.
-func retryBackoff(try int) time.Duration {
-	return jitter(min(retryBackoffBase<<min(try, 10), retryBackoffMax))
-}
-
-// jitter returns a random duration in [d/2, d], so clients that failed
-// together do not retry together.
-func jitter(d time.Duration) time.Duration {
-	return d/2 + rand.N(d/2+1)
-}
-
-// sleepCtx waits d or until ctx ends, reporting whether d passed.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }
 
 // jsonRPCBody is {"method":M,"params":[request],"id":N}.

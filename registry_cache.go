@@ -1,20 +1,16 @@
 package main
 
-// remote.go owns shared registries: the choice of backend (newRegistry), and
-// cachedRegistry, the local cache that sits in front of every remote backend
-// (Consul, another sidecar) so that lookups never wait on the network and
-// keep working while the backend is unreachable.
+// registry_cache.go owns cachedRegistry, the local cache that sits in front
+// of every remote backend (Consul, another sidecar) so that lookups never
+// wait on the network and keep working while the backend is unreachable.
 
 import (
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/url"
-	"os"
 	"slices"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 )
@@ -27,62 +23,6 @@ const (
 	remoteMaxBackoff       = 5 * time.Second
 	maxRemoteServices      = 10_000 // services the cache follows: a bound on memory and goroutines
 )
-
-// validateRegistry checks --registry and --registry_address; Config.validate
-// calls it.
-func validateRegistry(c *Config) error {
-	switch c.Registry {
-	case "memory":
-		return nil
-	case "consul":
-		if c.RegistryAddress == "" {
-			return nil // CONSUL_HTTP_ADDR or 127.0.0.1:8500
-		}
-		if _, err := consulBaseURL(c.RegistryAddress); err != nil {
-			return fmt.Errorf("invalid value %q for flag --registry_address: %v", c.RegistryAddress, err)
-		}
-		return nil
-	case "sidecar":
-		if c.RegistryAddress == "" {
-			return errors.New("flag --registry sidecar needs --registry_address http://host:port of another sidecar")
-		}
-		if _, err := sidecarBaseURL(c.RegistryAddress); err != nil {
-			return fmt.Errorf("invalid value %q for flag --registry_address: %v", c.RegistryAddress, err)
-		}
-		return nil
-	}
-	return fmt.Errorf("invalid value %q for flag --registry: want memory, consul or sidecar", c.Registry)
-}
-
-// newRegistry builds the backend named by cfg.Registry. Remote backends come
-// wrapped in a cachedRegistry.
-func newRegistry(cfg *Config, logger *slog.Logger) (Registry, error) {
-	t := remoteTimingOf(cfg)
-	switch cfg.Registry {
-	case "", "memory":
-		return newMemoryRegistry(cfg.RegistrySweep, time.Now, logger), nil
-	case "consul":
-		addr := cfg.RegistryAddress
-		if addr == "" {
-			addr = os.Getenv("CONSUL_HTTP_ADDR")
-		}
-		if addr == "" {
-			addr = "127.0.0.1:8500"
-		}
-		b, err := newConsulBackend(addr, os.Getenv("CONSUL_HTTP_TOKEN"), t, logger.With("backend", "consul"))
-		if err != nil {
-			return nil, err
-		}
-		return newCachedRegistry(b, t, cfg.RegistrySweep, logger), nil
-	case "sidecar":
-		b, err := newSidecarBackend(cfg.RegistryAddress, cfg.AuthToken, t, logger.With("backend", "sidecar"))
-		if err != nil {
-			return nil, err
-		}
-		return newCachedRegistry(b, t, cfg.RegistrySweep, logger), nil
-	}
-	return nil, fmt.Errorf("registry: unknown backend %q", cfg.Registry)
-}
 
 // remoteTiming holds the durations of a remote backend.
 type remoteTiming struct {
@@ -357,7 +297,7 @@ func (c *cachedRegistry) Deregister(ctx context.Context, s *Service) error {
 			known = true
 			delete(regs, n.ID)
 		}
-		if view := c.view[s.Name]; view != nil && slicesContainsNode(view.Nodes, n.ID) {
+		if view := c.view[s.Name]; view != nil && nodeIndex(view.Nodes, n.ID) >= 0 {
 			known = true
 		}
 	}
@@ -738,7 +678,7 @@ func (c *cachedRegistry) refreshLocked(name string) {
 			if next == nil {
 				next = &Service{Name: name, Version: r.svc.Version, Metadata: orEmpty(r.svc.Metadata), Endpoints: orEmptySlice(r.svc.Endpoints)}
 			}
-			if i := slicesIndexNode(next.Nodes, id); i >= 0 {
+			if i := nodeIndex(next.Nodes, id); i >= 0 {
 				next.Nodes[i] = r.svc.Nodes[0]
 			} else {
 				next.Nodes = append(next.Nodes, r.svc.Nodes[0])
@@ -818,63 +758,7 @@ func singleNode(s *Service, n *Node) *Service {
 
 func regKey(service, node string) string { return service + "\x00" + node }
 
-func slicesIndexNode(nodes []*Node, id string) int {
-	for i, n := range nodes {
-		if n.ID == id {
-			return i
-		}
-	}
-	return -1
-}
-
-func slicesContainsNode(nodes []*Node, id string) bool { return slicesIndexNode(nodes, id) >= 0 }
-
-// backoff is a jittered exponential backoff: each delay is drawn from
-// [d/2, d) where d doubles from min up to max. Not safe for concurrent use.
-type backoff struct {
-	min, max, cur time.Duration
-}
-
-func newBackoff(min, max time.Duration) *backoff { return &backoff{min: min, max: max} }
-
-func (b *backoff) next() time.Duration {
-	if b.cur == 0 {
-		b.cur = b.min
-	} else if b.cur *= 2; b.cur > b.max {
-		b.cur = b.max
-	}
-	return jitter(b.cur)
-}
-
-func (b *backoff) reset() { b.cur = 0 }
-
-// snippet is the start of a response body for error messages.
-func snippet(b []byte) string {
-	s := strings.TrimSpace(string(b))
-	if len(s) > 200 {
-		s = s[:200] + "..."
-	}
-	return s
-}
-
-// httpBaseURL parses addr as host:port or an http(s) URL without a path.
-func httpBaseURL(addr string) (*url.URL, error) {
-	if !strings.Contains(addr, "://") {
-		addr = "http://" + addr
-	}
-	u, err := url.Parse(addr)
-	if err != nil {
-		return nil, err
-	}
-	if u.Scheme != "http" && u.Scheme != "https" {
-		return nil, fmt.Errorf("scheme %q is not http or https", u.Scheme)
-	}
-	if u.Host == "" {
-		return nil, errors.New("no host")
-	}
-	if u.Path != "" && u.Path != "/" || u.RawQuery != "" {
-		return nil, errors.New("want host:port or scheme://host:port, without a path")
-	}
-	u.Path = ""
-	return u, nil
+// nodeIndex is the index of the node with id in nodes, or -1.
+func nodeIndex(nodes []*Node, id string) int {
+	return slices.IndexFunc(nodes, func(n *Node) bool { return n.ID == id })
 }

@@ -1,6 +1,6 @@
 package main
 
-// sidecarreg.go is the "sidecar" registry backend: another sidecar's
+// registry_sidecar.go is the "sidecar" registry backend: another sidecar's
 // /registry HTTP API used as a shared registry. Two sidecars share services
 // this way without Consul (the project's CI does): one runs the memory
 // registry, the others run --registry sidecar --registry_address pointing

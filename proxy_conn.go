@@ -1,6 +1,6 @@
 package main
 
-// proxyconn.go owns the reverse proxy's HTTP/1.1 client for ordinary
+// proxy_conn.go owns the reverse proxy's HTTP/1.1 client for ordinary
 // (non-upgrade) requests: a pool of idle keep-alive connections per node,
 // the request written straight from the caller's request, and the response
 // head parsed into reused buffers. Everything runs on the handler's

@@ -1,6 +1,6 @@
 package main
 
-// pubsub.go carries pub/sub across sidecars that share a registry, as the
+// broker_peers.go carries pub/sub across sidecars that share a registry, as the
 // original go-micro HTTP broker did. A sidecar with subscribers on topic T
 // registers itself under the service go.micro.topic.T, one node per queue
 // group (version = the group, or "*" for plain subscribers); a publish on
@@ -34,6 +34,7 @@ import (
 	mrand "math/rand/v2"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -185,19 +186,6 @@ func newPeerBroker(cfg *Config, reg Registry, b *broker, clientTLS *tls.Config, 
 func topicService(topic string) (string, bool) {
 	name := topicServicePrefix + topic
 	return name, checkName("name", name) == nil
-}
-
-// setAdvertise makes this sidecar reachable by the others at
-// --broker_address, or at the address its listener is bound to, and starts
-// registering. Call it once the listener is bound (run does).
-func (s *server) setAdvertise(bound net.Addr) {
-	host, port := "", 0
-	if s.cfg.BrokerAddress != "" {
-		host, port, _ = splitHostPort(s.cfg.BrokerAddress) // validated by parseConfig
-	} else if a, ok := bound.(*net.TCPAddr); ok {
-		host, port = advertiseHost(a.IP), a.Port
-	}
-	s.peers.setAdvertise(host, port, s.tls.scheme() == "https")
 }
 
 // advertiseHost is the address other hosts use for a listener bound to ip:
@@ -537,20 +525,11 @@ func (p *peerBroker) parseRoute(name string, svc *Service) *topicRoute {
 		if _, ok := rt.groups[q]; !ok {
 			rt.names = append(rt.names, q)
 		}
-		if !contains(rt.groups[q], url) {
+		if !slices.Contains(rt.groups[q], url) {
 			rt.groups[q] = append(rt.groups[q], url)
 		}
 	}
 	return rt
-}
-
-func contains(s []string, v string) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
 }
 
 // Forward implements Forwarder: one delivery to each other sidecar with
@@ -578,7 +557,7 @@ func (p *peerBroker) Forward(topic string, m *Message, groups []string) (sent []
 	}
 	for _, q := range rt.names {
 		cands := rt.groups[q]
-		here := contains(groups, q)
+		here := slices.Contains(groups, q)
 		n := len(cands)
 		if here {
 			n++

@@ -1,6 +1,6 @@
 package main
 
-// consul.go is the Consul registry backend, written against Consul's HTTP
+// registry_consul.go is the Consul registry backend, written against Consul's HTTP
 // API (no client library): registrations become agent services with a TTL
 // check, lookups read passing instances from the health endpoint, and the
 // cache in front of it is kept fresh with blocking queries.
