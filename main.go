@@ -137,6 +137,18 @@ type Config struct {
 	MaxBodyBytes    int64         // limit of a request body the sidecar reads
 	ShutdownTimeout time.Duration // drain budget on SIGTERM
 	LogLevel        slog.Level
+
+	// now is the clock of registration TTLs; nil means time.Now. Not a
+	// flag: tests set it to move time past a TTL without sleeping.
+	now func() time.Time
+}
+
+// clock returns the clock of registration TTLs.
+func (c *Config) clock() func() time.Time {
+	if c.now != nil {
+		return c.now
+	}
+	return time.Now
 }
 
 // defaultConfig returns the defaults that the flags document.

@@ -61,6 +61,10 @@ type proxyHandler struct {
 	buffers   *bufferPool
 	streams   *streams
 	rp        *httputil.ReverseProxy
+	// afterFunc starts each call's timer (time.AfterFunc); a test swaps
+	// it for timers that fire when the test says, to drive the idle check
+	// without sleeping.
+	afterFunc func(time.Duration, func()) callTimer
 
 	// Counters without a service label (service names here come from
 	// paths, not the registry).
@@ -82,6 +86,7 @@ func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Confi
 		conns:     newConnPools(cfg, clientTLS),
 		buffers:   &bufferPool{},
 		streams:   g,
+		afterFunc: func(d time.Duration, f func()) callTimer { return time.AfterFunc(d, f) },
 	}
 	// Bodies pass through as the node encoded them: the transport must not
 	// ask for gzip on the caller's behalf and decode it.
@@ -170,7 +175,7 @@ type proxyCall struct {
 	due   atomic.Int64 // unix ns by which headers must arrive, in phaseHeaders
 	bytes atomic.Int64 // bytes moved either way: the idle check's activity
 
-	timer *time.Timer
+	timer callTimer
 	mu    sync.Mutex   // guards ended, seen, quiet, cause, conn; held by the timer while it acts
 	ended bool         // the handler returned: w is off limits
 	seen  int64        // bytes at the previous idle check
@@ -257,7 +262,7 @@ func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
 		pc.phase.Store(phaseHeaders)
 		pc.due.Store(pc.start.Add(timeout).UnixNano())
 	}
-	pc.timer = time.AfterFunc(first, pc.tick)
+	pc.timer = p.afterFunc(first, pc.tick)
 	defer pc.end()
 	if pc.upgrade {
 		p.rp.ServeHTTP(w, r.WithContext(pc))
@@ -694,6 +699,12 @@ func (pc *proxyCall) detach() (aborted bool) {
 	defer pc.mu.Unlock()
 	pc.conn = nil
 	return pc.cause != nil
+}
+
+// callTimer is the part of *time.Timer a proxied call uses.
+type callTimer interface {
+	Reset(d time.Duration) bool
+	Stop() bool
 }
 
 // tick is the call's timer: the header deadline while waiting for the

@@ -514,39 +514,119 @@ func TestProxyWebsocket(t *testing.T) {
 	}
 }
 
+// manualTimers stands in for the proxy's call timers (proxyHandler.
+// afterFunc): a timer fires only when the test calls fire, so a test
+// decides how many idle checks pass between two messages. Safe for
+// concurrent use.
+type manualTimers struct {
+	mu    sync.Mutex // guards ticks
+	ticks []func()   // each call's timer function, in order of creation
+}
+
+func (m *manualTimers) afterFunc(_ time.Duration, f func()) callTimer {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.ticks = append(m.ticks, f)
+	return manualTimer{}
+}
+
+func (m *manualTimers) count() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.ticks)
+}
+
+// fire runs call i's timer function, as the runtime does when it expires.
+func (m *manualTimers) fire(i int) {
+	m.mu.Lock()
+	f := m.ticks[i]
+	m.mu.Unlock()
+	f()
+}
+
+type manualTimer struct{}
+
+func (manualTimer) Reset(time.Duration) bool { return true }
+func (manualTimer) Stop() bool               { return true }
+
 // TestProxyWebsocketIdle: a proxied websocket with no bytes either way for
-// --proxy_idle_timeout ends.
+// --proxy_idle_timeout ends; one with bytes between every two idle checks
+// stays open however many checks pass.
 func TestProxyWebsocketIdle(t *testing.T) {
 	t.Parallel()
-	cfg := proxyTestConfig()
-	cfg.ProxyIdleTimeout = 200 * time.Millisecond
-	_, ts := newTestServer(t, cfg)
-	echo, _ := echoWebsocket(t)
-	registerURLs(t, ts.URL, "go.micro.srv.echo", echo.URL)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, _, err := websocket.Dial(ctx, ts.URL+"/echo/ws", nil)
-	if err != nil {
-		t.Fatal(err)
+	dial := func(t *testing.T, tweaks ...func(*server)) (*server, *websocket.Conn, context.Context) {
+		t.Helper()
+		cfg := proxyTestConfig()
+		cfg.ProxyIdleTimeout = 200 * time.Millisecond
+		s, ts := newTestServer(t, cfg, tweaks...)
+		echo, _ := echoWebsocket(t)
+		registerURLs(t, ts.URL, "go.micro.srv.echo", echo.URL)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		t.Cleanup(cancel)
+		c, _, err := websocket.Dial(ctx, ts.URL+"/echo/ws", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.CloseNow() })
+		return s, c, ctx
 	}
-	defer c.CloseNow()
-	// Traffic for longer than the idle timeout keeps it open.
-	for range 6 {
+	echo := func(t *testing.T, ctx context.Context, c *websocket.Conn) {
+		t.Helper()
 		if err := c.Write(ctx, websocket.MessageText, []byte("ping")); err != nil {
 			t.Fatal(err)
 		}
 		if _, _, err := c.Read(ctx); err != nil {
 			t.Fatalf("read while active: %v", err)
 		}
-		time.Sleep(60 * time.Millisecond) // traffic spaced below the idle timeout
 	}
-	start := time.Now()
-	if _, _, err := c.Read(ctx); err == nil {
-		t.Fatal("read on an idle websocket returned a message")
-	}
-	if took := time.Since(start); took > time.Second {
-		t.Errorf("idle websocket ended after %s, want about 200ms", took)
-	}
+
+	t.Run("idle checks", func(t *testing.T) {
+		t.Parallel()
+		timers := &manualTimers{}
+		s, c, ctx := dial(t, func(s *server) { s.proxy.afterFunc = timers.afterFunc })
+		if n := timers.count(); n != 1 {
+			t.Fatalf("%d call timers after one proxied websocket, want 1", n)
+		}
+		// Traffic between every two checks keeps it open past many idle
+		// periods.
+		for range 3 * idleChecks {
+			echo(t, ctx, c)
+			timers.fire(0)
+		}
+		for range idleChecks - 1 {
+			timers.fire(0)
+		}
+		if n := s.proxy.idleTimeouts.Load(); n != 0 {
+			t.Fatalf("idle timeouts = %d after traffic and %d silent checks, want 0", n, idleChecks-1)
+		}
+		echo(t, ctx, c) // still open
+		timers.fire(0)  // sees the echo
+		for range idleChecks - 1 {
+			timers.fire(0)
+		}
+		if n := s.proxy.idleTimeouts.Load(); n != 0 {
+			t.Fatalf("idle timeouts = %d after %d silent checks, want 0", n, idleChecks-1)
+		}
+		timers.fire(0)
+		if n := s.proxy.idleTimeouts.Load(); n != 1 {
+			t.Fatalf("idle timeouts = %d after %d silent checks, want 1", n, idleChecks)
+		}
+		if _, _, err := c.Read(ctx); err == nil {
+			t.Fatal("read on an idle websocket returned a message")
+		}
+	})
+
+	t.Run("real timer", func(t *testing.T) {
+		t.Parallel()
+		s, c, ctx := dial(t)
+		echo(t, ctx, c)
+		if _, _, err := c.Read(ctx); err == nil || ctx.Err() != nil {
+			t.Fatalf("read on an idle websocket = %v, want the end of the stream before the test's deadline", err)
+		}
+		if n := s.proxy.idleTimeouts.Load(); n != 1 {
+			t.Errorf("idle timeouts = %d, want 1", n)
+		}
+	})
 }
 
 // BenchmarkProxy is the full proxy path: client -> sidecar -> local node

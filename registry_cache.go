@@ -131,7 +131,7 @@ type cachedRegistry struct {
 	wg        sync.WaitGroup
 }
 
-func newCachedRegistry(b remoteBackend, t remoteTiming, sweep time.Duration, logger *slog.Logger) *cachedRegistry {
+func newCachedRegistry(b remoteBackend, t remoteTiming, sweep time.Duration, now func() time.Time, logger *slog.Logger) *cachedRegistry {
 	if sweep <= 0 {
 		sweep = 250 * time.Millisecond
 	}
@@ -140,7 +140,7 @@ func newCachedRegistry(b remoteBackend, t remoteTiming, sweep time.Duration, log
 		timing:   t,
 		sweep:    sweep,
 		log:      logger,
-		now:      time.Now,
+		now:      now,
 		remote:   map[string]*Service{},
 		local:    map[string]map[string]*localReg{},
 		deregs:   map[string]*Service{},
