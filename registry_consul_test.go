@@ -26,14 +26,11 @@ type consulAgent struct {
 	waitc chan error
 }
 
-// startConsul starts a dev agent, or skips the test when there is no
-// consul binary.
+// startConsul starts a dev agent. Without a consul binary the test skips,
+// or fails in CI (requireTool).
 func startConsul(t *testing.T) *consulAgent {
 	t.Helper()
-	bin, err := exec.LookPath("consul")
-	if err != nil {
-		t.Skip("no consul binary on PATH: run scripts/install-consul.sh (or install Consul) to run the Consul tests")
-	}
+	bin := requireTool(t, "consul")
 	httpPort := freePort(t)
 	a := &consulAgent{t: t, bin: bin, http: "127.0.0.1:" + strconv.Itoa(httpPort)}
 	a.args = []string{"agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1", "-log-level=warn",

@@ -16,14 +16,10 @@ import (
 	"time"
 )
 
-// chromiumPath is where the Debian package chromium installs the browser;
-// scripts/install-chromium.sh installs it.
-const chromiumPath = "/usr/bin/chromium"
-
 // runChromium loads url in a fresh headless Chromium with virtual time, so
 // the page's timers run (and poll /stats) for budget, then runs mode
 // ("--dump-dom" or "--screenshot=FILE") and returns its stdout.
-func runChromium(t *testing.T, url string, budget time.Duration, mode ...string) []byte {
+func runChromium(t *testing.T, chromium, url string, budget time.Duration, mode ...string) []byte {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -36,7 +32,7 @@ func runChromium(t *testing.T, url string, budget time.Duration, mode ...string)
 		"--window-size=1200,900",
 	}
 	args = append(append(args, mode...), url)
-	cmd := exec.CommandContext(ctx, chromiumPath, args...)
+	cmd := exec.CommandContext(ctx, chromium, args...)
 	cmd.Dir = t.TempDir()
 	cmd.WaitDelay = 5 * time.Second
 	var stdout, stderr bytes.Buffer
@@ -99,9 +95,10 @@ func readPage(t *testing.T, dom []byte) pageState {
 // that the page refreshes itself while open. It saves a screenshot in
 // $SIDECAR_SCREENSHOT_DIR (or a temporary directory) for a person to see.
 func TestStatsBrowser(t *testing.T) {
-	if _, err := os.Stat(chromiumPath); err != nil {
-		t.Skipf("headless browser test skipped: %s not found (run scripts/install-chromium.sh)", chromiumPath)
-	}
+	t.Parallel()
+	// Debian's package chromium (scripts/install-chromium.sh installs it),
+	// or the names Ubuntu and Google give it.
+	chromium := requireTool(t, "chromium", "chromium-browser", "google-chrome")
 	cfg := statsConfig()
 	cfg.StatsInterval = 100 * time.Millisecond
 	_, ts := newTestServer(t, cfg)
@@ -129,9 +126,9 @@ func TestStatsBrowser(t *testing.T) {
 	url := ts.URL + "/stats"
 
 	traffic(10, 5)
-	first := readPage(t, runChromium(t, url, 3*time.Second, "--dump-dom"))
+	first := readPage(t, runChromium(t, chromium, url, 3*time.Second, "--dump-dom"))
 	traffic(60, 10)
-	second := readPage(t, runChromium(t, url, 3*time.Second, "--dump-dom"))
+	second := readPage(t, runChromium(t, chromium, url, 3*time.Second, "--dump-dom"))
 	t.Logf("first load %+v; second load %+v", first, second)
 
 	for _, p := range []pageState{first, second} {
@@ -159,7 +156,7 @@ func TestStatsBrowser(t *testing.T) {
 		t.Fatal(err)
 	}
 	shot := filepath.Join(dir, "stats.png")
-	runChromium(t, url, 3*time.Second, "--screenshot="+shot)
+	runChromium(t, chromium, url, 3*time.Second, "--screenshot="+shot)
 	checkScreenshot(t, shot)
 	t.Logf("screenshot: %s", shot)
 }
