@@ -28,11 +28,8 @@ func startSidecarAt(t *testing.T, cfg *Config, addr string) (*server, string, fu
 	if testing.Verbose() {
 		logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	s, err := newServer(cfg, logger)
-	if err != nil {
-		t.Fatalf("newServer: %v", err)
-	}
 	var ln net.Listener
+	var err error
 	for i := 0; ; i++ { // the old listener's port may take a moment to free
 		ln, err = net.Listen("tcp", addr)
 		if err == nil || i == 50 {
@@ -41,16 +38,26 @@ func startSidecarAt(t *testing.T, cfg *Config, addr string) (*server, string, fu
 		time.Sleep(20 * time.Millisecond)
 	}
 	if err != nil {
-		s.Close()
 		t.Fatalf("listen %s: %v", addr, err)
 	}
+	var (
+		s  *server
+		ts *httptest.Server
+	)
 	ctx, cancel := context.WithCancel(context.Background())
-	s.start(ctx)
-	ts := httptest.NewUnstartedServer(s.handler)
-	ts.Listener.Close()
-	ts.Listener = ln
-	ts.Config.ReadHeaderTimeout = 5 * time.Second
-	ts.Start()
+	leaks := trackGoroutines(t, func() {
+		s, err = newServer(cfg, logger)
+		if err != nil {
+			ln.Close()
+			t.Fatalf("newServer: %v", err)
+		}
+		s.start(ctx)
+		ts = httptest.NewUnstartedServer(s.handler)
+		ts.Listener.Close()
+		ts.Listener = ln
+		ts.Config.ReadHeaderTimeout = 5 * time.Second
+		ts.Start()
+	})
 	var once sync.Once
 	stop := func() {
 		once.Do(func() {
@@ -59,6 +66,7 @@ func startSidecarAt(t *testing.T, cfg *Config, addr string) (*server, string, fu
 			ts.CloseClientConnections()
 			ts.Close()
 			s.Close()
+			leaks()
 		})
 	}
 	t.Cleanup(stop)

@@ -48,9 +48,10 @@ type tlsManager struct {
 	log    *slog.Logger
 	config *tls.Config // nil when TLS is off
 
-	files *certReloader     // with --enable_tls
-	acme  *autocert.Manager // with --enable_acme
-	hosts map[string]bool   // --acme_hosts, lower case
+	files  *certReloader     // with --enable_tls
+	acme   *autocert.Manager // with --enable_acme
+	acmeTr *http.Transport   // the ACME client's connections to the CA; Close closes the idle ones
+	hosts  map[string]bool   // --acme_hosts, lower case
 
 	// acmeRequests counts HTTP requests sent to the ACME CA; acmeDenied
 	// counts handshakes for hosts outside --acme_hosts, refused without
@@ -194,6 +195,7 @@ func (m *tlsManager) acmeHTTPClient(roots *x509.CertPool) *http.Client {
 		MaxIdleConnsPerHost:   2,
 		ForceAttemptHTTP2:     true,
 	}
+	m.acmeTr = tr
 	return &http.Client{
 		Timeout:   60 * time.Second,
 		Transport: &acmeTransport{base: tr, n: &m.acmeRequests, orders: map[string]string{}},
@@ -367,15 +369,20 @@ func (m *tlsManager) http01Addr() net.Addr {
 	return m.httpLn.Addr()
 }
 
-// Close stops the HTTP-01 listener and waits for it. Idempotent. (The
-// autocert manager keeps renewal timers that hold no goroutine until they
-// fire; it offers no way to stop them.)
+// Close stops the HTTP-01 listener and waits for it, and closes the ACME
+// client's idle connections to the CA, whose read loops would otherwise
+// outlive the sidecar. Idempotent. (The autocert manager keeps renewal
+// timers that hold no goroutine until they fire; it offers no way to stop
+// them.)
 func (m *tlsManager) Close() error {
 	m.mu.Lock()
 	srv, done := m.httpSrv, m.httpDone
 	m.closed = true
 	m.httpSrv = nil
 	m.mu.Unlock()
+	if m.acmeTr != nil {
+		m.acmeTr.CloseIdleConnections()
+	}
 	if srv == nil {
 		return nil
 	}
