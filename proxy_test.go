@@ -1039,19 +1039,21 @@ func TestProxyStreamsEndOnShutdown(t *testing.T) {
 
 			cfg := proxyTestConfig()
 			cfg.ShutdownTimeout = 10 * time.Second
-			s, err := newServer(cfg, testLogger(t))
-			if err != nil {
-				t.Fatalf("newServer: %v", err)
-			}
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
-				s.Close()
 				t.Fatal(err)
 			}
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			served := make(chan error, 1)
-			go func() { served <- s.serve(ctx, ln) }()
+			leaks := trackGoroutines(t, func() {
+				s, err := newServer(cfg, testLogger(t))
+				if err != nil {
+					ln.Close()
+					t.Fatalf("newServer: %v", err)
+				}
+				go func() { served <- s.serve(ctx, ln) }()
+			})
 			base := "http://" + ln.Addr().String()
 			registerURLs(t, base, "go.micro.srv.events", node.URL)
 
@@ -1095,6 +1097,7 @@ func TestProxyStreamsEndOnShutdown(t *testing.T) {
 			case <-time.After(5 * time.Second):
 				t.Fatal("the caller's stream did not end")
 			}
+			leaks() // serve returned: nothing of the server runs on
 		})
 	}
 }
