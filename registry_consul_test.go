@@ -111,6 +111,7 @@ func (a *consulAgent) passing(name string) []string {
 }
 
 func TestConsulAgent(t *testing.T) {
+	t.Parallel()
 	consul := startConsul(t)
 	outage := consulOutage
 	if v := os.Getenv("SIDECAR_CONSUL_OUTAGE"); v != "" {
@@ -199,6 +200,7 @@ func TestConsulAgent(t *testing.T) {
 // TestConsulMapping checks what goes into Consul's Meta (within its limits)
 // and that the sidecar tag brings everything back exactly.
 func TestConsulMapping(t *testing.T) {
+	t.Parallel()
 	meta := map[string]string{
 		"az":                                   "a",
 		"bad key":                              "spaces are not allowed in Meta keys",
