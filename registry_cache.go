@@ -510,10 +510,14 @@ func (c *cachedRegistry) lookupLocked(name string) <-chan struct{} {
 		c.held[name] = h
 	}
 	h.used = now
-	if h.current(now, c.up) {
-		return nil
+	if h.current(now, c.up) || h.ok && !c.up {
+		return nil // fresh; or the backend is down: serve what is held
 	}
-	return c.fetchLocked(name, h)
+	wait := c.fetchLocked(name, h)
+	if h.ok && h.failures > 0 {
+		return nil // failing: refresh in the background, serve what is held
+	}
+	return wait
 }
 
 // fetchLocked starts a fetch of name unless one is in flight, and returns
@@ -1146,16 +1150,20 @@ type remoteClient struct {
 	logWindow time.Duration
 }
 
-func newRemoteClient(name string, t remoteTiming, logger *slog.Logger) *remoteClient {
+// newRemoteClient builds the pool of a backend. streams is the number of
+// connections taken out of the pool for good (an upgraded websocket no
+// longer counts as the transport's), so the pool keeps t.conns-streams.
+func newRemoteClient(name string, t remoteTiming, streams int, logger *slog.Logger) *remoteClient {
 	rc := &remoteClient{log: logger, name: name, logWindow: remoteLogInterval}
 	dialer := &net.Dialer{Timeout: t.timeout, KeepAlive: 30 * time.Second}
+	pool := max(t.conns-streams, 1)
 	rc.tr = &http.Transport{
 		Proxy:               http.ProxyFromEnvironment,
 		DialContext:         rc.dialer(dialer),
 		ForceAttemptHTTP2:   true, // over TLS, HTTP/2 carries many blocking queries on one connection
-		MaxConnsPerHost:     t.conns,
-		MaxIdleConns:        t.conns,
-		MaxIdleConnsPerHost: t.conns,
+		MaxConnsPerHost:     pool,
+		MaxIdleConns:        pool,
+		MaxIdleConnsPerHost: pool,
 		IdleConnTimeout:     90 * time.Second,
 		TLSHandshakeTimeout: t.timeout,
 	}

@@ -86,7 +86,7 @@ func newConsulBackend(addr, token string, t remoteTiming, logger *slog.Logger) (
 	if t.conns <= 0 {
 		t.conns = defaultRegistryConns
 	}
-	rc := newRemoteClient("consul", t, logger)
+	rc := newRemoteClient("consul", t, 0, logger)
 	return &consulBackend{
 		base:   u.String(),
 		token:  token,

@@ -53,7 +53,7 @@ func newSidecarBackend(addr, token string, t remoteTiming, logger *slog.Logger) 
 	if t.conns <= 0 {
 		t.conns = defaultRegistryConns
 	}
-	rc := newRemoteClient("sidecar registry", t, logger)
+	rc := newRemoteClient("sidecar registry", t, 1, logger) // 1: the watch stream
 	return &sidecarBackend{
 		base:   u.String(),
 		token:  token,
