@@ -192,6 +192,20 @@ func TestConsulAgent(t *testing.T) {
 	t.Run("Consul down: cache serves; registrations come back", func(t *testing.T) {
 		registerNode(t, urlA, "", "durable", "durable-1")
 		eventually(t, wait, "durable on B", func() bool { return hasNodes(t, urlB, "durable", "durable-1") })
+		// A sidecar holds the services it uses: A uses external too. A
+		// service listed but never used cannot be served from memory, and
+		// is then unavailable, not unknown.
+		if !hasNodes(t, urlA, "external", "ext-1") {
+			t.Fatalf("A: external = %v, want [ext-1]", lookup(t, urlA, "external"))
+		}
+		cold := map[string]any{"ID": "cold-1", "Name": "cold", "Address": "127.0.0.2", "Port": 1234}
+		if code := consul.api("PUT", "/v1/agent/service/register", cold, nil); code != http.StatusOK {
+			t.Fatalf("consul register cold = %d", code)
+		}
+		eventually(t, wait, "cold listed on A", func() bool {
+			_, body := do(t, "GET", urlA+"/registry", "")
+			return strings.Contains(string(body), `"cold"`)
+		})
 		consul.stop()
 		eventually(t, wait, "A and B notice Consul is down", func() bool { return !cacheUp(a) && !cacheUp(b) })
 		deadline := time.Now().Add(outage)
@@ -205,6 +219,8 @@ func TestConsulAgent(t *testing.T) {
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
+		code, body := do(t, "GET", urlA+"/registry?service=cold", "")
+		wantError(t, "A: GET cold, listed but never used, while Consul is down", code, body, http.StatusServiceUnavailable)
 		consul.start() // -dev: an empty agent
 		eventually(t, wait, "durable re-sent to Consul", func() bool { return fmt.Sprint(consul.passing("durable")) == "[durable-1]" })
 		eventually(t, wait, "external gone with the old agent", func() bool { return lookup(t, urlB, "external") == nil })
@@ -366,29 +382,40 @@ func connsTo(port int) int {
 	return n
 }
 
-// sampleConns samples connsTo(port) every 20 ms until the test ends and
-// returns a function that reports the most seen.
-func sampleConns(t *testing.T, port int) func() int {
+// sampleConns samples connsTo(port) every 20 ms (as often as a loaded
+// machine lets it) until stop is called or the test ends, and once more
+// at stop; most reports the most seen.
+func sampleConns(t *testing.T, port int) (most func() int, stop func()) {
 	t.Helper()
-	var most atomic.Int64
-	stop, done := make(chan struct{}), make(chan struct{})
+	var peak atomic.Int64
+	quit, done := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(done)
 		tick := time.NewTicker(20 * time.Millisecond)
 		defer tick.Stop()
 		for {
-			if n := int64(connsTo(port)); n > most.Load() {
-				most.Store(n)
+			if n := int64(connsTo(port)); n > peak.Load() {
+				peak.Store(n)
 			}
 			select {
-			case <-stop:
+			case <-quit:
 				return
 			case <-tick.C:
 			}
 		}
 	}()
-	t.Cleanup(func() { close(stop); <-done })
-	return func() int { return int(most.Load()) }
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			close(quit)
+			<-done
+			if n := int64(connsTo(port)); n > peak.Load() {
+				peak.Store(n)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return func() int { return int(peak.Load()) }, stop
 }
 
 // postRPC calls /rpc from any goroutine: it returns what went wrong
@@ -431,7 +458,7 @@ func TestConsulAtScale(t *testing.T) {
 	})
 	eventually(t, time.Minute, "every service in Consul's catalog", func() bool { return consul.catalogSize() == services+1 }) // and "consul"
 	t.Logf("registered %d services in Consul in %s", services, time.Since(start).Round(time.Millisecond))
-	most := sampleConns(t, consul.port)
+	most, stopSampling := sampleConns(t, consul.port)
 
 	cfg := testConfig()
 	cfg.Registry, cfg.RegistryAddress = "consul", consul.http // every other registry setting at its default
@@ -497,6 +524,7 @@ func TestConsulAtScale(t *testing.T) {
 		m["sidecar_registry_blocking_queries"], m["sidecar_registry_connections_peak"], m["sidecar_registry_requests_total"],
 		m[`sidecar_registry_errors_total{status="429"}`])
 	t.Run("at most 64 connections to Consul", func(t *testing.T) {
+		stopSampling()
 		seen := most()
 		if seen > maxConns || seen == 0 {
 			t.Errorf("most connections to Consul seen in /proc = %d, want 1 to %d", seen, maxConns)
@@ -518,6 +546,9 @@ func TestConsulAtScale(t *testing.T) {
 		const window = 3 * time.Second
 		watched := m["sidecar_registry_services_watched"]
 		before := getMetrics(t, ts.URL)["sidecar_registry_requests_total"]
+		if before == 0 {
+			t.Fatal("sidecar_registry_requests_total = 0 after the calls above: the requests to Consul are not counted")
+		}
 		var ru0, ru1 syscall.Rusage
 		syscall.Getrusage(syscall.RUSAGE_SELF, &ru0)
 		time.Sleep(window)
@@ -655,20 +686,20 @@ func TestConsulWatchEvents(t *testing.T) {
 }
 
 // limitedConsul is a real HTTP server that answers like a Consul agent
-// past its limits when told to: the catalog lists "svc" and "other", and
-// their health queries answer either one passing node, or 429 Too Many
-// Requests. It counts the health queries of each service.
+// past its limits for the services it is told: the catalog lists "svc"
+// and "other", and their health queries answer either one passing node,
+// or 429 Too Many Requests. It counts the health queries of each service.
 type limitedConsul struct {
-	limited atomic.Bool
 	release chan struct{} // closed at cleanup: blocking queries return
 
-	mu     sync.Mutex // guards health
-	health map[string]int
+	mu      sync.Mutex // guards health, limited
+	health  map[string]int
+	limited map[string]bool
 }
 
 func newLimitedConsul(t *testing.T) (*limitedConsul, *httptest.Server) {
 	t.Helper()
-	f := &limitedConsul{release: make(chan struct{}), health: map[string]int{}}
+	f := &limitedConsul{release: make(chan struct{}), health: map[string]int{}, limited: map[string]bool{}}
 	ts := httptest.NewServer(f)
 	t.Cleanup(func() {
 		close(f.release)
@@ -695,8 +726,9 @@ func (f *limitedConsul) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case ok:
 		f.mu.Lock()
 		f.health[name]++
+		limited := f.limited[name]
 		f.mu.Unlock()
-		if f.limited.Load() {
+		if limited {
 			http.Error(w, "Your IP is issuing too many concurrent connections, please rate limit your calls", http.StatusTooManyRequests)
 			return
 		}
@@ -708,6 +740,12 @@ func (f *limitedConsul) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+func (f *limitedConsul) limit(name string, on bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.limited[name] = on
+}
+
 func (f *limitedConsul) healthQueries(name string) int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -715,13 +753,14 @@ func (f *limitedConsul) healthQueries(name string) int {
 }
 
 // TestConsulTooManyRequests: 429 is a signal to back off, never "absent".
-// A service held keeps being served while Consul answers 429; a service
-// looked up for the first time then gets a 503 after a few jittered
-// retries, never a 404; the failures are counted by status and logged
-// once per interval.
+// A service held keeps being served while Consul answers 429 for it; a
+// service looked up for the first time while Consul answers 429 for it
+// gets a 503 after a few jittered retries, never a 404; the failures are
+// counted by status and logged once per interval.
 func TestConsulTooManyRequests(t *testing.T) {
 	t.Parallel()
 	fake, consul := newLimitedConsul(t)
+	fake.limit("other", true)
 	cfg := remoteConfig("consul", consul.URL)
 	cfg.RegistryStale = 20 * time.Millisecond
 	cfg.RegistryWait = 200 * time.Millisecond
@@ -737,26 +776,29 @@ func TestConsulTooManyRequests(t *testing.T) {
 	if got := lookup(t, ts.URL, "svc"); fmt.Sprint(got) != "[svc-1]" {
 		t.Fatalf("GET svc = %v, want [svc-1]", got)
 	}
-	fake.limited.Store(true)
-	eventually(t, 5*time.Second, "a 429 counted", func() bool {
-		return getMetrics(t, ts.URL)[`sidecar_registry_errors_total{status="429"}`] > 0
-	})
+	before := fake.healthQueries("svc")
+	fake.limit("svc", true)
+	eventually(t, 5*time.Second, "the watch of svc answered 429", func() bool { return fake.healthQueries("svc") > before })
 	for i := range 10 {
 		if got := lookup(t, ts.URL, "svc"); fmt.Sprint(got) != "[svc-1]" {
 			t.Fatalf("GET svc #%d while Consul answers 429 = %v, want the cached [svc-1]", i, got)
 		}
 		time.Sleep(cfg.RegistryStale) // past the staleness bound: each lookup may try Consul again
 	}
+	others := fake.healthQueries("other")
 	code, body := do(t, "GET", ts.URL+"/registry?service=other", "")
 	wantError(t, "GET other, never looked up, while Consul answers 429", code, body, http.StatusServiceUnavailable)
-	if n := fake.healthQueries("other"); n != remoteFetchTries {
+	if n := fake.healthQueries("other") - others; n != remoteFetchTries {
 		t.Errorf("health queries of other = %d, want %d (retried)", n, remoteFetchTries)
+	}
+	if n := getMetrics(t, ts.URL)[`sidecar_registry_errors_total{status="429"}`]; n < float64(remoteFetchTries+1) {
+		t.Errorf("sidecar_registry_errors_total{status=\"429\"} = %v, want at least %d", n, remoteFetchTries+1)
 	}
 	if n := strings.Count(logs.String(), "consul call failed"); n != 1 {
 		t.Errorf("%d log lines about failed consul calls within %s, want 1:\n%s", n, remoteLogInterval, logs.String())
 	}
 
-	fake.limited.Store(false)
+	fake.limit("other", false)
 	eventually(t, 5*time.Second, "other found once Consul answers", func() bool {
 		code, _ := do(t, "GET", ts.URL+"/registry?service=other", "")
 		return code == http.StatusOK
