@@ -176,6 +176,7 @@ type heldService struct {
 	failures int           // fetches failed in a row, for the backoff
 	fresh    time.Time     // until then a lookup fetches nothing (success: +stale; failure: +backoff)
 	used     time.Time     // the last lookup, for the LRU and the idle drop
+	prevUsed time.Time     // the lookup before it: how recently it was wanted before now
 	pinned   bool          // never forgotten for idleness (see pinned)
 	fetching chan struct{} // closed when the fetch in flight ends; nil: none in flight
 	watch    *heldWatch    // non-nil while watched
@@ -509,7 +510,7 @@ func (c *cachedRegistry) lookupLocked(name string) <-chan struct{} {
 		h = &heldService{pinned: pinned(name)}
 		c.held[name] = h
 	}
-	h.used = now
+	h.prevUsed, h.used = h.used, now
 	if h.current(now, c.up) || h.ok && !c.up {
 		return nil // fresh; or the backend is down: serve what is held
 	}
@@ -579,8 +580,12 @@ func (c *cachedRegistry) setLocked(name string, h *heldService, svc *Service, no
 	c.refreshLocked(name)
 }
 
-// watchLocked starts the watch of h when it has none, taking the slot of
-// the least recently used watched service when the budget is spent.
+// watchLocked starts the watch of h when it has none. When the budget is
+// spent, h takes the slot of the least recently used watched service only
+// if h was wanted more recently than that one before the lookup that
+// fetched it: services used equally often then keep their watches instead
+// of trading them on every lookup (each trade costs a connection), and a
+// service looked up once waits for a second lookup.
 func (c *cachedRegistry) watchLocked(name string, h *heldService, index uint64) {
 	budget := c.timing.watchBudget()
 	if h.watch != nil || c.closed || budget == 0 {
@@ -593,8 +598,8 @@ func (c *cachedRegistry) watchLocked(name string, h *heldService, index uint64) 
 				lru = n
 			}
 		}
-		if c.watching[lru].used.After(h.used) {
-			return // every watched service is more recent
+		if !c.watching[lru].used.Before(h.prevUsed) {
+			return
 		}
 		c.unwatchLocked(lru, c.watching[lru])
 	}

@@ -579,7 +579,13 @@ func TestConsulWatchBudget(t *testing.T) {
 	cfg.RegistryConnections = conns
 	cfg.RegistryStale = 100 * time.Millisecond
 	cfg.RegistryWatchIdle = 300 * time.Millisecond
-	_, ts := newTestServer(t, cfg)
+	s, ts := newTestServer(t, cfg)
+	c := s.registry.reg.(*cachedRegistry)
+	watched := func(name string) bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.watching[name] != nil
+	}
 
 	for i := range services {
 		if got := lookup(t, ts.URL, name(i)); fmt.Sprint(got) != "["+name(i)+"-1]" {
@@ -591,18 +597,28 @@ func TestConsulWatchBudget(t *testing.T) {
 		t.Fatalf("held %v, watched %v after looking up %d services; want %d held, %d watched",
 			m["sidecar_registry_services_held"], m["sidecar_registry_services_watched"], services, services, budget)
 	}
+	if !watched(name(0)) || watched(name(services-1)) {
+		t.Fatalf("%s watched %v, %s watched %v; want the first looked up watched, the last not", name(0), watched(name(0)), name(services-1), watched(name(services-1)))
+	}
 	if peak := m["sidecar_registry_connections_peak"]; peak > conns {
 		t.Fatalf("sidecar_registry_connections_peak = %v, want at most %d", peak, conns)
 	}
 
-	// budget-0 was looked up first: the least recently used, not watched.
-	reg := map[string]any{"ID": name(0) + "-2", "Name": name(0), "Address": "127.0.0.1", "Port": 2000}
+	// The first five took the watches; budget-9, looked up once, has none.
+	last := name(services - 1)
+	reg := map[string]any{"ID": last + "-2", "Name": last, "Address": "127.0.0.1", "Port": 2000}
 	if code := consul.api("PUT", "/v1/agent/service/register", reg, nil); code != http.StatusOK {
-		t.Fatalf("consul register %s-2 = %d", name(0), code)
+		t.Fatalf("consul register %s-2 = %d", last, code)
 	}
 	eventually(t, 5*time.Second, "the new node of an unwatched service on lookup", func() bool {
-		return hasNodes(t, ts.URL, name(0), name(0)+"-1", name(0)+"-2")
+		return hasNodes(t, ts.URL, last, last+"-1", last+"-2")
 	})
+	// Looked up again (and again while the others rest), it took the
+	// watch of the least recently used, budget-0.
+	if m := getMetrics(t, ts.URL); m["sidecar_registry_services_watched"] != budget || !watched(last) || watched(name(0)) {
+		t.Fatalf("watched %v, %s watched %v, %s watched %v after looking %s up again; want %d, true, false",
+			m["sidecar_registry_services_watched"], last, watched(last), name(0), watched(name(0)), last, budget)
+	}
 
 	eventually(t, 10*time.Second, "idle services forgotten", func() bool {
 		m := getMetrics(t, ts.URL)
