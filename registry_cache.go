@@ -13,9 +13,10 @@ package main
 //   - the nodes of the services looked up here ("held"): the first lookup
 //     fetches them directly and waits for the answer, so a service the
 //     backend has is never "not found" because nothing was watched yet;
-//   - a watch per held service, at most remoteTiming.watchBudget of them,
-//     given to the most recently used; the rest are fetched again on lookup
-//     once their copy is older than remoteTiming.stale;
+//   - a watch per held service, at most the backend's watchBudget of them
+//     (on Consul, what the connection bound leaves for blocking queries),
+//     given to the most recently wanted; the rest are fetched again on
+//     lookup once their copy is older than remoteTiming.stale;
 //   - a held service not looked up for remoteTiming.idle loses its watch
 //     and is forgotten (the broker's entries are kept, see pinned).
 //
@@ -96,11 +97,12 @@ func remoteTimingOf(cfg *Config) remoteTiming {
 	return t
 }
 
-// watchBudget is how many held services may be watched at once: the
-// connections less one for the list of services and a reserve (an eighth,
-// at least two) for lookups, registrations and heartbeats, so that those
-// never queue behind blocking queries. 55 of the default 64.
-func (t remoteTiming) watchBudget() int {
+// blockingBudget is how many held services may be watched with a blocking
+// query each: the connections less one for the list of services and a
+// reserve (an eighth, at least two) for lookups, registrations and
+// heartbeats, so that those never queue behind blocking queries. 55 of
+// the default 64.
+func (t remoteTiming) blockingBudget() int {
 	return max(t.conns-1-max(2, t.conns/8), 0)
 }
 
@@ -130,8 +132,11 @@ type remoteBackend interface {
 	// watch keeps one held service fresh from index until ctx ends:
 	// report gets each new state, or the error of a failed call (the
 	// watch then backs off and goes on). A backend whose sync already
-	// carries every change (another sidecar's stream) only waits for ctx.
+	// carries every change of the held services (another sidecar's
+	// stream) returns at once: the service stays watched all the same.
 	watch(ctx context.Context, name string, index uint64, report func(*Service, error))
+	// watchBudget is how many watches may run at once.
+	watchBudget() int
 	// metrics emits the backend's samples: connections, requests, failures.
 	metrics(emit emitFunc)
 	// close releases idle connections.
@@ -227,7 +232,7 @@ type cachedRegistry struct {
 	mu       sync.Mutex                      // guards the fields below
 	catalog  map[string]struct{}             // every service name the backend lists
 	held     map[string]*heldService         // the services looked up here, at most maxRemoteServices
-	watching map[string]*heldService         // the held services with a watch, at most timing.watchBudget()
+	watching map[string]*heldService         // the held services with a watch, at most backend.watchBudget()
 	local    map[string]map[string]*localReg // service -> node ID -> registration
 	deregs   map[string]*Service             // "service\x00node" -> pending deregistration
 	view     map[string]*Service             // held merged with local: what lookups see
@@ -587,7 +592,7 @@ func (c *cachedRegistry) setLocked(name string, h *heldService, svc *Service, no
 // of trading them on every lookup (each trade costs a connection), and a
 // service looked up once waits for a second lookup.
 func (c *cachedRegistry) watchLocked(name string, h *heldService, index uint64) {
-	budget := c.timing.watchBudget()
+	budget := c.backend.watchBudget()
 	if h.watch != nil || c.closed || budget == 0 {
 		return
 	}

@@ -100,6 +100,9 @@ func newConsulBackend(addr, token string, t remoteTiming, logger *slog.Logger) (
 
 func (b *consulBackend) close() { b.rc.close() }
 
+// watchBudget implements remoteBackend: each watch holds a connection.
+func (b *consulBackend) watchBudget() int { return b.timing.blockingBudget() }
+
 // metrics implements remoteBackend.
 func (b *consulBackend) metrics(emit emitFunc) {
 	emit("sidecar_registry_blocking_queries", "Blocking queries open on Consul (the list of services and each watched service).", "gauge", float64(b.blockingOpen.Load()))

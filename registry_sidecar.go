@@ -66,6 +66,10 @@ func newSidecarBackend(addr, token string, t remoteTiming, logger *slog.Logger) 
 
 func (b *sidecarBackend) close() { b.rc.close() }
 
+// watchBudget implements remoteBackend: the one watch stream refreshes
+// every held service, so watches cost nothing and every held service has one.
+func (b *sidecarBackend) watchBudget() int { return maxRemoteServices }
+
 // metrics implements remoteBackend.
 func (b *sidecarBackend) metrics(emit emitFunc) { b.rc.metrics(emit) }
 
@@ -192,10 +196,8 @@ func (b *sidecarBackend) fetch(ctx context.Context, name string) (*Service, uint
 }
 
 // watch implements remoteBackend: the session's stream already refreshes
-// every held service, so a watch costs no connection here.
-func (b *sidecarBackend) watch(ctx context.Context, _ string, _ uint64, _ func(*Service, error)) {
-	<-ctx.Done()
-}
+// every held service, so there is nothing to do per service.
+func (b *sidecarBackend) watch(context.Context, string, uint64, func(*Service, error)) {}
 
 // names reads the names of the other sidecar's services.
 func (b *sidecarBackend) names(ctx context.Context) (map[string]struct{}, error) {

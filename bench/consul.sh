@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 SERVICES=${1:-1000}
 IDLE=${2:-30s}
 CONNS=${CONNS:-74}
-WATCH=$((CONNS - 1 - (CONNS / 8 > 2 ? CONNS / 8 : 2)))
+WATCH=$((CONNS - 1 - (CONNS / 8 > 2 ? CONNS / 8 : 2))) # blockingBudget in registry_cache.go
 
 command -v consul >/dev/null || bash scripts/install-consul.sh
 command -v consul >/dev/null || PATH=$PATH:/usr/local/bin
