@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -285,6 +286,38 @@ func TestAuthTokenFileStartup(t *testing.T) {
 			case err != nil && strings.Contains(err.Error(), "\n"):
 				t.Fatalf("start-up error %q is not one line", err)
 			}
+		})
+	}
+}
+
+// BenchmarkAuthAllow measures the token check of every request: a digest
+// of the presented token compared with each accepted one, with the file
+// looked at every second (most calls read two atomics).
+func BenchmarkAuthAllow(b *testing.B) {
+	for _, n := range []int{1, 2, maxAuthTokens} {
+		b.Run(fmt.Sprintf("tokens=%d", n), func(b *testing.B) {
+			var file strings.Builder
+			for i := range n {
+				fmt.Fprintf(&file, "token-%032d\n", i)
+			}
+			path := filepath.Join(b.TempDir(), "tokens")
+			writeFile(b, path, []byte(file.String()))
+			cfg := testConfig()
+			cfg.AuthTokenFile = path
+			a, err := newAuth(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			if err != nil {
+				b.Fatal(err)
+			}
+			r := httptest.NewRequest("GET", "/registry", nil)
+			r.Header.Set("Authorization", fmt.Sprintf("Bearer token-%032d", n-1)) // the last one
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					if !a.allow(r) {
+						b.Fatal("refused")
+					}
+				}
+			})
 		})
 	}
 }

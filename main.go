@@ -123,7 +123,7 @@ type Config struct {
 	EnableACME      bool
 	ACMEHosts       []string
 
-	TLSReloadInterval time.Duration // how often changed certificate files are looked for
+	TLSReloadInterval time.Duration // how often changed certificate, client CA and token files are looked for
 	ACMECacheDir      string
 	ACMEDirectoryURL  string
 	ACMECAFile        string // CA roots of the ACME server's own HTTPS (private CAs)
