@@ -43,6 +43,17 @@ func gateBackend(t *testing.T) (srv *httptest.Server, entered <-chan struct{}, r
 	return srv, in, release
 }
 
+// waitEntered waits until the backend holds the request sent by inFlight,
+// or fails the test if the request ends first.
+func waitEntered(t *testing.T, entered <-chan struct{}, result <-chan string) {
+	t.Helper()
+	select {
+	case <-entered:
+	case got := <-result:
+		t.Fatalf("request meant to stay in flight ended: %s", got)
+	}
+}
+
 // inFlight sends req with client in the background and returns the
 // status and body on the channel when it completes.
 func inFlight(t *testing.T, client *http.Client, req *http.Request) <-chan string {
@@ -108,7 +119,7 @@ func TestAuthTokenFileRotation(t *testing.T) {
 	req, _ := http.NewRequest("GET", ts.URL+"/slow/long", nil)
 	req.Header.Set("Authorization", "Bearer old-token")
 	long := inFlight(t, http.DefaultClient, req)
-	<-entered
+	waitEntered(t, entered, long)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	sub, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(ts.URL, "http")+"/broker?topic=rotation",

@@ -723,7 +723,7 @@ func TestTLSClientCARotation(t *testing.T) {
 	resp.Body.Close()
 	req, _ = http.NewRequest("GET", base+"/slow/long", nil)
 	long := inFlight(t, oldClient, req)
-	<-entered
+	waitEntered(t, entered, long)
 
 	// A connection made before the reload, kept open for a second request.
 	kept, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.pool(), Certificates: []tls.Certificate{oldCert}, NextProtos: []string{"http/1.1"}})
