@@ -723,32 +723,19 @@ func checkTopicChars(field, s string) error {
 	return nil
 }
 
-// dropHeaders are request headers that do not become message headers:
-// hop-by-hop headers (RFC 9110 section 7.6.1), credentials, and what
-// describes the HTTP body rather than the message.
-var dropHeaders = map[string]bool{
-	"Connection":          true,
-	"Keep-Alive":          true,
-	"Proxy-Connection":    true,
-	"Proxy-Authenticate":  true,
-	"Proxy-Authorization": true,
-	"Te":                  true,
-	"Trailer":             true,
-	"Transfer-Encoding":   true,
-	"Upgrade":             true,
-	"Authorization":       true,
-	"Cookie":              true,
-	"Content-Length":      true,
-	"Expect":              true,
-}
-
 // messageHeader turns request headers into message headers: one value per
-// name (repeated values joined with ", "), without dropHeaders and without
-// the headers the Connection header names.
+// name (repeated values joined with ", "), without hop-by-hop fields
+// (hopByHop, those the Connection field names included), credentials, and
+// what describes the HTTP body rather than the message.
 func messageHeader(h http.Header) map[string]string {
 	out := make(map[string]string, len(h))
+	conn := h["Connection"]
 	for name, vals := range h {
-		if dropHeaders[name] || headerHasToken(h, "Connection", name) {
+		if hopByHop(name, conn) {
+			continue
+		}
+		switch name {
+		case "Authorization", "Cookie", "Content-Length", "Expect":
 			continue
 		}
 		out[name] = strings.Join(vals, ", ")

@@ -109,3 +109,106 @@ func httpBaseURL(addr string) (*url.URL, error) {
 	u.Path = ""
 	return u, nil
 }
+
+// The hop-by-hop policy. A field that describes one connection rather than
+// the message must not cross to the next one (RFC 9110 section 7.6.1):
+// every place where the sidecar passes a caller's fields on to another
+// server, or a server's fields back to a caller, applies this one rule.
+// RPC (backendHeader) and the broker (messageHeader, fields that become a
+// message's headers) strip a copied http.Header with removeHopByHop; the
+// proxy's own HTTP/1.1 client asks hopByHop field by field as it writes a
+// request (writeRequestHead) and copies a response (backendConn.header),
+// so its hot path copies and allocates nothing for the rule. Upgrade
+// requests (websockets) go through httputil.ReverseProxy, which applies the
+// same rule and then sets Connection: Upgrade and Upgrade itself. It lives
+// here because it is part of how the sidecar talks to other HTTP servers.
+
+// hopByHop reports whether the field named k (in canonical form, as the
+// keys of an http.Header are) is hop-by-hop in a message whose Connection
+// field values are conn: one of the fields RFC 9110 section 7.6.1 names
+// (with Proxy-Connection and Keep-Alive, which proxies have used), or one
+// that a Connection option names. It does not allocate.
+func hopByHop(k string, conn []string) bool {
+	switch k {
+	case "Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
+		"Te", "Trailer", "Transfer-Encoding", "Upgrade":
+		return true
+	}
+	return len(conn) > 0 && hasToken(conn, k)
+}
+
+// removeHopByHop deletes from h every field hopByHop names, those its
+// Connection field lists included.
+func removeHopByHop(h http.Header) {
+	conn := h["Connection"]
+	for k := range h {
+		if hopByHop(k, conn) {
+			delete(h, k)
+		}
+	}
+}
+
+// hasToken reports whether the comma-separated lists in values (the lines
+// of one field, as http.Header holds them) hold token, compared
+// case-insensitively (RFC 9110 section 5.6.1), without allocating.
+func hasToken(values []string, token string) bool {
+	for _, v := range values {
+		if listHasToken(v, token) {
+			return true
+		}
+	}
+	return false
+}
+
+// listHasToken reports whether the comma-separated list v holds token,
+// compared ASCII case-insensitively, around optional whitespace. v is a
+// field value as a string, or as the bytes the proxy's response parser
+// holds (proxy_conn.go), which a conversion would copy.
+func listHasToken[S string | []byte](v S, token string) bool {
+	for len(v) > 0 {
+		i := 0
+		for i < len(v) && v[i] != ',' {
+			i++
+		}
+		if asciiEqualFold(trimOWS(v[:i]), token) {
+			return true
+		}
+		if i == len(v) {
+			break
+		}
+		v = v[i+1:]
+	}
+	return false
+}
+
+// trimOWS trims the optional whitespace (spaces and tabs) of RFC 9110
+// section 5.6.3 around b.
+func trimOWS[S string | []byte](b S) S {
+	for len(b) > 0 && (b[0] == ' ' || b[0] == '\t') {
+		b = b[1:]
+	}
+	for len(b) > 0 && (b[len(b)-1] == ' ' || b[len(b)-1] == '\t') {
+		b = b[:len(b)-1]
+	}
+	return b
+}
+
+// asciiEqualFold compares b with the ASCII string s case-insensitively.
+func asciiEqualFold[S string | []byte](b S, s string) bool {
+	if len(b) != len(s) {
+		return false
+	}
+	for i := range len(b) {
+		x, y := b[i], s[i]
+		if 'A' <= x && x <= 'Z' {
+			x += 'a' - 'A'
+		}
+		if 'A' <= y && y <= 'Z' {
+			y += 'a' - 'A'
+		}
+		if x != y {
+			return false
+		}
+	}
+	return true
+}

@@ -233,7 +233,7 @@ func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
 	pc := &proxyCall{p: p, service: service, st: st, w: w, start: time.Now(), timeout: timeout, lowered: lowered}
 	hasBody := r.ContentLength != 0 // no body is sent for 0; -1 is chunked
 	pc.retrySafe = !hasBody && idempotent(r.Method)
-	pc.upgrade = r.Header.Get("Upgrade") != "" && headerHasToken(r.Header, "Connection", "upgrade")
+	pc.upgrade = r.Header.Get("Upgrade") != "" && hasToken(r.Header["Connection"], "upgrade")
 	if !pc.upgrade {
 		pc.Context = r.Context()
 		pc.stopWatch = context.AfterFunc(r.Context(), pc.callerGone)

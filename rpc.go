@@ -513,29 +513,6 @@ func jsonRPCBody(method string, request []byte, id string) []byte {
 	return append(b, '}')
 }
 
-// hopHeaders are the hop-by-hop headers of RFC 9110 section 7.6.1 (and
-// the non-standard ones proxies have used): they describe one connection
-// and are never forwarded.
-var hopHeaders = []string{
-	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
-	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
-}
-
-// removeHopHeaders deletes hop-by-hop headers from h, including those the
-// Connection header names.
-func removeHopHeaders(h http.Header) {
-	for _, v := range h.Values("Connection") {
-		for _, f := range strings.Split(v, ",") {
-			if f = http.CanonicalHeaderKey(strings.TrimSpace(f)); f != "" {
-				h.Del(f)
-			}
-		}
-	}
-	for _, k := range hopHeaders {
-		h.Del(k)
-	}
-}
-
 // backendHeader is the caller's header for a backend call: without
 // hop-by-hop headers, the body framing the transport sets itself,
 // Accept-Encoding (the transport negotiates compression itself), and the
@@ -547,7 +524,7 @@ func backendHeader(in http.Header, dropAuth bool) http.Header {
 	for k, v := range in {
 		out[k] = v
 	}
-	removeHopHeaders(out)
+	removeHopByHop(out)
 	for _, k := range []string{"Content-Length", "Content-Type", "Accept-Encoding", "Expect", "Timeout"} {
 		delete(out, k)
 	}
