@@ -51,13 +51,14 @@ const (
 	deliverSigHeader   = "Micro-Broker-Signature" // hex HMAC-SHA256 of a delivery (signDelivery)
 	deliverMaxSkew     = time.Minute              // signed deliveries older (or newer) than this are refused
 
-	peerQueueLen   = 4096     // messages waiting for one other sidecar before new ones are dropped
-	peerQueueBytes = 16 << 20 // and their bytes, as estimated by size
-	peerBatchLen   = 256      // messages in one POST
-	peerBatchBytes = 1 << 20  // estimated bytes of one POST, unless one message is larger
-	peerRetries    = 3        // extra attempts of a POST that surely did not arrive
-	maxPeers       = 1024     // other sidecars with deliveries in flight
-	maxTopicRoutes = 10_000   // topics whose registry entry is parsed and kept
+	peerQueueLen    = 4096     // messages waiting for one other sidecar before new ones are dropped
+	peerQueueBytes  = 16 << 20 // and their bytes, as estimated by size
+	peerBatchLen    = 256      // messages in one POST
+	peerBatchBytes  = 1 << 20  // estimated bytes of one POST, unless one message is larger
+	peerRetries     = 3        // extra attempts of a POST that surely did not arrive
+	peerAnswerLimit = 4 << 10  // bytes of another sidecar's answer read: {"delivered":N}, or its error
+	maxPeers        = 1024     // other sidecars with deliveries in flight
+	maxTopicRoutes  = 10_000   // topics whose registry entry is parsed and kept
 )
 
 // peerDelivery is one message for another sidecar: which of its local
@@ -707,16 +708,17 @@ func (p *peerBroker) postOnce(url string, body []byte) (retry bool, err error) {
 		req.Header.Set(deliverTimeHeader, ts)
 		req.Header.Set(deliverSigHeader, signDelivery(p.key, ts, req.URL.Host, body))
 	}
-	resp, err := p.client.Do(req)
-	if err != nil {
+	resp, _, err := callJSON(p.client, req, peerAnswerLimit, nil)
+	var se *statusError
+	switch {
+	case errors.As(err, &se):
+		retry := se.code == http.StatusServiceUnavailable || se.code == http.StatusForbidden
+		return retry, fmt.Errorf("broker: deliver to %s: %w", url, err)
+	case resp != nil:
+		return false, nil // a 2xx status says delivered, whatever its body
+	case err != nil:
 		var op *net.OpError
 		return errors.As(err, &op) && op.Op == "dial", fmt.Errorf("broker: deliver to %s: %w", url, err)
-	}
-	defer resp.Body.Close()
-	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<10))
-	if resp.StatusCode/100 != 2 {
-		retry := resp.StatusCode == http.StatusServiceUnavailable || resp.StatusCode == http.StatusForbidden
-		return retry, fmt.Errorf("broker: deliver to %s: %s: %s", url, resp.Status, snippet(msg))
 	}
 	return false, nil
 }

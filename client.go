@@ -1,10 +1,13 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -86,6 +89,83 @@ func snippet(b []byte) string {
 		s = s[:200] + "..."
 	}
 	return s
+}
+
+// statusError is a non-2xx answer of another HTTP server: a registry
+// backend, another sidecar, or the sidecar the CLI talks to.
+type statusError struct {
+	code   int    // the HTTP status
+	detail string // the "detail" of a JSON error (a sidecar's errors), else the start of the body
+	body   []byte // the body as read, within the call's limit
+}
+
+func (e *statusError) Error() string { return fmt.Sprintf("status %d: %s", e.code, e.detail) }
+
+// errResponseTooLarge is a 2xx answer longer than the call's limit.
+var errResponseTooLarge = errors.New("response too large")
+
+// newJSONRequest builds a request to url whose body is v encoded as JSON,
+// with its Content-Type; a nil v sends no body.
+func newJSONRequest(ctx context.Context, method, url string, v any) (*http.Request, error) {
+	var body io.Reader
+	if v != nil {
+		b, err := json.Marshal(v)
+		if err != nil {
+			return nil, fmt.Errorf("encode: %w", err)
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, url, body)
+	if err != nil {
+		return nil, err
+	}
+	if v != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	return req, nil
+}
+
+// callJSON is how the sidecar calls a JSON HTTP API: it sends req with
+// client and reads at most limit bytes of the answer. Any status but 2xx
+// is a *statusError, whatever the body's size; a 2xx answer over the limit
+// is errResponseTooLarge; a 2xx answer is decoded into out unless out is
+// nil. It returns the response (its body read and closed; nil when
+// nothing was received) and the bytes read. Sending's failure is
+// client.Do's error as is (a *url.Error naming the method and URL), so
+// callers can tell a refused connection or a timeout; the other errors do
+// not name the request, callers prefix their own. Callers set the deadline
+// on req's context and decide which failures are worth retrying.
+func callJSON(client *http.Client, req *http.Request, limit int64, out any) (*http.Response, []byte, error) {
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, limit+1))
+	if err != nil {
+		return resp, nil, fmt.Errorf("read: %w", err)
+	}
+	tooLarge := int64(len(data)) > limit
+	if tooLarge {
+		data = data[:limit]
+	}
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		se := &statusError{code: resp.StatusCode, detail: snippet(data), body: data}
+		var e apiError
+		if json.Unmarshal(data, &e) == nil && e.Detail != "" {
+			se.detail = e.Detail
+		}
+		return resp, data, se
+	}
+	if tooLarge {
+		return resp, nil, fmt.Errorf("%w: exceeds %d bytes", errResponseTooLarge, limit)
+	}
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			return resp, data, fmt.Errorf("bad JSON: %w", err)
+		}
+	}
+	return resp, data, nil
 }
 
 // httpBaseURL parses addr as host:port or an http(s) URL without a path.

@@ -3,7 +3,12 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
 	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
 	"testing"
@@ -176,4 +181,99 @@ func TestHopByHopNoAlloc(t *testing.T) {
 	}); n != 0 {
 		t.Errorf("hopByHop allocates %v times, want 0", n)
 	}
+}
+
+// TestCallJSON: the one way the sidecar calls a JSON API, against a real
+// server: a 2xx answer is decoded, any other status is a *statusError with
+// the sidecar's error detail or the start of the body, and the answer is
+// read within the limit.
+func TestCallJSON(t *testing.T) {
+	t.Parallel()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/ok":
+			io.WriteString(w, `{"name":"a"}`)
+		case "/sidecar-error":
+			writeError(w, http.StatusNotFound, "service %q not found", "x")
+		case "/text-error":
+			http.Error(w, "  unknown service  ", http.StatusBadRequest)
+		case "/big":
+			io.WriteString(w, `{"name":"`+strings.Repeat("x", 100)+`"}`)
+		case "/big-error":
+			w.WriteHeader(http.StatusServiceUnavailable)
+			io.WriteString(w, strings.Repeat("y", 100))
+		case "/bad-json":
+			io.WriteString(w, `{"name":`)
+		case "/echo":
+			w.Header().Set("X-Got-Type", r.Header.Get("Content-Type"))
+			io.Copy(w, r.Body)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	type named struct{ Name string }
+	tests := []struct {
+		path     string
+		limit    int64
+		wantName string
+		wantCode int    // of a *statusError
+		wantText string // in the error
+	}{
+		{path: "/ok", limit: 64, wantName: "a"},
+		{path: "/sidecar-error", limit: 1024, wantCode: 404, wantText: `status 404: service "x" not found`},
+		{path: "/text-error", limit: 64, wantCode: 400, wantText: "status 400: unknown service"},
+		{path: "/big", limit: 64, wantText: "exceeds 64 bytes"},
+		{path: "/big-error", limit: 64, wantCode: 503, wantText: "status 503: " + strings.Repeat("y", 64)},
+		{path: "/bad-json", limit: 64, wantText: "bad JSON"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.path, func(t *testing.T) {
+			req, err := newJSONRequest(context.Background(), http.MethodGet, srv.URL+tt.path, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out named
+			_, _, err = callJSON(srv.Client(), req, tt.limit, &out)
+			var se *statusError
+			switch {
+			case tt.wantText == "" && err != nil:
+				t.Fatalf("callJSON(%s) = %v, want no error", tt.path, err)
+			case tt.wantText != "" && (err == nil || !strings.Contains(err.Error(), tt.wantText)):
+				t.Fatalf("callJSON(%s) = %v, want an error with %q", tt.path, err, tt.wantText)
+			case tt.wantCode != 0 && (!errors.As(err, &se) || se.code != tt.wantCode):
+				t.Fatalf("callJSON(%s) = %#v, want a *statusError with code %d", tt.path, err, tt.wantCode)
+			case tt.wantCode == 0 && errors.As(err, &se):
+				t.Fatalf("callJSON(%s) = %v, a *statusError for a 2xx answer", tt.path, err)
+			}
+			if out.Name != tt.wantName {
+				t.Errorf("callJSON(%s) decoded name %q, want %q", tt.path, out.Name, tt.wantName)
+			}
+		})
+	}
+
+	t.Run("JSON body", func(t *testing.T) {
+		req, err := newJSONRequest(context.Background(), http.MethodPost, srv.URL+"/echo", named{"b"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out named
+		resp, _, err := callJSON(srv.Client(), req, 64, &out)
+		if err != nil || out.Name != "b" || resp.Header.Get("X-Got-Type") != "application/json" {
+			t.Fatalf("callJSON(POST /echo) = %v, %+v, Content-Type %q; want the body back as JSON", err, out, resp.Header.Get("X-Got-Type"))
+		}
+	})
+
+	t.Run("refused", func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		req, _ := newJSONRequest(context.Background(), http.MethodGet, "http://"+addr+"/", nil)
+		resp, _, err := callJSON(http.DefaultClient, req, 64, nil)
+		var op *net.OpError
+		if resp != nil || !errors.As(err, &op) || op.Op != "dial" {
+			t.Fatalf("callJSON to a closed port = %v, %v; want a dial error and no response", resp, err)
+		}
+	})
 }
