@@ -28,6 +28,10 @@ import (
 // errors carry the id of the service that raised them.
 const errorID = "go.micro.sidecar"
 
+// statusClientClosed is the status of a call whose caller closed the
+// connection before the answer, as access logs call it. Nobody reads it.
+const statusClientClosed = 499
+
 // apiError is the error body of every failed request: the go-micro error
 // shape the seeds use, with code equal to the HTTP status.
 type apiError struct {
