@@ -76,8 +76,9 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 	w.Write(append(b, '\n'))
 }
 
-// httpError is an error that knows its HTTP status; handlers return it from
-// helpers and writeErr turns it into the JSON error.
+// httpError is an error that knows the HTTP status its caller gets: the
+// helpers of handlers return it (errorf), the proxy classifies a failed
+// call into one, and writeHTTPError answers with it.
 type httpError struct {
 	code int
 	err  error
@@ -90,8 +91,9 @@ func errorf(code int, format string, args ...any) error {
 	return &httpError{code: code, err: fmt.Errorf(format, args...)}
 }
 
-// writeErr writes err with its status: an *httpError's code, or 500.
-func writeErr(w http.ResponseWriter, err error) {
+// writeHTTPError writes err through writeError with its status: an
+// *httpError's code, or 500.
+func writeHTTPError(w http.ResponseWriter, err error) {
 	code := http.StatusInternalServerError
 	var he *httpError
 	if errors.As(err, &he) {

@@ -187,13 +187,13 @@ func (b *broker) deliverTo(subs *topicSubs, m *Message, skip []string) int {
 func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
 	topic, err := parseTopic(r.URL.Query().Get("topic"))
 	if err != nil {
-		writeErr(w, errorf(http.StatusBadRequest, "broker: %v", err))
+		writeHTTPError(w, errorf(http.StatusBadRequest, "broker: %v", err))
 		return
 	}
 	// readBody reads r.Body itself, so a form Content-Type is never parsed.
 	body, err := readBody(w, r, b.maxMessage)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	b.publish(topic, &Message{Header: messageHeader(r.Header), Body: body})
@@ -208,13 +208,13 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	topic, err := parseTopic(q.Get("topic"))
 	if err != nil {
-		writeErr(w, errorf(http.StatusBadRequest, "broker: %v", err))
+		writeHTTPError(w, errorf(http.StatusBadRequest, "broker: %v", err))
 		return
 	}
 	queue := q.Get("queue")
 	if queue != "" {
 		if err := checkTopicChars("queue", queue); err != nil {
-			writeErr(w, errorf(http.StatusBadRequest, "broker: %v", err))
+			writeHTTPError(w, errorf(http.StatusBadRequest, "broker: %v", err))
 			return
 		}
 	}

@@ -733,24 +733,24 @@ func (p *peerBroker) postOnce(url string, body []byte) (retry bool, err error) {
 func (p *peerBroker) handleDeliver(w http.ResponseWriter, r *http.Request) {
 	if err := p.authorize(r); err != nil {
 		p.refused.Add(1)
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	// What a sender's batch may hold: base64 bodies, escaped headers.
 	limit := int64(peerBatchBytes)*2 + p.b.maxMessage*2 + 1<<20
 	body, err := readBody(w, r, limit)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	if err := p.verify(r, body); err != nil {
 		p.refused.Add(1)
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	var batch peerBatch
 	if err := decodeJSON(body, &batch); err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	if len(batch.Messages) > peerBatchLen {

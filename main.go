@@ -1,7 +1,7 @@
 // Sidecar is a language-agnostic service sidecar. One binary runs next to an
 // application written in any language and gives it, over a small HTTP API,
 // service discovery, RPC with load balancing, retries and timeouts, pub/sub
-// over websockets and health checking.
+// over websockets, health checking, stats and metrics, and TLS.
 //
 // Routes (see routes for the table):
 //
@@ -14,12 +14,19 @@
 //	POST   /broker?topic=T          publish the raw body
 //	GET    /broker?topic=T[&queue=Q] websocket subscribe (and publish)
 //	POST   /broker/deliver          messages from other sidecars (sidecars only)
+//	GET    /stats                   the stats page (--enable_stats); its data
+//	                                as JSON with Accept: application/json
+//	GET    /metrics                 counters in the Prometheus text format
 //	/[service]/[method]             RPC by path (--handler=rpc) or a reverse
 //	                                proxy by service name (--handler=proxy)
 //
 // Usage:
 //
-//	sidecar [flags]
+//	sidecar [flags]                 serve
+//	sidecar COMMAND [ARGS] [flags]  the client of a running sidecar
+//	                                (list services, get service, register,
+//	                                deregister, call, publish, subscribe,
+//	                                health, stats; see sidecar help and cli.go)
 //
 // Every flag also reads the environment variable MICRO_ + its upper-case
 // name (MICRO_ADDRESS for --address); a flag on the command line wins.

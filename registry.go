@@ -643,7 +643,7 @@ func (a *registryAPI) handleRegister(w http.ResponseWriter, r *http.Request) {
 	}
 	s, err := a.readService(w, r, true)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	if err := a.reg.Register(r.Context(), s, ttl); err != nil {
@@ -660,7 +660,7 @@ func (a *registryAPI) handleRegister(w http.ResponseWriter, r *http.Request) {
 func (a *registryAPI) handleDeregister(w http.ResponseWriter, r *http.Request) {
 	s, err := a.readService(w, r, false)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	if err := a.reg.Deregister(r.Context(), s); err != nil {

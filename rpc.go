@@ -95,7 +95,7 @@ type rpcForm struct {
 func (h *rpcHandler) handleRPC(w http.ResponseWriter, r *http.Request) {
 	c, err := h.parseRPC(w, r)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	h.call(w, r, c)
@@ -190,7 +190,7 @@ func requestJSON(s string) ([]byte, error) {
 func (h *rpcHandler) handlePath(w http.ResponseWriter, r *http.Request) {
 	service, method, err := mapPath(h.cfg.Namespace, r.URL.Path)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	c := rpcCall{service: service, method: method}
@@ -200,7 +200,7 @@ func (h *rpcHandler) handlePath(w http.ResponseWriter, r *http.Request) {
 	case http.MethodPost:
 		body, err := readBody(w, r, h.cfg.MaxBodyBytes)
 		if err != nil {
-			writeErr(w, err)
+			writeHTTPError(w, err)
 			return
 		}
 		if c.request, err = requestJSON(string(body)); err != nil {
@@ -340,7 +340,7 @@ type attempt struct {
 func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 	timeout, lowered, err := requestTimeout(r.Header, h.cfg.ClientRequestTimeout)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	start := time.Now()
