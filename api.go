@@ -274,7 +274,7 @@ func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64
 	}
 	conn.SetReadLimit(readLimit)
 	ctx, cancel := context.WithCancel(r.Context())
-	stop := context.AfterFunc(g.ctx, cancel)
+	stop := afterFunc(g.ctx, cancel)
 	return conn, ctx, func() {
 		stop()
 		cancel()
@@ -284,7 +284,8 @@ func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64
 
 // join registers a stream that the caller serves itself, such as a proxied
 // websocket: stop is called when the sidecar shuts down, and Close waits
-// until done is called. ok is false once Close has begun.
+// until done is called; done waits for a stop that has begun. ok is false
+// once Close has begun.
 func (g *streams) join(stop func()) (done func(), ok bool) {
 	g.mu.Lock()
 	if g.closed {
@@ -293,11 +294,32 @@ func (g *streams) join(stop func()) (done func(), ok bool) {
 	}
 	g.wg.Add(1)
 	g.mu.Unlock()
-	unregister := context.AfterFunc(g.ctx, stop)
+	unregister := afterFunc(g.ctx, stop)
 	return func() {
 		unregister()
 		g.wg.Done()
 	}, true
+}
+
+// afterFunc is context.AfterFunc whose stop, once f has started, waits for
+// f to return, so an owner that calls stop in its Close leaves no goroutine
+// of f running. stop reports whether it kept f from running; it may be
+// called more than once.
+func afterFunc(ctx context.Context, f func()) (stop func() bool) {
+	ran := make(chan struct{})
+	stopf := context.AfterFunc(ctx, func() {
+		defer close(ran)
+		f()
+	})
+	var once sync.Once
+	var stopped bool
+	return func() bool {
+		once.Do(func() { stopped = stopf() })
+		if !stopped {
+			<-ran
+		}
+		return stopped
+	}
 }
 
 // shuttingDown reports whether Close has begun.

@@ -60,12 +60,13 @@ type Forwarder interface {
 	Unsubscribed(topic, queue string)
 }
 
-// broker serves /broker. It owns the topic table and the subscribers'
-// writers; the websocket handlers are tracked by streams, which closes them
-// on shutdown. Safe for concurrent use; Close waits for the pinger.
+// broker serves /broker. It owns the topic table, the subscribers' writers
+// and the pinger (start); the websocket handlers are tracked by streams,
+// which closes them on shutdown and waits for them and their writers. Safe
+// for concurrent use; Close waits for the pinger.
 //
 // The limit fields are set by newBroker and may be lowered by tests before
-// the first request; zero values are not valid.
+// start; zero values are not valid.
 type broker struct {
 	cfg     *Config
 	streams *streams
@@ -87,7 +88,7 @@ type broker struct {
 
 	mu      sync.Mutex // guards the fields below
 	all     map[*subscriber]struct{}
-	pinging bool          // the pinger goroutine runs
+	pinging bool          // start has run the pinger
 	closed  bool          // Close was called
 	stop    chan struct{} // closed by Close: stops the pinger
 	wg      sync.WaitGroup
@@ -306,11 +307,6 @@ func (b *broker) add(topic, queue string, s *subscriber) bool {
 		return false
 	}
 	b.all[s] = struct{}{}
-	if !b.pinging {
-		b.pinging = true
-		b.wg.Add(1)
-		go b.pinger()
-	}
 	b.topics.add(topic, queue, s)
 	b.subscribers.Add(1)
 	if b.forward != nil {
@@ -335,16 +331,30 @@ func (b *broker) remove(topic, queue string, s *subscriber) {
 	b.subscribers.Add(-1)
 }
 
-// pinger pings every subscriber each pingInterval, through its writer, so
-// a client that stops answering hits its read deadline.
-func (b *broker) pinger() {
+// start runs the pinger until ctx ends or Close.
+func (b *broker) start(ctx context.Context) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.pinging || b.closed {
+		return
+	}
+	b.pinging = true
+	b.wg.Add(1)
+	go b.pinger(ctx, b.pingInterval)
+}
+
+// pinger pings every subscriber each interval, through its writer, so a
+// client that stops answering hits its read deadline.
+func (b *broker) pinger(ctx context.Context, interval time.Duration) {
 	defer b.wg.Done()
-	t := time.NewTicker(b.pingInterval)
+	t := time.NewTicker(interval)
 	defer t.Stop()
 	var subs []*subscriber
 	for {
 		select {
 		case <-b.stop:
+			return
+		case <-ctx.Done():
 			return
 		case <-t.C:
 		}

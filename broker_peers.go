@@ -86,8 +86,10 @@ type entryKey struct{ topic, queue string }
 // sidecars, and serves their deliveries. Deliveries to one other sidecar
 // go through a bounded queue drained by one sender goroutine, started when
 // the queue fills and ended when it is empty, so publishers never wait on
-// the network. Safe for concurrent use; Close deregisters and waits for
-// every goroutine it started.
+// the network. newPeerBroker starts nothing; the registrar runs from start
+// (once setAdvertise has given the address) until start's context ends or
+// Close. Safe for concurrent use; Close deregisters and waits for every
+// goroutine it started.
 type peerBroker struct {
 	cfg       *Config
 	log       *slog.Logger
@@ -98,7 +100,7 @@ type peerBroker struct {
 	transport *http.Transport
 	client    *http.Client
 	nowait    context.Context // already cancelled: lookups answer from memory at once
-	ctx       context.Context // ends with Close
+	ctx       context.Context // ends with Close, or when start's context ends
 	cancel    context.CancelFunc
 	kick      chan struct{} // wakes the registrar; buffered 1
 	wg        sync.WaitGroup
@@ -121,8 +123,11 @@ type peerBroker struct {
 	port       int
 	https      bool
 	self       string // scheme://host:port of this sidecar
-	started    bool
+	advertised bool   // setAdvertise has run
+	started    bool   // start has run
+	running    bool   // the registrar runs: started and advertised
 	closed     bool
+	unwatch    func() bool // stops start's context from cancelling ctx
 
 	rmu    sync.RWMutex // guards routes
 	routes map[string]*topicRoute
@@ -216,13 +221,29 @@ func advertiseHost(ip net.IP) string {
 	return "127.0.0.1"
 }
 
-func (p *peerBroker) setAdvertise(host string, port int, https bool) {
+// start begins registering this sidecar's topics and following the other
+// sidecars, once setAdvertise has said where they reach this one (before or
+// after start), until ctx ends or Close.
+func (p *peerBroker) start(ctx context.Context) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.started || p.closed || host == "" || port <= 0 {
+	if p.started || p.closed {
 		return
 	}
 	p.started = true
+	p.unwatch = afterFunc(ctx, p.cancel)
+	p.runLocked()
+}
+
+// setAdvertise says where other sidecars reach this one; the first call
+// with an address counts.
+func (p *peerBroker) setAdvertise(host string, port int, https bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.advertised || p.closed || host == "" || port <= 0 {
+		return
+	}
+	p.advertised = true
 	p.host, p.port, p.https = host, port, https
 	scheme := "http"
 	if https {
@@ -233,6 +254,16 @@ func (p *peerBroker) setAdvertise(host string, port int, https bool) {
 	// shared when other sidecars use it (--registry sidecar): with
 	// --broker_address, or once another sidecar's node appears in it.
 	p.shared = p.cfg.Registry != "memory" || p.cfg.BrokerAddress != ""
+	p.runLocked()
+}
+
+// runLocked starts the registrar (and the watch for other sidecars) once
+// both start and setAdvertise have run. p.mu is held.
+func (p *peerBroker) runLocked() {
+	if !p.started || !p.advertised || p.running {
+		return
+	}
+	p.running = true
 	p.wg.Add(1)
 	go p.registrar()
 	p.wake() // register the membership node now
@@ -909,10 +940,14 @@ func (p *peerBroker) firstSeen(sig string, now time.Time) error {
 func (p *peerBroker) Close() error {
 	p.mu.Lock()
 	p.closed = true
+	unwatch := p.unwatch
 	p.mu.Unlock()
 	p.pmu.Lock()
 	p.pclosed = true
 	p.pmu.Unlock()
+	if unwatch != nil {
+		unwatch()
+	}
 	p.cancel()
 	p.wg.Wait()
 	p.transport.CloseIdleConnections()

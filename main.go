@@ -509,9 +509,12 @@ func publicPath(r *http.Request) bool {
 		r.URL.Path == deliverPath // sidecars sign deliveries with a key instead (broker_peers.go)
 }
 
-// start begins the components' background work.
+// start begins the components' background work, until ctx ends or Close.
 func (s *server) start(ctx context.Context) {
+	s.tls.start(ctx)
 	s.registry.reg.start(ctx)
+	s.broker.start(ctx)
+	s.peers.start(ctx)
 	s.stats.start(ctx)
 	if s.app != nil {
 		s.app.start(ctx)
@@ -522,7 +525,10 @@ func (s *server) start(ctx context.Context) {
 // fail readiness, deregister the app, stop accepting and drain requests,
 // close streams, close components.
 func (s *server) serve(ctx context.Context, ln net.Listener) error {
-	s.start(ctx)
+	// The components outlive ctx: the drain still looks services up,
+	// deregisters the app and this sidecar's topics, and answers HTTP-01
+	// challenges. Close ends them.
+	s.start(context.WithoutCancel(ctx))
 	hs := &http.Server{
 		Handler:           s.handler,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -558,25 +564,29 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	return err
 }
 
-// Close ends streams and stops the components, in reverse order of
-// construction. It waits for their goroutines and is idempotent.
+// Close ends the streams first (websockets use every component), then
+// closes the components in reverse order of construction, each before
+// what it uses: the app checker and the peers deregister before the
+// registry closes. It waits for their goroutines and is idempotent.
 func (s *server) Close() error {
 	s.streams.Close()
-	s.stats.Close()
-	s.broker.Close()
-	s.peers.Close()
-	s.rpc.Close()
-	s.proxy.Close()
 	if s.app != nil {
 		s.app.Close()
 	}
+	s.stats.Close()
+	s.peers.Close()
+	s.broker.Close()
+	s.proxy.Close()
+	s.rpc.Close()
+	err := s.registry.reg.Close()
 	s.tls.Close()
-	return s.registry.reg.Close()
+	return err
 }
 
 // setAdvertise makes this sidecar reachable by the others at
-// --broker_address, or at the address its listener is bound to, and starts
-// registering. Call it once the listener is bound (run does).
+// --broker_address, or at the address its listener is bound to; the peer
+// broker registers it from start on. Call it once the listener is bound
+// (run does, before serve starts the components).
 func (s *server) setAdvertise(bound net.Addr) {
 	host, port := "", 0
 	if s.cfg.BrokerAddress != "" {

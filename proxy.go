@@ -103,8 +103,9 @@ func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Confi
 	return p
 }
 
-// Close releases idle backend connections. Requests in flight are the HTTP
-// server's to drain, proxied websockets the streams' to end. Idempotent.
+// Close releases idle backend connections, waiting for a sweep of them in
+// progress. Requests in flight are the HTTP server's to drain, proxied
+// websockets the streams' to end. Idempotent.
 func (p *proxyHandler) Close() error {
 	p.conns.close()
 	p.transport.CloseIdleConnections()

@@ -40,14 +40,15 @@ var (
 )
 
 // connPools is the proxy's set of pools, one per node URL (scheme and
-// address). Safe for concurrent use; close closes every idle connection and
-// makes later returns close theirs.
+// address). Safe for concurrent use; close closes every idle connection,
+// makes later returns close theirs, and waits for a sweep in progress.
 type connPools struct {
 	dialer     *net.Dialer
 	tls        *tls.Config   // base configuration of https nodes
 	staleAfter time.Duration // idle time after which a connection is probed; staleCheckAfter
 	dials      atomic.Int64
 	closed     atomic.Bool
+	sweeps     sync.WaitGroup // sweepIdle calls of open pools; Add under the pool's mu
 
 	mu    sync.Mutex // serialises creation and pruning of pools
 	pools sync.Map   // node URL -> *connPool
@@ -106,13 +107,15 @@ func (cp *connPools) pool(url, addr string) *connPool {
 	return p
 }
 
-// close closes every pool's idle connections. Idempotent.
+// close closes every pool's idle connections and waits for the sweeps
+// that run. Idempotent.
 func (cp *connPools) close() {
 	cp.closed.Store(true)
 	cp.pools.Range(func(_, v any) bool {
 		v.(*connPool).close()
 		return true
 	})
+	cp.sweeps.Wait() // no sweep begins on a closed pool
 }
 
 // connPool holds the idle connections of one node, newest last. A sweep
@@ -239,6 +242,12 @@ func (p *connPool) sweepIdle() {
 	now := time.Now()
 	var expired []*backendConn
 	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return
+	}
+	p.owner.sweeps.Add(1)
+	defer p.owner.sweeps.Done()
 	k := 0
 	for k < len(p.idle) && now.Sub(p.idle[k].idleSince) >= poolIdleTimeout {
 		k++

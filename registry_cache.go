@@ -152,11 +152,12 @@ func newCachedRegistry(b remoteBackend, t remoteTiming, sweep time.Duration, log
 }
 
 // start runs the backend's sync loop, the resend loop and the sweeper of
-// expired local registrations. ctx is not used for their lifetime: Close
-// ends them.
-func (c *cachedRegistry) start(context.Context) {
+// expired local registrations until ctx ends or Close. (The server starts
+// its components with a context that outlives SIGTERM: the drain still
+// looks services up and deregisters.)
+func (c *cachedRegistry) start(ctx context.Context) {
 	c.startOnce.Do(func() {
-		ctx, cancel := context.WithCancel(context.Background())
+		ctx, cancel := context.WithCancel(ctx)
 		c.mu.Lock()
 		if c.closed {
 			c.mu.Unlock()
