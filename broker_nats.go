@@ -424,7 +424,12 @@ func (n *natsBroker) Publish(topic string, m *Message) error {
 		n.mu.Unlock()
 		n.tooLarge.Add(1)
 		return errorf(http.StatusRequestEntityTooLarge, "broker: message of %d bytes (headers included) is larger than the NATS server's max_payload of %d bytes", size, max)
-	case n.outPub+size > n.opt.BufferBytes && n.outMsgs > 0:
+	}
+	before := len(n.out)
+	n.out = appendPub(n.out, n.opt.Prefix, topic, m, hlen)
+	enc := int64(len(n.out) - before)
+	if n.outPub+enc > n.opt.BufferBytes && n.outMsgs > 0 {
+		n.out = n.out[:before]
 		connected := n.conn != nil
 		n.mu.Unlock()
 		n.refused.Add(1)
@@ -434,10 +439,8 @@ func (n *natsBroker) Publish(topic string, m *Message) error {
 		}
 		return errorf(http.StatusServiceUnavailable, "broker: publish buffer full (--broker_buffer_bytes %d): %s; retry later", n.opt.BufferBytes, why)
 	}
-	before := len(n.out)
-	n.out = appendPub(n.out, n.opt.Prefix, topic, m, hlen)
 	n.outMsgs++
-	n.outPub += int64(len(n.out) - before)
+	n.outPub += enc
 	n.outMax = max(n.outMax, size)
 	connected := n.conn != nil
 	n.mu.Unlock()
