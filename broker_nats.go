@@ -58,13 +58,14 @@ import (
 
 const (
 	natsDefaultPort       = "4222"
-	natsDefaultMaxPayload = 1 << 20  // until a server's INFO says otherwise
-	natsHardMaxPayload    = 64 << 20 // the most a server may announce (its own limit)
-	natsReadBuffer        = 64 << 10 // holds any control line, INFO included
-	natsMaxLearned        = 64       // servers learned from connect_urls
-	natsMaxPingsOut       = 2        // keepalive: PINGs unanswered for this many intervals mean a dead server
-	natsMaxLogged         = 64       // distinct error texts remembered for log-once
-	natsShrinkBuffer      = 1 << 20  // an outbound buffer larger than this is let go once drained
+	natsDefaultMaxPayload = 1 << 20              // until a server's INFO says otherwise
+	natsHardMaxPayload    = 64 << 20             // the most a server may announce (its own limit)
+	natsReadBuffer        = 64 << 10             // holds any control line, INFO included
+	natsMaxLearned        = 64                   // servers learned from connect_urls
+	natsMaxPingsOut       = 2                    // keepalive: PINGs unanswered for this many intervals mean a dead server
+	natsMaxLogged         = 64                   // distinct error texts remembered for log-once
+	natsShrinkBuffer      = 1 << 20              // an outbound buffer larger than this is let go once drained
+	natsConfirmInterval   = 2 * time.Millisecond // at most one PING confirming publishes this often
 )
 
 // natsOptions is the --broker nats configuration (Config.NATS). The zero
@@ -329,9 +330,10 @@ type natsBroker struct {
 	outPub      int64  // bytes of the publishes in out (what BufferBytes bounds)
 	outMax      int64  // largest payload in out
 	pings       []natsPing
-	confirming  bool  // a PING confirming written publishes is unanswered
-	taken       int64 // publishes handed to the writer on this connection
-	confirmed   int64 // publishes the server confirmed on this connection
+	confirming  bool      // a PING confirming written publishes is unanswered
+	confirmAt   time.Time // when the last such PING was queued
+	taken       int64     // publishes handed to the writer on this connection
+	confirmed   int64     // publishes the server confirmed on this connection
 	downSince   time.Time
 	lastErr     string
 	logged      map[string]bool // error texts logged at warn on this connection
@@ -902,8 +904,9 @@ func (n *natsBroker) keepalive() error {
 }
 
 // writeLoop writes what is queued, in order, one batch per wake-up, each
-// write with a deadline; after a batch with publishes it asks for a PONG
-// (unless one is awaited) so that they count as confirmed.
+// write with a deadline. After a batch with publishes it asks for a PONG
+// (unless one is awaited, or one went out within natsConfirmInterval; the
+// keepalive's PING confirms too), so that they count as confirmed.
 func (n *natsBroker) writeLoop(c *natsConn, done <-chan struct{}) error {
 	var batch []byte
 	for {
@@ -924,10 +927,10 @@ func (n *natsBroker) writeLoop(c *natsConn, done <-chan struct{}) error {
 		msgs := n.outMsgs
 		n.taken += msgs
 		n.outMsgs, n.outPub, n.outMax = 0, 0, 0
-		if msgs > 0 && !n.confirming {
-			n.confirming = true
+		if now := time.Now(); msgs > 0 && !n.confirming && now.Sub(n.confirmAt) >= natsConfirmInterval {
+			n.confirming, n.confirmAt = true, now
 			batch = append(batch, "PING\r\n"...)
-			n.pings = append(n.pings, natsPing{at: time.Now(), mark: n.taken, confirm: true})
+			n.pings = append(n.pings, natsPing{at: now, mark: n.taken, confirm: true})
 		}
 		n.mu.Unlock()
 
