@@ -393,8 +393,10 @@ func newNATSBroker(cfg *Config, b *broker, logger *slog.Logger) (*natsBroker, er
 }
 
 // start connects in the background. Publishes and subscriptions made
-// before the connection is up wait in the buffer.
-func (n *natsBroker) start(ctx context.Context) {
+// before the connection is up wait in the buffer. The connection outlives
+// ctx, the serving context, on purpose: shutdown cancels that first, and
+// Close still flushes the last publishes.
+func (n *natsBroker) start(context.Context) {
 	n.once.Do(func() {
 		n.wg.Add(1)
 		go n.run()
@@ -526,8 +528,10 @@ func (n *natsBroker) wakeWriter() {
 }
 
 // run connects, serves the connection until it fails, and reconnects,
-// until Close. A round over the server list that finds none is followed by
-// a jittered, growing wait.
+// until Close. A round over the server list that finds none, or a
+// connection that lasted less than ReconnectMax, is followed by a
+// jittered, growing wait; a connection that lasted longer reconnects at
+// once.
 func (n *natsBroker) run() {
 	defer n.wg.Done()
 	bo := newBackoff(n.opt.ReconnectWait, n.opt.ReconnectMax)
@@ -543,9 +547,14 @@ func (n *natsBroker) run() {
 			}
 			continue
 		}
-		bo.reset()
+		began := time.Now()
 		err = n.serve(c)
 		n.disconnected(err)
+		if time.Since(began) >= n.opt.ReconnectMax {
+			bo.reset()
+		} else if !sleepCtx(n.ctx, bo.next()) {
+			return
+		}
 	}
 }
 
