@@ -799,7 +799,8 @@ func TestNATSTLS(t *testing.T) {
 }
 
 // TestNATSCloseFlushes: publishes accepted just before shutdown are sent
-// (and confirmed) before the connection closes.
+// (and confirmed) before the connection closes, and Close leaves no
+// goroutine behind.
 func TestNATSCloseFlushes(t *testing.T) {
 	ns := startNATS(t, "")
 	a, _ := newTestServer(t, natsTestConfig(ns.url))
@@ -818,6 +819,13 @@ func TestNATSCloseFlushes(t *testing.T) {
 	eventually(t, 10*time.Second, "every message published before Close", func() bool { return in.has(bodies("m", 500)) })
 	if err := a.broker.publish("t", &Message{Body: []byte("late")}); err == nil {
 		t.Error("publish after Close succeeded, want a 503")
+	}
+	// Close returns once every goroutine of the NATS client has ended.
+	b.streams.Close()
+	b.Close()
+	buf := make([]byte, 1<<20)
+	if stacks := string(buf[:runtime.Stack(buf, true)]); strings.Contains(stacks, "(*natsBroker)") {
+		t.Errorf("goroutines of the NATS client left after Close:\n%s", stacks)
 	}
 }
 
