@@ -78,11 +78,14 @@ nr=$(echo "$nats_max" | field rate)
 pr=$(echo "$peer_max" | field rate)
 RATE=${RATE:-$(awk -v r="$pr" 'BEGIN { printf "%d", r / 2 }')}
 half=$(awk -v r="$nr" 'BEGIN { printf "%d", r / 2 }')
-load -label nats -pub "ws://$NA" -sub "ws://$NB" -mode rate -rate "$RATE" -duration "$DURATION"
-load -label peer -pub "ws://$PA" -sub "ws://$PB" -mode rate -rate "$RATE" -duration "$DURATION"
-nats_half=$(load -label nats-half-max -pub "ws://$NA" -sub "ws://$NB" -mode rate -rate "$half" -duration "$DURATION")
+# A rate the sidecars (or the load program's readers) cannot sustain ends
+# with subscribers disconnected as too slow: the run says so and goes on.
+load -label nats -pub "ws://$NA" -sub "ws://$NB" -mode rate -rate "$RATE" -duration "$DURATION" || echo "nats rate: failed at $RATE msgs/s"
+load -label peer -pub "ws://$PA" -sub "ws://$PB" -mode rate -rate "$RATE" -duration "$DURATION" || echo "peer rate: failed at $RATE msgs/s"
+nats_half=$(load -label nats-half-max -pub "ws://$NA" -sub "ws://$NB" -mode rate -rate "$half" -duration "$DURATION") ||
+	nats_half="nats-half-max rate: failed at $half msgs/s"
 echo "$nats_half"
 p99=$(echo "$nats_half" | sed -n 's/.* p99=\([0-9.]*\)ms.*/\1/p')
-awk -v a="$nr" -v b="$pr" -v p="$p99" 'BEGIN {
-	printf "ratio nats/peer: max rate %.2fx (goal >= 2x); nats p99 at half its max %.2f ms (goal < 5 ms)\n", a/b, p
+awk -v a="$nr" -v b="$pr" -v p="${p99:-n/a}" 'BEGIN {
+	printf "ratio nats/peer: max rate %.2fx (goal >= 2x); nats p99 at half its max %s ms (goal < 5 ms)\n", a/b, p
 }'
