@@ -101,6 +101,13 @@ type Config struct {
 	RegistrySweep   time.Duration // how often expired nodes are removed
 	RegistryTimeout time.Duration // one call to a remote registry; zero: 5s
 	RegistryWait    time.Duration // longest blocking query of a remote registry; zero: 30s
+	// Remote registries at scale (registry_cache.go): the connection bound
+	// (blocking queries take at most 7/8 of it), the age past which an
+	// unwatched service is fetched again on lookup, and how long a service
+	// may go without lookups before its watch is dropped.
+	RegistryConnections int
+	RegistryStale       time.Duration
+	RegistryWatchIdle   time.Duration
 
 	Broker        string      // "memory" (default: here, and across sidecars sharing the registry) or "nats"
 	BrokerAddress string      // memory: host:port other sidecars deliver to, empty: the bound address; nats: the servers
@@ -160,6 +167,9 @@ func defaultConfig() *Config {
 		Broker:               "memory",
 		NATS:                 natsDefaults(),
 		RegistrySweep:        250 * time.Millisecond,
+		RegistryConnections:  defaultRegistryConns,
+		RegistryStale:        defaultRegistryStale,
+		RegistryWatchIdle:    defaultRegistryIdle,
 		StatsInterval:        time.Second,
 		ClientRetries:        1,
 		ClientRequestTimeout: 5 * time.Second,
@@ -191,6 +201,9 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", cfg.RegisterInterval, "interval of the app's registration heartbeat")
 	fs.StringVar(&cfg.Registry, "registry", cfg.Registry, "registry backend: memory, consul or sidecar (another sidecar's /registry)")
 	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend (consul: host:port, default $CONSUL_HTTP_ADDR or 127.0.0.1:8500; sidecar: http://host:port)")
+	fs.IntVar(&cfg.RegistryConnections, "registry_connections", cfg.RegistryConnections, "connections to a remote registry, every call included; blocking queries (watches) use at most 7/8 of them (Consul allows 200 per client address)")
+	fs.DurationVar(&cfg.RegistryStale, "registry_stale", cfg.RegistryStale, "a remote service looked up but not watched is fetched again on lookup once its copy is this old")
+	fs.DurationVar(&cfg.RegistryWatchIdle, "registry_watch_idle", cfg.RegistryWatchIdle, "a remote service not looked up for this long is no longer watched")
 	fs.StringVar(&cfg.Broker, "broker", cfg.Broker, "pub/sub engine: memory (across sidecars sharing a registry too) or nats")
 	fs.StringVar(&cfg.BrokerAddress, "broker_address", "", "`address`: with --broker memory, host:port where other sidecars deliver pub/sub messages (default: the bound --address); with --broker nats, nats://host:4222[,nats://host2:4222] (tls:// for TLS, user:password@ or token@ allowed; default nats://127.0.0.1:4222)")
 	fs.StringVar(&cfg.BrokerSecret, "broker_secret", "", "`secret` that keys the signature of deliveries between sidecars sharing a registry (default: --auth_token)")
@@ -299,6 +312,8 @@ func (c *Config) validate() error {
 		{"client_request_timeout", c.ClientRequestTimeout},
 		{"proxy_idle_timeout", c.ProxyIdleTimeout},
 		{"shutdown_timeout", c.ShutdownTimeout},
+		{"registry_stale", c.RegistryStale},
+		{"registry_watch_idle", c.RegistryWatchIdle},
 	}
 	for _, p := range positive {
 		if p.d <= 0 {
@@ -312,6 +327,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %d for flag --client_retries: want 0 to 10", c.ClientRetries)
 	case !validStrategy(c.Balancer):
 		return fmt.Errorf("invalid value %q for flag --balancer: want p2c, random or roundrobin", c.Balancer)
+	case c.RegistryConnections < 4 || c.RegistryConnections > 10_000:
+		return fmt.Errorf("invalid value %d for flag --registry_connections: want 4 to 10000", c.RegistryConnections)
 	case c.MaxBodyBytes <= 0:
 		return fmt.Errorf("invalid value %d for flag --max_body_bytes: must be positive", c.MaxBodyBytes)
 	case c.RegisterInterval >= c.RegisterTTL:
