@@ -2,7 +2,9 @@ package main
 
 // broker.go owns pub/sub: POST /broker publishes, a websocket GET /broker
 // subscribes (and publishes the frames its client writes). Delivery is in
-// memory; a Forwarder, when set, carries each publish to other hosts.
+// memory; a Forwarder, when set, carries each publish to other hosts, and a
+// Relay, when set, carries every publish through an external engine (NATS)
+// that delivers it back.
 
 import (
 	"bufio"
@@ -60,6 +62,25 @@ type Forwarder interface {
 	Unsubscribed(topic, queue string)
 }
 
+// Relay carries pub/sub through an external engine (broker_nats.go)
+// instead of delivering here: every publish goes to Publish, and the
+// engine hands each message back to every sidecar with subscribers, this
+// one included, which delivers it through broker.deliverRemote (to every
+// plain subscriber, or to one member of a queue group). CheckTopic refuses
+// a topic the engine cannot carry (a 400). Publish must not block on the
+// network; its error is an *httpError (413 too large, 503 cannot take
+// more). Subscribed is called for every subscriber that joins, before its
+// handshake completes; its channel closes once the engine has the
+// subscription (or cannot confirm it soon), and the handshake waits for it
+// so that a connected client gets what is published after. Unsubscribed is
+// called when one leaves. Neither may block.
+type Relay interface {
+	CheckTopic(topic string) error
+	Publish(topic string, m *Message) error
+	Subscribed(topic, queue string) (ready <-chan struct{})
+	Unsubscribed(topic, queue string)
+}
+
 // broker serves /broker. It owns the topic table, the subscribers' writers
 // and the pinger (start); the websocket handlers are tracked by streams,
 // which closes them on shutdown and waits for them and their writers. Safe
@@ -73,6 +94,7 @@ type broker struct {
 	log     *slog.Logger
 	topics  *topicTable
 	forward Forwarder // nil: this host only; set before serving
+	relay   Relay     // nil: deliver here; else every publish goes through it; set before serving
 
 	maxMessage   int64         // largest body of a published message
 	queueLen     int           // messages a subscriber may lag
@@ -114,18 +136,43 @@ func newBroker(cfg *Config, st *streams, logger *slog.Logger) *broker {
 // Call it before serving.
 func (b *broker) setForwarder(f Forwarder) { b.forward = f }
 
+// setRelay makes every later publish go through r instead of being
+// delivered here (see Relay). Call it before serving.
+func (b *broker) setRelay(r Relay) { b.relay = r }
+
+// checkTopic validates a topic from ?topic= for publishing and subscribing.
+func (b *broker) checkTopic(s string) (string, error) {
+	topic, err := parseTopic(s)
+	if err == nil && b.relay != nil {
+		err = b.relay.CheckTopic(topic)
+	}
+	if err != nil {
+		return "", errorf(http.StatusBadRequest, "broker: %v", err)
+	}
+	return topic, nil
+}
+
 // publish delivers m to this host's subscribers of topic and hands it to
 // the forwarder, which may take some queue groups' deliveries elsewhere. It
-// never blocks on a subscriber or another host.
-func (b *broker) publish(topic string, m *Message) {
+// never blocks on a subscriber or another host. With a relay, m goes to
+// the relay only, and an error is its refusal (an *httpError).
+func (b *broker) publish(topic string, m *Message) error {
+	if b.relay != nil {
+		if err := b.relay.Publish(topic, m); err != nil {
+			return err
+		}
+		b.published.Add(1)
+		return nil
+	}
 	b.published.Add(1)
 	subs := b.topics.get(topic)
 	if b.forward == nil {
 		b.deliverTo(subs, m, nil)
-		return
+		return nil
 	}
 	sent := b.forward.Forward(topic, m, subs.groupNames())
 	b.deliverTo(subs, m, sent)
+	return nil
 }
 
 // deliverRemote delivers m, sent by another sidecar, to this host's
@@ -186,9 +233,9 @@ func (b *broker) deliverTo(subs *topicSubs, m *Message, skip []string) int {
 // handlePublish serves POST /broker?topic=T: the raw body, whatever its
 // Content-Type, is the message body and the request headers its headers.
 func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
-	topic, err := parseTopic(r.URL.Query().Get("topic"))
+	topic, err := b.checkTopic(r.URL.Query().Get("topic"))
 	if err != nil {
-		writeHTTPError(w, errorf(http.StatusBadRequest, "broker: %v", err))
+		writeHTTPError(w, err)
 		return
 	}
 	// readBody reads r.Body itself, so a form Content-Type is never parsed.
@@ -197,7 +244,10 @@ func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
 		writeHTTPError(w, err)
 		return
 	}
-	b.publish(topic, &Message{Header: messageHeader(r.Header), Body: body})
+	if err := b.publish(topic, &Message{Header: messageHeader(r.Header), Body: body}); err != nil {
+		writeHTTPError(w, err)
+		return
+	}
 	writeJSON(w, http.StatusOK, struct{}{})
 }
 
@@ -207,9 +257,9 @@ func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
 // answering pings, falls too far behind, or the sidecar shuts down.
 func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	topic, err := parseTopic(q.Get("topic"))
+	topic, err := b.checkTopic(q.Get("topic"))
 	if err != nil {
-		writeHTTPError(w, errorf(http.StatusBadRequest, "broker: %v", err))
+		writeHTTPError(w, err)
 		return
 	}
 	queue := q.Get("queue")
@@ -229,10 +279,12 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	// connected gets every message published after that. Until the
 	// connection exists, messages queue and no writer starts (writing).
 	s := &subscriber{b: b, writing: true}
-	if !b.add(topic, queue, s) {
+	ready, ok := b.add(topic, queue, s)
+	if !ok {
 		writeError(w, http.StatusServiceUnavailable, "broker: sidecar is shutting down")
 		return
 	}
+	b.awaitRelay(r.Context(), ready)
 	hj := &wsHijacker{ResponseWriter: w, readTimeout: 2 * b.pingInterval, writeTimeout: b.writeTimeout}
 	// The context accept returns ends with this handler, which returns at
 	// once: serve runs on, tracked by streams through done.
@@ -272,7 +324,7 @@ func (b *broker) serve(s *subscriber, topic, queue string, done func()) {
 		code, reason := b.streams.closeStatus()
 		s.closeWith(code, reason)
 	})
-	err := b.readLoop(context.Background(), topic, s.conn)
+	err := b.readLoop(context.Background(), topic, s)
 
 	b.remove(topic, queue, s)
 	if !stopClose() {
@@ -285,9 +337,11 @@ func (b *broker) serve(s *subscriber, topic, queue string, done func()) {
 
 // readLoop publishes every message the client writes until reading fails:
 // the client left, closed, sent a bad or oversized frame, or went silent.
-func (b *broker) readLoop(ctx context.Context, topic string, conn *websocket.Conn) error {
+// A frame the relay refuses closes the connection with 1009 (too large)
+// or 1013 (try again later): a websocket has no other answer to a frame.
+func (b *broker) readLoop(ctx context.Context, topic string, s *subscriber) error {
 	for {
-		_, rd, err := conn.Reader(ctx)
+		_, rd, err := s.conn.Reader(ctx)
 		if err != nil {
 			return err
 		}
@@ -295,16 +349,45 @@ func (b *broker) readLoop(ctx context.Context, topic string, conn *websocket.Con
 		if err != nil {
 			return err
 		}
-		b.publish(topic, &Message{Header: map[string]string{}, Body: body})
+		if err := b.publish(topic, &Message{Header: map[string]string{}, Body: body}); err != nil {
+			code := websocket.StatusTryAgainLater
+			var he *httpError
+			if errors.As(err, &he) && he.code == http.StatusRequestEntityTooLarge {
+				code = websocket.StatusMessageTooBig
+			}
+			reason := err.Error()
+			if len(reason) > 120 { // a close frame's reason fits 123 bytes
+				reason = strings.ToValidUTF8(reason[:120], "")
+			}
+			s.closeWith(code, reason)
+			return err
+		}
+	}
+}
+
+// awaitRelay waits until the relay has a new subscriber's subscription
+// (ready closes), the client leaves, or writeTimeout passes: past it the
+// subscriber is kept and the relay subscribes when it can.
+func (b *broker) awaitRelay(ctx context.Context, ready <-chan struct{}) {
+	if ready == nil {
+		return
+	}
+	t := time.NewTimer(b.writeTimeout)
+	defer t.Stop()
+	select {
+	case <-ready:
+	case <-ctx.Done():
+	case <-t.C:
 	}
 }
 
 // add registers s for topic (and queue group); false once Close has begun.
-func (b *broker) add(topic, queue string, s *subscriber) bool {
+// With a relay, ready closes once the relay has the subscription.
+func (b *broker) add(topic, queue string, s *subscriber) (ready <-chan struct{}, ok bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closed {
-		return false
+		return nil, false
 	}
 	b.all[s] = struct{}{}
 	b.topics.add(topic, queue, s)
@@ -312,7 +395,10 @@ func (b *broker) add(topic, queue string, s *subscriber) bool {
 	if b.forward != nil {
 		b.forward.Subscribed(topic, queue)
 	}
-	return true
+	if b.relay != nil {
+		ready = b.relay.Subscribed(topic, queue)
+	}
+	return ready, true
 }
 
 // remove unregisters s; no message is queued for it afterwards.
@@ -323,6 +409,9 @@ func (b *broker) remove(topic, queue string, s *subscriber) {
 	b.mu.Unlock()
 	if b.forward != nil {
 		b.forward.Unsubscribed(topic, queue)
+	}
+	if b.relay != nil {
+		b.relay.Unsubscribed(topic, queue)
 	}
 	s.mu.Lock()
 	s.closed = true

@@ -116,8 +116,10 @@ type Config struct {
 	RegistryStale       time.Duration
 	RegistryWatchIdle   time.Duration
 
-	BrokerAddress string // host:port other sidecars deliver to; empty: the bound address
-	BrokerSecret  string // required of sidecars delivering messages here (broker_peers.go)
+	Broker        string      // "memory" (default: here, and across sidecars sharing the registry) or "nats"
+	BrokerAddress string      // memory: host:port other sidecars deliver to, empty: the bound address; nats: the servers
+	BrokerSecret  string      // required of sidecars delivering messages here (broker_peers.go)
+	NATS          natsOptions // --broker nats: prefix, credentials, TLS, buffer (broker_nats.go)
 
 	ClientRetries        int           // extra attempts for safe-to-retry failures
 	ClientRequestTimeout time.Duration // budget of one call, all attempts included
@@ -169,6 +171,8 @@ func defaultConfig() *Config {
 		RegisterTTL:          30 * time.Second,
 		RegisterInterval:     10 * time.Second,
 		Registry:             "memory",
+		Broker:               "memory",
+		NATS:                 natsDefaults(),
 		RegistrySweep:        250 * time.Millisecond,
 		RegistryConnections:  defaultRegistryConns,
 		RegistryStale:        defaultRegistryStale,
@@ -207,8 +211,21 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.IntVar(&cfg.RegistryConnections, "registry_connections", cfg.RegistryConnections, "connections to a remote registry, every call included; blocking queries (watches) use at most 7/8 of them (Consul allows 200 per client address)")
 	fs.DurationVar(&cfg.RegistryStale, "registry_stale", cfg.RegistryStale, "a remote service looked up but not watched is fetched again on lookup once its copy is this old")
 	fs.DurationVar(&cfg.RegistryWatchIdle, "registry_watch_idle", cfg.RegistryWatchIdle, "a remote service not looked up for this long is no longer watched")
-	fs.StringVar(&cfg.BrokerAddress, "broker_address", "", "`host:port` where other sidecars deliver pub/sub messages (default: the bound --address)")
+	fs.StringVar(&cfg.Broker, "broker", cfg.Broker, "pub/sub engine: memory (across sidecars sharing a registry too) or nats")
+	fs.StringVar(&cfg.BrokerAddress, "broker_address", "", "`address`: with --broker memory, host:port where other sidecars deliver pub/sub messages (default: the bound --address); with --broker nats, nats://host:4222[,nats://host2:4222] (tls:// for TLS, user:password@ or token@ allowed; default nats://127.0.0.1:4222)")
 	fs.StringVar(&cfg.BrokerSecret, "broker_secret", "", "`secret` that keys the signature of deliveries between sidecars sharing a registry (default: --auth_token)")
+	fs.StringVar(&cfg.NATS.Prefix, "broker_prefix", cfg.NATS.Prefix, "NATS subject `prefix`: topic T is subject PREFIX.T")
+	fs.StringVar(&cfg.NATS.User, "broker_user", "", "NATS `user`, unless the server URL has one")
+	fs.StringVar(&cfg.NATS.Password, "broker_password", "", "NATS `password` of --broker_user")
+	fs.StringVar(&cfg.NATS.Token, "broker_token", "", "NATS authorization `token`, unless the server URL has one")
+	fs.StringVar(&cfg.NATS.NKeyFile, "broker_nkey_file", "", "`file` holding the NATS user's nkey seed (SU...)")
+	fs.BoolVar(&cfg.NATS.TLS, "broker_tls", false, "connect to NATS over TLS (as tls:// does)")
+	fs.StringVar(&cfg.NATS.TLSCAFile, "broker_tls_ca_file", "", "CA `file` (PEM) of the NATS servers' certificates (default system roots)")
+	fs.StringVar(&cfg.NATS.TLSCertFile, "broker_tls_cert_file", "", "client certificate `file` (PEM) for NATS mutual TLS")
+	fs.StringVar(&cfg.NATS.TLSKeyFile, "broker_tls_key_file", "", "client key `file` (PEM) for NATS mutual TLS")
+	fs.Int64Var(&cfg.NATS.BufferBytes, "broker_buffer_bytes", cfg.NATS.BufferBytes, "`bytes` of publishes held while NATS is unreachable or slow; beyond, publishing answers 503")
+	fs.DurationVar(&cfg.NATS.PingInterval, "broker_ping_interval", cfg.NATS.PingInterval, "NATS keepalive: two intervals without PONG mean a dead server")
+	fs.DurationVar(&cfg.NATS.HealthGrace, "broker_health_grace", cfg.NATS.HealthGrace, "/health answers 503 once disconnected from NATS this long")
 	fs.IntVar(&cfg.ClientRetries, "client_retries", cfg.ClientRetries, "retries of a call where retrying is safe")
 	fs.DurationVar(&cfg.ClientRequestTimeout, "client_request_timeout", cfg.ClientRequestTimeout, "timeout of a call, all attempts included")
 	fs.DurationVar(&cfg.ProxyIdleTimeout, "proxy_idle_timeout", cfg.ProxyIdleTimeout, "end a proxied stream (events, chunks, websocket) with no bytes either way for this long")
@@ -333,10 +350,19 @@ func (c *Config) validate() error {
 	if err := validateRegistry(c); err != nil {
 		return err
 	}
-	if c.BrokerAddress != "" {
-		if _, port, err := splitHostPort(c.BrokerAddress); err != nil || port == 0 {
-			return fmt.Errorf("invalid value %q for flag --broker_address: want host:port with a port", c.BrokerAddress)
+	switch c.Broker {
+	case "memory":
+		if c.BrokerAddress != "" {
+			if _, port, err := splitHostPort(c.BrokerAddress); err != nil || port == 0 {
+				return fmt.Errorf("invalid value %q for flag --broker_address: want host:port with a port", c.BrokerAddress)
+			}
 		}
+	case "nats":
+	default:
+		return fmt.Errorf("invalid value %q for flag --broker: want memory or nats", c.Broker)
+	}
+	if err := c.validateNATS(); err != nil {
+		return err
 	}
 	if c.ServerAddress != "" {
 		if _, _, err := splitHostPort(c.ServerAddress); err != nil {
@@ -377,6 +403,7 @@ type server struct {
 	proxy    *proxyHandler
 	broker   *broker
 	peers    *peerBroker // pub/sub across sidecars sharing the registry
+	nats     *natsBroker // pub/sub through NATS; nil unless --broker nats
 	stats    *stats
 	app      *appChecker // nil without --server_name
 	tls      *tlsManager
@@ -418,11 +445,23 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	s.proxy = newProxyHandler(cfg, reg, s.streams, clientTLS, logger.With("component", "proxy"))
 	s.broker = newBroker(cfg, s.streams, logger.With("component", "broker"))
 	s.peers = newPeerBroker(cfg, reg, s.broker, clientTLS, logger.With("component", "broker"))
-	s.broker.setForwarder(s.peers)
+	if cfg.Broker == "nats" {
+		s.nats, err = newNATSBroker(cfg, s.broker, logger.With("component", "nats"))
+		if err != nil {
+			reg.Close()
+			return nil, err
+		}
+		s.broker.setRelay(s.nats)
+	} else {
+		s.broker.setForwarder(s.peers)
+	}
 	s.stats = newStats(cfg, logger.With("component", "stats"))
 	s.stats.addSource(registrySizeSource(reg))
 	s.stats.addSource(s.broker.metrics)
 	s.stats.addSource(s.peers.metrics)
+	if s.nats != nil {
+		s.stats.addSource(s.nats.metrics)
+	}
 	s.stats.addSource(s.rpc.metrics)
 	s.stats.addSource(s.proxy.metrics)
 	s.stats.addSource(s.auth.metrics)
@@ -544,6 +583,9 @@ func (s *server) start(ctx context.Context) {
 	s.broker.start(ctx)
 	s.peers.start(ctx)
 	s.stats.start(ctx)
+	if s.nats != nil {
+		s.nats.start(ctx)
+	}
 	if s.app != nil {
 		s.app.start(ctx)
 	}
@@ -602,6 +644,9 @@ func (s *server) Close() error {
 		s.app.Close()
 	}
 	s.stats.Close()
+	if s.nats != nil {
+		s.nats.Close() // after the subscribers (streams): flushes their last publishes
+	}
 	s.peers.Close()
 	s.broker.Close()
 	s.proxy.Close()
@@ -616,6 +661,9 @@ func (s *server) Close() error {
 // broker registers it from start on. Call it once the listener is bound
 // (run does, before serve starts the components).
 func (s *server) setAdvertise(bound net.Addr) {
+	if s.nats != nil {
+		return // NATS carries messages between sidecars
+	}
 	host, port := "", 0
 	if s.cfg.BrokerAddress != "" {
 		host, port, _ = splitHostPort(s.cfg.BrokerAddress) // validated by parseConfig
