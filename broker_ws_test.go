@@ -67,9 +67,15 @@ func (c *recordConn) deadline(t time.Time) {
 	c.mu.Unlock()
 }
 
-func (c *recordConn) SetDeadline(t time.Time) error      { c.deadline(t); return c.Conn.SetDeadline(t) }
-func (c *recordConn) SetReadDeadline(t time.Time) error  { c.deadline(t); return c.Conn.SetReadDeadline(t) }
-func (c *recordConn) SetWriteDeadline(t time.Time) error { c.deadline(t); return c.Conn.SetWriteDeadline(t) }
+func (c *recordConn) SetDeadline(t time.Time) error { c.deadline(t); return c.Conn.SetDeadline(t) }
+func (c *recordConn) SetReadDeadline(t time.Time) error {
+	c.deadline(t)
+	return c.Conn.SetReadDeadline(t)
+}
+func (c *recordConn) SetWriteDeadline(t time.Time) error {
+	c.deadline(t)
+	return c.Conn.SetWriteDeadline(t)
+}
 
 // written returns a copy of the writes so far.
 func (c *recordConn) written() [][]byte {
@@ -446,7 +452,7 @@ func TestWSLibraryNothingAfterClose(t *testing.T) {
 				p.clientFrame(t, opPing, []byte("unanswered"))
 				p.clientFrame(t, opClose, f.payload)
 			}
-			<-readErr // the library's reader has stopped
+			<-readErr         // the library's reader has stopped
 			p.conn.CloseNow() // as broker.serve ends
 			if f, err := p.next(); err != io.EOF {
 				t.Errorf("after the close frame: frame %x %q, %v; want the end of the stream", f.b0, f.payload, err)
