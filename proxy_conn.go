@@ -423,8 +423,8 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 	if err != nil {
 		return h, started, err
 	}
-	// HTTP/1.x SP 3DIGIT [SP reason]
-	if len(line) < 12 || string(line[:7]) != "HTTP/1." || line[8] != ' ' || (len(line) > 12 && line[12] != ' ') {
+	// HTTP/1.DIGIT SP 3DIGIT [SP reason]
+	if len(line) < 12 || string(line[:7]) != "HTTP/1." || line[7] < '0' || line[7] > '9' || line[8] != ' ' || (len(line) > 12 && line[12] != ' ') {
 		return h, true, errMalformed
 	}
 	for _, d := range line[9:12] {
