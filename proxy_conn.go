@@ -436,7 +436,8 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 	if h.code < 100 {
 		return h, true, errMalformed
 	}
-	h.close = line[7] == '0' // HTTP/1.0: no keep-alive from this client
+	http10 := line[7] == '0'
+	h.close = http10 // HTTP/1.0: no keep-alive from this client
 	h.length = -1
 	lengthSeen := false
 	for {
@@ -480,6 +481,11 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 			}
 			lengthSeen, h.length = true, n
 		case asciiEqualFold(key, "Transfer-Encoding"):
+			if http10 {
+				// RFC 9112 section 6.1: the framing of an HTTP/1.0
+				// message with Transfer-Encoding is faulty.
+				return h, true, errMalformed
+			}
 			if !asciiEqualFold(v, "chunked") || h.chunked {
 				return h, true, errors.New("unsupported transfer encoding " + strconv.Quote(string(v)))
 			}

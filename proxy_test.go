@@ -836,6 +836,11 @@ func TestProxyBadNodes(t *testing.T) {
 			io.WriteString(c, "SMTP ready\r\n\r\n")
 		case "/bad/twolengths":
 			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab")
+		case "/bad/version":
+			io.WriteString(c, "HTTP/1.A 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		case "/bad/http10chunked":
+			// RFC 9112 section 6.1: faulty framing.
+			io.WriteString(c, "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
 		case "/bad/slowloris":
 			io.WriteString(c, "HTTP/1.1 200 OK\r\n")
 			for range 100 {
@@ -856,6 +861,8 @@ func TestProxyBadNodes(t *testing.T) {
 		{"/bad/manyfields", 502},
 		{"/bad/garbage", 502},
 		{"/bad/twolengths", 502},
+		{"/bad/version", 502},
+		{"/bad/http10chunked", 502},
 		{"/bad/slowloris", 504},
 		{"/bad/hangup", 502},
 	}
