@@ -503,6 +503,10 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 		}
 	}
 	if h.chunked {
+		// RFC 9112 section 6.3: chunked overrides a Content-Length, which
+		// header drops; but the node may have meant the length, so the
+		// connection is not used again.
+		h.close = h.close || lengthSeen
 		h.length = -1
 	}
 	return h, true, nil

@@ -652,6 +652,44 @@ func TestProxyConnectionReuse(t *testing.T) {
 	}
 }
 
+// TestProxyChunkedWithLengthNotReused: a node's response with both
+// Transfer-Encoding and Content-Length is read as chunked and passed on
+// without the Content-Length, and the connection is not used again (RFC
+// 9112 section 6.3: such framing ought to be handled as an error; the
+// node and the proxy may disagree on where the response ends).
+func TestProxyChunkedWithLengthNotReused(t *testing.T) {
+	t.Parallel()
+	s, ts := newTestServer(t, proxyTestConfig())
+	node := rawBackend(t, func(c net.Conn, r *bufio.Reader) {
+		for {
+			req, _, err := readRawRequest(r)
+			if err != nil {
+				return
+			}
+			if req.URL.Path == "/both/framings" {
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+				continue
+			}
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		}
+	})
+	registerURLs(t, ts.URL, "go.micro.srv.both", node)
+	for _, path := range []string{"/both/framings", "/both/plain", "/both/plain"} {
+		resp, err := http.Get(ts.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != 200 || string(b) != "ok" || resp.Header.Get("Content-Length") == "3" {
+			t.Fatalf("GET %s = %d %q %v (Content-Length %q), want 200 ok", path, resp.StatusCode, b, err, resp.Header.Get("Content-Length"))
+		}
+	}
+	if n := s.proxy.conns.dials.Load(); n != 2 {
+		t.Errorf("proxy dialled %d times, want 2: a new connection after the response with two framings, then reuse", n)
+	}
+}
+
 // rawBackend is a node speaking raw HTTP/1.1: serve gets each accepted
 // connection with a reader over it.
 func rawBackend(t *testing.T, serve func(c net.Conn, r *bufio.Reader)) string {
