@@ -29,23 +29,21 @@ package main
 //     close; it would not for data messages longer than the buffer, which
 //     is why the broker never writes a data message through the library.
 //     Pinned by TestWSLibraryControlFramesWhole.
-//  3. A close frame is thus recognised by the opcode in the first byte of
-//     a Write. The library sets no RSV bit on control frames, and Accept
-//     negotiates no extension unless AcceptOptions asks (streams.accept
-//     does not), so the broker's frames need none either. Pinned by
-//     TestWSLibraryNothingAfterClose (noData is set by each way the
-//     library closes: Close, the echo of the client's close, a protocol
-//     error).
+//  3. A close frame is thus recognised by the opcode in the low four bits
+//     of the first byte of a Write; wsConn.Write then sets noData. Pinned
+//     by TestWSLibraryNothingAfterClose, for each way the library closes:
+//     Close, the echo of the client's close, a protocol error.
 //  4. Once the library has written a close frame it writes no other frame
 //     (writeFrame refuses after closeSentErr): no pong, no message. With
 //     noData, which the close frame's Write sets under the write lock,
 //     nothing follows a close frame on the wire (RFC 6455 section 5.5.1).
 //     Pinned on the wire by TestWSLibraryNothingAfterClose and, with the
 //     writer busy, by TestBrokerNoDataAfterClose.
-//  5. The library ignores a pong that answers none of its own pings, and
-//     answers the writer's pings like any other. The broker's liveness
-//     check needs only that the client's pong is read (wsConn.Read
-//     extends the read deadline). Pinned by TestWSLibraryControlFramesWhole.
+//  5. The library reads and ignores a pong that answers none of its own
+//     pings: the client's answer to a ping of the writer's (pingFrame).
+//     The broker's liveness check needs only that it is read, since every
+//     wsConn.Read extends the read deadline. Pinned by
+//     TestWSLibraryControlFramesWhole.
 
 import (
 	"bufio"
