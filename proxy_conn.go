@@ -440,6 +440,7 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 	h.close = http10 // HTTP/1.0: no keep-alive from this client
 	h.length = -1
 	lengthSeen := false
+	var length hdrField // the first Content-Length field
 	for {
 		line, err := c.readLine(&limit)
 		if err != nil {
@@ -448,38 +449,26 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 		if len(line) == 0 {
 			break
 		}
-		colon := -1
-		for i, b := range line {
-			if b == ':' {
-				colon = i
-				break
-			}
-			if !isTokenByte(b) {
-				return h, true, errMalformed
-			}
-		}
-		if colon <= 0 {
+		key, v, ok := parseField(line)
+		if !ok {
 			return h, true, errMalformed
 		}
-		v := trimOWS(line[colon+1:])
-		for _, b := range v {
-			if b < ' ' && b != '\t' || b == 0x7f {
-				return h, true, errMalformed
-			}
-		}
 		k0 := len(c.head)
-		c.head = append(c.head, line[:colon]...)
+		c.head = append(c.head, key...)
 		k1 := len(c.head)
 		c.head = append(c.head, v...)
 		c.fields = append(c.fields, hdrField{int32(k0), int32(k1), int32(len(c.head))})
-		key := line[:colon]
 		switch {
 		case asciiEqualFold(key, "Content-Length"):
+			// Repeated, it must be the same text, as net/http requires
+			// of the proxy's own answer.
 			n, ok := parseLength(v)
-			if !ok || (lengthSeen && n != h.length) {
+			if !ok || (lengthSeen && !bytes.Equal(v, c.head[length.k1:length.v1])) {
 				return h, true, errMalformed
 			}
-			lengthSeen, h.length = true, n
+			if !lengthSeen {
+				lengthSeen, h.length, length = true, n, c.fields[len(c.fields)-1]
+			}
 		case asciiEqualFold(key, "Transfer-Encoding"):
 			if http10 {
 				// RFC 9112 section 6.1: the framing of an HTTP/1.0
@@ -584,16 +573,44 @@ func (c *backendConn) readTrailer(h http.Header, limit int) error {
 		if len(line) == 0 {
 			return nil
 		}
-		k, v, ok := strings.Cut(string(line), ":")
-		if !ok || k == "" {
+		name, v, ok := parseField(line)
+		if !ok {
 			return errMalformed
 		}
-		k = http.CanonicalHeaderKey(k)
+		k := http.CanonicalHeaderKey(string(name))
 		if isHopField(k) || k == "Content-Length" {
 			continue
 		}
-		h.Add(http.TrailerPrefix+k, strings.Trim(v, " \t"))
+		h.Add(http.TrailerPrefix+k, string(v))
 	}
+}
+
+// parseField splits a header or trailer field line (RFC 9110 section 5):
+// a token, a colon, and a value without the whitespace around it. It
+// refuses what net/http refuses to read: a name that is not a token
+// (whitespace before the colon, or a line folded onto the previous one)
+// and a control character in the value. The slices alias line.
+func parseField(line []byte) (name, value []byte, ok bool) {
+	colon := -1
+	for i, b := range line {
+		if b == ':' {
+			colon = i
+			break
+		}
+		if !isTokenByte(b) {
+			return nil, nil, false
+		}
+	}
+	if colon <= 0 {
+		return nil, nil, false
+	}
+	value = trimOWS(line[colon+1:])
+	for _, b := range value {
+		if b < ' ' && b != '\t' || b == 0x7f {
+			return nil, nil, false
+		}
+	}
+	return line[:colon], value, true
 }
 
 func isTokenByte(b byte) bool {
