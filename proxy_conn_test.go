@@ -97,9 +97,14 @@ func parseBackendResponse(t *testing.T, resp []byte, limit, bufSize int, tail st
 // FuzzReadResponseHead feeds arbitrary bytes to the proxy's HTTP/1.1
 // response parser as a node's response and checks that it does not panic,
 // reads no more than its limit allows (so an endless response cannot hang
-// it), gives the same answer whatever its buffer size, and accepts no head
+// it), gives the same answer whatever its buffer size, passes on no field
+// net/http would refuse (in the head or the trailer), and accepts no head
 // that net/http's ReadResponse refuses, agreeing with it on the status,
-// the Content-Length, chunked framing and the end-to-end fields.
+// the Content-Length, chunked framing, keep-alive and the end-to-end
+// fields. The parser is stricter than net/http in places (obs-fold, a
+// space before the colon, an HTTP/1.0 response with Transfer-Encoding);
+// the one head it accepts that net/http refuses is harmless and named in
+// agreeWithNetHTTP.
 func FuzzReadResponseHead(f *testing.F) {
 	f.Add([]byte("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"), uint32(backendHeaderSize))
 	f.Fuzz(func(t *testing.T, resp []byte, limit32 uint32) {
@@ -160,6 +165,12 @@ func checkFields(t *testing.T, what string, h http.Header, prefix string) {
 func agreeWithNetHTTP(t *testing.T, resp []byte, ours headResult) {
 	t.Helper()
 	theirs, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(resp)), nil)
+	if err != nil && strings.Contains(err.Error(), "bad trailer key") {
+		// A Trailer field that announces a framing field. The proxy
+		// drops the Trailer field (hop-by-hop) and such trailer fields,
+		// so the one difference in what is accepted is harmless.
+		return
+	}
 	if err != nil {
 		t.Fatalf("accepted a head net/http refuses (%v): %+v", err, ours.h)
 	}
