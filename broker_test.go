@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -602,32 +601,6 @@ func TestBrokerSubscribedOnConnect(t *testing.T) {
 		}
 		sub.CloseNow()
 	}
-}
-
-// readRawFrame reads one unmasked server frame: opcode and payload.
-func readRawFrame(br *bufio.Reader) (byte, []byte, error) {
-	var h [2]byte
-	if _, err := io.ReadFull(br, h[:]); err != nil {
-		return 0, nil, err
-	}
-	n := uint64(h[1] & 0x7f)
-	switch n {
-	case 126:
-		var b [2]byte
-		if _, err := io.ReadFull(br, b[:]); err != nil {
-			return 0, nil, err
-		}
-		n = uint64(binary.BigEndian.Uint16(b[:]))
-	case 127:
-		var b [8]byte
-		if _, err := io.ReadFull(br, b[:]); err != nil {
-			return 0, nil, err
-		}
-		n = binary.BigEndian.Uint64(b[:])
-	}
-	p := make([]byte, n)
-	_, err := io.ReadFull(br, p)
-	return h[0] & 0x0f, p, err
 }
 
 // TestBrokerNoDataAfterClose: when the websocket library itself sends a
