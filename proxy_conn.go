@@ -7,6 +7,12 @@ package main
 // goroutine: no per-connection goroutines, no channel handoffs, and no
 // allocation per request beyond the response header strings. proxy.go
 // decides what to send where and what to do with the answer.
+//
+// The response parser (readResponseHead, readLine, parseField,
+// parseLength, readTrailer, header) is written by hand. It is stricter
+// than net/http's ReadResponse and never accepts a head that net/http
+// refuses, but for one harmless case; FuzzReadResponseHead checks that,
+// and that no read goes past the limit.
 
 import (
 	"bufio"
@@ -587,9 +593,11 @@ func (c *backendConn) readTrailer(h http.Header, limit int) error {
 
 // parseField splits a header or trailer field line (RFC 9110 section 5):
 // a token, a colon, and a value without the whitespace around it. It
-// refuses what net/http refuses to read: a name that is not a token
-// (whitespace before the colon, or a line folded onto the previous one)
-// and a control character in the value. The slices alias line.
+// refuses a name that is not a token, including whitespace before the
+// colon (RFC 9112 section 5.1) and a line folded onto the previous one
+// (obs-fold, section 5.2), both of which net/http tolerates, and a control
+// character in the value, which net/http refuses too. The slices alias
+// line.
 func parseField(line []byte) (name, value []byte, ok bool) {
 	colon := -1
 	for i, b := range line {
