@@ -412,8 +412,15 @@ func TestWSLibraryNothingAfterClose(t *testing.T) {
 		// that must go unanswered.
 		answered bool
 	}{{
-		name:     "Close",
-		close:    func(t *testing.T, p *wsPair) { go p.conn.Close(websocket.StatusGoingAway, "bye") },
+		name: "Close",
+		close: func(t *testing.T, p *wsPair) {
+			closed := make(chan struct{})
+			go func() {
+				defer close(closed)
+				p.conn.Close(websocket.StatusGoingAway, "bye")
+			}()
+			t.Cleanup(func() { <-closed })
+		},
 		code:     websocket.StatusGoingAway,
 		answered: true,
 	}, {
