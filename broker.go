@@ -56,12 +56,13 @@ type Forwarder interface {
 	Unsubscribed(topic, queue string)
 }
 
-// broker serves /broker. It owns the topic table and the subscribers'
-// writers; the websocket handlers are tracked by streams, which closes them
-// on shutdown. Safe for concurrent use; Close waits for the pinger.
+// broker serves /broker. It owns the topic table, the subscribers' writers
+// and the pinger (start); the websocket handlers are tracked by streams,
+// which closes them on shutdown and waits for them and their writers. Safe
+// for concurrent use; Close waits for the pinger.
 //
 // The limit fields are set by newBroker and may be lowered by tests before
-// the first request; zero values are not valid.
+// start; zero values are not valid.
 type broker struct {
 	cfg     *Config
 	streams *streams
@@ -83,7 +84,7 @@ type broker struct {
 
 	mu      sync.Mutex // guards the fields below
 	all     map[*subscriber]struct{}
-	pinging bool          // the pinger goroutine runs
+	pinging bool          // start has run the pinger
 	closed  bool          // Close was called
 	stop    chan struct{} // closed by Close: stops the pinger
 	wg      sync.WaitGroup
@@ -183,13 +184,13 @@ func (b *broker) deliverTo(subs *topicSubs, m *Message, skip []string) int {
 func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
 	topic, err := parseTopic(r.URL.Query().Get("topic"))
 	if err != nil {
-		writeErr(w, errorf(http.StatusBadRequest, "broker: %v", err))
+		writeHTTPError(w, errorf(http.StatusBadRequest, "broker: %v", err))
 		return
 	}
 	// readBody reads r.Body itself, so a form Content-Type is never parsed.
 	body, err := readBody(w, r, b.maxMessage)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	b.publish(topic, &Message{Header: messageHeader(r.Header), Body: body})
@@ -204,13 +205,13 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	topic, err := parseTopic(q.Get("topic"))
 	if err != nil {
-		writeErr(w, errorf(http.StatusBadRequest, "broker: %v", err))
+		writeHTTPError(w, errorf(http.StatusBadRequest, "broker: %v", err))
 		return
 	}
 	queue := q.Get("queue")
 	if queue != "" {
 		if err := checkTopicChars("queue", queue); err != nil {
-			writeErr(w, errorf(http.StatusBadRequest, "broker: %v", err))
+			writeHTTPError(w, errorf(http.StatusBadRequest, "broker: %v", err))
 			return
 		}
 	}
@@ -302,11 +303,6 @@ func (b *broker) add(topic, queue string, s *subscriber) bool {
 		return false
 	}
 	b.all[s] = struct{}{}
-	if !b.pinging {
-		b.pinging = true
-		b.wg.Add(1)
-		go b.pinger()
-	}
 	b.topics.add(topic, queue, s)
 	b.subscribers.Add(1)
 	if b.forward != nil {
@@ -331,16 +327,30 @@ func (b *broker) remove(topic, queue string, s *subscriber) {
 	b.subscribers.Add(-1)
 }
 
-// pinger pings every subscriber each pingInterval, through its writer, so
-// a client that stops answering hits its read deadline.
-func (b *broker) pinger() {
+// start runs the pinger until ctx ends or Close.
+func (b *broker) start(ctx context.Context) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.pinging || b.closed {
+		return
+	}
+	b.pinging = true
+	b.wg.Add(1)
+	go b.pinger(ctx, b.pingInterval)
+}
+
+// pinger pings every subscriber each interval, through its writer, so a
+// client that stops answering hits its read deadline.
+func (b *broker) pinger(ctx context.Context, interval time.Duration) {
 	defer b.wg.Done()
-	t := time.NewTicker(b.pingInterval)
+	t := time.NewTicker(interval)
 	defer t.Stop()
 	var subs []*subscriber
 	for {
 		select {
 		case <-b.stop:
+			return
+		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
@@ -678,32 +688,19 @@ func checkTopicChars(field, s string) error {
 	return nil
 }
 
-// dropHeaders are request headers that do not become message headers:
-// hop-by-hop headers (RFC 9110 section 7.6.1), credentials, and what
-// describes the HTTP body rather than the message.
-var dropHeaders = map[string]bool{
-	"Connection":          true,
-	"Keep-Alive":          true,
-	"Proxy-Connection":    true,
-	"Proxy-Authenticate":  true,
-	"Proxy-Authorization": true,
-	"Te":                  true,
-	"Trailer":             true,
-	"Transfer-Encoding":   true,
-	"Upgrade":             true,
-	"Authorization":       true,
-	"Cookie":              true,
-	"Content-Length":      true,
-	"Expect":              true,
-}
-
 // messageHeader turns request headers into message headers: one value per
-// name (repeated values joined with ", "), without dropHeaders and without
-// the headers the Connection header names.
+// name (repeated values joined with ", "), without hop-by-hop fields
+// (hopByHop, those the Connection field names included), credentials, and
+// what describes the HTTP body rather than the message.
 func messageHeader(h http.Header) map[string]string {
 	out := make(map[string]string, len(h))
+	conn := h["Connection"]
 	for name, vals := range h {
-		if dropHeaders[name] || headerHasToken(h, "Connection", name) {
+		if hopByHop(name, conn) {
+			continue
+		}
+		switch name {
+		case "Authorization", "Cookie", "Content-Length", "Expect":
 			continue
 		}
 		out[name] = strings.Join(vals, ", ")

@@ -399,8 +399,7 @@ func TestBrokerShutdown(t *testing.T) {
 }
 
 func TestBrokerDeadClient(t *testing.T) {
-	s, ts := newTestServer(t, nil)
-	s.broker.pingInterval = 50 * time.Millisecond
+	s, ts := newTestServer(t, nil, func(s *server) { s.broker.pingInterval = 50 * time.Millisecond })
 	c := dialBroker(t, ts, "/broker?topic=a") // never reads: answers no ping
 	_ = c
 	waitSubscribers(t, s, 1)

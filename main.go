@@ -1,7 +1,7 @@
 // Sidecar is a language-agnostic service sidecar. One binary runs next to an
 // application written in any language and gives it, over a small HTTP API,
 // service discovery, RPC with load balancing, retries and timeouts, pub/sub
-// over websockets and health checking.
+// over websockets, health checking, stats and metrics, and TLS.
 //
 // Routes (see routes for the table):
 //
@@ -14,12 +14,19 @@
 //	POST   /broker?topic=T          publish the raw body
 //	GET    /broker?topic=T[&queue=Q] websocket subscribe (and publish)
 //	POST   /broker/deliver          messages from other sidecars (sidecars only)
+//	GET    /stats                   the stats page (--enable_stats); its data
+//	                                as JSON with Accept: application/json
+//	GET    /metrics                 counters in the Prometheus text format
 //	/[service]/[method]             RPC by path (--handler=rpc) or a reverse
 //	                                proxy by service name (--handler=proxy)
 //
 // Usage:
 //
-//	sidecar [flags]
+//	sidecar [flags]                 serve
+//	sidecar COMMAND [ARGS] [flags]  the client of a running sidecar
+//	                                (list services, get service, register,
+//	                                deregister, call, publish, subscribe,
+//	                                health, stats; see sidecar help and cli.go)
 //
 // Every flag also reads the environment variable MICRO_ + its upper-case
 // name (MICRO_ADDRESS for --address); a flag on the command line wins.
@@ -101,6 +108,13 @@ type Config struct {
 	RegistrySweep   time.Duration // how often expired nodes are removed
 	RegistryTimeout time.Duration // one call to a remote registry; zero: 5s
 	RegistryWait    time.Duration // longest blocking query of a remote registry; zero: 30s
+	// Remote registries at scale (registry_cache.go): the connection bound
+	// (blocking queries take at most 7/8 of it), the age past which an
+	// unwatched service is fetched again on lookup, and how long a service
+	// may go without lookups before its watch is dropped.
+	RegistryConnections int
+	RegistryStale       time.Duration
+	RegistryWatchIdle   time.Duration
 
 	BrokerAddress string // host:port other sidecars deliver to; empty: the bound address
 	BrokerSecret  string // required of sidecars delivering messages here (broker_peers.go)
@@ -156,6 +170,9 @@ func defaultConfig() *Config {
 		RegisterInterval:     10 * time.Second,
 		Registry:             "memory",
 		RegistrySweep:        250 * time.Millisecond,
+		RegistryConnections:  defaultRegistryConns,
+		RegistryStale:        defaultRegistryStale,
+		RegistryWatchIdle:    defaultRegistryIdle,
 		StatsInterval:        time.Second,
 		ClientRetries:        1,
 		ClientRequestTimeout: 5 * time.Second,
@@ -187,6 +204,9 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", cfg.RegisterInterval, "interval of the app's registration heartbeat")
 	fs.StringVar(&cfg.Registry, "registry", cfg.Registry, "registry backend: memory, consul or sidecar (another sidecar's /registry)")
 	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend (consul: host:port, default $CONSUL_HTTP_ADDR or 127.0.0.1:8500; sidecar: http://host:port)")
+	fs.IntVar(&cfg.RegistryConnections, "registry_connections", cfg.RegistryConnections, "connections to a remote registry, every call included; blocking queries (watches) use at most 7/8 of them (Consul allows 200 per client address)")
+	fs.DurationVar(&cfg.RegistryStale, "registry_stale", cfg.RegistryStale, "a remote service looked up but not watched is fetched again on lookup once its copy is this old")
+	fs.DurationVar(&cfg.RegistryWatchIdle, "registry_watch_idle", cfg.RegistryWatchIdle, "a remote service not looked up for this long is no longer watched")
 	fs.StringVar(&cfg.BrokerAddress, "broker_address", "", "`host:port` where other sidecars deliver pub/sub messages (default: the bound --address)")
 	fs.StringVar(&cfg.BrokerSecret, "broker_secret", "", "`secret` that keys the signature of deliveries between sidecars sharing a registry (default: --auth_token)")
 	fs.IntVar(&cfg.ClientRetries, "client_retries", cfg.ClientRetries, "retries of a call where retrying is safe")
@@ -282,6 +302,8 @@ func (c *Config) validate() error {
 		{"client_request_timeout", c.ClientRequestTimeout},
 		{"proxy_idle_timeout", c.ProxyIdleTimeout},
 		{"shutdown_timeout", c.ShutdownTimeout},
+		{"registry_stale", c.RegistryStale},
+		{"registry_watch_idle", c.RegistryWatchIdle},
 	}
 	for _, p := range positive {
 		if p.d <= 0 {
@@ -295,6 +317,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %d for flag --client_retries: want 0 to 10", c.ClientRetries)
 	case !validStrategy(c.Balancer):
 		return fmt.Errorf("invalid value %q for flag --balancer: want p2c, random or roundrobin", c.Balancer)
+	case c.RegistryConnections < 4 || c.RegistryConnections > 10_000:
+		return fmt.Errorf("invalid value %d for flag --registry_connections: want 4 to 10000", c.RegistryConnections)
 	case c.MaxBodyBytes <= 0:
 		return fmt.Errorf("invalid value %d for flag --max_body_bytes: must be positive", c.MaxBodyBytes)
 	case c.RegisterInterval >= c.RegisterTTL:
@@ -513,9 +537,12 @@ func publicPath(r *http.Request) bool {
 		r.URL.Path == deliverPath // sidecars sign deliveries with a key instead (broker_peers.go)
 }
 
-// start begins the components' background work.
+// start begins the components' background work, until ctx ends or Close.
 func (s *server) start(ctx context.Context) {
+	s.tls.start(ctx)
 	s.registry.reg.start(ctx)
+	s.broker.start(ctx)
+	s.peers.start(ctx)
 	s.stats.start(ctx)
 	if s.app != nil {
 		s.app.start(ctx)
@@ -526,7 +553,10 @@ func (s *server) start(ctx context.Context) {
 // fail readiness, deregister the app, stop accepting and drain requests,
 // close streams, close components.
 func (s *server) serve(ctx context.Context, ln net.Listener) error {
-	s.start(ctx)
+	// The components outlive ctx: the drain still looks services up,
+	// deregisters the app and this sidecar's topics, and answers HTTP-01
+	// challenges. Close ends them.
+	s.start(context.WithoutCancel(ctx))
 	hs := &http.Server{
 		Handler:           s.handler,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -562,25 +592,29 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	return err
 }
 
-// Close ends streams and stops the components, in reverse order of
-// construction. It waits for their goroutines and is idempotent.
+// Close ends the streams first (websockets use every component), then
+// closes the components in reverse order of construction, each before
+// what it uses: the app checker and the peers deregister before the
+// registry closes. It waits for their goroutines and is idempotent.
 func (s *server) Close() error {
 	s.streams.Close()
-	s.stats.Close()
-	s.broker.Close()
-	s.peers.Close()
-	s.rpc.Close()
-	s.proxy.Close()
 	if s.app != nil {
 		s.app.Close()
 	}
+	s.stats.Close()
+	s.peers.Close()
+	s.broker.Close()
+	s.proxy.Close()
+	s.rpc.Close()
+	err := s.registry.reg.Close()
 	s.tls.Close()
-	return s.registry.reg.Close()
+	return err
 }
 
 // setAdvertise makes this sidecar reachable by the others at
-// --broker_address, or at the address its listener is bound to, and starts
-// registering. Call it once the listener is bound (run does).
+// --broker_address, or at the address its listener is bound to; the peer
+// broker registers it from start on. Call it once the listener is bound
+// (run does, before serve starts the components).
 func (s *server) setAdvertise(bound net.Addr) {
 	host, port := "", 0
 	if s.cfg.BrokerAddress != "" {

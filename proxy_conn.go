@@ -46,14 +46,15 @@ var (
 )
 
 // connPools is the proxy's set of pools, one per node URL (scheme and
-// address). Safe for concurrent use; close closes every idle connection and
-// makes later returns close theirs.
+// address). Safe for concurrent use; close closes every idle connection,
+// makes later returns close theirs, and waits for a sweep in progress.
 type connPools struct {
 	dialer     *net.Dialer
 	tls        *tls.Config   // base configuration of https nodes
 	staleAfter time.Duration // idle time after which a connection is probed; staleCheckAfter
 	dials      atomic.Int64
 	closed     atomic.Bool
+	sweeps     sync.WaitGroup // sweepIdle calls of open pools; Add under the pool's mu
 
 	mu    sync.Mutex // serialises creation and pruning of pools
 	pools sync.Map   // node URL -> *connPool
@@ -112,13 +113,15 @@ func (cp *connPools) pool(url, addr string) *connPool {
 	return p
 }
 
-// close closes every pool's idle connections. Idempotent.
+// close closes every pool's idle connections and waits for the sweeps
+// that run. Idempotent.
 func (cp *connPools) close() {
 	cp.closed.Store(true)
 	cp.pools.Range(func(_, v any) bool {
 		v.(*connPool).close()
 		return true
 	})
+	cp.sweeps.Wait() // no sweep begins on a closed pool
 }
 
 // connPool holds the idle connections of one node, newest last. A sweep
@@ -245,6 +248,12 @@ func (p *connPool) sweepIdle() {
 	now := time.Now()
 	var expired []*backendConn
 	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return
+	}
+	p.owner.sweeps.Add(1)
+	defer p.owner.sweeps.Done()
 	k := 0
 	for k < len(p.idle) && now.Sub(p.idle[k].idleSince) >= poolIdleTimeout {
 		k++
@@ -332,7 +341,7 @@ func writeRequestHead(bw *bufio.Writer, r *http.Request, host string, bodyLen in
 	}
 	conn := r.Header["Connection"]
 	for k, vv := range r.Header {
-		if skipRequestField(k, dropAuth) || (len(conn) > 0 && hasToken(conn, k)) {
+		if hopByHop(k, conn) || skipRequestField(k, dropAuth) {
 			continue
 		}
 		for _, v := range vv {
@@ -366,42 +375,15 @@ func writeRequestHead(bw *bufio.Writer, r *http.Request, host string, bodyLen in
 	}
 }
 
-// skipRequestField reports whether the caller's field k is not passed on
-// as is: hop-by-hop fields, fields the proxy writes itself (Host, framing,
-// forwarding), Expect, and Authorization when dropAuth.
+// skipRequestField reports whether the caller's field k, not hop-by-hop,
+// is still not passed on as is: the fields the proxy writes itself (Host,
+// framing, forwarding), Expect, and Authorization when dropAuth.
 func skipRequestField(k string, dropAuth bool) bool {
 	switch k {
-	case "Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-		"Te", "Trailer", "Transfer-Encoding", "Upgrade",
-		"Host", "Content-Length", "Expect", "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto":
+	case "Host", "Content-Length", "Expect", "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto":
 		return true
 	case "Authorization":
 		return dropAuth
-	}
-	return false
-}
-
-// isHopField reports whether a response field is hop-by-hop.
-func isHopField(k string) bool {
-	switch k {
-	case "Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-		"Te", "Trailer", "Transfer-Encoding", "Upgrade":
-		return true
-	}
-	return false
-}
-
-// hasToken reports whether the comma-separated lists in values hold token,
-// compared case-insensitively, without allocating.
-func hasToken(values []string, token string) bool {
-	for _, v := range values {
-		for v != "" {
-			var t string
-			t, v, _ = strings.Cut(v, ",")
-			if strings.EqualFold(strings.Trim(t, " \t"), token) {
-				return true
-			}
-		}
 	}
 	return false
 }
@@ -486,7 +468,7 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 			}
 			h.chunked = true
 		case asciiEqualFold(key, "Connection"):
-			if hasTokenBytes(v, "close") {
+			if listHasToken(v, "close") {
 				h.close = true
 			}
 		case asciiEqualFold(key, "Content-Type"):
@@ -555,7 +537,7 @@ func (c *backendConn) header(h http.Header, chunked bool) {
 	vals := make([]string, len(c.fields))
 	for i, f := range c.fields {
 		k := http.CanonicalHeaderKey(s[f.k0:f.k1])
-		if isHopField(k) || (chunked && k == "Content-Length") || (len(conn) > 0 && hasToken(conn, k)) {
+		if hopByHop(k, conn) || (chunked && k == "Content-Length") {
 			continue
 		}
 		vals[i] = s[f.k1:f.v1]
@@ -584,7 +566,7 @@ func (c *backendConn) readTrailer(h http.Header, limit int) error {
 			return errMalformed
 		}
 		k := http.CanonicalHeaderKey(string(name))
-		if isHopField(k) || k == "Content-Length" {
+		if hopByHop(k, nil) || k == "Content-Length" {
 			continue
 		}
 		h.Add(http.TrailerPrefix+k, string(v))
@@ -627,53 +609,6 @@ func isTokenByte(b byte) bool {
 		return true
 	}
 	return strings.IndexByte("!#$%&'*+-.^_`|~", b) >= 0
-}
-
-func trimOWS(b []byte) []byte {
-	for len(b) > 0 && (b[0] == ' ' || b[0] == '\t') {
-		b = b[1:]
-	}
-	for len(b) > 0 && (b[len(b)-1] == ' ' || b[len(b)-1] == '\t') {
-		b = b[:len(b)-1]
-	}
-	return b
-}
-
-// asciiEqualFold compares b with the ASCII string s case-insensitively.
-func asciiEqualFold(b []byte, s string) bool {
-	if len(b) != len(s) {
-		return false
-	}
-	for i := range len(b) {
-		x, y := b[i], s[i]
-		if 'A' <= x && x <= 'Z' {
-			x += 'a' - 'A'
-		}
-		if 'A' <= y && y <= 'Z' {
-			y += 'a' - 'A'
-		}
-		if x != y {
-			return false
-		}
-	}
-	return true
-}
-
-func hasTokenBytes(v []byte, token string) bool {
-	for len(v) > 0 {
-		i := 0
-		for i < len(v) && v[i] != ',' {
-			i++
-		}
-		if asciiEqualFold(trimOWS(v[:i]), token) {
-			return true
-		}
-		if i == len(v) {
-			break
-		}
-		v = v[i+1:]
-	}
-	return false
 }
 
 // parseLength parses a Content-Length value: digits only, no sign.
