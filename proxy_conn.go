@@ -7,6 +7,12 @@ package main
 // goroutine: no per-connection goroutines, no channel handoffs, and no
 // allocation per request beyond the response header strings. proxy.go
 // decides what to send where and what to do with the answer.
+//
+// The response parser (readResponseHead, readLine, parseField,
+// parseLength, readTrailer, header) is written by hand. It is stricter
+// than net/http's ReadResponse and never accepts a head that net/http
+// refuses, but for one harmless case; FuzzReadResponseHead checks that,
+// and that no read goes past the limit.
 
 import (
 	"bufio"
@@ -405,8 +411,8 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 	if err != nil {
 		return h, started, err
 	}
-	// HTTP/1.x SP 3DIGIT [SP reason]
-	if len(line) < 12 || string(line[:7]) != "HTTP/1." || line[8] != ' ' || (len(line) > 12 && line[12] != ' ') {
+	// HTTP/1.DIGIT SP 3DIGIT [SP reason]
+	if len(line) < 12 || string(line[:7]) != "HTTP/1." || line[7] < '0' || line[7] > '9' || line[8] != ' ' || (len(line) > 12 && line[12] != ' ') {
 		return h, true, errMalformed
 	}
 	for _, d := range line[9:12] {
@@ -418,9 +424,11 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 	if h.code < 100 {
 		return h, true, errMalformed
 	}
-	h.close = line[7] == '0' // HTTP/1.0: no keep-alive from this client
+	http10 := line[7] == '0'
+	h.close = http10 // HTTP/1.0: no keep-alive from this client
 	h.length = -1
 	lengthSeen := false
+	var length hdrField // the first Content-Length field
 	for {
 		line, err := c.readLine(&limit)
 		if err != nil {
@@ -429,39 +437,32 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 		if len(line) == 0 {
 			break
 		}
-		colon := -1
-		for i, b := range line {
-			if b == ':' {
-				colon = i
-				break
-			}
-			if !isTokenByte(b) {
-				return h, true, errMalformed
-			}
-		}
-		if colon <= 0 {
+		key, v, ok := parseField(line)
+		if !ok {
 			return h, true, errMalformed
 		}
-		v := trimOWS(line[colon+1:])
-		for _, b := range v {
-			if b < ' ' && b != '\t' || b == 0x7f {
-				return h, true, errMalformed
-			}
-		}
 		k0 := len(c.head)
-		c.head = append(c.head, line[:colon]...)
+		c.head = append(c.head, key...)
 		k1 := len(c.head)
 		c.head = append(c.head, v...)
 		c.fields = append(c.fields, hdrField{int32(k0), int32(k1), int32(len(c.head))})
-		key := line[:colon]
 		switch {
 		case asciiEqualFold(key, "Content-Length"):
+			// Repeated, it must be the same text, as net/http requires
+			// of the proxy's own answer.
 			n, ok := parseLength(v)
-			if !ok || (lengthSeen && n != h.length) {
+			if !ok || (lengthSeen && !bytes.Equal(v, c.head[length.k1:length.v1])) {
 				return h, true, errMalformed
 			}
-			lengthSeen, h.length = true, n
+			if !lengthSeen {
+				lengthSeen, h.length, length = true, n, c.fields[len(c.fields)-1]
+			}
 		case asciiEqualFold(key, "Transfer-Encoding"):
+			if http10 {
+				// RFC 9112 section 6.1: the framing of an HTTP/1.0
+				// message with Transfer-Encoding is faulty.
+				return h, true, errMalformed
+			}
 			if !asciiEqualFold(v, "chunked") || h.chunked {
 				return h, true, errors.New("unsupported transfer encoding " + strconv.Quote(string(v)))
 			}
@@ -479,6 +480,10 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 		}
 	}
 	if h.chunked {
+		// RFC 9112 section 6.3: chunked overrides a Content-Length, which
+		// header drops; but the node may have meant the length, so the
+		// connection is not used again.
+		h.close = h.close || lengthSeen
 		h.length = -1
 	}
 	return h, true, nil
@@ -556,16 +561,46 @@ func (c *backendConn) readTrailer(h http.Header, limit int) error {
 		if len(line) == 0 {
 			return nil
 		}
-		k, v, ok := strings.Cut(string(line), ":")
-		if !ok || k == "" {
+		name, v, ok := parseField(line)
+		if !ok {
 			return errMalformed
 		}
-		k = http.CanonicalHeaderKey(k)
+		k := http.CanonicalHeaderKey(string(name))
 		if hopByHop(k, nil) || k == "Content-Length" {
 			continue
 		}
-		h.Add(http.TrailerPrefix+k, strings.Trim(v, " \t"))
+		h.Add(http.TrailerPrefix+k, string(v))
 	}
+}
+
+// parseField splits a header or trailer field line (RFC 9110 section 5):
+// a token, a colon, and a value without the whitespace around it. It
+// refuses a name that is not a token, including whitespace before the
+// colon (RFC 9112 section 5.1) and a line folded onto the previous one
+// (obs-fold, section 5.2), both of which net/http tolerates, and a control
+// character in the value, which net/http refuses too. The slices alias
+// line.
+func parseField(line []byte) (name, value []byte, ok bool) {
+	colon := -1
+	for i, b := range line {
+		if b == ':' {
+			colon = i
+			break
+		}
+		if !isTokenByte(b) {
+			return nil, nil, false
+		}
+	}
+	if colon <= 0 {
+		return nil, nil, false
+	}
+	value = trimOWS(line[colon+1:])
+	for _, b := range value {
+		if b < ' ' && b != '\t' || b == 0x7f {
+			return nil, nil, false
+		}
+	}
+	return line[:colon], value, true
 }
 
 func isTokenByte(b byte) bool {
