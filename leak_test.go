@@ -38,13 +38,13 @@ func trackGoroutines(t testing.TB, start func()) (check func()) {
 	pprof.Do(context.Background(), pprof.Labels(leakLabel, value), func(context.Context) { start() })
 	return func() {
 		t.Helper()
-		awaitGoroutines(t, value, leakWait)
+		awaitLabelled(t, value, leakWait)
 	}
 }
 
-// awaitGoroutines waits up to within for the goroutines labelled value to
+// awaitLabelled waits up to within for the goroutines labelled value to
 // end, and fails t with their stacks if they do not.
-func awaitGoroutines(t testing.TB, value string, within time.Duration) {
+func awaitLabelled(t testing.TB, value string, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for {
@@ -109,13 +109,13 @@ func TestLeakCheck(t *testing.T) {
 	})
 	<-started
 	rec := &errorRecorder{TB: t}
-	awaitGoroutines(rec, value, 50*time.Millisecond)
+	awaitLabelled(rec, value, 50*time.Millisecond)
 	if len(rec.errs) != 1 || !strings.Contains(rec.errs[0], "leakProbe") || strings.Count(rec.errs[0], "labels:") != 2 {
 		t.Fatalf("leak check with two goroutines running reported %q, want both, leakProbe among them", rec.errs)
 	}
 	close(stop)
 	rec = &errorRecorder{TB: t}
-	awaitGoroutines(rec, value, 5*time.Second)
+	awaitLabelled(rec, value, 5*time.Second)
 	if len(rec.errs) != 0 {
 		t.Fatalf("leak check after the goroutines ended reported %q, want nothing", rec.errs)
 	}

@@ -1,7 +1,7 @@
 // Sidecar is a language-agnostic service sidecar. One binary runs next to an
 // application written in any language and gives it, over a small HTTP API,
 // service discovery, RPC with load balancing, retries and timeouts, pub/sub
-// over websockets and health checking.
+// over websockets, health checking, stats and metrics, and TLS.
 //
 // Routes (see routes for the table):
 //
@@ -14,12 +14,19 @@
 //	POST   /broker?topic=T          publish the raw body
 //	GET    /broker?topic=T[&queue=Q] websocket subscribe (and publish)
 //	POST   /broker/deliver          messages from other sidecars (sidecars only)
+//	GET    /stats                   the stats page (--enable_stats); its data
+//	                                as JSON with Accept: application/json
+//	GET    /metrics                 counters in the Prometheus text format
 //	/[service]/[method]             RPC by path (--handler=rpc) or a reverse
 //	                                proxy by service name (--handler=proxy)
 //
 // Usage:
 //
-//	sidecar [flags]
+//	sidecar [flags]                 serve
+//	sidecar COMMAND [ARGS] [flags]  the client of a running sidecar
+//	                                (list services, get service, register,
+//	                                deregister, call, publish, subscribe,
+//	                                health, stats; see sidecar help and cli.go)
 //
 // Every flag also reads the environment variable MICRO_ + its upper-case
 // name (MICRO_ADDRESS for --address); a flag on the command line wins.
@@ -109,8 +116,10 @@ type Config struct {
 	RegistryStale       time.Duration
 	RegistryWatchIdle   time.Duration
 
-	BrokerAddress string // host:port other sidecars deliver to; empty: the bound address
-	BrokerSecret  string // required of sidecars delivering messages here (broker_peers.go)
+	Broker        string      // "memory" (default: here, and across sidecars sharing the registry) or "nats"
+	BrokerAddress string      // memory: host:port other sidecars deliver to, empty: the bound address; nats: the servers
+	BrokerSecret  string      // required of sidecars delivering messages here (broker_peers.go)
+	NATS          natsOptions // --broker nats: prefix, credentials, TLS, buffer (broker_nats.go)
 
 	ClientRetries        int           // extra attempts for safe-to-retry failures
 	ClientRequestTimeout time.Duration // budget of one call, all attempts included
@@ -175,6 +184,8 @@ func defaultConfig() *Config {
 		RegisterTTL:          30 * time.Second,
 		RegisterInterval:     10 * time.Second,
 		Registry:             "memory",
+		Broker:               "memory",
+		NATS:                 natsDefaults(),
 		RegistrySweep:        250 * time.Millisecond,
 		RegistryConnections:  defaultRegistryConns,
 		RegistryStale:        defaultRegistryStale,
@@ -213,8 +224,21 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.IntVar(&cfg.RegistryConnections, "registry_connections", cfg.RegistryConnections, "connections to a remote registry, every call included; blocking queries (watches) use at most 7/8 of them (Consul allows 200 per client address)")
 	fs.DurationVar(&cfg.RegistryStale, "registry_stale", cfg.RegistryStale, "a remote service looked up but not watched is fetched again on lookup once its copy is this old")
 	fs.DurationVar(&cfg.RegistryWatchIdle, "registry_watch_idle", cfg.RegistryWatchIdle, "a remote service not looked up for this long is no longer watched")
-	fs.StringVar(&cfg.BrokerAddress, "broker_address", "", "`host:port` where other sidecars deliver pub/sub messages (default: the bound --address)")
+	fs.StringVar(&cfg.Broker, "broker", cfg.Broker, "pub/sub engine: memory (across sidecars sharing a registry too) or nats")
+	fs.StringVar(&cfg.BrokerAddress, "broker_address", "", "`address`: with --broker memory, host:port where other sidecars deliver pub/sub messages (default: the bound --address); with --broker nats, nats://host:4222[,nats://host2:4222] (tls:// for TLS, user:password@ or token@ allowed; default nats://127.0.0.1:4222)")
 	fs.StringVar(&cfg.BrokerSecret, "broker_secret", "", "`secret` that keys the signature of deliveries between sidecars sharing a registry (default: --auth_token)")
+	fs.StringVar(&cfg.NATS.Prefix, "broker_prefix", cfg.NATS.Prefix, "NATS subject `prefix`: topic T is subject PREFIX.T")
+	fs.StringVar(&cfg.NATS.User, "broker_user", "", "NATS `user`, unless the server URL has one")
+	fs.StringVar(&cfg.NATS.Password, "broker_password", "", "NATS `password` of --broker_user")
+	fs.StringVar(&cfg.NATS.Token, "broker_token", "", "NATS authorization `token`, unless the server URL has one")
+	fs.StringVar(&cfg.NATS.NKeyFile, "broker_nkey_file", "", "`file` holding the NATS user's nkey seed (SU...)")
+	fs.BoolVar(&cfg.NATS.TLS, "broker_tls", false, "connect to NATS over TLS (as tls:// does)")
+	fs.StringVar(&cfg.NATS.TLSCAFile, "broker_tls_ca_file", "", "CA `file` (PEM) of the NATS servers' certificates (default system roots)")
+	fs.StringVar(&cfg.NATS.TLSCertFile, "broker_tls_cert_file", "", "client certificate `file` (PEM) for NATS mutual TLS")
+	fs.StringVar(&cfg.NATS.TLSKeyFile, "broker_tls_key_file", "", "client key `file` (PEM) for NATS mutual TLS")
+	fs.Int64Var(&cfg.NATS.BufferBytes, "broker_buffer_bytes", cfg.NATS.BufferBytes, "`bytes` of publishes held while NATS is unreachable or slow; beyond, publishing answers 503")
+	fs.DurationVar(&cfg.NATS.PingInterval, "broker_ping_interval", cfg.NATS.PingInterval, "NATS keepalive: two intervals without PONG mean a dead server")
+	fs.DurationVar(&cfg.NATS.HealthGrace, "broker_health_grace", cfg.NATS.HealthGrace, "/health answers 503 once disconnected from NATS this long")
 	fs.IntVar(&cfg.ClientRetries, "client_retries", cfg.ClientRetries, "retries of a call where retrying is safe")
 	fs.DurationVar(&cfg.ClientRequestTimeout, "client_request_timeout", cfg.ClientRequestTimeout, "timeout of a call, all attempts included")
 	fs.DurationVar(&cfg.ProxyIdleTimeout, "proxy_idle_timeout", cfg.ProxyIdleTimeout, "end a proxied stream (events, chunks, websocket) with no bytes either way for this long")
@@ -339,10 +363,19 @@ func (c *Config) validate() error {
 	if err := validateRegistry(c); err != nil {
 		return err
 	}
-	if c.BrokerAddress != "" {
-		if _, port, err := splitHostPort(c.BrokerAddress); err != nil || port == 0 {
-			return fmt.Errorf("invalid value %q for flag --broker_address: want host:port with a port", c.BrokerAddress)
+	switch c.Broker {
+	case "memory":
+		if c.BrokerAddress != "" {
+			if _, port, err := splitHostPort(c.BrokerAddress); err != nil || port == 0 {
+				return fmt.Errorf("invalid value %q for flag --broker_address: want host:port with a port", c.BrokerAddress)
+			}
 		}
+	case "nats":
+	default:
+		return fmt.Errorf("invalid value %q for flag --broker: want memory or nats", c.Broker)
+	}
+	if err := c.validateNATS(); err != nil {
+		return err
 	}
 	if c.ServerAddress != "" {
 		if _, _, err := splitHostPort(c.ServerAddress); err != nil {
@@ -383,6 +416,7 @@ type server struct {
 	proxy    *proxyHandler
 	broker   *broker
 	peers    *peerBroker // pub/sub across sidecars sharing the registry
+	nats     *natsBroker // pub/sub through NATS; nil unless --broker nats
 	stats    *stats
 	app      *appChecker // nil without --server_name
 	tls      *tlsManager
@@ -424,11 +458,23 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	s.proxy = newProxyHandler(cfg, reg, s.streams, clientTLS, logger.With("component", "proxy"))
 	s.broker = newBroker(cfg, s.streams, logger.With("component", "broker"))
 	s.peers = newPeerBroker(cfg, reg, s.broker, clientTLS, logger.With("component", "broker"))
-	s.broker.setForwarder(s.peers)
+	if cfg.Broker == "nats" {
+		s.nats, err = newNATSBroker(cfg, s.broker, logger.With("component", "nats"))
+		if err != nil {
+			reg.Close()
+			return nil, err
+		}
+		s.broker.setRelay(s.nats)
+	} else {
+		s.broker.setForwarder(s.peers)
+	}
 	s.stats = newStats(cfg, logger.With("component", "stats"))
 	s.stats.addSource(registrySizeSource(reg))
 	s.stats.addSource(s.broker.metrics)
 	s.stats.addSource(s.peers.metrics)
+	if s.nats != nil {
+		s.stats.addSource(s.nats.metrics)
+	}
 	s.stats.addSource(s.rpc.metrics)
 	s.stats.addSource(s.proxy.metrics)
 	s.stats.addSource(s.auth.metrics)
@@ -543,10 +589,16 @@ func publicPath(r *http.Request) bool {
 		r.URL.Path == deliverPath // sidecars sign deliveries with a key instead (broker_peers.go)
 }
 
-// start begins the components' background work.
+// start begins the components' background work, until ctx ends or Close.
 func (s *server) start(ctx context.Context) {
+	s.tls.start(ctx)
 	s.registry.reg.start(ctx)
+	s.broker.start(ctx)
+	s.peers.start(ctx)
 	s.stats.start(ctx)
+	if s.nats != nil {
+		s.nats.start(ctx)
+	}
 	if s.app != nil {
 		s.app.start(ctx)
 	}
@@ -556,7 +608,10 @@ func (s *server) start(ctx context.Context) {
 // fail readiness, deregister the app, stop accepting and drain requests,
 // close streams, close components.
 func (s *server) serve(ctx context.Context, ln net.Listener) error {
-	s.start(ctx)
+	// The components outlive ctx: the drain still looks services up,
+	// deregisters the app and this sidecar's topics, and answers HTTP-01
+	// challenges. Close ends them.
+	s.start(context.WithoutCancel(ctx))
 	hs := &http.Server{
 		Handler:           s.handler,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -592,26 +647,36 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	return err
 }
 
-// Close ends streams and stops the components, in reverse order of
-// construction. It waits for their goroutines and is idempotent.
+// Close ends the streams first (websockets use every component), then
+// closes the components in reverse order of construction, each before
+// what it uses: the app checker and the peers deregister before the
+// registry closes. It waits for their goroutines and is idempotent.
 func (s *server) Close() error {
 	s.streams.Close()
-	s.stats.Close()
-	s.broker.Close()
-	s.peers.Close()
-	s.rpc.Close()
-	s.proxy.Close()
 	if s.app != nil {
 		s.app.Close()
 	}
+	s.stats.Close()
+	if s.nats != nil {
+		s.nats.Close() // after the subscribers (streams): flushes their last publishes
+	}
+	s.peers.Close()
+	s.broker.Close()
+	s.proxy.Close()
+	s.rpc.Close()
+	err := s.registry.reg.Close()
 	s.tls.Close()
-	return s.registry.reg.Close()
+	return err
 }
 
 // setAdvertise makes this sidecar reachable by the others at
-// --broker_address, or at the address its listener is bound to, and starts
-// registering. Call it once the listener is bound (run does).
+// --broker_address, or at the address its listener is bound to; the peer
+// broker registers it from start on. Call it once the listener is bound
+// (run does, before serve starts the components).
 func (s *server) setAdvertise(bound net.Addr) {
+	if s.nats != nil {
+		return // NATS carries messages between sidecars
+	}
 	host, port := "", 0
 	if s.cfg.BrokerAddress != "" {
 		host, port, _ = splitHostPort(s.cfg.BrokerAddress) // validated by parseConfig

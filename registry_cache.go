@@ -226,8 +226,9 @@ type cachedRegistry struct {
 	sweep   time.Duration
 	log     *slog.Logger
 	now     func() time.Time
-	ctx     context.Context // ends at Close: the lifetime of every goroutine here
+	ctx     context.Context // ends at Close or with start's context: the lifetime of every goroutine here
 	cancel  context.CancelFunc
+	unwatch func() bool // stops start's context from ending ctx; guarded by mu
 
 	mu       sync.Mutex                      // guards the fields below
 	catalog  map[string]struct{}             // every service name the backend lists
@@ -277,15 +278,17 @@ func newCachedRegistry(b remoteBackend, t remoteTiming, sweep time.Duration, now
 }
 
 // start runs the backend's sync loop, the resend loop and the sweeper of
-// expired local registrations and idle held services. ctx is not used for
-// their lifetime: Close ends them.
-func (c *cachedRegistry) start(context.Context) {
+// expired local registrations and idle held services, until ctx ends or
+// Close. (The server starts its components with a context that outlives
+// SIGTERM: the drain still looks services up and deregisters.)
+func (c *cachedRegistry) start(ctx context.Context) {
 	c.startOnce.Do(func() {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		if c.closed {
 			return
 		}
+		c.unwatch = afterFunc(ctx, c.cancel) // the end of ctx ends c.ctx
 		c.wg.Add(3)
 		go func() { defer c.wg.Done(); c.backend.sync(c.ctx, c) }()
 		go func() { defer c.wg.Done(); c.resendLoop(c.ctx) }()
@@ -300,7 +303,11 @@ func (c *cachedRegistry) Close() error {
 	c.closeOnce.Do(func() {
 		c.mu.Lock()
 		c.closed = true // no goroutine starts after this
+		unwatch := c.unwatch
 		c.mu.Unlock()
+		if unwatch != nil {
+			unwatch()
+		}
 		c.cancel()
 		c.wg.Wait()
 		c.backend.close()

@@ -26,13 +26,11 @@ package main
 // the node metadata and its Meta["version"] the version.
 
 import (
-	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
 	"net/url"
@@ -122,47 +120,24 @@ func (e *consulStatusError) Error() string {
 // call sends one request and decodes a JSON answer into out (when not nil),
 // reading at most limit bytes. It returns the X-Consul-Index header.
 func (b *consulBackend) call(ctx context.Context, method, path string, q url.Values, body any, out any, limit int64) (string, error) {
-	var rd io.Reader
-	if body != nil {
-		buf, err := json.Marshal(body)
-		if err != nil {
-			return "", fmt.Errorf("%w: encode: %v", errRejected, err)
-		}
-		rd = bytes.NewReader(buf)
-	}
 	u := b.base + path
 	if len(q) > 0 {
 		u += "?" + q.Encode()
 	}
-	req, err := http.NewRequestWithContext(ctx, method, u, rd)
+	req, err := newJSONRequest(ctx, method, u, body)
 	if err != nil {
 		return "", fmt.Errorf("%w: %v", errRejected, err)
-	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
 	}
 	if b.token != "" {
 		req.Header.Set("X-Consul-Token", b.token)
 	}
-	resp, err := b.client.Do(req)
-	if err != nil {
+	resp, _, err := callJSON(b.client, req, limit, out)
+	var se *statusError
+	switch {
+	case errors.As(err, &se):
+		return "", fmt.Errorf("consul: %s %s: %w", method, path, &consulStatusError{se.code, snippet(se.body)})
+	case err != nil:
 		return "", fmt.Errorf("consul: %s %s: %w", method, path, err)
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, limit+1))
-	if err != nil {
-		return "", fmt.Errorf("consul: %s %s: read: %w", method, path, err)
-	}
-	if int64(len(data)) > limit {
-		return "", fmt.Errorf("consul: %s %s: response exceeds %d bytes", method, path, limit)
-	}
-	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		return "", fmt.Errorf("consul: %s %s: %w", method, path, &consulStatusError{resp.StatusCode, snippet(data)})
-	}
-	if out != nil {
-		if err := json.Unmarshal(data, out); err != nil {
-			return "", fmt.Errorf("consul: %s %s: bad JSON: %v", method, path, err)
-		}
 	}
 	return resp.Header.Get("X-Consul-Index"), nil
 }

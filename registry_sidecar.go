@@ -11,12 +11,10 @@ package main
 // of connections (remoteClient).
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"maps"
 	"net/http"
@@ -73,16 +71,6 @@ func (b *sidecarBackend) watchBudget() int { return maxRemoteServices }
 // metrics implements remoteBackend.
 func (b *sidecarBackend) metrics(emit emitFunc) { b.rc.metrics(emit) }
 
-// sidecarStatusError is a non-2xx answer of the other sidecar.
-type sidecarStatusError struct {
-	code   int
-	detail string
-}
-
-func (e *sidecarStatusError) Error() string {
-	return fmt.Sprintf("sidecar registry: status %d: %s", e.code, e.detail)
-}
-
 func (b *sidecarBackend) header() http.Header {
 	h := http.Header{}
 	if b.token != "" {
@@ -92,59 +80,30 @@ func (b *sidecarBackend) header() http.Header {
 }
 
 // call sends one request to the other sidecar and decodes its JSON answer.
+// Its 404 is errNotFound; a 400, 413 or 507 is errRejected (retrying
+// cannot help); any other failure is retried by the cache.
 func (b *sidecarBackend) call(ctx context.Context, method, pathQuery string, body any, out any) error {
-	var rd io.Reader
-	if body != nil {
-		buf, err := json.Marshal(body)
-		if err != nil {
-			return fmt.Errorf("%w: encode: %v", errRejected, err)
-		}
-		rd = bytes.NewReader(buf)
-	}
 	ctx, cancel := context.WithTimeout(ctx, b.timing.timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, b.base+pathQuery, rd)
+	req, err := newJSONRequest(ctx, method, b.base+pathQuery, body)
 	if err != nil {
 		return fmt.Errorf("%w: %v", errRejected, err)
 	}
-	req.Header = b.header()
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
+	maps.Copy(req.Header, b.header())
+	_, _, err = callJSON(b.client, req, sidecarRegLimit, out)
+	var se *statusError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &se) && se.code == http.StatusNotFound:
+		return fmt.Errorf("%w: sidecar registry: %v", errNotFound, se)
+	case errors.As(err, &se) && (se.code == http.StatusBadRequest || se.code == http.StatusRequestEntityTooLarge ||
+		se.code == http.StatusInsufficientStorage):
+		return fmt.Errorf("%w: sidecar registry: %v", errRejected, se)
+	case se != nil:
+		return fmt.Errorf("sidecar registry: %w", se)
 	}
-	resp, err := b.client.Do(req)
-	if err != nil {
-		return fmt.Errorf("sidecar registry: %s %s: %w", method, pathQuery, err)
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, sidecarRegLimit+1))
-	if err != nil {
-		return fmt.Errorf("sidecar registry: %s %s: read: %w", method, pathQuery, err)
-	}
-	if len(data) > sidecarRegLimit {
-		return fmt.Errorf("sidecar registry: %s %s: response exceeds %d bytes", method, pathQuery, sidecarRegLimit)
-	}
-	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		var e apiError
-		detail := snippet(data)
-		if json.Unmarshal(data, &e) == nil && e.Detail != "" {
-			detail = e.Detail
-		}
-		se := &sidecarStatusError{resp.StatusCode, detail}
-		switch {
-		case resp.StatusCode == http.StatusNotFound:
-			return fmt.Errorf("%w: %v", errNotFound, se)
-		case resp.StatusCode == http.StatusBadRequest || resp.StatusCode == http.StatusRequestEntityTooLarge ||
-			resp.StatusCode == http.StatusInsufficientStorage:
-			return fmt.Errorf("%w: %v", errRejected, se)
-		}
-		return se
-	}
-	if out != nil {
-		if err := json.Unmarshal(data, out); err != nil {
-			return fmt.Errorf("sidecar registry: %s %s: bad JSON: %v", method, pathQuery, err)
-		}
-	}
-	return nil
+	return fmt.Errorf("sidecar registry: %s %s: %w", method, pathQuery, err)
 }
 
 func (b *sidecarBackend) register(ctx context.Context, s *Service, ttl time.Duration) error {

@@ -534,7 +534,7 @@ func TestStalledBodyTimesOut(t *testing.T) {
 	t.Parallel()
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if _, err := readBodyWithin(w, r, 1<<20, 200*time.Millisecond); err != nil {
-			writeErr(w, err)
+			writeHTTPError(w, err)
 			return
 		}
 		writeJSON(w, 200, struct{}{})

@@ -41,10 +41,11 @@ func missingTool(t testing.TB, format string, args ...any) {
 	t.Skipf(format, args...)
 }
 
-// requireTool returns the path of the first of names found on PATH, or in
-// the directory `go install` puts binaries in (GOBIN, or GOPATH/bin), and
-// otherwise ends the test with missingTool. Call it first in a test that
-// drives the tool: requireTool(t, "nats-server").
+// requireTool returns the path of the first of names found on PATH, in
+// /usr/sbin (where Debian puts daemons such as nats-server, outside a
+// user's PATH) or where `go install` puts binaries (GOBIN, or GOPATH/bin),
+// and otherwise ends the test with missingTool. Call it first in a test
+// that drives the tool: requireTool(t, "nats-server").
 func requireTool(t testing.TB, names ...string) string {
 	t.Helper()
 	for _, name := range names {
@@ -52,7 +53,10 @@ func requireTool(t testing.TB, names ...string) string {
 			return p
 		}
 	}
-	if dir := goBinDir(); dir != "" {
+	for _, dir := range []string{"/usr/sbin", goBinDir()} {
+		if dir == "" {
+			continue
+		}
 		for _, name := range names {
 			p := filepath.Join(dir, name)
 			if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
