@@ -28,15 +28,16 @@ func validStrategy(s string) bool {
 
 // Defaults of passive ejection.
 const (
-	defaultEjectAfter = 3               // consecutive failures that eject a node
-	defaultEjectBase  = 5 * time.Second // first ejection; doubles on each ejection in a row
-	defaultEjectMax   = 5 * time.Minute // longest ejection
-	maxBalancedSvcs   = 10_000          // services with balancer state; beyond, state is reset
-	pickDraws         = 3               // random draws before a linear scan for a usable node
-	ewmaShift         = 3               // latency EWMA weight of a new sample: 1/8
-	maxEjectShift     = 16              // cap of the backoff exponent
-	maxEjectedPercent = 50              // at most this share of a service's nodes is ejected
-	nodeURLSuffix     = "/"             // the JSON-RPC endpoint of a node
+	defaultEjectAfter = 3                // consecutive failures that eject a node
+	defaultEjectBase  = 5 * time.Second  // first ejection; doubles on each ejection in a row
+	defaultEjectMax   = 5 * time.Minute  // longest ejection
+	defaultDecay      = 10 * time.Second // time constant of the latency estimate (Finagle's and Linkerd's)
+	maxBalancedSvcs   = 10_000           // services with balancer state; beyond, state is reset
+	pickDraws         = 3                // random draws before a linear scan for a usable node
+	ewmaShift         = 3                // latency EWMA weight of a new sample: 1/8
+	maxEjectShift     = 16               // cap of the backoff exponent
+	maxEjectedPercent = 50               // at most this share of a service's nodes is ejected
+	nodeURLSuffix     = "/"              // the JSON-RPC endpoint of a node
 )
 
 // balancer picks nodes of services found in a registry. Its state per
@@ -49,7 +50,9 @@ type balancer struct {
 	ejectAfter int32            // consecutive failures that eject a node
 	ejectBase  time.Duration    // first ejection period
 	ejectMax   time.Duration    // cap of the growing ejection period
+	decay      time.Duration    // time constant of the latency estimate's decay toward zero
 	useTLS     func(*Node) bool // nodes called over https; nil: none
+	now        func() time.Time // the clock: time.Now, or a test's
 	log        *slog.Logger
 
 	mu       sync.Mutex                           // serialises writers of services
@@ -95,7 +98,9 @@ type nodeState struct {
 	ejectUntil atomic.Int64 // unix ns; 0 or past means not ejected
 }
 
-func newBalancer(strategy string, logger *slog.Logger) *balancer {
+// newBalancer returns a balancer of strategy that reads the time from now
+// (time.Now outside tests).
+func newBalancer(strategy string, now func() time.Time, logger *slog.Logger) *balancer {
 	if !validStrategy(strategy) {
 		strategy = strategyP2C
 	}
@@ -104,6 +109,8 @@ func newBalancer(strategy string, logger *slog.Logger) *balancer {
 		ejectAfter: defaultEjectAfter,
 		ejectBase:  defaultEjectBase,
 		ejectMax:   defaultEjectMax,
+		decay:      defaultDecay,
+		now:        now,
 		log:        logger,
 	}
 	m := map[string]*svcState{}
@@ -141,7 +148,7 @@ func (b *balancer) refresh(svc *Service) *svcState {
 	st := cur[svc.Name]
 	if st == nil {
 		st = &svcState{name: svc.Name}
-		st.budget.init(time.Now())
+		st.budget.init(b.now())
 		next := make(map[string]*svcState, len(cur)+1)
 		if len(cur) < maxBalancedSvcs {
 			for k, v := range cur {
@@ -320,12 +327,19 @@ func (n *nodeState) score() float64 {
 	return lat * q * (1 + f)
 }
 
-// done records the outcome of a call picked on n: the latency of a success
-// feeds the EWMA and clears failures; failures in a row eject the node.
-func (b *balancer) done(n *nodeState, latency time.Duration, ok bool) {
+// estimate is n's latency estimate at now (unix ns), in ns.
+func (n *nodeState) estimate(now int64) float64 {
+	return float64(n.ewma.Load())
+}
+
+// done records the outcome of a call picked on n at start (the time given
+// to pick): the latency of a success feeds the EWMA and clears failures;
+// failures in a row eject the node.
+func (b *balancer) done(n *nodeState, start time.Time, ok bool) {
+	now := b.now()
 	n.inflight.Add(-1)
 	if ok {
-		n.observe(latency)
+		n.observe(now.Sub(start))
 		if n.fails.Load() != 0 {
 			n.fails.Store(0)
 		}
@@ -339,7 +353,7 @@ func (b *balancer) done(n *nodeState, latency time.Duration, ok bool) {
 	}
 	n.svc.failures.Add(1)
 	if n.fails.Add(1) >= b.ejectAfter {
-		b.eject(n)
+		b.eject(n, now.UnixNano())
 	}
 }
 
@@ -357,8 +371,7 @@ func (n *nodeState) observe(latency time.Duration) {
 // eject skips n for a period that doubles with each ejection in a row,
 // unless that would leave too few nodes: a service never loses every node
 // (nor more than maxEjectedPercent of them) to ejection.
-func (b *balancer) eject(n *nodeState) {
-	now := time.Now().UnixNano()
+func (b *balancer) eject(n *nodeState, now int64) {
 	u := n.ejectUntil.Load()
 	if u > now {
 		return // already ejected
@@ -383,11 +396,6 @@ func (b *balancer) eject(n *nodeState) {
 	n.fails.Store(0)
 	n.svc.ejections.Add(1)
 	b.log.Info("node ejected", "service", n.svc.name, "node", n.id, "for", d)
-}
-
-// ejected reports whether n is ejected now.
-func (n *nodeState) ejected() bool {
-	return n.ejectUntil.Load() > time.Now().UnixNano()
 }
 
 // retryBudget bounds retries to a share of recent calls plus a small
@@ -442,7 +450,7 @@ func (rb *retryBudget) withdraw(now time.Time) bool {
 // metrics emits the per-service counters with the given name prefix
 // ("sidecar_rpc"), labelled by service name only.
 func (b *balancer) metrics(prefix string, emit emitFunc) {
-	now := time.Now().UnixNano()
+	now := b.now().UnixNano()
 	for name, st := range *b.services.Load() {
 		emit(prefix+"_calls_total", "Calls received, by service.", "counter", float64(st.calls.Load()), "service", name)
 		emit(prefix+"_errors_total", "Calls answered with an error, by service.", "counter", float64(st.errors.Load()), "service", name)

@@ -68,7 +68,7 @@ func newRPCHandler(cfg *Config, reg Registry, clientTLS *tls.Config, logger *slo
 		cfg:       cfg,
 		reg:       reg,
 		log:       logger,
-		bal:       newBalancer(cfg.Balancer, logger),
+		bal:       newBalancer(cfg.Balancer, time.Now, logger),
 		transport: newBackendTransport(cfg, clientTLS),
 	}
 	h.bal.useTLS = func(n *Node) bool { return backendScheme(cfg, n) == "https" }
@@ -438,7 +438,7 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 			res.nodeFailed = false // the caller's own short deadline, or its leaving, says nothing of the node
 		}
 		if n != nil {
-			h.bal.done(n, time.Since(t0), !res.nodeFailed)
+			h.bal.done(n, t0, !res.nodeFailed)
 		}
 		if res.nodeFailed {
 			h.log.Debug("attempt failed", "service", c.service, "node", target, "try", try, "code", res.code)

@@ -509,6 +509,30 @@ func TestRPCBalanceThreeNodes(t *testing.T) {
 	}
 }
 
+// TestRPCBalanceOneCaller: one caller at a time, 300 calls through the
+// real server to three identical nodes: each node gets at least a fifth.
+// The first call to a node opens a connection and is slower; before the
+// latency estimate decayed, that node lost every later comparison and was
+// never measured again (0/16/44 of 60 calls). The estimate's time
+// constant is 10 ms here rather than 10 s, so that the decay shows within
+// the few hundred milliseconds the test takes.
+func TestRPCBalanceOneCaller(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, nil, func(s *server) { s.rpc.bal.decay = 10 * time.Millisecond })
+	bs := []*rpcBackend{newRPCBackend(t, "n1"), newRPCBackend(t, "n2"), newRPCBackend(t, "n3")}
+	register(t, ts.URL, "go.micro.srv.foo", bs...)
+	const calls = 300
+	if failed := callMany(t, ts.URL+"/foo/bar", calls, 1, nil); len(failed) > 0 {
+		t.Fatalf("%d of %d calls failed, first: %s", len(failed), calls, failed[0])
+	}
+	got := []int64{bs[0].oks.Load(), bs[1].oks.Load(), bs[2].oks.Load()}
+	for i, b := range bs {
+		if got[i] < calls/5 {
+			t.Errorf("node %s got %d of %d calls one at a time, want at least a fifth (%v)", b.name, got[i], calls, got)
+		}
+	}
+}
+
 // TestRPCKillNodeMidLoad: a node that dies under load costs at most a
 // handful of calls, and none once it is ejected.
 func TestRPCKillNodeMidLoad(t *testing.T) {
