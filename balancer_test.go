@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"sync/atomic"
 	"testing"
@@ -88,8 +89,10 @@ func TestBalancerP2CPrefersFastAndIdle(t *testing.T) {
 	b, clk := testBalancer(strategyP2C)
 	st := b.service(testService("s", 2))
 	fast, slow := st.view.Load().nodes[0], st.view.Load().nodes[1]
-	callNode(b, clk, fast, time.Millisecond, true)
-	callNode(b, clk, slow, 20*time.Millisecond, true)
+	for range 2 { // the first call opens a connection and is not a sample
+		callNode(b, clk, fast, time.Millisecond, true)
+		callNode(b, clk, slow, 20*time.Millisecond, true)
+	}
 	for range 100 {
 		if n := call(b, clk, st, nil, time.Millisecond, true); n != fast {
 			t.Fatalf("p2c picked the 20ms node over the idle 1ms node")
@@ -250,8 +253,8 @@ func TestBalancerSlowNodeRecovers(t *testing.T) {
 				return base(i, first, at)
 			})
 			before, n := countPicks(picks, 3, recovered-30*time.Second, recovered)
-			t.Logf("slow node: %d of %d calls in the 30 s before it recovered", before[0], n)
 			counts, total := countPicks(picks, 3, recovered+25*time.Second, recovered+30*time.Second)
+			t.Logf("node 0: %d of %d calls in the 30 s before it recovered, %d of %d from 25 s to 30 s after", before[0], n, counts[0], total)
 			if counts[0] < total/5 {
 				t.Errorf("recovered node got %d of %d calls 25 s to 30 s after it recovered, want at least a fifth (%v)", counts[0], total, counts)
 			}
@@ -291,8 +294,8 @@ func TestBalancerSlowNodeShare(t *testing.T) {
 }
 
 // TestBalancerUnansweredFirstCall: a node of a new service that never
-// answers its first call holds only the callers the start spread over it
-// (nothing is known of any node yet), not every caller in turn.
+// answers holds at most the share of callers that the start, when nothing
+// is known of any node, spread over it; not every caller in turn.
 func TestBalancerUnansweredFirstCall(t *testing.T) {
 	t.Parallel()
 	const conc = 8
@@ -305,8 +308,58 @@ func TestBalancerUnansweredFirstCall(t *testing.T) {
 		return connecting(10*time.Millisecond)(i, first, at)
 	})
 	counts, total := countPicks(picks, 3, 0, time.Hour)
-	if counts[0] > (conc+2)/3 {
-		t.Errorf("the node that never answers got %d of %d calls, want at most %d of the first %d (%v)", counts[0], total, (conc+2)/3, conc, counts)
+	if counts[0] > conc/2 {
+		t.Errorf("the node that never answers holds %d of %d callers, want at most half (%d calls in all: %v)", counts[0], conc, total, counts)
+	}
+}
+
+// TestBalancerFirstCallNotASample: a node's first successful call opens
+// its connection, so its latency is not taken as the node's; the second
+// is.
+func TestBalancerFirstCallNotASample(t *testing.T) {
+	t.Parallel()
+	b, clk := testBalancer(strategyP2C)
+	n := b.service(testService("s", 1)).view.Load().nodes[0]
+	callNode(b, clk, n, 50*time.Millisecond, true)
+	if n.at.Load() != 0 {
+		t.Fatalf("after the first call (50ms): estimate %s, want none yet", time.Duration(n.estimate(clk.now().UnixNano(), float64(b.decay))))
+	}
+	callNode(b, clk, n, time.Millisecond, true)
+	if got := time.Duration(n.estimate(clk.now().UnixNano(), float64(b.decay))); got != time.Millisecond {
+		t.Errorf("after a second call of 1ms: estimate %s, want 1ms", got)
+	}
+}
+
+// TestBalancerPeakEWMA: the estimate takes a slower answer at once, sinks
+// toward zero while the node is idle (halving in decay x ln 2), and
+// follows faster answers over a few time constants, not a few calls.
+func TestBalancerPeakEWMA(t *testing.T) {
+	t.Parallel()
+	b, clk := testBalancer(strategyP2C)
+	n := b.service(testService("s", 1)).view.Load().nodes[0]
+	est := func() time.Duration { return time.Duration(n.estimate(clk.now().UnixNano(), float64(b.decay))) }
+	callNode(b, clk, n, time.Millisecond, true) // opens the connection
+	callNode(b, clk, n, 8*time.Millisecond, true)
+	if got := est(); got != 8*time.Millisecond {
+		t.Fatalf("after one sample of 8ms: estimate %s, want 8ms", got)
+	}
+	clk.advance(time.Duration(float64(b.decay) * math.Ln2))
+	if got, want := est(), 4*time.Millisecond; got < want-want/100 || got > want+want/100 {
+		t.Fatalf("idle for decay x ln 2 after 8ms: estimate %s, want about %s", got, want)
+	}
+	callNode(b, clk, n, 20*time.Millisecond, true)
+	if got := est(); got != 20*time.Millisecond {
+		t.Fatalf("after a 20ms peak: estimate %s, want 20ms at once", got)
+	}
+	callNode(b, clk, n, time.Millisecond, true)
+	if got := est(); got < 19*time.Millisecond {
+		t.Fatalf("one 1ms call after the 20ms peak: estimate %s, want still about 20ms", got)
+	}
+	for range 50_000 { // 50 s (5 time constants) of back-to-back 1ms calls
+		callNode(b, clk, n, time.Millisecond, true)
+	}
+	if got := est(); got > 1200*time.Microsecond {
+		t.Errorf("after 50 s of 1ms calls following a 20ms peak: estimate %s, want about 1ms", got)
 	}
 }
 
@@ -320,11 +373,12 @@ func TestBalancerNewNodeStartsAtMedian(t *testing.T) {
 	svc := testService("s", 3)
 	st := b.service(svc)
 	for i, n := range st.view.Load().nodes {
+		callNode(b, clk, n, 5*time.Millisecond, true) // opens a connection: not a sample
 		callNode(b, clk, n, time.Duration(i+1)*time.Millisecond, true)
 	}
 	next := &Service{Name: "s", Nodes: append(append([]*Node{}, svc.Nodes...), &Node{ID: "s-new", Address: "10.0.0.2", Port: 1000})}
 	nodes := b.service(next).view.Load().nodes
-	got := time.Duration(nodes[3].estimate(clk.now().UnixNano()))
+	got := time.Duration(nodes[3].estimate(clk.now().UnixNano(), float64(b.decay)))
 	if want := 2 * time.Millisecond; got < want*99/100 || got > want {
 		t.Errorf("new node's estimate = %s, want the median of 1ms, 2ms, 3ms: about %s", got, want)
 	}
