@@ -123,7 +123,7 @@ type Config struct {
 	EnableACME      bool
 	ACMEHosts       []string
 
-	TLSReloadInterval time.Duration // how often changed certificate files are looked for
+	TLSReloadInterval time.Duration // how often changed certificate, client CA and token files are looked for
 	ACMECacheDir      string
 	ACMEDirectoryURL  string
 	ACMECAFile        string // CA roots of the ACME server's own HTTPS (private CAs)
@@ -132,7 +132,12 @@ type Config struct {
 	ClientTLS         bool   // call every backend over TLS
 	ClientCAFile      string // CA roots for backends; empty: system roots
 
-	AuthToken string // required bearer token; from --auth_token or --auth_token_file
+	// AuthToken is the required bearer token (--auth_token), or the first
+	// token of AuthTokenFile at start-up. Besides the check (auth.go) it is
+	// what says auth is on, what a --registry sidecar client sends, and
+	// the default delivery key (broker_peers.go).
+	AuthToken     string
+	AuthTokenFile string // accepted tokens, one a line, re-read when it changes (auth.go)
 
 	MaxBodyBytes    int64         // limit of a request body the sidecar reads
 	ShutdownTimeout time.Duration // drain budget on SIGTERM
@@ -197,7 +202,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.StringVar(&cfg.TLSClientCAFile, "tls_client_ca_file", "", "CA `file` that client certificates must chain to (mutual TLS)")
 	fs.BoolVar(&cfg.EnableACME, "enable_acme", false, "get certificates from an ACME CA")
 	fs.StringVar(&acmeHosts, "acme_hosts", "", "comma-separated `hosts` allowed to get ACME certificates")
-	fs.DurationVar(&cfg.TLSReloadInterval, "tls_reload_interval", cfg.TLSReloadInterval, "how often to look for changed --tls_cert_file/--tls_key_file")
+	fs.DurationVar(&cfg.TLSReloadInterval, "tls_reload_interval", cfg.TLSReloadInterval, "how often to look for changed --tls_cert_file, --tls_key_file, --tls_client_ca_file and --auth_token_file")
 	fs.StringVar(&cfg.ACMECacheDir, "acme_cache_dir", "", "`dir` that keeps ACME account and certificates across restarts")
 	fs.StringVar(&cfg.ACMEDirectoryURL, "acme_directory_url", defaultACMEDirectory, "ACME directory `URL` (Let's Encrypt by default)")
 	fs.StringVar(&cfg.ACMECAFile, "acme_ca_file", "", "CA `file` (PEM) to trust for the ACME server's HTTPS (private CAs)")
@@ -206,7 +211,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.BoolVar(&cfg.ClientTLS, "client_tls", false, "call every backend over TLS (else only nodes with metadata https=true)")
 	fs.StringVar(&cfg.ClientCAFile, "client_ca_file", "", "CA `file` (PEM) to verify backends' certificates (default system roots)")
 	fs.StringVar(&cfg.AuthToken, "auth_token", "", "require Authorization: Bearer `TOKEN` on every request but /health")
-	fs.StringVar(&authTokenFile, "auth_token_file", "", "read the auth token from `file`")
+	fs.StringVar(&authTokenFile, "auth_token_file", "", "read the accepted auth tokens from `file`, one a line, re-read when it changes")
 	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", cfg.MaxBodyBytes, "largest request body the sidecar reads")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", cfg.ShutdownTimeout, "time to drain requests on SIGTERM")
 	fs.StringVar(&logLevel, "log_level", "info", "log level: debug, info, warn or error")
@@ -233,14 +238,15 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 		if cfg.AuthToken != "" {
 			return nil, errors.New("flags --auth_token and --auth_token_file exclude each other")
 		}
-		b, err := os.ReadFile(authTokenFile)
+		b, err := readLimited(authTokenFile)
 		if err != nil {
 			return nil, fmt.Errorf("flag --auth_token_file: %w", err)
 		}
-		cfg.AuthToken = strings.TrimSpace(string(b))
-		if cfg.AuthToken == "" {
-			return nil, fmt.Errorf("flag --auth_token_file: %s is empty", authTokenFile)
+		tokens, err := parseTokens(b)
+		if err != nil {
+			return nil, fmt.Errorf("flag --auth_token_file: %s: %w", authTokenFile, err)
 		}
+		cfg.AuthToken, cfg.AuthTokenFile = tokens[0], authTokenFile
 	}
 	return cfg, cfg.validate()
 }
@@ -350,6 +356,7 @@ type server struct {
 	stats    *stats
 	app      *appChecker // nil without --server_name
 	tls      *tlsManager
+	auth     *auth
 	streams  *streams
 	cors     corsPolicy
 	handler  http.Handler
@@ -370,6 +377,9 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 		return nil, err
 	}
 	s.tls = tlsm
+	if s.auth, err = newAuth(cfg, logger.With("component", "auth")); err != nil {
+		return nil, err
+	}
 	s.streams = newStreams(s.cors)
 	reg, err := newRegistry(cfg, logger.With("component", "registry"))
 	if err != nil {
@@ -391,6 +401,8 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	s.stats.addSource(s.peers.metrics)
 	s.stats.addSource(s.rpc.metrics)
 	s.stats.addSource(s.proxy.metrics)
+	s.stats.addSource(s.auth.metrics)
+	s.stats.addSource(s.tls.metrics)
 	if cfg.ServerName != "" {
 		app, err := newAppChecker(cfg, reg, logger.With("component", "health"))
 		if err != nil {
@@ -460,7 +472,6 @@ func (s *server) handleRoot(w http.ResponseWriter, r *http.Request) {
 
 // middleware applies what every request goes through: CORS and auth.
 func (s *server) middleware(next http.Handler) http.Handler {
-	token := []byte(s.cfg.AuthToken)
 	// A sidecar on loopback answers only to loopback names: a page whose
 	// DNS name rebinds to 127.0.0.1 is then refused, as is its origin.
 	// Over TLS the certificate already refuses a rebound name.
@@ -479,7 +490,7 @@ func (s *server) middleware(next http.Handler) http.Handler {
 			writeError(w, http.StatusMethodNotAllowed, "%s %s is not served: the sidecar is not a forward proxy", r.Method, r.RequestURI)
 			return
 		}
-		if len(token) > 0 && !publicPath(r) && !bearerMatches(r, token) {
+		if !publicPath(r) && !s.auth.allow(r) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="sidecar"`)
 			writeError(w, http.StatusUnauthorized, "missing or invalid bearer token")
 			return
