@@ -404,11 +404,12 @@ func (n *nodeState) estimate(now int64, decay float64) float64 {
 }
 
 // done records the outcome of a call picked on n at start (the time given
-// to pick): the latency of a success feeds the estimate (but for the
-// node's first success, which paid for opening the connection) and clears
-// failures; failures in a row eject the node.
-func (b *balancer) done(n *nodeState, start time.Time, ok bool) {
-	now := b.now().UnixNano()
+// to pick) that took latency (time.Since(start), which the caller measures
+// anyway: done reads no clock). The latency of a success feeds the
+// estimate (but for the node's first success, which paid for opening the
+// connection) and clears failures; failures in a row eject the node.
+func (b *balancer) done(n *nodeState, start time.Time, latency time.Duration, ok bool) {
+	now := start.UnixNano() + int64(latency)
 	n.inflight.Add(-1)
 	if ok {
 		if n.warm.Load() {
@@ -443,10 +444,15 @@ func (b *balancer) done(n *nodeState, start time.Time, ok bool) {
 // average over about decay (ns) of time, not of a number of calls.
 func (n *nodeState) observe(start, now int64, decay float64) {
 	s := float64(max(now-start, 1))
-	if n.at.Load() != 0 {
-		if d := n.estimate(now, decay); s < d {
-			since := float64(max(now-max(n.at.Load(), start), 0))
-			s = d - s*math.Expm1(-since/decay) // d + s(1 - e^(-since/decay))
+	// A sample at or above the estimate before decay is a peak: no need to
+	// decay it.
+	if at, est := n.at.Load(), float64(n.ewma.Load()); at != 0 && s < est {
+		if now > at {
+			est *= math.Exp(float64(at-now) / decay)
+		}
+		if s < est {
+			since := float64(max(now-max(at, start), 0))
+			s = est - s*math.Expm1(-since/decay) // est + s(1 - e^(-since/decay))
 		}
 	}
 	n.ewma.Store(int64(s))

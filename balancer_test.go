@@ -30,7 +30,7 @@ func call(b *balancer, clk *testClock, st *svcState, avoid []*nodeState, d time.
 	start := clk.now()
 	n := b.pick(st, avoid, start)
 	clk.advance(d)
-	b.done(n, start, ok)
+	b.done(n, start, d, ok)
 	return n
 }
 
@@ -39,7 +39,7 @@ func callNode(b *balancer, clk *testClock, n *nodeState, d time.Duration, ok boo
 	start := clk.now()
 	n.inflight.Add(1)
 	clk.advance(d)
-	b.done(n, start, ok)
+	b.done(n, start, d, ok)
 }
 
 // ejected reports whether n is ejected by the wall clock, which the
@@ -164,7 +164,7 @@ func simulate(t *testing.T, b *balancer, clk *testClock, st *svcState, conc, cal
 		if c.end.After(clk.now()) {
 			clk.ns.Store(c.end.UnixNano())
 		}
-		b.done(c.n, c.start, true)
+		b.done(c.n, c.start, c.end.Sub(c.start), true)
 		clk.advance(gap)
 		if len(picks) < calls && clk.now().Sub(begin) < until {
 			startCall()
@@ -589,7 +589,7 @@ func BenchmarkPick(b *testing.B) {
 			for b.Loop() {
 				st := bal.service(svc)
 				n := bal.pick(st, nil, now)
-				bal.done(n, now, true)
+				bal.done(n, now, time.Since(now), true) // as the callers time a call
 			}
 		})
 	}
@@ -621,7 +621,7 @@ func BenchmarkPick(b *testing.B) {
 			for pb.Next() {
 				st := bal.service(svc)
 				n := bal.pick(st, nil, now)
-				bal.done(n, now, true)
+				bal.done(n, now, time.Since(now), true) // as the callers time a call
 			}
 		})
 	})

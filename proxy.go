@@ -283,7 +283,7 @@ func (p *proxyHandler) forward(w http.ResponseWriter, r *http.Request, pc *proxy
 		}
 		c, h, err := p.exchange(pc, r, n, t0)
 		if err == nil {
-			p.bal.done(n, t0, h.code < 500)
+			p.bal.done(n, t0, time.Since(t0), h.code < 500)
 			if h.code >= 500 {
 				pc.st.errors.Add(1)
 			}
@@ -801,7 +801,7 @@ func (p *proxyHandler) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		resp, err := p.transport.RoundTrip(out)
 		if err == nil {
-			p.bal.done(n, t0, resp.StatusCode < 500)
+			p.bal.done(n, t0, time.Since(t0), resp.StatusCode < 500)
 			if resp.StatusCode >= 500 {
 				pc.st.errors.Add(1)
 			}
@@ -820,7 +820,7 @@ func (p *proxyHandler) RoundTrip(req *http.Request) (*http.Response, error) {
 func (pc *proxyCall) failed(n *nodeState, try int, t0 time.Time, err error) *proxyError {
 	p := pc.p
 	pe, nodeFailed, retry := pc.classify(err)
-	p.bal.done(n, t0, !nodeFailed)
+	p.bal.done(n, t0, time.Since(t0), !nodeFailed)
 	if nodeFailed {
 		p.log.Debug("attempt failed", "service", pc.service, "node", n.addr, "try", try, "err", err)
 	}

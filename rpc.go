@@ -438,7 +438,7 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 			res.nodeFailed = false // the caller's own short deadline, or its leaving, says nothing of the node
 		}
 		if n != nil {
-			h.bal.done(n, t0, !res.nodeFailed)
+			h.bal.done(n, t0, time.Since(t0), !res.nodeFailed)
 		}
 		if res.nodeFailed {
 			h.log.Debug("attempt failed", "service", c.service, "node", target, "try", try, "code", res.code)
