@@ -372,11 +372,11 @@ func scan(nodes []*nodeState, avoid []*nodeState, now int64) *nodeState {
 
 // cost is the expected cost of sending one more call to n at now: its
 // latency estimate times its calls in flight counting this one, doubled
-// for each recent failure. Lower is better. A node never measured (every
-// node of a service seen for the first time) costs next to nothing while
-// idle, so it is tried at once, and more than any measured node while that
-// first call is in flight, so a node that never answers holds one call,
-// not every caller in turn.
+// for each recent failure. Lower is better. A node never measured (a node
+// of a service seen for the first time, until its second success) costs
+// next to nothing while idle, so it is tried at once, and more than any
+// measured node while a call is in flight on it, so a node that never
+// answers holds one call rather than every caller in turn.
 func (n *nodeState) cost(now int64, decay float64) float64 {
 	q := float64(n.inflight.Load() + 1)
 	var lat float64
