@@ -573,6 +573,9 @@ func TestCLIFailures(t *testing.T) {
 	t.Parallel()
 	_, url, _ := startBinary(t)
 	unreachable := fmt.Sprintf("127.0.0.1:%d", closedPort(t))
+	// A service whose node is the sidecar itself, behind a relay.
+	relay, _ := loopRelay(t, strings.TrimPrefix(url, "http://"), loopLimit)
+	registerURLs(t, url, "go.micro.srv.loop", relay)
 	tests := []struct {
 		name string
 		args []string
@@ -583,6 +586,7 @@ func TestCLIFailures(t *testing.T) {
 		{"unreachable sidecar, health", []string{"health", "x", "--proxy_address", unreachable}, "cannot reach the sidecar"},
 		{"unknown service", []string{"get", "service", "go.micro.srv.nope", "--proxy_address", url}, `get service: service "go.micro.srv.nope" not found (404 Not Found)`},
 		{"unknown service, health", []string{"health", "go.micro.srv.nope", "--proxy_address", url}, "not found"},
+		{"call into a loop", []string{"call", "go.micro.srv.loop", "Loop.Call", "--proxy_address", url}, "loop detected"},
 		{"malformed JSON", []string{"register", "service", `{"name": "x", nodes}`, "--proxy_address", url}, "the service argument is not valid JSON"},
 		{"malformed JSON, deregister", []string{"deregister", "service", `[`, "--proxy_address", url}, "not valid JSON"},
 		{"service the sidecar refuses", []string{"register", "service", `{"name":"x"}`, "--proxy_address", url}, `"nodes" must list at least one node (400 Bad Request)`},

@@ -410,6 +410,7 @@ type server struct {
 	auth     *auth
 	streams  *streams
 	cors     corsPolicy
+	via      *via // this sidecar in the Via of what it forwards (client.go)
 	handler  http.Handler
 
 	// draining is set when shutdown begins: /health fails readiness.
@@ -422,6 +423,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 		log:     logger,
 		started: time.Now(),
 		cors:    newCORSPolicy(cfg.CORS),
+		via:     newVia(),
 	}
 	tlsm, err := newTLSManager(cfg, logger.With("component", "tls"))
 	if err != nil {
@@ -441,8 +443,8 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.rpc = newRPCHandler(cfg, reg, clientTLS, logger.With("component", "rpc"))
-	s.proxy = newProxyHandler(cfg, reg, s.streams, clientTLS, logger.With("component", "proxy"))
+	s.rpc = newRPCHandler(cfg, reg, clientTLS, s.via, logger.With("component", "rpc"))
+	s.proxy = newProxyHandler(cfg, reg, s.streams, clientTLS, s.via, logger.With("component", "proxy"))
 	s.broker = newBroker(cfg, s.streams, logger.With("component", "broker"))
 	s.peers = newPeerBroker(cfg, reg, s.broker, clientTLS, logger.With("component", "broker"))
 	if cfg.Broker == "nats" {
@@ -464,6 +466,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	}
 	s.stats.addSource(s.rpc.metrics)
 	s.stats.addSource(s.proxy.metrics)
+	s.stats.addSource(s.via.metrics)
 	s.stats.addSource(s.auth.metrics)
 	s.stats.addSource(s.tls.metrics)
 	if cfg.ServerName != "" {

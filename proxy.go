@@ -60,6 +60,7 @@ type proxyHandler struct {
 	conns     *connPools      // every other request
 	buffers   *bufferPool
 	streams   *streams
+	via       *via // refuses loops, and stamps what is forwarded
 	rp        *httputil.ReverseProxy
 
 	// Counters without a service label (service names here come from
@@ -71,8 +72,8 @@ type proxyHandler struct {
 }
 
 // newProxyHandler builds the proxy; clientTLS verifies nodes called over
-// https (see backendScheme).
-func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Config, logger *slog.Logger) *proxyHandler {
+// https (see backendScheme); v is the server's place in Via.
+func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Config, v *via, logger *slog.Logger) *proxyHandler {
 	p := &proxyHandler{
 		cfg:       cfg,
 		reg:       reg,
@@ -82,6 +83,7 @@ func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Confi
 		conns:     newConnPools(cfg, clientTLS),
 		buffers:   &bufferPool{},
 		streams:   g,
+		via:       v,
 	}
 	// Bodies pass through as the node encoded them: the transport must not
 	// ask for gzip on the caller's behalf and decode it.
@@ -208,6 +210,10 @@ func callOf(r *http.Request) *proxyCall {
 // websocket) through the ReverseProxy and RoundTrip, any other request
 // through forward, over the sidecar's own HTTP/1.1 client (proxy_conn.go).
 func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
+	if err := p.via.check(r.Header["Via"]); err != nil {
+		writeError(w, http.StatusLoopDetected, "proxy: %v", err)
+		return
+	}
 	service, err := proxyService(p.cfg.Namespace, r.URL.Path)
 	if err != nil {
 		writeHTTPError(w, err)
@@ -356,7 +362,7 @@ func (pc *proxyCall) dial(pool *connPool) (*backendConn, error) {
 // When writing the body fails, the node may have answered early (a 413,
 // say): that answer is used if it can be read.
 func (p *proxyHandler) roundTrip(pc *proxyCall, r *http.Request, c *backendConn) (h respHead, started, wrote bool, err error) {
-	writeRequestHead(c.bw, r, c.pool.addr, r.ContentLength, p.cfg.AuthToken != "")
+	writeRequestHead(c.bw, r, c.pool.addr, p.via.entry(r), r.ContentLength, p.cfg.AuthToken != "")
 	var werr error
 	if r.ContentLength != 0 {
 		if werr = p.sendBody(pc, r, c); werr != nil {
@@ -747,15 +753,17 @@ func (pc *proxyCall) bodySent() {
 // rewrite prepares an outgoing upgrade request (writeRequestHead does the
 // same for the others): path and query stay as they came;
 // the Host header names the node; X-Forwarded-For extends the caller's
-// chain, X-Forwarded-Host and -Proto describe the caller's request; the
-// sidecar's own bearer token is not passed on; a W3C traceparent is passed
-// through or started. ReverseProxy has already removed hop-by-hop headers.
+// chain, X-Forwarded-Host and -Proto describe the caller's request; Via
+// gets the sidecar after the caller's entries; the sidecar's own bearer
+// token is not passed on; a W3C traceparent is passed through or started.
+// ReverseProxy has already removed hop-by-hop headers.
 func (p *proxyHandler) rewrite(pr *httputil.ProxyRequest) {
 	if prior := pr.In.Header["X-Forwarded-For"]; len(prior) > 0 {
 		pr.Out.Header["X-Forwarded-For"] = prior
 	}
 	pr.SetXForwarded()
 	pr.Out.Host = ""
+	pr.Out.Header["Via"] = p.via.appendTo(pr.Out.Header["Via"], pr.In)
 	if p.cfg.AuthToken != "" {
 		delete(pr.Out.Header, "Authorization")
 	}

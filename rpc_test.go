@@ -257,7 +257,7 @@ func FuzzMapPath(f *testing.F) {
 // TestRPCBackendSees asserts the wire protocol: what arrives at the node.
 func TestRPCBackendSees(t *testing.T) {
 	t.Parallel()
-	_, ts := newTestServer(t, nil)
+	s, ts := newTestServer(t, nil)
 	b := newRPCBackend(t, "foo-1")
 	register(t, ts.URL, "go.micro.srv.foo", b)
 
@@ -274,6 +274,7 @@ func TestRPCBackendSees(t *testing.T) {
 	req.Header.Set("Te", "trailers")
 	req.Header.Set("Micro-Service", "forged")
 	req.Header.Set("Timeout", "2s")
+	req.Header.Set("Via", "1.0 fred")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -299,6 +300,9 @@ func TestRPCBackendSees(t *testing.T) {
 		"X-Custom":       "kept",
 		"Authorization":  "Bearer app-token",
 		"Traceparent":    trace,
+	}
+	if v := strings.Join(h.Values("Via"), ", "); v != "1.0 fred, 1.1 "+s.via.id {
+		t.Errorf("backend Via = %q, want the caller's then this sidecar's", v)
 	}
 	for k, v := range want {
 		if h.Get(k) != v {
