@@ -43,6 +43,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -490,7 +491,10 @@ type route struct {
 }
 
 // routes is the route table: every endpoint of the sidecar, in one place.
-func (s *server) routes() *http.ServeMux {
+// Its rows match only clean paths: a path that is not (//x, /./x, /a/../b)
+// goes to the last row, the handler of the paths the sidecar does not own,
+// which forwards it as it came or refuses it (see cleanFront).
+func (s *server) routes() http.Handler {
 	table := []route{
 		{"GET /health", s.handleHealth},
 		{"GET /registry", s.registry.handleGet},
@@ -506,8 +510,12 @@ func (s *server) routes() *http.ServeMux {
 	}
 	mux := http.NewServeMux()
 	allow := map[string][]string{}
+	var root route
 	for _, rt := range table {
 		mux.HandleFunc(rt.pattern, rt.handler)
+		if rt.pattern == "/" {
+			root = rt
+		}
 		if method, path, ok := strings.Cut(rt.pattern, " "); ok {
 			allow[path] = append(allow[path], method)
 		}
@@ -523,7 +531,44 @@ func (s *server) routes() *http.ServeMux {
 			writeError(w, http.StatusMethodNotAllowed, "method %s not allowed on %s; allowed: %s", r.Method, path, allowed)
 		})
 	}
-	return mux
+	return cleanFront(mux, root)
+}
+
+// cleanFront keeps the mux from redirecting. http.ServeMux answers a path
+// that is not in canonical form with a text/html redirect to the cleaned
+// path, which the sidecar never sends: a proxied path must reach the node
+// byte for byte, and an error must be JSON. So a path the mux would clean
+// goes to root (the route "/") without the mux, with root's pattern for
+// the stats. CONNECT paths the mux does not clean either.
+func cleanFront(mux *http.ServeMux, root route) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if p := r.URL.EscapedPath(); r.Method != http.MethodConnect && canonicalPath(p) != p {
+			r.Pattern = root.pattern
+			root.handler(w, r)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+// canonicalPath is the path http.ServeMux matches in place of p: without
+// empty, "." and ".." segments, a trailing slash kept. It allocates only
+// when p is not canonical.
+func canonicalPath(p string) string {
+	if p == "" {
+		return "/"
+	}
+	if p[0] != '/' {
+		p = "/" + p
+	}
+	np := path.Clean(p)
+	if p[len(p)-1] == '/' && np != "/" {
+		if len(p) == len(np)+1 && strings.HasPrefix(p, np) {
+			return p
+		}
+		np += "/"
+	}
+	return np
 }
 
 // handleRoot serves every path the sidecar does not own: RPC by path, or

@@ -20,6 +20,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -114,12 +115,14 @@ func (p *proxyHandler) Close() error {
 	return nil
 }
 
-// proxyService names the service of a proxied path with namespace ns: its
-// first segment (/foo/... is ns.foo), or its first two when the first is a
-// version (/v1/foo/... is ns.v1.foo). A path naming no valid service is a
-// 404.
+// proxyService names the service of a proxied path (as sent, escaped)
+// with namespace ns: its first non-empty segment (/foo/... and //foo/...
+// are ns.foo), or its first two when the first is a version (/v1/foo/...
+// is ns.v1.foo). Segments are unescaped one by one, so %2F is no
+// separator. A path naming no valid service ("/", "/./foo", "/../foo") is
+// a 404. The path itself goes to the node as it came.
 func proxyService(ns, path string) (string, error) {
-	first, rest, _ := strings.Cut(strings.TrimPrefix(path, "/"), "/")
+	first, rest := nextSegment(path)
 	if first == "" {
 		return "", errorf(http.StatusNotFound, "proxy: path %q names no service; want /[service]/...", path)
 	}
@@ -128,7 +131,7 @@ func proxyService(ns, path string) (string, error) {
 	}
 	name := first
 	if isVersion(first) {
-		if second, _, _ := strings.Cut(rest, "/"); second != "" && checkSegment(second) == nil {
+		if second, _ := nextSegment(rest); second != "" && checkSegment(second) == nil {
 			name = first + "." + second
 		}
 	}
@@ -139,6 +142,22 @@ func proxyService(ns, path string) (string, error) {
 		return "", errorf(http.StatusNotFound, "proxy: service name from path is longer than %d bytes", maxNameLen)
 	}
 	return name, nil
+}
+
+// nextSegment returns the first non-empty segment of the escaped path p,
+// unescaped ("" if there is none or it does not unescape), and what
+// follows it. It allocates only for a segment with a percent sign.
+func nextSegment(p string) (seg, rest string) {
+	p = strings.TrimLeft(p, "/")
+	seg, rest, _ = strings.Cut(p, "/")
+	if strings.IndexByte(seg, '%') >= 0 {
+		u, err := url.PathUnescape(seg)
+		if err != nil {
+			return "", rest
+		}
+		seg = u
+	}
+	return seg, rest
 }
 
 // Phases of a proxied request, which decide what its timer enforces.
@@ -214,7 +233,7 @@ func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusLoopDetected, "proxy: %v", err)
 		return
 	}
-	service, err := proxyService(p.cfg.Namespace, r.URL.Path)
+	service, err := proxyService(p.cfg.Namespace, r.URL.EscapedPath())
 	if err != nil {
 		writeHTTPError(w, err)
 		return

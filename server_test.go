@@ -588,3 +588,108 @@ func TestEarlyErrorWithStalledBody(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	wantError(t, "POST /registry without a token", resp.StatusCode, body, http.StatusUnauthorized)
 }
+
+// rawRequest sends one request whose request-target is written exactly as
+// given (Go's client would clean it) and reads the answer.
+func rawRequest(t *testing.T, addr, method, target string) (*http.Response, []byte) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", method, target)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, target, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: read body: %v", method, target, err)
+	}
+	return resp, body
+}
+
+// TestPathsNeverRedirected: Go's ServeMux answers a path that is not
+// clean (//x, /./x, /a/../b) with a text/html 307 to the cleaned one. The
+// sidecar never redirects: its own routes match only their clean paths;
+// in proxy mode any other path reaches the node byte for byte, the service
+// taken from its first non-empty segment (a JSON 404 when that is no
+// service); in RPC mode an unclean path is a JSON 400 or 404.
+func TestPathsNeverRedirected(t *testing.T) {
+	t.Parallel()
+	_, proxyTS := newTestServer(t, proxyTestConfig())
+	node, last, hits := recordingBackend(t, "node")
+	registerURLs(t, proxyTS.URL, "go.micro.srv.foo", node.URL)
+	registerURLs(t, proxyTS.URL, "go.micro.srv.health", node.URL)
+	_, rpcTS := newTestServer(t, nil)
+	rpcNode := newRPCBackend(t, "foo-1")
+	register(t, rpcTS.URL, "go.micro.srv.foo", rpcNode)
+	proxyAddr, rpcAddr := proxyTS.Listener.Addr().String(), rpcTS.Listener.Addr().String()
+
+	tests := []struct {
+		name, addr, method, target string
+		code                       int // 200: answered by the node, which got target as it was sent
+	}{
+		{"proxy: double slash first", proxyAddr, "GET", "//foo/bar", 200},
+		{"proxy: double slash inside", proxyAddr, "GET", "/foo//bar", 200},
+		{"proxy: dot segment", proxyAddr, "GET", "/foo/./bar", 200},
+		{"proxy: dot-dot segment", proxyAddr, "POST", "/foo/../bar", 200},
+		{"proxy: dot-dot last", proxyAddr, "GET", "/foo/bar/..", 200},
+		{"proxy: dot last", proxyAddr, "GET", "/foo/.", 200},
+		{"proxy: dot-dot past the root", proxyAddr, "GET", "/foo/../../../etc/passwd", 200},
+		{"proxy: trailing double slash", proxyAddr, "DELETE", "//foo//", 200},
+		{"proxy: encoded dots", proxyAddr, "GET", "/foo/%2e%2e/bar", 200},
+		{"proxy: encoded slash and dots", proxyAddr, "GET", "/foo/a%2Fb/../c", 200},
+		{"proxy: encoded service name", proxyAddr, "GET", "/fo%6F/./x", 200},
+		{"proxy: dots in the query", proxyAddr, "GET", "/foo/x/?a=/../b&c=//d", 200},
+		{"proxy: a route of the sidecar, unclean", proxyAddr, "GET", "//health", 200},
+		{"proxy: a route of the sidecar, dot-dot", proxyAddr, "GET", "/health/../registry", 200},
+		{"proxy: unclean path of an unknown service", proxyAddr, "GET", "/registry/../health", 404},
+		{"proxy: dot first", proxyAddr, "GET", "/./foo/x", 404},
+		{"proxy: dot-dot first", proxyAddr, "GET", "/../foo", 404},
+		{"proxy: encoded dot first", proxyAddr, "GET", "/%2e/foo", 404},
+		{"proxy: only slashes", proxyAddr, "GET", "//", 404},
+		{"proxy: clean route still the sidecar's", proxyAddr, "GET", "/health", -200},
+		{"rpc: double slash first", rpcAddr, "GET", "//foo/bar", 400},
+		{"rpc: double slash inside", rpcAddr, "POST", "/foo//bar", 400},
+		{"rpc: dot segment", rpcAddr, "GET", "/foo/./bar", 400},
+		{"rpc: dot-dot segment", rpcAddr, "POST", "/foo/../bar", 400},
+		{"rpc: dot-dot last", rpcAddr, "GET", "/foo/bar/..", 400},
+		{"rpc: dot first", rpcAddr, "GET", "/./foo/bar", 400},
+		{"rpc: a route of the sidecar, unclean", rpcAddr, "GET", "//health", 400},
+		{"rpc: dot-dot to a route of the sidecar", rpcAddr, "GET", "/foo/../registry", 400},
+		{"rpc: only slashes", rpcAddr, "GET", "//", 404},
+		{"rpc: clean route still the sidecar's", rpcAddr, "GET", "/health", -200},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			call := tt.method + " " + tt.target
+			before, rpcBefore := hits.Load(), rpcNode.hits.Load()
+			resp, body := rawRequest(t, tt.addr, tt.method, tt.target)
+			if loc := resp.Header.Get("Location"); loc != "" || (resp.StatusCode >= 300 && resp.StatusCode < 400) {
+				t.Fatalf("%s = %d to %q, want no redirect", call, resp.StatusCode, loc)
+			}
+			switch {
+			case tt.code == 200:
+				if resp.StatusCode != 200 || string(body) != "node node" {
+					t.Fatalf("%s = %d %q, want the node's answer", call, resp.StatusCode, body)
+				}
+				if got := last(); got.uri != tt.target || got.method != tt.method {
+					t.Errorf("%s reached the node as %s %s, want it byte for byte", call, got.method, got.uri)
+				}
+			case tt.code == -200:
+				if resp.StatusCode != 200 || resp.Header.Get("X-Backend") != "" {
+					t.Errorf("%s = %d (node %q), want the sidecar's own 200", call, resp.StatusCode, resp.Header.Get("X-Backend"))
+				}
+			default:
+				wantError(t, call, resp.StatusCode, body, tt.code)
+				if hits.Load() != before || rpcNode.hits.Load() != rpcBefore {
+					t.Errorf("%s reached a node", call)
+				}
+			}
+		})
+	}
+}
