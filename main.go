@@ -157,7 +157,8 @@ type Config struct {
 	AuthTokenFile string // accepted tokens, one a line, re-read when it changes (auth.go)
 
 	MaxBodyBytes    int64         // limit of a request body the sidecar reads
-	ShutdownTimeout time.Duration // drain budget on SIGTERM
+	ShutdownDelay   time.Duration // on SIGTERM, serve this long with /health at 503 before closing the listener; zero: none
+	ShutdownTimeout time.Duration // drain budget on SIGTERM, after the delay
 	LogLevel        slog.Level
 }
 
@@ -251,7 +252,8 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.StringVar(&cfg.AuthToken, "auth_token", "", "require Authorization: Bearer `TOKEN` on every request but /health")
 	fs.StringVar(&authTokenFile, "auth_token_file", "", "read the accepted auth tokens from `file`, one a line, re-read when it changes")
 	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", cfg.MaxBodyBytes, "largest request body the sidecar reads")
-	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", cfg.ShutdownTimeout, "time to drain requests on SIGTERM")
+	fs.DurationVar(&cfg.ShutdownDelay, "shutdown_delay", cfg.ShutdownDelay, "on SIGTERM, keep serving this long with /health at 503 and the app deregistered before closing the listener (5s for Kubernetes)")
+	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", cfg.ShutdownTimeout, "time to drain requests on SIGTERM (after --shutdown_delay)")
 	fs.StringVar(&logLevel, "log_level", "info", "log level: debug, info, warn or error")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: sidecar [flags]\n       sidecar COMMAND [ARGS] (commands of the client: sidecar help)\n\nEvery flag also reads MICRO_<NAME> from the environment (MICRO_ADDRESS for --address).\n\nFlags:\n")
@@ -337,6 +339,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %q for flag --balancer: want p2c, random or roundrobin", c.Balancer)
 	case c.RegistryConnections < 4 || c.RegistryConnections > 10_000:
 		return fmt.Errorf("invalid value %d for flag --registry_connections: want 4 to 10000", c.RegistryConnections)
+	case c.ShutdownDelay < 0:
+		return fmt.Errorf("invalid value %s for flag --shutdown_delay: must not be negative", c.ShutdownDelay)
 	case c.MaxBodyBytes <= 0:
 		return fmt.Errorf("invalid value %d for flag --max_body_bytes: must be positive", c.MaxBodyBytes)
 	case c.RegisterInterval >= c.RegisterTTL:
@@ -640,8 +644,10 @@ func (s *server) start(ctx context.Context) {
 }
 
 // serve runs the HTTP server on ln until ctx is cancelled, then shuts down:
-// fail readiness, deregister the app, stop accepting and drain requests,
-// close streams, close components.
+// fail readiness, deregister the app, go on serving for --shutdown_delay
+// (load balancers and orchestrators take a while to see /health fail and
+// stop sending; requests they send meanwhile are served, not refused),
+// stop accepting and drain requests, close streams, close components.
 func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	// The components outlive ctx: the drain still looks services up,
 	// deregisters the app and this sidecar's topics, and answers HTTP-01
@@ -665,15 +671,24 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	case err = <-errc:
 		err = fmt.Errorf("serve: %w", err)
 	case <-ctx.Done():
-		s.log.Info("shutting down")
+		s.log.Info("shutting down", "delay", s.cfg.ShutdownDelay)
 	}
 	s.draining.Store(true)
+	if s.app != nil {
+		s.app.Close()                                // no heartbeat may register it again
+		s.app.deregister(context.WithoutCancel(ctx)) // bounded by its own timeout
+	}
+	if err == nil && s.cfg.ShutdownDelay > 0 {
+		t := time.NewTimer(s.cfg.ShutdownDelay)
+		select {
+		case <-t.C:
+		case e := <-errc:
+			err = fmt.Errorf("serve: %w", e)
+		}
+		t.Stop()
+	}
 	drain, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.ShutdownTimeout)
 	defer cancel()
-	if s.app != nil {
-		s.app.Close() // no heartbeat may register it again
-		s.app.deregister(drain)
-	}
 	if e := hs.Shutdown(drain); e != nil {
 		s.log.Warn("drain incomplete", "err", e)
 		hs.Close()

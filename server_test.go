@@ -35,7 +35,7 @@ func TestParseConfig(t *testing.T) {
 		wantErr string // substring; empty means success
 	}{
 		{name: "defaults", check: func(c *Config) bool {
-			return c.Address == "127.0.0.1:8081" && c.Handler == "rpc" && c.Namespace == "go.micro.srv" && c.Registry == "memory" && c.ClientRequestTimeout == 5*time.Second
+			return c.Address == "127.0.0.1:8081" && c.Handler == "rpc" && c.Namespace == "go.micro.srv" && c.Registry == "memory" && c.ClientRequestTimeout == 5*time.Second && c.ShutdownDelay == 0
 		}},
 		{name: "flags", args: []string{"--address", ":9000", "--cors", "http://a.example, https://b.example", "--register_ttl=1m"}, check: func(c *Config) bool {
 			return c.Address == ":9000" && len(c.CORS) == 2 && c.CORS[1] == "https://b.example" && c.RegisterTTL == time.Minute
@@ -77,6 +77,8 @@ func TestParseConfig(t *testing.T) {
 		{name: "--registry_watch_idle -1m", args: []string{"--registry_watch_idle", "-1m"}, wantErr: "--registry_watch_idle"},
 		{name: "--broker_address 10.0.0.5:8081", args: []string{"--broker_address", "10.0.0.5:8081"}},
 		{name: "--broker_address sidecar-a.internal:8081 --broker_secret s", args: []string{"--broker_address", "sidecar-a.internal:8081", "--broker_secret", "s"}},
+		{name: "--shutdown_delay 5s", args: []string{"--shutdown_delay", "5s"}, check: func(c *Config) bool { return c.ShutdownDelay == 5*time.Second }},
+		{name: "--shutdown_delay -1s", args: []string{"--shutdown_delay", "-1s"}, wantErr: "--shutdown_delay"},
 		{name: "--broker_address 10.0.0.5", args: []string{"--broker_address", "10.0.0.5"}, wantErr: "--broker_address"},
 		{name: "--broker_address 10.0.0.5:0", args: []string{"--broker_address", "10.0.0.5:0"}, wantErr: "--broker_address"},
 	}
@@ -691,5 +693,110 @@ func TestPathsNeverRedirected(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// healthCode is GET /health's status on a new connection (so a test sees
+// the listener, not a kept-alive connection); 0 when it cannot connect.
+func healthCode(base string) int {
+	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 5 * time.Second}
+	resp, err := c.Get(base + "/health")
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// TestBinaryShutdownDelay: with --shutdown_delay, SIGTERM makes /health
+// answer 503 and deregisters the app at once, while the sidecar goes on
+// serving (proxied requests on new connections succeed) for the delay,
+// which here outlasts the test.
+func TestBinaryShutdownDelay(t *testing.T) {
+	t.Parallel()
+	node, _, hits := recordingBackend(t, "node")
+	nodeAddr := strings.TrimPrefix(node.URL, "http://")
+	cmd, base, stderr := startBinary(t, "--handler", "proxy", "--shutdown_delay", "10m",
+		"--server_name", "go.micro.srv.app", "--server_address", nodeAddr)
+	registerURLs(t, base, "go.micro.srv.foo", node.URL)
+	eventually(t, 5*time.Second, "app registration", func() bool {
+		code, _ := getService(t, base, "go.micro.srv.app")
+		return code == http.StatusOK
+	})
+	if code := healthCode(base); code != http.StatusOK {
+		t.Fatalf("GET /health before SIGTERM = %d, want 200", code)
+	}
+
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "/health answering 503", func() bool { return healthCode(base) == http.StatusServiceUnavailable })
+	eventually(t, 5*time.Second, "the app deregistered", func() bool {
+		code, _ := getService(t, base, "go.micro.srv.app")
+		return code == http.StatusNotFound
+	})
+	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 5 * time.Second}
+	for i := range 3 {
+		resp, err := c.Get(base + "/foo/during-delay")
+		if err != nil {
+			t.Fatalf("request %d during the delay: %v; stderr: %s", i, err, stderr)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || string(b) != "node node" {
+			t.Fatalf("request %d during the delay = %d %s, want the node's 200", i, resp.StatusCode, b)
+		}
+	}
+	if hits.Load() < 3 {
+		t.Errorf("node got %d requests, want 3", hits.Load())
+	}
+	if cmd.ProcessState != nil {
+		t.Errorf("sidecar exited during the delay")
+	}
+}
+
+// TestShutdownDelayEnds: once --shutdown_delay has passed, the listener
+// closes and a request in flight drains; run returns without error.
+func TestShutdownDelayEnds(t *testing.T) {
+	t.Parallel()
+	gate, entered, release := gateBackend(t)
+	pr, pw := io.Pipe()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"--address", "127.0.0.1:0", "--handler", "proxy", "--shutdown_delay", "50ms", "--log_level", "error"}, pw, io.Discard)
+		pw.Close()
+	}()
+	line, err := bufio.NewReader(pr).ReadString('\n')
+	go io.Copy(io.Discard, pr)
+	if err != nil {
+		t.Fatalf("read the address line: %v", err)
+	}
+	fields := strings.Fields(line)
+	base := fields[len(fields)-1]
+	registerURLs(t, base, "go.micro.srv.gate", gate.URL)
+	req, _ := http.NewRequest("GET", base+"/gate/x", nil)
+	result := inFlight(t, http.DefaultClient, req)
+	waitEntered(t, entered, result)
+
+	cancel()
+	eventually(t, 10*time.Second, "the listener closing after the delay", func() bool { return healthCode(base) == 0 })
+	select {
+	case err := <-done:
+		t.Fatalf("run returned %v with a request in flight", err)
+	default:
+	}
+	release()
+	if got := <-result; got != "200 finally" {
+		t.Errorf("request in flight across the delay = %q, want 200 finally", got)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("run = %v, want nil", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not return after the drain")
 	}
 }
