@@ -413,6 +413,148 @@ func TestRPCErrors(t *testing.T) {
 	}
 }
 
+// strictBackend is a JSON-RPC 2.0 server as strict as the common Python
+// and Node libraries (jsonrpcserver, jayson): a request must be a JSON
+// object of exactly "jsonrpc":"2.0", "method", "params" and "id", or it
+// is refused with -32700 or -32600 as those libraries refuse it. It
+// answers in 2.0 style only: "result", or an "error" object.
+type strictBackend struct {
+	srv     *httptest.Server
+	port    int
+	refused atomic.Int64 // requests that were not strict JSON-RPC 2.0
+}
+
+// Methods of a strictBackend: Greeter.Hello greets params[0].name,
+// Greeter.Nothing answers a null result, Fail.With answers params[0] as
+// the error object; any other method is -32601.
+func newStrictBackend(t *testing.T) *strictBackend {
+	t.Helper()
+	b := &strictBackend{}
+	b.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		reply := func(id json.RawMessage, member string, v any) {
+			if id == nil {
+				id = json.RawMessage("null")
+			}
+			out, _ := json.Marshal(map[string]any{"jsonrpc": "2.0", "id": id, member: v})
+			w.Header().Set("Content-Type", "application/json")
+			w.Write(out)
+		}
+		refuse := func(id json.RawMessage, code int, message, why string) {
+			b.refused.Add(1)
+			reply(id, "error", map[string]any{"code": code, "message": message, "data": why})
+		}
+		body, _ := io.ReadAll(r.Body)
+		var req map[string]json.RawMessage
+		if err := json.Unmarshal(body, &req); err != nil {
+			refuse(nil, -32700, "Parse error", err.Error())
+			return
+		}
+		for k := range req {
+			if k != "jsonrpc" && k != "method" && k != "params" && k != "id" {
+				refuse(nil, -32600, "Invalid Request", "unknown member "+k)
+				return
+			}
+		}
+		id := req["id"]
+		if len(id) == 0 || (id[0] != '"' && strings.ContainsAny(string(id), ".eE")) || id[0] == '{' || id[0] == '[' || string(id) == "true" || string(id) == "false" {
+			refuse(nil, -32600, "Invalid Request", "id must be a string or an integer: "+string(id))
+			return
+		}
+		if string(req["jsonrpc"]) != `"2.0"` {
+			refuse(id, -32600, "Invalid Request", `"jsonrpc" must be "2.0"`)
+			return
+		}
+		var method string
+		if err := json.Unmarshal(req["method"], &method); err != nil || method == "" || strings.HasPrefix(method, "rpc.") {
+			refuse(id, -32600, "Invalid Request", `"method" must be a string`)
+			return
+		}
+		var params []json.RawMessage
+		if err := json.Unmarshal(req["params"], &params); err != nil || len(params) != 1 {
+			refuse(id, -32602, "Invalid params", "want one positional parameter")
+			return
+		}
+		if ct := r.Header.Get("Content-Type"); ct != "application/json" {
+			refuse(id, -32600, "Invalid Request", "Content-Type "+ct)
+			return
+		}
+		switch method {
+		case "Greeter.Hello":
+			var p struct {
+				Name string `json:"name"`
+			}
+			json.Unmarshal(params[0], &p)
+			reply(id, "result", map[string]string{"msg": "Hello " + p.Name})
+		case "Greeter.Nothing":
+			reply(id, "result", nil)
+		case "Fail.With":
+			reply(id, "error", params[0])
+		default:
+			reply(id, "error", map[string]any{"code": -32601, "message": "Method not found", "data": "no method " + method})
+		}
+	}))
+	t.Cleanup(b.srv.Close)
+	_, p, _ := net.SplitHostPort(b.srv.Listener.Addr().String())
+	b.port, _ = strconv.Atoi(p)
+	return b
+}
+
+// TestRPCStrictJSONRPC2 calls a backend that accepts only strict JSON-RPC
+// 2.0 requests and answers in 2.0 style, and maps its error objects to
+// HTTP statuses: -32700, -32600, -32602 are 400, -32601 is 404, anything
+// else 500, with the message and data in the detail.
+func TestRPCStrictJSONRPC2(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, nil)
+	b := newStrictBackend(t)
+	code, body := do(t, "POST", ts.URL+"/registry", fmt.Sprintf(`{"name":"go.micro.srv.greeter","nodes":[{"id":"strict-1","address":"127.0.0.1","port":%d}]}`, b.port))
+	if code != http.StatusOK {
+		t.Fatalf("register = %d %s", code, body)
+	}
+	tests := []struct {
+		name, path, body string
+		code             int
+		want             string   // the body of a 200
+		detail           []string // substrings of the error detail
+	}{
+		{"result", "/greeter/hello", `{"name": "Ann"}`, 200, `{"msg":"Hello Ann"}`, nil},
+		{"null result", "/greeter/nothing", `{}`, 200, `null`, nil},
+		{"method not found", "/greeter/bye", `{}`, 404, "", []string{"Method not found", "no method Greeter.Bye"}},
+		{"parse error", "/greeter/fail/with", `{"code":-32700,"message":"Parse error"}`, 400, "", []string{"Parse error"}},
+		{"invalid request", "/greeter/fail/with", `{"code":-32600,"message":"Invalid Request"}`, 400, "", []string{"Invalid Request"}},
+		{"invalid params with data", "/greeter/fail/with", `{"code":-32602,"message":"Invalid params","data":{"field":"name"}}`, 400, "", []string{"Invalid params", `{"field":"name"}`}},
+		{"internal error", "/greeter/fail/with", `{"code":-32603,"message":"Internal error","data":"Traceback: boom"}`, 500, "", []string{"Internal error", "Traceback: boom"}},
+		{"server error", "/greeter/fail/with", `{"code":-32000,"message":"database is down"}`, 500, "", []string{"database is down"}},
+		{"last server error", "/greeter/fail/with", `{"code":-32099,"message":"overloaded"}`, 500, "", []string{"overloaded"}},
+		{"application code", "/greeter/fail/with", `{"code":42,"message":"no such account"}`, 500, "", []string{"no such account"}},
+		{"http-like code is not a status", "/greeter/fail/with", `{"code":404,"message":"gone"}`, 500, "", []string{"gone"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, body := do(t, "POST", ts.URL+tt.path, tt.body, "Content-Type", "application/json")
+			call := "POST " + tt.path + " " + tt.body
+			if tt.code == http.StatusOK {
+				if code != http.StatusOK || string(body) != tt.want {
+					t.Fatalf("%s = %d %s, want 200 %s", call, code, body, tt.want)
+				}
+				return
+			}
+			e := wantError(t, call, code, body, tt.code)
+			for _, s := range tt.detail {
+				if !strings.Contains(e.Detail, s) {
+					t.Errorf("%s detail = %q, want it to mention %q", call, e.Detail, s)
+				}
+			}
+			if e.ID != "go.micro.srv.greeter" {
+				t.Errorf("%s id = %q, want the service's name", call, e.ID)
+			}
+		})
+	}
+	if n := b.refused.Load(); n != 0 {
+		t.Errorf("the strict backend refused %d requests as not JSON-RPC 2.0", n)
+	}
+}
+
 // TestRPCAddressAllowed calls an explicit address with --rpc_allow_address.
 func TestRPCAddressAllowed(t *testing.T) {
 	t.Parallel()
