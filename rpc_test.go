@@ -2,11 +2,14 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/rpc"
+	"net/rpc/jsonrpc"
 	"strconv"
 	"strings"
 	"sync"
@@ -38,11 +41,12 @@ type rpcBackend struct {
 
 // recorded is one request as the backend saw it.
 type recorded struct {
-	method string
-	params []json.RawMessage
-	id     json.RawMessage
-	header http.Header
-	path   string
+	jsonrpc string // the "jsonrpc" member, which a 1.0 server ignores
+	method  string
+	params  []json.RawMessage
+	id      json.RawMessage
+	header  http.Header
+	path    string
 }
 
 func newRPCBackend(t *testing.T, name string) *rpcBackend {
@@ -52,9 +56,10 @@ func newRPCBackend(t *testing.T, name string) *rpcBackend {
 	b.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		b.hits.Add(1)
 		var req struct {
-			Method string            `json:"method"`
-			Params []json.RawMessage `json:"params"`
-			ID     json.RawMessage   `json:"id"`
+			JSONRPC string            `json:"jsonrpc"`
+			Method  string            `json:"method"`
+			Params  []json.RawMessage `json:"params"`
+			ID      json.RawMessage   `json:"id"`
 		}
 		body, _ := io.ReadAll(r.Body)
 		if err := json.Unmarshal(body, &req); err != nil {
@@ -62,7 +67,7 @@ func newRPCBackend(t *testing.T, name string) *rpcBackend {
 			return
 		}
 		b.mu.Lock()
-		b.last = recorded{method: req.Method, params: req.Params, id: req.ID, header: r.Header.Clone(), path: r.URL.Path}
+		b.last = recorded{jsonrpc: req.JSONRPC, method: req.Method, params: req.Params, id: req.ID, header: r.Header.Clone(), path: r.URL.Path}
 		b.mu.Unlock()
 		switch b.mode.Load() {
 		case mode503:
@@ -284,8 +289,11 @@ func TestRPCBackendSees(t *testing.T) {
 		t.Fatalf("POST /foo/bar-baz = %d %s", resp.StatusCode, body)
 	}
 	got := b.lastRequest()
-	if got.method != "Foo.BarBaz" || got.path != "/" {
-		t.Errorf("backend got method %q at %q, want Foo.BarBaz at /", got.method, got.path)
+	if got.method != "Foo.BarBaz" || got.path != "/" || got.jsonrpc != "2.0" {
+		t.Errorf("backend got method %q at %q, jsonrpc %q; want Foo.BarBaz at /, 2.0", got.method, got.path, got.jsonrpc)
+	}
+	if _, err := strconv.ParseUint(string(got.id), 10, 64); err != nil {
+		t.Errorf("backend got id %s, want an integer", got.id)
 	}
 	if len(got.params) != 1 || string(got.params[0]) != `{"a": [1, 2]}` {
 		t.Errorf("backend params = %s, want [{\"a\": [1, 2]}]", got.params)
@@ -552,6 +560,134 @@ func TestRPCStrictJSONRPC2(t *testing.T) {
 	}
 	if n := b.refused.Load(); n != 0 {
 		t.Errorf("the strict backend refused %d requests as not JSON-RPC 2.0", n)
+	}
+}
+
+// TestRPCReplyStyles decodes what a node may answer, in JSON-RPC 1.0 and
+// 2.0 style and malformed, from a real HTTP server that answers method
+// Case.N with the canned body of case N ($ID is the request's id).
+func TestRPCReplyStyles(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, nil)
+	huge := `{"id":$ID,"result":"` + strings.Repeat("x", maxReplyBytes) + `"}`
+	tests := []struct {
+		name   string
+		status int    // of the node's answer; 0 is 200
+		reply  string // the node's body
+		code   int    // of the sidecar's answer
+		want   string // the body of a 200, or a substring of the error detail
+	}{
+		{"1.0 result", 0, `{"id":$ID,"result":{"a": 1},"error":null}`, 200, `{"a": 1}`},
+		{"1.0 null result", 0, `{"id":$ID,"result":null,"error":null}`, 200, `null`},
+		{"1.0 error string", 0, `{"id":$ID,"result":null,"error":"disk full"}`, 500, "disk full"},
+		{"1.0 go-micro error in the string", 0, `{"id":$ID,"result":null,"error":"{\"id\":\"x\",\"code\":403,\"detail\":\"not yours\",\"status\":\"Forbidden\"}"}`, 403, "not yours"},
+		{"go-micro error object", 0, `{"id":$ID,"error":{"id":"x","code":409,"detail":"taken","status":"Conflict"}}`, 409, "taken"},
+		{"2.0 result", 0, `{"jsonrpc":"2.0","id":$ID,"result":[1,2]}`, 200, `[1,2]`},
+		{"2.0 null result", 0, `{"jsonrpc":"2.0","result":null,"id":$ID}`, 200, `null`},
+		{"2.0 error with HTTP 404", 404, `{"jsonrpc":"2.0","id":$ID,"error":{"code":-32601,"message":"Method not found"}}`, 404, "Method not found (JSON-RPC error -32601)"},
+		{"2.0 error with HTTP 500", 500, `{"jsonrpc":"2.0","id":$ID,"error":{"code":-32603,"message":"Internal error","data":["a", "b"]}}`, 500, `Internal error: ["a","b"] (JSON-RPC error -32603)`},
+		{"2.0 error with null id", 0, `{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Invalid Request"}}`, 400, "Invalid Request"},
+		{"2.0 error without message", 0, `{"jsonrpc":"2.0","id":$ID,"error":{"code":-32602}}`, 400, "(JSON-RPC error -32602)"},
+		{"empty error object", 0, `{"jsonrpc":"2.0","id":$ID,"error":{}}`, 500, "{}"},
+		{"id echoed as a string", 0, `{"id":"$ID","result":1,"error":null}`, 200, `1`},
+		{"no id", 0, `{"result":2,"error":null}`, 200, `2`},
+		{"different id", 0, `{"id":987654321,"result":1,"error":null}`, 502, "reply id 987654321 does not answer request id"},
+		{"different string id", 0, `{"jsonrpc":"2.0","id":"abc","result":1}`, 502, `reply id "abc" does not answer`},
+		{"different id with an error", 0, `{"jsonrpc":"2.0","id":7e9,"error":{"code":-32601,"message":"Method not found"}}`, 502, "reply id 7e9"},
+		{"1.0 result and error", 0, `{"id":$ID,"result":{"a":1},"error":"half done"}`, 500, "half done"},
+		{"2.0 result and error", 0, `{"jsonrpc":"2.0","id":$ID,"result":{"a":1},"error":{"code":-32602,"message":"Invalid params"}}`, 400, "Invalid params"},
+		{"neither result nor error", 0, `{"jsonrpc":"2.0","id":$ID}`, 502, "not a JSON-RPC reply"},
+		{"not JSON", 0, `<html><body>` + strings.Repeat("Bad Gateway ", 100) + `</body></html>`, 502, `not a JSON-RPC reply (HTTP 200): "<html><body>Bad Gateway`},
+		{"not JSON with HTTP 500", 500, `Internal Server Error`, 502, `(HTTP 500): "Internal Server Error"`},
+		{"batch reply", 0, `[{"jsonrpc":"2.0","id":$ID,"result":1}]`, 502, "not a JSON-RPC reply"},
+		{"result with HTTP 500", 500, `{"id":$ID,"result":1,"error":null}`, 502, "HTTP 500"},
+		{"reply over the limit", 0, huge, 502, fmt.Sprintf("reply exceeds %d bytes", maxReplyBytes)},
+	}
+	node := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Method string          `json:"method"`
+			ID     json.RawMessage `json:"id"`
+		}
+		json.NewDecoder(r.Body).Decode(&req)
+		i, err := strconv.Atoi(strings.TrimPrefix(req.Method, "Case."))
+		if err != nil || i < 0 || i >= len(tests) {
+			http.Error(w, "no such case", http.StatusBadRequest)
+			return
+		}
+		tt := tests[i]
+		w.Header().Set("Content-Type", "application/json")
+		if tt.status != 0 {
+			w.WriteHeader(tt.status)
+		}
+		io.WriteString(w, strings.ReplaceAll(tt.reply, "$ID", string(req.ID)))
+	}))
+	t.Cleanup(node.Close)
+	registerURLs(t, ts.URL, "go.micro.srv.replies", node.URL)
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			call := fmt.Sprintf(`{"service":"go.micro.srv.replies","method":"Case.%d"}`, i)
+			code, body := do(t, "POST", ts.URL+"/rpc", call)
+			if tt.code == http.StatusOK {
+				if code != http.StatusOK || string(body) != tt.want {
+					t.Fatalf("POST /rpc %s answered by %.100s = %d %s, want 200 %s", call, tt.reply, code, body, tt.want)
+				}
+				return
+			}
+			e := wantError(t, "POST /rpc "+call, code, body, tt.code)
+			if !strings.Contains(e.Detail, tt.want) || len(e.Detail) > 512 {
+				t.Errorf("POST /rpc %s answered by %.100s: detail = %q, want at most 512 bytes mentioning %q", call, tt.reply, e.Detail, tt.want)
+			}
+		})
+	}
+}
+
+// netrpcGreeter is the service of a Go net/rpc/jsonrpc backend: a JSON-RPC
+// 1.0 server, which reads params as a one-element array and answers
+// {"id","result","error"} with error a string.
+type netrpcGreeter struct{}
+
+func (netrpcGreeter) Hello(args struct{ Name string }, reply *struct{ Msg string }) error {
+	reply.Msg = "Hello " + args.Name
+	return nil
+}
+
+func (netrpcGreeter) Forbid(args struct{ Name string }, reply *struct{ Msg string }) error {
+	return errors.New(`{"id":"greeter","code":403,"detail":"not for ` + args.Name + `","status":"Forbidden"}`)
+}
+
+// TestRPCNetRPCBackend calls Go's net/rpc/jsonrpc served over HTTP (one
+// request per POST body): a 1.0 server ignores the "jsonrpc" member the
+// sidecar sends, and its error strings set the status as go-micro's do.
+func TestRPCNetRPCBackend(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, nil)
+	rs := rpc.NewServer()
+	if err := rs.RegisterName("Greeter", netrpcGreeter{}); err != nil {
+		t.Fatal(err)
+	}
+	node := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		rs.ServeRequest(jsonrpc.NewServerCodec(struct {
+			io.Reader
+			io.Writer
+			io.Closer
+		}{r.Body, w, r.Body}))
+	}))
+	t.Cleanup(node.Close)
+	registerURLs(t, ts.URL, "go.micro.srv.greeter", node.URL)
+
+	code, body := do(t, "POST", ts.URL+"/greeter/hello", `{"name":"Ann"}`)
+	var got struct{ Msg string }
+	if code != http.StatusOK || json.Unmarshal(body, &got) != nil || got.Msg != "Hello Ann" {
+		t.Fatalf(`POST /greeter/hello {"name":"Ann"} = %d %s, want 200 {"Msg":"Hello Ann"}`, code, body)
+	}
+	code, body = do(t, "POST", ts.URL+"/greeter/forbid", `{"name":"Bob"}`)
+	if e := wantError(t, "POST /greeter/forbid", code, body, http.StatusForbidden); e.Detail != "not for Bob" || e.ID != "greeter" {
+		t.Errorf("POST /greeter/forbid = %+v, want the backend's error", e)
+	}
+	code, body = do(t, "POST", ts.URL+"/greeter/bye", `{}`)
+	if e := wantError(t, "POST /greeter/bye", code, body, http.StatusInternalServerError); !strings.Contains(e.Detail, "can't find method Greeter.Bye") {
+		t.Errorf("POST /greeter/bye detail = %q, want net/rpc's error", e.Detail)
 	}
 }
 
