@@ -537,7 +537,7 @@ func (h *rpcHandler) try(ctx context.Context, target string, header http.Header,
 		var op *net.OpError
 		if errors.As(err, &op) && op.Op == "dial" {
 			return attempt{code: http.StatusServiceUnavailable, nodeFailed: true, retry: true,
-				err: h.apiErr(http.StatusServiceUnavailable, "rpc: call %s: connect to %s: %v", c.service, req.URL.Host, op.Err)}
+				err: h.apiErr(http.StatusServiceUnavailable, "rpc: call %s: %v", c.service, dialError(op))}
 		}
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
