@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +11,9 @@ import (
 	"net/http/httptest"
 	"net/rpc"
 	"net/rpc/jsonrpc"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -688,6 +692,94 @@ func TestRPCNetRPCBackend(t *testing.T) {
 	code, body = do(t, "POST", ts.URL+"/greeter/bye", `{}`)
 	if e := wantError(t, "POST /greeter/bye", code, body, http.StatusInternalServerError); !strings.Contains(e.Detail, "can't find method Greeter.Bye") {
 		t.Errorf("POST /greeter/bye detail = %q, want net/rpc's error", e.Detail)
+	}
+}
+
+// TestREADMEPythonGreeter runs the README's Python greeter, its example of
+// a service in any language, with python3 against a sidecar in app mode as
+// the README starts it, and checks that the answers are the ones the
+// README shows. python3 is not a tool the project installs: without it
+// the test is skipped.
+func TestREADMEPythonGreeter(t *testing.T) {
+	t.Parallel()
+	python, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("python3 is not installed")
+	}
+	data, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme := string(data)
+	_, section, ok1 := strings.Cut(readme, "### JSON-RPC 2.0")
+	_, block, ok2 := strings.Cut(section, "```python\n")
+	script, _, ok3 := strings.Cut(block, "\n```")
+	if !ok1 || !ok2 || !ok3 {
+		t.Fatal("README.md has no ```python block under ### JSON-RPC 2.0")
+	}
+	file := filepath.Join(t.TempDir(), "greeter.py")
+	if err := os.WriteFile(file, []byte(script+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	ctx, cancel := context.WithCancel(context.Background())
+	_, port, _ := net.SplitHostPort(addr)
+	cmd := exec.CommandContext(ctx, python, file, port) // python3 greeter.py 9090
+	var stderr syncBuffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		cmd.Wait()
+		close(exited)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-exited
+	})
+	eventually(t, time.Minute, "greeter.py listening on "+addr, func() bool {
+		select {
+		case <-exited:
+			t.Fatalf("greeter.py exited: %s", stderr.String())
+		default:
+		}
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+
+	// sidecar --server_name=go.micro.srv.greeter --server_address=127.0.0.1:9090
+	cfg := testConfig()
+	cfg.ServerName = "go.micro.srv.greeter"
+	cfg.ServerAddress = addr
+	_, ts := newTestServer(t, cfg)
+	eventually(t, time.Minute, "the app registered", func() bool {
+		code, _ := do(t, "GET", ts.URL+"/registry?service=go.micro.srv.greeter", "")
+		return code == http.StatusOK
+	})
+
+	// The README's two curl calls, and the answers it shows for them.
+	calls := []struct {
+		method, path, body string
+		code               int
+	}{
+		{"POST", "/greeter/hello", `{"name": "Ann"}`, http.StatusOK},
+		{"GET", "/greeter/goodbye", "", http.StatusNotFound},
+	}
+	for _, c := range calls {
+		code, body := do(t, c.method, ts.URL+c.path, c.body, "Content-Type", "application/x-www-form-urlencoded")
+		answer := strings.TrimSuffix(string(body), "\n")
+		if code != c.code {
+			t.Errorf("%s %s = %d %s, want %d (greeter.py said: %s)", c.method, c.path, code, answer, c.code, stderr.String())
+		}
+		if !strings.Contains(readme, "\n    "+answer+"\n") {
+			t.Errorf("%s %s answered %s, which README.md does not show", c.method, c.path, answer)
+		}
 	}
 }
 
