@@ -616,8 +616,12 @@ func appError(service string, raw json.RawMessage) *apiError {
 		if obj.Detail != "" && obj.Code >= 400 && obj.Code <= 599 {
 			return fillError(service, &obj.apiError)
 		}
+		message := obj.Message
+		if message == "" {
+			message = obj.Detail // a go-micro error with a JSON-RPC code
+		}
 		code := rpc2Status(obj.Code)
-		return &apiError{ID: service, Code: code, Detail: rpc2Detail(obj.Code, obj.Message, obj.Data), Status: http.StatusText(code)}
+		return &apiError{ID: service, Code: code, Detail: rpc2Detail(obj.Code, message, obj.Data), Status: http.StatusText(code)}
 	}
 	var e apiError
 	if t := strings.TrimSpace(text); strings.HasPrefix(t, "{") && json.Unmarshal([]byte(t), &e) == nil && e.Code >= 400 && e.Code <= 599 {

@@ -592,6 +592,7 @@ func TestRPCReplyStyles(t *testing.T) {
 		{"2.0 error with HTTP 500", 500, `{"jsonrpc":"2.0","id":$ID,"error":{"code":-32603,"message":"Internal error","data":["a", "b"]}}`, 500, `Internal error: ["a","b"] (JSON-RPC error -32603)`},
 		{"2.0 error with null id", 0, `{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Invalid Request"}}`, 400, "Invalid Request"},
 		{"2.0 error without message", 0, `{"jsonrpc":"2.0","id":$ID,"error":{"code":-32602}}`, 400, "(JSON-RPC error -32602)"},
+		{"go-micro error with a JSON-RPC code", 0, `{"id":$ID,"error":{"code":-32601,"detail":"no Case method"}}`, 404, "no Case method (JSON-RPC error -32601)"},
 		{"empty error object", 0, `{"jsonrpc":"2.0","id":$ID,"error":{}}`, 500, "{}"},
 		{"id echoed as a string", 0, `{"id":"$ID","result":1,"error":null}`, 200, `1`},
 		{"no id", 0, `{"result":2,"error":null}`, 200, `2`},
