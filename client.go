@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -53,6 +54,23 @@ func newBackendTransport(cfg *Config, clientTLS *tls.Config) *http.Transport {
 		TLSClientConfig:        clientTLS,
 		TLSHandshakeTimeout:    min(cfg.ClientRequestTimeout, maxDialTimeout),
 	}
+}
+
+// dialError says once what a failed dial to a node means: "connect to
+// 127.0.0.1:1: connection refused". The *net.OpError's own text is "dial
+// tcp 127.0.0.1:1: connect: connection refused", and its inner error
+// after a "connect" prefix said connect twice. The cause stays wrapped:
+// errors.Is(err, syscall.ECONNREFUSED) holds.
+func dialError(op *net.OpError) error {
+	cause := op.Err
+	var se *os.SyscallError
+	if errors.As(cause, &se) {
+		cause = se.Err
+	}
+	if op.Addr == nil { // the name did not resolve: the DNS error names it
+		return fmt.Errorf("connect: %w", cause)
+	}
+	return fmt.Errorf("connect to %s: %w", op.Addr, cause)
 }
 
 // requestTimeout is the budget of a call: def, or less when the caller's

@@ -622,3 +622,32 @@ func FuzzVia(f *testing.F) {
 		}
 	})
 }
+
+// TestDialErrorSaidOnce: a node that refuses connections is named once
+// and the refusal said once, by RPC and by the proxy alike (the detail
+// read "connect: connect: connection refused").
+func TestDialErrorSaidOnce(t *testing.T) {
+	t.Parallel()
+	port := freePort(t) // nothing listens there once freePort returns
+	tests := []struct {
+		name   string
+		cfg    *Config
+		method string
+		path   string
+		want   string
+	}{
+		{"rpc", testConfig(), "POST", "/gone/call", fmt.Sprintf("rpc: call go.micro.srv.gone: connect to 127.0.0.1:%d: connection refused", port)},
+		{"proxy", proxyTestConfig(), "GET", "/gone/call", fmt.Sprintf("proxy: GET /gone/call to go.micro.srv.gone: connect to 127.0.0.1:%d: connection refused", port)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			_, ts := newTestServer(t, tt.cfg)
+			registerURLs(t, ts.URL, "go.micro.srv.gone", fmt.Sprintf("http://127.0.0.1:%d", port))
+			code, body := do(t, tt.method, ts.URL+tt.path, `{}`)
+			if e := wantError(t, tt.method+" "+tt.path, code, body, http.StatusServiceUnavailable); e.Detail != tt.want {
+				t.Errorf("%s %s detail = %q, want %q", tt.method, tt.path, e.Detail, tt.want)
+			}
+		})
+	}
+}

@@ -886,7 +886,7 @@ func (pc *proxyCall) classify(err error) (pe *httpError, nodeFailed, retry bool)
 	}
 	var op *net.OpError
 	if errors.As(err, &op) && op.Op == "dial" {
-		return &httpError{http.StatusServiceUnavailable, fmt.Errorf("connect: %w", op.Err)}, true, pc.bytes.Load() == 0
+		return &httpError{http.StatusServiceUnavailable, dialError(op)}, true, pc.bytes.Load() == 0
 	}
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {

@@ -413,7 +413,7 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 			}
 			target = n.url
 		}
-		res = h.try(ctx, target, header, body, c, deadline)
+		res = h.try(ctx, target, header, body, c, idText, deadline)
 		if res.code == http.StatusGatewayTimeout && (lowered || r.Context().Err() != nil) {
 			res.nodeFailed = false // the caller's own short deadline, or its leaving, says nothing of the node
 		}
@@ -480,11 +480,15 @@ func (h *rpcHandler) apiErr(code int, format string, args ...any) *apiError {
 	return &apiError{ID: errorID, Code: code, Detail: fmt.Sprintf(format, args...), Status: http.StatusText(code)}
 }
 
-// jsonRPCBody is {"method":M,"params":[request],"id":N}.
+// jsonRPCBody is {"jsonrpc":"2.0","method":M,"params":[request],"id":N}:
+// a JSON-RPC 2.0 request, which 2.0 servers refuse without the "jsonrpc"
+// member, and still the 1.0 request go-micro and net/rpc/jsonrpc servers
+// read, since they ignore members they do not know. params stays a
+// one-element array, as 1.0 servers want it.
 func jsonRPCBody(method string, request []byte, id string) []byte {
 	m, _ := json.Marshal(method) // a string: cannot fail
-	b := make([]byte, 0, len(m)+len(request)+len(id)+32)
-	b = append(b, `{"method":`...)
+	b := make([]byte, 0, len(m)+len(request)+len(id)+48)
+	b = append(b, `{"jsonrpc":"2.0","method":`...)
 	b = append(b, m...)
 	b = append(b, `,"params":[`...)
 	b = append(b, request...)
@@ -516,15 +520,30 @@ func backendHeader(in http.Header, dropAuth bool) http.Header {
 	return out
 }
 
-// rpcReply is a JSON-RPC reply.
+// rpcReply is a JSON-RPC reply in either style: 1.0, {"id","result",
+// "error"} with error null or a string; or 2.0, {"jsonrpc":"2.0","id"}
+// with "result" or an "error" object. An absent member stays nil, a null
+// one holds "null". An error that is not null wins over a result (a 2.0
+// server must not send both; a 1.0 one sends result null with an error).
 type rpcReply struct {
 	ID     json.RawMessage `json:"id"`
 	Result json.RawMessage `json:"result"`
 	Error  json.RawMessage `json:"error"`
 }
 
-// try sends one attempt of c to target and classifies the outcome.
-func (h *rpcHandler) try(ctx context.Context, target string, header http.Header, body []byte, c rpcCall, deadline time.Time) attempt {
+// idAnswers reports whether a reply's id answers the request id sent (an
+// integer): the same integer, or the same digits as a string. An absent or
+// null id is accepted: a 2.0 server answers null when it could not read
+// the request's id, some 1.0 servers do not echo it, and HTTP pairs the
+// reply with its request anyway.
+func idAnswers(got json.RawMessage, sent string) bool {
+	s := string(got)
+	return s == "" || s == "null" || s == sent || s == `"`+sent+`"`
+}
+
+// try sends one attempt of c, whose JSON-RPC id is id, to target and
+// classifies the outcome.
+func (h *rpcHandler) try(ctx context.Context, target string, header http.Header, body []byte, c rpcCall, id string, deadline time.Time) attempt {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, target, bytes.NewReader(body))
 	if err != nil {
 		return attempt{code: http.StatusBadGateway, err: h.apiErr(http.StatusBadGateway, "rpc: call %s: %v", c.service, err)}
@@ -539,7 +558,7 @@ func (h *rpcHandler) try(ctx context.Context, target string, header http.Header,
 		var op *net.OpError
 		if errors.As(err, &op) && op.Op == "dial" {
 			return attempt{code: http.StatusServiceUnavailable, nodeFailed: true, retry: true,
-				err: h.apiErr(http.StatusServiceUnavailable, "rpc: call %s: connect to %s: %v", c.service, req.URL.Host, op.Err)}
+				err: h.apiErr(http.StatusServiceUnavailable, "rpc: call %s: %v", c.service, dialError(op))}
 		}
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
@@ -583,6 +602,12 @@ func (h *rpcHandler) try(ctx context.Context, target string, header http.Header,
 		detail := fmt.Sprintf("rpc: call %s on %s: not a JSON-RPC reply (HTTP %d): %.200q", c.service, req.URL.Host, resp.StatusCode, raw)
 		return attempt{code: code, nodeFailed: failed || resp.StatusCode < 300, retry: retry, err: h.apiErr(code, "%s", detail)}
 	}
+	if !idAnswers(rep.ID, id) {
+		// Not the answer to this call: the node, or something between, is
+		// confused, and its result cannot be trusted to be this call's.
+		return attempt{code: http.StatusBadGateway, nodeFailed: true,
+			err: h.apiErr(http.StatusBadGateway, "rpc: call %s on %s: reply id %.64s does not answer request id %s", c.service, req.URL.Host, rep.ID, id)}
+	}
 	if len(rep.Error) > 0 && string(rep.Error) != "null" {
 		a := appError(c.service, rep.Error)
 		return attempt{code: a.Code, err: a, nodeFailed: failed, retry: retry}
@@ -599,25 +624,35 @@ func (h *rpcHandler) try(ctx context.Context, target string, header http.Header,
 	return attempt{code: http.StatusOK, result: result}
 }
 
-// appError is the caller's error for a JSON-RPC error: a string holding a
-// go-micro error {"id","code","detail","status"} keeps its code as the
-// HTTP status; any other string is a 500 with that text as detail; a
-// JSON-RPC 2.0 error object {"code","message"} is a 500 with its message.
+// appError is the caller's error for a JSON-RPC error member, in either
+// style:
+//   - a string (1.0 style) holding a go-micro error {"id","code","detail",
+//     "status"} keeps its code as the HTTP status; any other string is a
+//     500 with that text as detail;
+//   - a go-micro error as an object, likewise;
+//   - a JSON-RPC 2.0 error object {"code","message","data"} gets the status
+//     of its code (rpc2Status), and its message, data and code in detail;
+//   - anything else is a 500 with the member's JSON as detail.
 func appError(service string, raw json.RawMessage) *apiError {
 	var text string
 	if err := json.Unmarshal(raw, &text); err != nil {
 		var obj struct {
 			apiError
-			Message string `json:"message"`
+			Message string          `json:"message"`
+			Data    json.RawMessage `json:"data"`
 		}
-		if json.Unmarshal(raw, &obj) == nil && obj.Detail != "" && obj.Code >= 400 && obj.Code <= 599 {
+		if json.Unmarshal(raw, &obj) != nil || (obj.Code == 0 && obj.Message == "" && obj.Detail == "") {
+			return &apiError{ID: service, Code: http.StatusInternalServerError, Detail: string(raw), Status: http.StatusText(http.StatusInternalServerError)}
+		}
+		if obj.Detail != "" && obj.Code >= 400 && obj.Code <= 599 {
 			return fillError(service, &obj.apiError)
 		}
-		detail := obj.Message
-		if detail == "" {
-			detail = string(raw)
+		message := obj.Message
+		if message == "" {
+			message = obj.Detail // a go-micro error with a JSON-RPC code
 		}
-		return &apiError{ID: service, Code: http.StatusInternalServerError, Detail: detail, Status: http.StatusText(http.StatusInternalServerError)}
+		code := rpc2Status(obj.Code)
+		return &apiError{ID: service, Code: code, Detail: rpc2Detail(obj.Code, message, obj.Data), Status: http.StatusText(code)}
 	}
 	var e apiError
 	if t := strings.TrimSpace(text); strings.HasPrefix(t, "{") && json.Unmarshal([]byte(t), &e) == nil && e.Code >= 400 && e.Code <= 599 {
@@ -627,6 +662,50 @@ func appError(service string, raw json.RawMessage) *apiError {
 		text = "backend returned an empty error"
 	}
 	return &apiError{ID: service, Code: http.StatusInternalServerError, Detail: text, Status: http.StatusText(http.StatusInternalServerError)}
+}
+
+// rpc2Status is the HTTP status of a JSON-RPC 2.0 error code (SPEC,
+// "Backend wire protocol"): a request the server could not parse, an
+// invalid request and invalid params are 400, an unknown method 404;
+// internal errors, the server errors -32000 to -32099 and codes the
+// application defines are 500. A code that looks like an HTTP status is
+// not taken for one: JSON-RPC codes are the application's own.
+func rpc2Status(code int) int {
+	switch code {
+	case -32700, -32600, -32602:
+		return http.StatusBadRequest
+	case -32601:
+		return http.StatusNotFound
+	}
+	return http.StatusInternalServerError
+}
+
+// rpc2Detail is the detail of a JSON-RPC 2.0 error: "message: data
+// (JSON-RPC error code)", data unquoted when it is a string and compacted
+// otherwise, so the caller sees what the server said and its code, which
+// the HTTP status alone does not keep.
+func rpc2Detail(code int, message string, data json.RawMessage) string {
+	var b strings.Builder
+	b.WriteString(message)
+	if len(data) > 0 && string(data) != "null" {
+		if b.Len() > 0 {
+			b.WriteString(": ")
+		}
+		var s string
+		var buf bytes.Buffer
+		if json.Unmarshal(data, &s) == nil {
+			b.WriteString(s)
+		} else if json.Compact(&buf, data) == nil {
+			b.Write(buf.Bytes())
+		} else {
+			b.Write(data)
+		}
+	}
+	if b.Len() > 0 {
+		b.WriteString(" ")
+	}
+	fmt.Fprintf(&b, "(JSON-RPC error %d)", code)
+	return b.String()
 }
 
 // fillError completes a backend's go-micro error.
