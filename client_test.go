@@ -416,6 +416,9 @@ func TestLoopRefused(t *testing.T) {
 			if n := conns.Load(); n != 1 {
 				t.Errorf("%s: the loop took %d connections through the relay, want 1", call, n)
 			}
+			if n := getMetrics(t, ts.URL)["sidecar_loops_refused_total"]; n != 1 {
+				t.Errorf("%s: sidecar_loops_refused_total = %v, want 1", call, n)
+			}
 		})
 	}
 }
