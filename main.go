@@ -496,8 +496,9 @@ type route struct {
 
 // routes is the route table: every endpoint of the sidecar, in one place.
 // Its rows match only clean paths: a path that is not (//x, /./x, /a/../b)
-// goes to the last row, the handler of the paths the sidecar does not own,
-// which forwards it as it came or refuses it (see cleanFront).
+// goes to the row "/", the handler of the paths the sidecar does not own,
+// which forwards it as it came or refuses it (see cleanFront). No other
+// pattern may end in a slash: the mux would redirect /x to /x/.
 func (s *server) routes() http.Handler {
 	table := []route{
 		{"GET /health", s.handleHealth},
