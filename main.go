@@ -80,8 +80,26 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(stdout, "sidecar listening on %s://%s\n", s.tls.scheme(), ln.Addr())
+	warnIfExposed(cfg, ln.Addr(), logger)
 	s.setAdvertise(ln.Addr())
 	return s.serve(ctx, ln)
+}
+
+// warnIfExposed logs one warning when the sidecar listens beyond loopback
+// and nothing authenticates its callers: then anyone who can reach the
+// port can register nodes (and so take over other services' calls),
+// publish, and call every service through it. Mutual TLS authenticates
+// callers too.
+func warnIfExposed(cfg *Config, bound net.Addr, logger *slog.Logger) {
+	if cfg.AuthToken != "" || cfg.TLSClientCAFile != "" {
+		return
+	}
+	if a, ok := bound.(*net.TCPAddr); ok && a.IP.IsLoopback() {
+		return
+	}
+	logger.Warn("no auth token: anyone who can reach this address can change the registry and call services through the sidecar",
+		"address", bound.String(),
+		"fix", "set --auth_token_file FILE or --auth_token TOKEN (MICRO_AUTH_TOKEN_FILE, MICRO_AUTH_TOKEN); clients then send Authorization: Bearer TOKEN")
 }
 
 // Config is the sidecar's whole configuration, parsed once by parseConfig
