@@ -129,9 +129,7 @@ check() {
 
 	# static: a dynamic binary names an interpreter (ld.so) that a
 	# scratch image does not have.
-	local entry bin
-	entry=$(jq -r '(.Entrypoint // [])[0] // ""' "$work/config.json")
-	bin="$rootfs/sidecar"
+	local bin="$rootfs/sidecar"
 	[ -f "$bin" ] || fail static "no /sidecar in the image"
 	local headers
 	headers=$(readelf -lW "$bin") || fail static "/sidecar is not an ELF executable"
