@@ -1,27 +1,25 @@
-# Container image of the sidecar: the static binary, CA certificates
-# (for ACME and TLS to backends) and nothing else. Docker, Podman and
-# Buildah read this file. Two ways to build it:
+# Container image of the sidecar: the static binary, CA certificates (for
+# ACME and TLS to backends) and nothing else. Docker, Podman and Buildah read
+# this file. Two ways to build it:
 #
-#   docker build -t sidecar .
-#     compiles the binary in a Go build stage (the default, SOURCE=source).
-#     Use it wherever the golang image can be pulled: CI with a registry,
-#     a workstation. The image then reports version "(devel)": .git stays
-#     out of the build context (.dockerignore).
+#   docker build -t sidecar .        (or podman build, buildah build)
+#     compiles the binary in a Go build stage (SOURCE=source, the default).
+#     Use it wherever the golang image can be pulled. The binary reports
+#     version "(devel)": .git stays out of the build context (.dockerignore).
 #
 #   bash scripts/build-image.sh
-#     builds the binary outside with the local Go toolchain and packs it
-#     (SOURCE=local, the binary and ca-certificates.crt in the build
-#     context), then checks the image. Use it where no Go base image can be
-#     pulled (this repository's CI) or to ship exactly the binary you tested;
-#     `sidecar version` then names the commit when built from a git clone.
-#     By hand:
+#     compiles with the local Go toolchain, packs that binary (SOURCE=local)
+#     and checks the image. Use it where no Go base image can be pulled (this
+#     repository's CI) or to ship the very binary you tested. By hand:
 #       CGO_ENABLED=0 go build -trimpath -ldflags=-s -o ctx/sidecar .
 #       cp /etc/ssl/certs/ca-certificates.crt ctx/
 #       buildah build --build-arg SOURCE=local -f Dockerfile -t sidecar ctx
 #
-# The stage not selected by SOURCE is skipped (BuildKit, Buildah 1.24+).
+# Only the stage SOURCE names is built. Its default sits in the FROM line,
+# ${SOURCE:-source}, not in the ARG: Buildah (1.28 at least) picks the stages
+# to build before it applies an ARG's default, and would skip that stage.
 
-ARG SOURCE=source
+ARG SOURCE=
 ARG GO_VERSION=1.25
 
 FROM golang:${GO_VERSION} AS build-source
@@ -35,7 +33,7 @@ RUN CGO_ENABLED=0 go build -trimpath -ldflags=-s -o /out/sidecar . \
 FROM scratch AS build-local
 COPY sidecar ca-certificates.crt /out/
 
-FROM build-${SOURCE} AS build
+FROM build-${SOURCE:-source} AS build
 
 FROM scratch
 COPY --from=build /out/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt

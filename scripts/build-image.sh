@@ -27,6 +27,10 @@
 #                                            it (fails): dynamic (a cgo
 #                                            binary), entrypoint (a wrong
 #                                            path) or root (no USER)
+#   bash scripts/build-image.sh --check FILE check an OCI archive built
+#                                            elsewhere (e.g. the Dockerfile's
+#                                            Go build stage, then
+#                                            buildah push IMG oci-archive:FILE)
 #
 # Environment: IMAGE (default localhost/sidecar:latest), OUT (the OCI
 # archive, default build/sidecar-image.tar), BUILDAH_ROOT (image storage,
@@ -260,6 +264,14 @@ __run)
 --self-test)
 	ensure_tools
 	self_test
+	;;
+--check)
+	if [ $# -ne 2 ] || [ ! -f "$2" ]; then
+		fail usage "--check FILE (an OCI archive)"
+	fi
+	ensure_tools
+	OUT=$(realpath "$2") IMAGE="$2"
+	check
 	;;
 --break)
 	[ $# -eq 2 ] || fail usage "--break KIND (dynamic, entrypoint or root)"
