@@ -32,17 +32,19 @@
 #                                            Go build stage, then
 #                                            buildah push IMG oci-archive:FILE)
 #
-# Environment: IMAGE (default localhost/sidecar:latest), OUT (the OCI
-# archive, default build/sidecar-image.tar), BUILDAH_ROOT (image storage,
-# default ~/.cache/sidecar-buildah, driver vfs). Missing tools (buildah,
-# jq, binutils, iproute2, curl) are installed with apt-get.
+# Environment: IMAGE (the name in the archive, default
+# localhost/sidecar:latest), OUT (the OCI archive, default
+# build/sidecar-image.tar). Buildah's storage (driver vfs) is a temporary
+# directory, removed at exit: the archive is the product, and nothing piles
+# up (Buildah 1.28 leaves a working container behind for a FROM of a stage).
+# Missing tools (buildah, jq, binutils, iproute2, curl) are installed with
+# apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
 IMAGE="${IMAGE:-localhost/sidecar:latest}"
 OUT="${OUT:-$repo/build/sidecar-image.tar}"
-BUILDAH_ROOT="${BUILDAH_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/sidecar-buildah}"
 PORT=8081     # what the image's MICRO_ADDRESS sets
 WANT_ID=65534 # nobody
 
@@ -87,6 +89,7 @@ ensure_tools() {
 build() {
 	local kind=$1 ctx
 	newtmp ctx
+	newtmp BUILDAH_ROOT
 	# -buildvcs=auto overrides a GOFLAGS=-buildvcs=false: the binary names
 	# its commit when built from a git clone (not from a git worktree,
 	# where Go finds no repository).
@@ -109,7 +112,6 @@ build() {
 	mkdir -p "$(dirname "$OUT")"
 	rm -f "$OUT"
 	bh push --quiet "$IMAGE" "oci-archive:$OUT:$IMAGE" >/dev/null
-	bh rmi --prune >/dev/null 2>&1 || true # the build stages' images
 	say "exported $OUT ($(du -h "$OUT" | cut -f1))"
 }
 
@@ -236,9 +238,8 @@ self_test() {
 	newtmp tmp
 	for pair in dynamic:static entrypoint:entrypoint root:user; do
 		local kind=${pair%%:*} want=${pair#*:} status=0
-		IMAGE="localhost/sidecar:broken-$kind" OUT="$tmp/$kind.tar" BUILDAH_ROOT="$BUILDAH_ROOT" \
+		IMAGE="localhost/sidecar:broken-$kind" OUT="$tmp/$kind.tar" \
 			bash "$repo/scripts/build-image.sh" --break "$kind" >"$tmp/$kind.log" 2>&1 || status=$?
-		bh rmi "localhost/sidecar:broken-$kind" >/dev/null 2>&1 || true
 		if [ "$status" -eq 0 ]; then
 			cat "$tmp/$kind.log" >&2
 			fail self-test "the image broken by $kind passed every check"
