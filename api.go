@@ -1,12 +1,11 @@
 package main
 
 // api.go holds what every HTTP endpoint shares: the one JSON error writer,
-// body decoding with limits, CORS, bearer-token checks and the tracking of
+// body decoding with limits, CORS and the tracking of
 // long-lived websocket streams for shutdown.
 
 import (
 	"context"
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -146,16 +145,6 @@ func decodeJSON(body []byte, v any) error {
 		return errorf(http.StatusBadRequest, "invalid JSON: %v", err)
 	}
 	return nil
-}
-
-// bearerMatches reports whether r carries "Authorization: Bearer token",
-// compared in constant time.
-func bearerMatches(r *http.Request, token []byte) bool {
-	scheme, got, ok := strings.Cut(r.Header.Get("Authorization"), " ")
-	if !ok || !strings.EqualFold(scheme, "Bearer") {
-		return false
-	}
-	return subtle.ConstantTimeCompare([]byte(strings.TrimSpace(got)), token) == 1
 }
 
 // corsPolicy answers cross-origin requests for the origins of --cors. With

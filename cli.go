@@ -135,7 +135,7 @@ func cliFlagSet(o *cliOptions, cmd *cliCommand) *flag.FlagSet {
 	if cmd == nil || !cmd.local {
 		fs.StringVar(&o.proxyAddress, "proxy_address", defaultProxyAddress, "`URL` or host:port of the sidecar (http:// is assumed)")
 		fs.StringVar(&o.authToken, "auth_token", "", "send Authorization: Bearer `TOKEN`")
-		fs.StringVar(&o.authTokenFile, "auth_token_file", "", "read the bearer token from `file`")
+		fs.StringVar(&o.authTokenFile, "auth_token_file", "", "read the bearer token from `file` (its first, in the sidecar's format)")
 		fs.StringVar(&o.caFile, "tls_ca_file", "", "CA `file` (PEM) to verify an https sidecar's certificate (default system roots)")
 		fs.StringVar(&o.certFile, "tls_client_cert_file", "", "client certificate `file` (PEM) for a sidecar with mutual TLS")
 		fs.StringVar(&o.keyFile, "tls_client_key_file", "", "client key `file` (PEM) for a sidecar with mutual TLS")
@@ -341,9 +341,13 @@ func (c *cli) connect() error {
 		if err != nil {
 			return fmt.Errorf("flag --auth_token_file: %w", err)
 		}
-		if c.token = strings.TrimSpace(string(b)); c.token == "" {
-			return fmt.Errorf("flag --auth_token_file: %s is empty", o.authTokenFile)
+		// The sidecar's file format (auth.go); the first token is the
+		// current one during a rotation.
+		tokens, err := parseTokens(b)
+		if err != nil {
+			return fmt.Errorf("flag --auth_token_file: %s: %w", o.authTokenFile, err)
 		}
+		c.token = tokens[0]
 	}
 	if (o.certFile == "") != (o.keyFile == "") {
 		return errors.New("flags --tls_client_cert_file and --tls_client_key_file go together")

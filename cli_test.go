@@ -649,6 +649,17 @@ func TestCLIAuthToken(t *testing.T) {
 	wantOK(t, runClient(t, "", nil, append(args, "--auth_token", "s3cret")...), args...)
 	wantOK(t, runClient(t, "", nil, append(args, "--auth_token_file", tokenFile)...), args...)
 	wantOK(t, runClient(t, "", []string{"MICRO_AUTH_TOKEN=s3cret"}, args...), args...)
+	// A rotation file, as the sidecar reads it: the client sends the first token.
+	rotation := filepath.Join(t.TempDir(), "tokens")
+	if err := os.WriteFile(rotation, []byte("# current first\n\n  s3cret  \r\nprevious\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	wantOK(t, runClient(t, "", nil, append(args, "--auth_token_file", rotation)...), append(args, "--auth_token_file", rotation)...)
+	empty := filepath.Join(t.TempDir(), "empty")
+	if err := os.WriteFile(empty, []byte("# no token yet\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	wantFailure(t, runClient(t, "", nil, append(args, "--auth_token_file", empty)...), "flag --auth_token_file: "+empty+": no token", args...)
 
 	sub := startSubscriber(t, nil, "t", "--proxy_address", url, "--auth_token", "s3cret")
 	waitMetricSubscribers(t, url, 1, "Authorization", "Bearer s3cret")

@@ -123,6 +123,13 @@ type Config struct {
 	RegistrySweep   time.Duration // how often expired nodes are removed
 	RegistryTimeout time.Duration // one call to a remote registry; zero: 5s
 	RegistryWait    time.Duration // longest blocking query of a remote registry; zero: 30s
+	// Remote registries at scale (registry_cache.go): the connection bound
+	// (blocking queries take at most 7/8 of it), the age past which an
+	// unwatched service is fetched again on lookup, and how long a service
+	// may go without lookups before its watch is dropped.
+	RegistryConnections int
+	RegistryStale       time.Duration
+	RegistryWatchIdle   time.Duration
 
 	BrokerAddress string // host:port other sidecars deliver to; empty: the bound address
 	BrokerSecret  string // required of sidecars delivering messages here (broker_peers.go)
@@ -145,7 +152,7 @@ type Config struct {
 	EnableACME      bool
 	ACMEHosts       []string
 
-	TLSReloadInterval time.Duration // how often changed certificate files are looked for
+	TLSReloadInterval time.Duration // how often changed certificate, client CA and token files are looked for
 	ACMECacheDir      string
 	ACMEDirectoryURL  string
 	ACMECAFile        string // CA roots of the ACME server's own HTTPS (private CAs)
@@ -154,7 +161,12 @@ type Config struct {
 	ClientTLS         bool   // call every backend over TLS
 	ClientCAFile      string // CA roots for backends; empty: system roots
 
-	AuthToken string // required bearer token; from --auth_token or --auth_token_file
+	// AuthToken is the required bearer token (--auth_token), or the first
+	// token of AuthTokenFile at start-up. Besides the check (auth.go) it is
+	// what says auth is on, what a --registry sidecar client sends, and
+	// the default delivery key (broker_peers.go).
+	AuthToken     string
+	AuthTokenFile string // accepted tokens, one a line, re-read when it changes (auth.go)
 
 	MaxBodyBytes    int64         // limit of a request body the sidecar reads
 	ShutdownTimeout time.Duration // drain budget on SIGTERM
@@ -173,6 +185,9 @@ func defaultConfig() *Config {
 		RegisterInterval:     10 * time.Second,
 		Registry:             "memory",
 		RegistrySweep:        250 * time.Millisecond,
+		RegistryConnections:  defaultRegistryConns,
+		RegistryStale:        defaultRegistryStale,
+		RegistryWatchIdle:    defaultRegistryIdle,
 		StatsInterval:        time.Second,
 		ClientRetries:        1,
 		ClientRequestTimeout: 5 * time.Second,
@@ -209,6 +224,9 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", cfg.RegisterInterval, "interval of the app's registration heartbeat")
 	fs.StringVar(&cfg.Registry, "registry", cfg.Registry, "registry backend: memory, consul or sidecar (another sidecar's /registry)")
 	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend (consul: host:port, default $CONSUL_HTTP_ADDR or 127.0.0.1:8500; sidecar: http://host:port)")
+	fs.IntVar(&cfg.RegistryConnections, "registry_connections", cfg.RegistryConnections, "connections to a remote registry, every call included; blocking queries (watches) use at most 7/8 of them (Consul allows 200 per client address)")
+	fs.DurationVar(&cfg.RegistryStale, "registry_stale", cfg.RegistryStale, "a remote service looked up but not watched is fetched again on lookup once its copy is this old")
+	fs.DurationVar(&cfg.RegistryWatchIdle, "registry_watch_idle", cfg.RegistryWatchIdle, "a remote service not looked up for this long is no longer watched")
 	fs.StringVar(&cfg.BrokerAddress, "broker_address", "", "`host:port` where other sidecars deliver pub/sub messages (default: the bound --address)")
 	fs.StringVar(&cfg.BrokerSecret, "broker_secret", "", "`secret` that keys the signature of deliveries between sidecars sharing a registry (default: --auth_token)")
 	fs.IntVar(&cfg.ClientRetries, "client_retries", cfg.ClientRetries, "retries of a call where retrying is safe")
@@ -224,7 +242,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.StringVar(&cfg.TLSClientCAFile, "tls_client_ca_file", "", "CA `file` that client certificates must chain to (mutual TLS)")
 	fs.BoolVar(&cfg.EnableACME, "enable_acme", false, "get certificates from an ACME CA")
 	fs.StringVar(&acmeHosts, "acme_hosts", "", "comma-separated `hosts` allowed to get ACME certificates")
-	fs.DurationVar(&cfg.TLSReloadInterval, "tls_reload_interval", cfg.TLSReloadInterval, "how often to look for changed --tls_cert_file/--tls_key_file")
+	fs.DurationVar(&cfg.TLSReloadInterval, "tls_reload_interval", cfg.TLSReloadInterval, "how often to look for changed --tls_cert_file, --tls_key_file, --tls_client_ca_file and --auth_token_file")
 	fs.StringVar(&cfg.ACMECacheDir, "acme_cache_dir", "", "`dir` that keeps ACME account and certificates across restarts")
 	fs.StringVar(&cfg.ACMEDirectoryURL, "acme_directory_url", defaultACMEDirectory, "ACME directory `URL` (Let's Encrypt by default)")
 	fs.StringVar(&cfg.ACMECAFile, "acme_ca_file", "", "CA `file` (PEM) to trust for the ACME server's HTTPS (private CAs)")
@@ -233,7 +251,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.BoolVar(&cfg.ClientTLS, "client_tls", false, "call every backend over TLS (else only nodes with metadata https=true)")
 	fs.StringVar(&cfg.ClientCAFile, "client_ca_file", "", "CA `file` (PEM) to verify backends' certificates (default system roots)")
 	fs.StringVar(&cfg.AuthToken, "auth_token", "", "require Authorization: Bearer `TOKEN` on every request but /health")
-	fs.StringVar(&authTokenFile, "auth_token_file", "", "read the auth token from `file`")
+	fs.StringVar(&authTokenFile, "auth_token_file", "", "read the accepted auth tokens from `file`, one a line, re-read when it changes")
 	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", cfg.MaxBodyBytes, "largest request body the sidecar reads")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", cfg.ShutdownTimeout, "time to drain requests on SIGTERM")
 	fs.StringVar(&logLevel, "log_level", "info", "log level: debug, info, warn or error")
@@ -264,14 +282,15 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 		if cfg.AuthToken != "" {
 			return nil, errors.New("flags --auth_token and --auth_token_file exclude each other")
 		}
-		b, err := os.ReadFile(authTokenFile)
+		b, err := readLimited(authTokenFile)
 		if err != nil {
 			return nil, fmt.Errorf("flag --auth_token_file: %w", err)
 		}
-		cfg.AuthToken = strings.TrimSpace(string(b))
-		if cfg.AuthToken == "" {
-			return nil, fmt.Errorf("flag --auth_token_file: %s is empty", authTokenFile)
+		tokens, err := parseTokens(b)
+		if err != nil {
+			return nil, fmt.Errorf("flag --auth_token_file: %s: %w", authTokenFile, err)
 		}
+		cfg.AuthToken, cfg.AuthTokenFile = tokens[0], authTokenFile
 	}
 	return cfg, cfg.validate()
 }
@@ -307,6 +326,8 @@ func (c *Config) validate() error {
 		{"client_request_timeout", c.ClientRequestTimeout},
 		{"proxy_idle_timeout", c.ProxyIdleTimeout},
 		{"shutdown_timeout", c.ShutdownTimeout},
+		{"registry_stale", c.RegistryStale},
+		{"registry_watch_idle", c.RegistryWatchIdle},
 	}
 	for _, p := range positive {
 		if p.d <= 0 {
@@ -320,6 +341,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %d for flag --client_retries: want 0 to 10", c.ClientRetries)
 	case !validStrategy(c.Balancer):
 		return fmt.Errorf("invalid value %q for flag --balancer: want p2c, random or roundrobin", c.Balancer)
+	case c.RegistryConnections < 4 || c.RegistryConnections > 10_000:
+		return fmt.Errorf("invalid value %d for flag --registry_connections: want 4 to 10000", c.RegistryConnections)
 	case c.MaxBodyBytes <= 0:
 		return fmt.Errorf("invalid value %d for flag --max_body_bytes: must be positive", c.MaxBodyBytes)
 	case c.RegisterInterval >= c.RegisterTTL:
@@ -381,6 +404,7 @@ type server struct {
 	stats    *stats
 	app      *appChecker // nil without --server_name
 	tls      *tlsManager
+	auth     *auth
 	streams  *streams
 	cors     corsPolicy
 	handler  http.Handler
@@ -401,6 +425,9 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 		return nil, err
 	}
 	s.tls = tlsm
+	if s.auth, err = newAuth(cfg, logger.With("component", "auth")); err != nil {
+		return nil, err
+	}
 	s.streams = newStreams(s.cors)
 	reg, err := newRegistry(cfg, logger.With("component", "registry"))
 	if err != nil {
@@ -422,6 +449,8 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	s.stats.addSource(s.peers.metrics)
 	s.stats.addSource(s.rpc.metrics)
 	s.stats.addSource(s.proxy.metrics)
+	s.stats.addSource(s.auth.metrics)
+	s.stats.addSource(s.tls.metrics)
 	if cfg.ServerName != "" {
 		app, err := newAppChecker(cfg, reg, logger.With("component", "health"))
 		if err != nil {
@@ -491,7 +520,6 @@ func (s *server) handleRoot(w http.ResponseWriter, r *http.Request) {
 
 // middleware applies what every request goes through: CORS and auth.
 func (s *server) middleware(next http.Handler) http.Handler {
-	token := []byte(s.cfg.AuthToken)
 	// A sidecar on loopback answers only to loopback names: a page whose
 	// DNS name rebinds to 127.0.0.1 is then refused, as is its origin.
 	// Over TLS the certificate already refuses a rebound name.
@@ -510,7 +538,7 @@ func (s *server) middleware(next http.Handler) http.Handler {
 			writeError(w, http.StatusMethodNotAllowed, "%s %s is not served: the sidecar is not a forward proxy", r.Method, r.RequestURI)
 			return
 		}
-		if len(token) > 0 && !publicPath(r) && !bearerMatches(r, token) {
+		if !publicPath(r) && !s.auth.allow(r) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="sidecar"`)
 			writeError(w, http.StatusUnauthorized, "missing or invalid bearer token")
 			return

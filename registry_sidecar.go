@@ -4,7 +4,11 @@ package main
 // /registry HTTP API used as a shared registry. Two sidecars share services
 // this way without Consul (the project's CI does): one runs the memory
 // registry, the others run --registry sidecar --registry_address pointing
-// at it. Changes arrive over its websocket watch.
+// at it. Changes arrive over its websocket watch: one connection, whatever
+// the number of services. Like Consul's, the other sidecar's services are
+// fetched when first looked up here; the watch stream keeps the held ones
+// fresh and the list of names current. Every call shares one bounded pool
+// of connections (remoteClient).
 
 import (
 	"bytes"
@@ -14,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/url"
 	"sync"
@@ -33,7 +38,8 @@ type sidecarBackend struct {
 	base   string // scheme://host:port
 	token  string // sent as a bearer token when set
 	timing remoteTiming
-	client *http.Client
+	rc     *remoteClient // the one connection pool to the other sidecar, counted
+	client *http.Client  // rc's client
 	log    *slog.Logger
 }
 
@@ -44,17 +50,28 @@ func newSidecarBackend(addr, token string, t remoteTiming, logger *slog.Logger) 
 	if err != nil {
 		return nil, fmt.Errorf("registry: sidecar address %q: %w", addr, err)
 	}
-	tr := http.DefaultTransport.(*http.Transport).Clone()
+	if t.conns <= 0 {
+		t.conns = defaultRegistryConns
+	}
+	rc := newRemoteClient("sidecar registry", t, 1, logger) // 1: the watch stream
 	return &sidecarBackend{
 		base:   u.String(),
 		token:  token,
 		timing: t,
-		client: &http.Client{Transport: tr},
+		rc:     rc,
+		client: rc.client,
 		log:    logger,
 	}, nil
 }
 
-func (b *sidecarBackend) close() { b.client.CloseIdleConnections() }
+func (b *sidecarBackend) close() { b.rc.close() }
+
+// watchBudget implements remoteBackend: the one watch stream refreshes
+// every held service, so watches cost nothing and every held service has one.
+func (b *sidecarBackend) watchBudget() int { return maxRemoteServices }
+
+// metrics implements remoteBackend.
+func (b *sidecarBackend) metrics(emit emitFunc) { b.rc.metrics(emit) }
 
 // sidecarStatusError is a non-2xx answer of the other sidecar.
 type sidecarStatusError struct {
@@ -171,31 +188,41 @@ func (b *sidecarBackend) get(ctx context.Context, name string) (*Service, error)
 	return &s, nil
 }
 
-// load reads the other sidecar's whole registry.
-func (b *sidecarBackend) load(ctx context.Context) (map[string]*Service, error) {
-	var names []serviceName
-	if err := b.call(ctx, http.MethodGet, "/registry", nil, &names); err != nil {
-		return nil, err
-	}
-	all := make(map[string]*Service, len(names))
-	for _, n := range names {
-		if len(all) >= maxRemoteServices {
-			break
-		}
-		svc, err := b.get(ctx, n.Name)
-		if err != nil {
-			return nil, err
-		}
-		if svc != nil {
-			all[n.Name] = svc
-		}
-	}
-	return all, nil
+// fetch implements remoteBackend. The index is unused: the watch stream
+// carries every change.
+func (b *sidecarBackend) fetch(ctx context.Context, name string) (*Service, uint64, error) {
+	svc, err := b.get(ctx, name)
+	return svc, 0, err
 }
 
-// sync subscribes to the other sidecar's watch, loads its whole registry,
-// then refreshes each service named by an event. Whenever the stream
-// breaks it reconnects with backoff and loads everything again.
+// watch implements remoteBackend: the session's stream already refreshes
+// every held service, so there is nothing to do per service.
+func (b *sidecarBackend) watch(context.Context, string, uint64, func(*Service, error)) {}
+
+// names reads the names of the other sidecar's services.
+func (b *sidecarBackend) names(ctx context.Context) (map[string]struct{}, error) {
+	var list []serviceName
+	if err := b.call(ctx, http.MethodGet, "/registry", nil, &list); err != nil {
+		return nil, err
+	}
+	names := make(map[string]struct{}, min(len(list), maxRemoteServices))
+	for _, n := range list {
+		if len(names) >= maxRemoteServices {
+			break
+		}
+		if checkName("name", n.Name) == nil {
+			names[n.Name] = struct{}{}
+		}
+	}
+	return names, nil
+}
+
+// sync subscribes to the other sidecar's watch, reads the names of its
+// services and refreshes the held ones, then follows each event: a held
+// service is fetched again, and the list of names is kept current (an
+// event of a service not held costs a request only for a "delete", to see
+// whether nodes are left). Whenever the stream breaks it reconnects with
+// backoff and reads again.
 func (b *sidecarBackend) sync(ctx context.Context, sink syncSink) {
 	bo := newBackoff(b.timing.minBackoff, b.timing.maxBackoff)
 	for {
@@ -277,11 +304,18 @@ func (b *sidecarBackend) session(ctx context.Context, sink syncSink, bo *backoff
 		}
 	}()
 
-	all, err := b.load(sctx)
+	names, err := b.names(sctx)
 	if err != nil {
 		return err
 	}
-	sink.replaceAll(all)
+	sink.listed(maps.Clone(names))
+	for _, name := range sink.heldNames() {
+		svc, err := b.get(sctx, name)
+		if err != nil {
+			return err
+		}
+		sink.update(name, svc)
+	}
 	sink.healthy(true, nil)
 	bo.reset()
 	for {
@@ -299,10 +333,24 @@ func (b *sidecarBackend) session(ctx context.Context, sink syncSink, bo *backoff
 			b.log.Warn("sidecar registry: bad watch event; ignored", "event", snippet(m.data))
 			continue
 		}
-		svc, err := b.get(sctx, ev.Service.Name)
-		if err != nil {
-			return err
+		name := ev.Service.Name
+		_, listed := names[name]
+		present := ev.Action != "delete"
+		if ev.Action == "delete" || sink.holds(name) {
+			svc, err := b.get(sctx, name)
+			if err != nil {
+				return err
+			}
+			sink.update(name, svc)
+			present = svc != nil
 		}
-		sink.update(ev.Service.Name, svc)
+		if present != listed && checkName("name", name) == nil && (!present || len(names) < maxRemoteServices) {
+			if present {
+				names[name] = struct{}{}
+			} else {
+				delete(names, name)
+			}
+			sink.listed(maps.Clone(names))
+		}
 	}
 }

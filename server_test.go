@@ -68,6 +68,13 @@ func TestParseConfig(t *testing.T) {
 		{name: "--registry sidecar --registry_address http://127.0.0.1:8081", args: []string{"--registry", "sidecar", "--registry_address", "http://127.0.0.1:8081"}},
 		{name: "--registry sidecar", args: []string{"--registry", "sidecar"}, wantErr: "--registry_address"},
 		{name: "--registry sidecar --registry_address http://h:1/path", args: []string{"--registry", "sidecar", "--registry_address", "http://h:1/path"}, wantErr: "--registry_address"},
+		{name: "--registry_connections 200 --registry_stale 500ms --registry_watch_idle 1h", args: []string{"--registry_connections", "200", "--registry_stale", "500ms", "--registry_watch_idle", "1h"},
+			check: func(c *Config) bool {
+				return c.RegistryConnections == 200 && c.RegistryStale == 500*time.Millisecond && c.RegistryWatchIdle == time.Hour
+			}},
+		{name: "--registry_connections 3", args: []string{"--registry_connections", "3"}, wantErr: "--registry_connections"},
+		{name: "--registry_stale 0s", args: []string{"--registry_stale", "0s"}, wantErr: "--registry_stale"},
+		{name: "--registry_watch_idle -1m", args: []string{"--registry_watch_idle", "-1m"}, wantErr: "--registry_watch_idle"},
 		{name: "--broker_address 10.0.0.5:8081", args: []string{"--broker_address", "10.0.0.5:8081"}},
 		{name: "--broker_address sidecar-a.internal:8081 --broker_secret s", args: []string{"--broker_address", "sidecar-a.internal:8081", "--broker_secret", "s"}},
 		{name: "--broker_address 10.0.0.5", args: []string{"--broker_address", "10.0.0.5"}, wantErr: "--broker_address"},

@@ -1,8 +1,9 @@
 package main
 
 // tls.go owns certificates: the TLS listener of the sidecar (certificate
-// files reloaded when they change, optional mutual TLS), certificates from
-// an ACME CA for whitelisted hosts, and the TLS settings of outbound calls.
+// and client CA files reloaded when they change, see reload.go; optional
+// mutual TLS), certificates from an ACME CA for whitelisted hosts, and the
+// TLS settings of outbound calls.
 
 import (
 	"bytes"
@@ -10,6 +11,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -48,9 +50,11 @@ type tlsManager struct {
 	log    *slog.Logger
 	config *tls.Config // nil when TLS is off
 
-	files *certReloader     // with --enable_tls
-	acme  *autocert.Manager // with --enable_acme
-	hosts map[string]bool   // --acme_hosts, lower case
+	files     *fileReloader[tls.Certificate] // with --enable_tls
+	clientCAs *fileReloader[clientCAs]       // with --tls_client_ca_file
+	acme      *autocert.Manager              // with --enable_acme
+	hosts     map[string]bool                // --acme_hosts, lower case
+	challenge *tls.Config                    // TLS-ALPN-01 handshakes with mutual TLS; else nil
 
 	// acmeRequests counts HTTP requests sent to the ACME CA; acmeDenied
 	// counts handshakes for hosts outside --acme_hosts, refused without
@@ -90,11 +94,6 @@ func newTLSManager(cfg *Config, logger *slog.Logger) (*tlsManager, error) {
 		NextProtos: []string{"h2", "http/1.1"},
 	}
 	if cfg.TLSClientCAFile != "" {
-		pool, err := loadCertPool(cfg.TLSClientCAFile)
-		if err != nil {
-			return nil, fmt.Errorf("flag --tls_client_ca_file: %w", err)
-		}
-		m.config.ClientCAs = pool
 		m.config.ClientAuth = tls.RequireAndVerifyClientCert
 	}
 	if cfg.EnableTLS {
@@ -103,13 +102,88 @@ func newTLSManager(cfg *Config, logger *slog.Logger) (*tlsManager, error) {
 			return nil, err
 		}
 		m.files = r
-		m.config.GetCertificate = r.getCertificate
-		return m, nil
-	}
-	if err := m.setupACME(cfg); err != nil {
+		m.config.GetCertificate = func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return r.get(), nil }
+	} else if err := m.setupACME(cfg); err != nil {
 		return nil, err
 	}
+	// The client CA is read last: each of its contents gets a copy of the
+	// listener's config, complete by now.
+	if cfg.TLSClientCAFile != "" {
+		r, err := newFileReloader("tls client ca", []watchedFile{{"tls_client_ca_file", cfg.TLSClientCAFile}},
+			cfg.TLSReloadInterval, m.parseClientCAs, logger)
+		if err != nil {
+			return nil, err
+		}
+		m.clientCAs = r
+		m.config.ClientCAs = r.get().config.ClientCAs
+	}
+	if m.clientCAs != nil || m.challenge != nil {
+		m.config.GetConfigForClient = m.configForClient
+	}
 	return m, nil
+}
+
+// clientCAs is what one content of --tls_client_ca_file gives: the
+// handshake config that asks for certificates of these CAs, and the CA
+// certificates themselves, by which guard refuses requests on connections
+// verified against CAs since removed from the file.
+type clientCAs struct {
+	config  *tls.Config
+	anchors map[string]bool // DER of each CA certificate
+}
+
+// parseClientCAs parses the content of --tls_client_ca_file (the
+// fileReloader's parse).
+func (m *tlsManager) parseClientCAs(contents [][]byte) (*clientCAs, error) {
+	certs, err := parsePEMCertificates(contents[0])
+	if err != nil {
+		return nil, fmt.Errorf("flag --tls_client_ca_file: %w", err)
+	}
+	cas := &clientCAs{config: m.config.Clone(), anchors: make(map[string]bool, len(certs))}
+	pool := x509.NewCertPool()
+	for _, c := range certs {
+		pool.AddCert(c)
+		cas.anchors[string(c.Raw)] = true
+	}
+	cas.config.ClientCAs = pool
+	cas.config.GetConfigForClient = nil // this is what it returns
+	return cas, nil
+}
+
+// trusts reports whether one of chains, the verified chains of a
+// connection, ends at one of these CAs. A connection verified before a
+// reload may end at a CA removed since.
+func (cas *clientCAs) trusts(chains [][]*x509.Certificate) bool {
+	for _, chain := range chains {
+		if len(chain) > 0 && cas.anchors[string(chain[len(chain)-1].Raw)] {
+			return true
+		}
+	}
+	return false
+}
+
+// configForClient is tls.Config.GetConfigForClient: the TLS-ALPN-01
+// challenge config for the ACME CA's validation handshake, else the
+// config of the current --tls_client_ca_file, else the listener's.
+func (m *tlsManager) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+	if m.challenge != nil && slices.Equal(hello.SupportedProtos, []string{acme.ALPNProto}) {
+		return m.challenge, nil
+	}
+	if m.clientCAs != nil {
+		return m.clientCAs.get().config, nil
+	}
+	return nil, nil
+}
+
+// metrics emits the reload counters of the certificate and client CA
+// files.
+func (m *tlsManager) metrics(emit emitFunc) {
+	if m.files != nil {
+		m.files.metrics(emit)
+	}
+	if m.clientCAs != nil {
+		m.clientCAs.metrics(emit)
+	}
 }
 
 // setupACME builds the autocert manager: whitelist policy, cache, CA
@@ -162,20 +236,14 @@ func (m *tlsManager) setupACME(cfg *Config) error {
 	m.config.GetCertificate = m.acme.GetCertificate
 	// TLS-ALPN-01 (RFC 8737) is answered on the TLS listener itself. The
 	// CA's validation handshake carries no client certificate, so with
-	// mutual TLS it gets a config that does not ask for one; such a
-	// connection only gets the challenge certificate, and guard refuses
-	// any HTTP request on it.
+	// mutual TLS it gets a config that does not ask for one
+	// (configForClient); such a connection only gets the challenge
+	// certificate, and guard refuses any HTTP request on it.
 	m.config.NextProtos = append(m.config.NextProtos, acme.ALPNProto)
 	if m.config.ClientAuth != tls.NoClientCert {
-		challenge := m.config.Clone()
-		challenge.ClientAuth, challenge.ClientCAs = tls.NoClientCert, nil
-		challenge.NextProtos = []string{acme.ALPNProto}
-		m.config.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
-			if slices.Equal(hello.SupportedProtos, []string{acme.ALPNProto}) {
-				return challenge, nil
-			}
-			return nil, nil // the listener's config
-		}
+		m.challenge = m.config.Clone()
+		m.challenge.ClientAuth, m.challenge.ClientCAs = tls.NoClientCert, nil
+		m.challenge.NextProtos = []string{acme.ALPNProto}
 	}
 	return nil
 }
@@ -260,9 +328,12 @@ func (t *acmeTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 
 // guard wraps the sidecar's handler when mutual TLS is on: a request whose
 // connection carries no verified client certificate (one that came in
-// through the TLS-ALPN-01 challenge config, which cannot ask for one) is
-// refused with a JSON 403 and the connection closed. Otherwise it returns
-// next unchanged.
+// through the TLS-ALPN-01 challenge config, which cannot ask for one), or
+// one verified against a CA no longer in --tls_client_ca_file (a
+// connection kept open, or a TLS session resumed, across a reload), is
+// refused with a JSON 403 and the connection closed. A request already
+// being served when the file changes completes. Otherwise it returns next
+// unchanged.
 func (m *tlsManager) guard(next http.Handler) http.Handler {
 	if !m.enabled() || m.config.ClientAuth == tls.NoClientCert {
 		return next
@@ -271,6 +342,11 @@ func (m *tlsManager) guard(next http.Handler) http.Handler {
 		if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
 			w.Header().Set("Connection", "close")
 			writeError(w, http.StatusForbidden, "a client certificate is required")
+			return
+		}
+		if !m.clientCAs.get().trusts(r.TLS.VerifiedChains) {
+			w.Header().Set("Connection", "close")
+			writeError(w, http.StatusForbidden, "the client certificate's CA is no longer in --tls_client_ca_file; connect again with a certificate of a current CA")
 			return
 		}
 		next.ServeHTTP(w, r)
@@ -435,113 +511,31 @@ func (c *Config) validateTLS() error {
 	return nil
 }
 
-// certReloader serves the pair in certFile and keyFile and re-reads the
-// files when their content changes, checked at most once per interval by
-// the handshake that finds the last check too old. A pair that fails to
-// load (half written, key not matching) is logged once and the previous
-// certificate stays in service. It owns no goroutine. Safe for concurrent
-// use.
-type certReloader struct {
-	certFile, keyFile string
-	interval          time.Duration
-	log               *slog.Logger
-
-	cert      atomic.Pointer[tls.Certificate] // what handshakes get
-	lastCheck atomic.Int64                    // unix nanoseconds of the last check
-	checking  atomic.Bool                     // held by the one handshake checking the files
-
-	// Guarded by checking (used only by its holder):
-	certPEM, keyPEM []byte // contents of the pair in service
-	lastBad         string // contents and error of the last failure, logged once
-
-	reloads      atomic.Int64 // pairs loaded after the first
-	reloadErrors atomic.Int64 // changed pairs that failed to load
-}
-
-// newCertReloader loads the pair once; a failure stops start-up.
-func newCertReloader(certFile, keyFile string, interval time.Duration, logger *slog.Logger) (*certReloader, error) {
-	r := &certReloader{certFile: certFile, keyFile: keyFile, interval: interval, log: logger}
-	certPEM, keyPEM, cert, err := loadPair(certFile, keyFile)
+// newCertReloader serves the pair in certFile and keyFile, re-read when
+// the files change (fileReloader). A new pair is logged with its subject
+// and expiry; an expired one at start-up is a warning, not an error.
+func newCertReloader(certFile, keyFile string, interval time.Duration, logger *slog.Logger) (*fileReloader[tls.Certificate], error) {
+	files := []watchedFile{{"tls_cert_file", certFile}, {"tls_key_file", keyFile}}
+	r, err := newFileReloader("tls certificate", files, interval, func(contents [][]byte) (*tls.Certificate, error) {
+		c, err := tls.X509KeyPair(contents[0], contents[1])
+		if err != nil {
+			return nil, fmt.Errorf("flags --tls_cert_file %s and --tls_key_file %s: %w", certFile, keyFile, err)
+		}
+		return &c, nil
+	}, logger)
 	if err != nil {
 		return nil, err
 	}
-	r.certPEM, r.keyPEM = certPEM, keyPEM
-	r.cert.Store(cert)
-	r.lastCheck.Store(time.Now().UnixNano())
-	if cert.Leaf != nil && time.Now().After(cert.Leaf.NotAfter) {
-		logger.Warn("tls certificate has expired", "file", certFile, "not_after", cert.Leaf.NotAfter)
+	r.describe = func(c *tls.Certificate) []any {
+		if c.Leaf == nil {
+			return nil
+		}
+		return []any{"subject", c.Leaf.Subject.String(), "not_after", c.Leaf.NotAfter}
+	}
+	if leaf := r.get().Leaf; leaf != nil && time.Now().After(leaf.NotAfter) {
+		logger.Warn("tls certificate has expired", "file", certFile, "not_after", leaf.NotAfter)
 	}
 	return r, nil
-}
-
-// getCertificate is tls.Config.GetCertificate.
-func (r *certReloader) getCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-	r.maybeReload(time.Now())
-	return r.cert.Load(), nil
-}
-
-// maybeReload checks the files when the last check is older than the
-// interval and no other handshake is checking. Handshakes never wait for
-// another's file I/O: they serve the certificate in service.
-func (r *certReloader) maybeReload(now time.Time) {
-	if now.UnixNano()-r.lastCheck.Load() < int64(r.interval) || !r.checking.CompareAndSwap(false, true) {
-		return
-	}
-	defer r.checking.Store(false)
-	r.lastCheck.Store(now.UnixNano())
-	// Contents rather than mtimes: mtime ticks are coarse and a renewed
-	// certificate often has the same size as the old one.
-	certPEM, err1 := readLimited(r.certFile)
-	keyPEM, err2 := readLimited(r.keyFile)
-	if err := errors.Join(err1, err2); err != nil {
-		r.fail(certPEM, keyPEM, err)
-		return
-	}
-	if bytes.Equal(certPEM, r.certPEM) && bytes.Equal(keyPEM, r.keyPEM) {
-		r.lastBad = "" // back to the pair in service: a new failure is news
-		return
-	}
-	cert, err := tls.X509KeyPair(certPEM, keyPEM)
-	if err != nil {
-		r.fail(certPEM, keyPEM, err)
-		return
-	}
-	r.certPEM, r.keyPEM, r.lastBad = certPEM, keyPEM, ""
-	r.cert.Store(&cert)
-	r.reloads.Add(1)
-	attrs := []any{"file", r.certFile}
-	if cert.Leaf != nil {
-		attrs = append(attrs, "subject", cert.Leaf.Subject.String(), "not_after", cert.Leaf.NotAfter)
-	}
-	r.log.Info("tls certificate reloaded", attrs...)
-}
-
-// fail logs a failed reload once per distinct content and error, so a
-// broken pair left on disk does not log at every check.
-func (r *certReloader) fail(certPEM, keyPEM []byte, err error) {
-	bad := string(certPEM) + "\x00" + string(keyPEM) + "\x00" + err.Error()
-	if bad == r.lastBad {
-		return
-	}
-	r.lastBad = bad
-	r.reloadErrors.Add(1)
-	r.log.Error("tls certificate reload failed; still serving the previous one", "cert_file", r.certFile, "key_file", r.keyFile, "err", err)
-}
-
-// loadPair reads and parses a certificate and its key, naming the flag at
-// fault in the error.
-func loadPair(certFile, keyFile string) (certPEM, keyPEM []byte, cert *tls.Certificate, err error) {
-	if certPEM, err = readLimited(certFile); err != nil {
-		return nil, nil, nil, fmt.Errorf("flag --tls_cert_file: %w", err)
-	}
-	if keyPEM, err = readLimited(keyFile); err != nil {
-		return nil, nil, nil, fmt.Errorf("flag --tls_key_file: %w", err)
-	}
-	c, err := tls.X509KeyPair(certPEM, keyPEM)
-	if err != nil {
-		return nil, nil, nil, fmt.Errorf("flags --tls_cert_file %s and --tls_key_file %s: %w", certFile, keyFile, err)
-	}
-	return certPEM, keyPEM, &c, nil
 }
 
 // readLimited reads a file of at most maxPEMBytes.
@@ -559,6 +553,37 @@ func readLimited(name string) ([]byte, error) {
 		return nil, fmt.Errorf("%s is larger than %d bytes", name, maxPEMBytes)
 	}
 	return b, nil
+}
+
+// parsePEMCertificates parses every CERTIFICATE block of b. Unlike
+// x509.CertPool.AppendCertsFromPEM it refuses, rather than skips, a block
+// that does not parse and a last block cut short, so that a CA file caught
+// half written is not taken for a shorter list of CAs.
+func parsePEMCertificates(b []byte) ([]*x509.Certificate, error) {
+	var certs []*x509.Certificate
+	rest := b
+	for {
+		var block *pem.Block
+		block, rest = pem.Decode(rest)
+		if block == nil {
+			break
+		}
+		if block.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("certificate %d: %w", len(certs)+1, err)
+		}
+		certs = append(certs, c)
+	}
+	switch {
+	case bytes.Contains(rest, []byte("-----BEGIN")):
+		return nil, fmt.Errorf("PEM block %d is cut short or malformed", len(certs)+1)
+	case len(certs) == 0:
+		return nil, errors.New("no PEM certificates")
+	}
+	return certs, nil
 }
 
 // loadCertPool reads PEM CA certificates from name.

@@ -624,7 +624,7 @@ func BenchmarkGetCertificate(b *testing.B) {
 			b.ReportAllocs()
 			b.RunParallel(func(pb *testing.PB) {
 				for pb.Next() {
-					if c, _ := r.getCertificate(nil); c == nil {
+					if c := r.get(); c == nil {
 						b.Fatal("no certificate")
 					}
 				}
@@ -665,4 +665,164 @@ func TestRPCToTLSBackend(t *testing.T) {
 	if code != 200 || !strings.Contains(string(b), `"secure":true`) || !sawTLS.Load() {
 		t.Fatalf("POST /secure/call = %d %s (backend saw TLS: %v), want the TLS backend's result", code, b, sawTLS.Load())
 	}
+}
+
+// TestTLSClientCARotation replaces --tls_client_ca_file under a running
+// sidecar: a client certificate from the new CA is then accepted, one
+// from the old CA refused (new connections, resumed sessions and the next
+// request on a connection made before), and a request in flight across
+// the reload completes. A broken CA file keeps the last good one.
+func TestTLSClientCARotation(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "server ca")
+	oldCA, newCA := newTestCA(t, "old client ca"), newTestCA(t, "new client ca")
+	cfg := tlsTestConfig(t, ca, "sidecar")
+	cfg.Handler = "proxy"
+	cfg.ClientRequestTimeout = time.Minute
+	cfg.TLSClientCAFile = filepath.Join(t.TempDir(), "clients.pem")
+	writeFile(t, cfg.TLSClientCAFile, oldCA.pem)
+	s, addr := serveTestServer(t, cfg)
+	base := "https://" + addr
+	oldCert, newCert := oldCA.keyPair(t, "old app"), newCA.keyPair(t, "new app")
+
+	// get does GET /health on a new connection and returns the status, or
+	// the error of a refused handshake. The client sends cert even when
+	// the server names other CAs as acceptable (a Go client would send
+	// none), so that the server's verification is what refuses it.
+	get := func(cert tls.Certificate) (int, error) {
+		t.Helper()
+		c := httpsClient(t, ca.pool(), false)
+		tr := c.Transport.(*http.Transport)
+		tr.DisableKeepAlives = true
+		tr.TLSClientConfig.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }
+		resp, err := c.Get(base + "/health")
+		if err != nil {
+			return 0, err
+		}
+		resp.Body.Close()
+		return resp.StatusCode, nil
+	}
+	if code, err := get(oldCert); code != http.StatusOK {
+		t.Fatalf("GET /health with the old CA's certificate = %d %v, want 200", code, err)
+	}
+	if code, err := get(newCert); err == nil {
+		t.Fatalf("GET /health with the new CA's certificate before the reload = %d, want the handshake refused", code)
+	}
+
+	// In flight with the old CA's certificate: a proxied request held by
+	// the backend.
+	oldClient := httpsClient(t, ca.pool(), false, oldCert)
+	oldClient.Timeout = time.Minute
+	slow, entered, release := gateBackend(t)
+	port := slow.URL[strings.LastIndex(slow.URL, ":")+1:]
+	req, _ := http.NewRequest("POST", base+"/registry", strings.NewReader(`{"name":"go.micro.srv.slow","nodes":[{"id":"s1","address":"127.0.0.1","port":`+port+`}]}`))
+	resp, err := oldClient.Do(req)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("register with the old CA's certificate: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	req, _ = http.NewRequest("GET", base+"/slow/long", nil)
+	long := inFlight(t, oldClient, req)
+	waitEntered(t, entered, long)
+
+	// A connection made before the reload, kept open for a second request.
+	kept, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.pool(), Certificates: []tls.Certificate{oldCert}, NextProtos: []string{"http/1.1"}})
+	if err != nil {
+		t.Fatalf("dial with the old CA's certificate: %v", err)
+	}
+	defer kept.Close()
+	keptReader := bufio.NewReader(kept)
+	keptGet := func() (*http.Response, []byte, error) {
+		if _, err := io.WriteString(kept, "GET /health HTTP/1.1\r\nHost: sidecar\r\n\r\n"); err != nil {
+			return nil, nil, err
+		}
+		resp, err := http.ReadResponse(keptReader, nil)
+		if err != nil {
+			return nil, nil, err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		return resp, b, err
+	}
+	if resp, _, err := keptGet(); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("first request on the kept connection: %v %v", resp, err)
+	}
+	// A session to resume after the reload (TLS 1.3 tickets and 1.2 IDs).
+	sessions := map[uint16]*tls.Config{}
+	for _, v := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+		conf := &tls.Config{RootCAs: ca.pool(), Certificates: []tls.Certificate{oldCert}, MaxVersion: v,
+			ClientSessionCache: tls.NewLRUClientSessionCache(4), NextProtos: []string{"http/1.1"}}
+		if code, err := rawGet(addr, conf); err != nil || code != http.StatusOK {
+			t.Fatalf("GET /health to cache a %s session = %d %v", tls.VersionName(v), code, err)
+		}
+		sessions[v] = conf
+	}
+
+	reloadsBefore := s.tls.clientCAs.reloads.Load()
+	writeFile(t, cfg.TLSClientCAFile, newCA.pem)
+	eventually(t, 10*time.Second, "the new CA's certificate accepted", func() bool {
+		code, _ := get(newCert)
+		return code == http.StatusOK
+	})
+	if got := s.tls.clientCAs.reloads.Load(); got != reloadsBefore+1 {
+		t.Errorf("client CA reloads = %d, want %d", got, reloadsBefore+1)
+	}
+	if code, err := get(oldCert); err == nil {
+		t.Errorf("GET /health with the old CA's certificate after the reload = %d, want the handshake refused", code)
+	}
+	for v, conf := range sessions {
+		code, err := rawGet(addr, conf)
+		if err == nil && code != http.StatusForbidden {
+			t.Errorf("GET /health resuming a %s session of the old CA's certificate = %d, want it refused", tls.VersionName(v), code)
+		}
+		t.Logf("resuming a %s session of the old CA's certificate: %d %v", tls.VersionName(v), code, err)
+	}
+	resp, body, err := keptGet()
+	if err != nil {
+		t.Fatalf("second request on the kept connection: %v", err)
+	}
+	wantError(t, "GET /health on a connection of the old CA's certificate", resp.StatusCode, body, http.StatusForbidden)
+	if !resp.Close {
+		t.Errorf("refusal on the kept connection does not close it")
+	}
+
+	release()
+	if got := <-long; got != "200 finally" {
+		t.Errorf("request in flight across the CA reload = %q, want 200 finally", got)
+	}
+
+	// A broken CA file is reported once and the last good CA kept.
+	errorsBefore := s.tls.clientCAs.reloadErrors.Load()
+	writeFile(t, cfg.TLSClientCAFile, []byte("not pem\n"))
+	eventually(t, 10*time.Second, "the broken CA file reported", func() bool {
+		get(newCert)
+		return s.tls.clientCAs.reloadErrors.Load() > errorsBefore
+	})
+	if code, err := get(newCert); code != http.StatusOK {
+		t.Errorf("GET /health with the new CA's certificate after a broken CA file = %d %v, want 200", code, err)
+	}
+	if got := s.tls.clientCAs.reloadErrors.Load(); got != errorsBefore+1 {
+		t.Errorf("client CA reload errors = %d, want %d: a broken file is reported once", got, errorsBefore+1)
+	}
+}
+
+// rawGet does GET /health on a new TLS connection made with conf and
+// returns the status.
+func rawGet(addr string, conf *tls.Config) (int, error) {
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, conf)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, "GET /health HTTP/1.1\r\nHost: sidecar\r\nConnection: close\r\n\r\n"); err != nil {
+		return 0, err
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	io.Copy(io.Discard, resp.Body)
+	return resp.StatusCode, nil
 }
