@@ -254,7 +254,7 @@ self_test() {
 }
 
 case "${1:-}" in
-__run)
+__run) # internal: check runs the image through unshare --net and this
 	run_in_netns "$2" "$3" "$4"
 	;;
 "")
