@@ -70,6 +70,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runCLI(ctx, args, stdout, stderr) // sidecar COMMAND: the client (cli.go)
 	}
 	cfg, err := parseConfig(args, os.Getenv, stderr)
+	if errors.Is(err, errShowVersion) {
+		_, err = fmt.Fprintln(stdout, readBuildVersion()) // as sidecar version (cli.go)
+		return err
+	}
 	if err != nil {
 		return err
 	}
@@ -84,8 +88,26 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(stdout, "sidecar listening on %s://%s\n", s.tls.scheme(), ln.Addr())
+	warnIfExposed(cfg, ln.Addr(), logger)
 	s.setAdvertise(ln.Addr())
 	return s.serve(ctx, ln)
+}
+
+// warnIfExposed logs one warning when the sidecar listens beyond loopback
+// and nothing authenticates its callers: then anyone who can reach the
+// port can register nodes (and so take over other services' calls),
+// publish, and call every service through it. Mutual TLS authenticates
+// callers too.
+func warnIfExposed(cfg *Config, bound net.Addr, logger *slog.Logger) {
+	if cfg.AuthToken != "" || cfg.TLSClientCAFile != "" {
+		return
+	}
+	if a, ok := bound.(*net.TCPAddr); ok && a.IP.IsLoopback() {
+		return
+	}
+	logger.Warn("no auth token: anyone who can reach this address can change the registry and call services through the sidecar",
+		"address", bound.String(),
+		"fix", "set --auth_token_file FILE or --auth_token TOKEN (MICRO_AUTH_TOKEN_FILE, MICRO_AUTH_TOKEN); clients then send Authorization: Bearer TOKEN")
 }
 
 // Config is the sidecar's whole configuration, parsed once by parseConfig
@@ -190,6 +212,10 @@ func defaultConfig() *Config {
 	}
 }
 
+// errShowVersion is what parseConfig returns for --version: run prints
+// the version instead of serving.
+var errShowVersion = errors.New("show version")
+
 // parseConfig reads flags from args, then MICRO_* environment variables for
 // the flags not given, and validates the result in one place.
 func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*Config, error) {
@@ -197,6 +223,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs := flag.NewFlagSet("sidecar", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var cors, acmeHosts, authTokenFile, logLevel string
+	var version bool
 	fs.StringVar(&cfg.Address, "address", cfg.Address, "listen `host:port` (\":8081\" to listen on every interface)")
 	fs.StringVar(&cfg.Handler, "handler", cfg.Handler, "handler of other paths: rpc or proxy")
 	fs.StringVar(&cfg.Namespace, "namespace", cfg.Namespace, "namespace of services named by paths")
@@ -255,12 +282,16 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&cfg.ShutdownDelay, "shutdown_delay", cfg.ShutdownDelay, "on SIGTERM, keep serving this long with /health at 503 and the app deregistered before closing the listener (5s for Kubernetes)")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", cfg.ShutdownTimeout, "time to drain requests on SIGTERM (after --shutdown_delay)")
 	fs.StringVar(&logLevel, "log_level", "info", "log level: debug, info, warn or error")
+	fs.BoolVar(&version, "version", false, "print the version and exit (sidecar version --json prints it as JSON)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: sidecar [flags]\n       sidecar COMMAND [ARGS] (commands of the client: sidecar help)\n\nEvery flag also reads MICRO_<NAME> from the environment (MICRO_ADDRESS for --address).\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return nil, err
+	}
+	if version {
+		return nil, errShowVersion // before the environment: MICRO_* settings cannot stop it
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q (see --help)", fs.Arg(0))
@@ -299,8 +330,8 @@ func applyEnv(fs *flag.FlagSet, getenv func(string) string) error {
 	fs.VisitAll(func(f *flag.Flag) {
 		env := "MICRO_" + strings.ToUpper(f.Name)
 		v := getenv(env)
-		if given[f.Name] || v == "" || err != nil {
-			return
+		if given[f.Name] || v == "" || err != nil || f.Name == "version" {
+			return // MICRO_VERSION often names an app's version, not this flag
 		}
 		if e := fs.Set(f.Name, v); e != nil {
 			err = fmt.Errorf("invalid value %q for flag --%s (from %s): %v", v, f.Name, env, e)

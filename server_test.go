@@ -507,6 +507,92 @@ func TestBinaryBadFlagOneLine(t *testing.T) {
 	}
 }
 
+// exposedWarning is a phrase of the start-up warning of a sidecar that
+// anyone on the network can use.
+const exposedWarning = "anyone who can reach"
+
+// TestBinaryWarnsWhenExposedWithoutToken starts the binary on loopback and
+// on every interface, with and without a token, and counts the warnings it
+// logs before it is stopped.
+func TestBinaryWarnsWhenExposedWithoutToken(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "token")
+	writeFile(t, tokenFile, []byte("s3cret\n"))
+	ca := newTestCA(t, "warn-ca")
+	certFile, keyFile, caFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"), filepath.Join(dir, "ca.pem")
+	c, k := ca.issue(t, "sidecar", false)
+	writeFile(t, certFile, c)
+	writeFile(t, keyFile, k)
+	writeFile(t, caFile, ca.pem)
+	tlsFlags := []string{"--enable_tls", "--tls_cert_file", certFile, "--tls_key_file", keyFile}
+
+	tests := []struct {
+		name string
+		env  []string
+		args []string
+		want int // warnings
+	}{
+		{"every interface", nil, []string{"--address", ":0"}, 1},
+		{"every IPv4 interface", nil, []string{"--address", "0.0.0.0:0"}, 1},
+		{"every interface from MICRO_ADDRESS", []string{"MICRO_ADDRESS=:0"}, nil, 1},
+		{"TLS alone authenticates no one", nil, append([]string{"--address", ":0"}, tlsFlags...), 1},
+		{"loopback", nil, []string{"--address", "127.0.0.1:0"}, 0},
+		{"localhost", nil, []string{"--address", "localhost:0"}, 0},
+		{"token", nil, []string{"--address", ":0", "--auth_token", "s3cret"}, 0},
+		{"token file", nil, []string{"--address", ":0", "--auth_token_file", tokenFile}, 0},
+		{"token from MICRO_AUTH_TOKEN", []string{"MICRO_AUTH_TOKEN=s3cret"}, []string{"--address", ":0"}, 0},
+		{"mutual TLS", nil, append([]string{"--address", ":0", "--tls_client_ca_file", caFile}, tlsFlags...), 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			stderr := runBinaryUntilListening(t, tt.env, tt.args...)
+			if got := strings.Count(stderr, exposedWarning); got != tt.want {
+				t.Errorf("sidecar %q with env %q logged %d warnings, want %d; stderr:\n%s", tt.args, tt.env, got, tt.want, stderr)
+			}
+			if tt.want == 0 {
+				return
+			}
+			for _, want := range []string{"level=WARN", "--auth_token_file", "MICRO_AUTH_TOKEN", "change the registry", "call services"} {
+				if !strings.Contains(stderr, want) {
+					t.Errorf("warning lacks %q:\n%s", want, stderr)
+				}
+			}
+		})
+	}
+}
+
+// runBinaryUntilListening starts the built sidecar with env (and no other
+// MICRO_ variable) and args, waits for its address line, stops it with
+// SIGTERM, and returns everything it wrote to stderr.
+func runBinaryUntilListening(t *testing.T, env []string, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(sidecarBinary(t), args...)
+	cmd.Env = cliEnv(env...)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stderr := &syncBuffer{}
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "sidecar listening on ") {
+		t.Fatalf("sidecar %q: address line %q, %v; stderr: %s", args, line, err, stderr)
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil { // Wait returns once stderr is copied whole
+		t.Fatalf("sidecar %q: exit after SIGTERM: %v; stderr: %s", args, err, stderr)
+	}
+	return stderr.String()
+}
+
 // TestStalledBodyTimesOut sends a Content-Length and then one byte: the
 // read gives up after its timeout with a JSON 408 instead of holding the
 // handler forever.
