@@ -1,7 +1,7 @@
 // Sidecar is a language-agnostic service sidecar. One binary runs next to an
 // application written in any language and gives it, over a small HTTP API,
 // service discovery, RPC with load balancing, retries and timeouts, pub/sub
-// over websockets and health checking.
+// over websockets, health checking, stats and metrics, and TLS.
 //
 // Routes (see routes for the table):
 //
@@ -14,12 +14,19 @@
 //	POST   /broker?topic=T          publish the raw body
 //	GET    /broker?topic=T[&queue=Q] websocket subscribe (and publish)
 //	POST   /broker/deliver          messages from other sidecars (sidecars only)
+//	GET    /stats                   the stats page (--enable_stats); its data
+//	                                as JSON with Accept: application/json
+//	GET    /metrics                 counters in the Prometheus text format
 //	/[service]/[method]             RPC by path (--handler=rpc) or a reverse
 //	                                proxy by service name (--handler=proxy)
 //
 // Usage:
 //
-//	sidecar [flags]
+//	sidecar [flags]                 serve
+//	sidecar COMMAND [ARGS] [flags]  the client of a running sidecar
+//	                                (list services, get service, register,
+//	                                deregister, call, publish, subscribe,
+//	                                health, stats; see sidecar help and cli.go)
 //
 // Every flag also reads the environment variable MICRO_ + its upper-case
 // name (MICRO_ADDRESS for --address); a flag on the command line wins.
@@ -36,6 +43,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -62,6 +70,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runCLI(ctx, args, stdout, stderr) // sidecar COMMAND: the client (cli.go)
 	}
 	cfg, err := parseConfig(args, os.Getenv, stderr)
+	if errors.Is(err, errShowVersion) {
+		_, err = fmt.Fprintln(stdout, readBuildVersion()) // as sidecar version (cli.go)
+		return err
+	}
 	if err != nil {
 		return err
 	}
@@ -76,8 +88,26 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(stdout, "sidecar listening on %s://%s\n", s.tls.scheme(), ln.Addr())
+	warnIfExposed(cfg, ln.Addr(), logger)
 	s.setAdvertise(ln.Addr())
 	return s.serve(ctx, ln)
+}
+
+// warnIfExposed logs one warning when the sidecar listens beyond loopback
+// and nothing authenticates its callers: then anyone who can reach the
+// port can register nodes (and so take over other services' calls),
+// publish, and call every service through it. Mutual TLS authenticates
+// callers too.
+func warnIfExposed(cfg *Config, bound net.Addr, logger *slog.Logger) {
+	if cfg.AuthToken != "" || cfg.TLSClientCAFile != "" {
+		return
+	}
+	if a, ok := bound.(*net.TCPAddr); ok && a.IP.IsLoopback() {
+		return
+	}
+	logger.Warn("no auth token: anyone who can reach this address can change the registry and call services through the sidecar",
+		"address", bound.String(),
+		"fix", "set --auth_token_file FILE or --auth_token TOKEN (MICRO_AUTH_TOKEN_FILE, MICRO_AUTH_TOKEN); clients then send Authorization: Bearer TOKEN")
 }
 
 // Config is the sidecar's whole configuration, parsed once by parseConfig
@@ -101,9 +131,18 @@ type Config struct {
 	RegistrySweep   time.Duration // how often expired nodes are removed
 	RegistryTimeout time.Duration // one call to a remote registry; zero: 5s
 	RegistryWait    time.Duration // longest blocking query of a remote registry; zero: 30s
+	// Remote registries at scale (registry_cache.go): the connection bound
+	// (blocking queries take at most 7/8 of it), the age past which an
+	// unwatched service is fetched again on lookup, and how long a service
+	// may go without lookups before its watch is dropped.
+	RegistryConnections int
+	RegistryStale       time.Duration
+	RegistryWatchIdle   time.Duration
 
-	BrokerAddress string // host:port other sidecars deliver to; empty: the bound address
-	BrokerSecret  string // required of sidecars delivering messages here (broker_peers.go)
+	Broker        string      // "memory" (default: here, and across sidecars sharing the registry) or "nats"
+	BrokerAddress string      // memory: host:port other sidecars deliver to, empty: the bound address; nats: the servers
+	BrokerSecret  string      // required of sidecars delivering messages here (broker_peers.go)
+	NATS          natsOptions // --broker nats: prefix, credentials, TLS, buffer (broker_nats.go)
 
 	ClientRetries        int           // extra attempts for safe-to-retry failures
 	ClientRequestTimeout time.Duration // budget of one call, all attempts included
@@ -140,7 +179,8 @@ type Config struct {
 	AuthTokenFile string // accepted tokens, one a line, re-read when it changes (auth.go)
 
 	MaxBodyBytes    int64         // limit of a request body the sidecar reads
-	ShutdownTimeout time.Duration // drain budget on SIGTERM
+	ShutdownDelay   time.Duration // on SIGTERM, serve this long with /health at 503 before closing the listener; zero: none
+	ShutdownTimeout time.Duration // drain budget on SIGTERM, after the delay
 	LogLevel        slog.Level
 }
 
@@ -155,7 +195,12 @@ func defaultConfig() *Config {
 		RegisterTTL:          30 * time.Second,
 		RegisterInterval:     10 * time.Second,
 		Registry:             "memory",
+		Broker:               "memory",
+		NATS:                 natsDefaults(),
 		RegistrySweep:        250 * time.Millisecond,
+		RegistryConnections:  defaultRegistryConns,
+		RegistryStale:        defaultRegistryStale,
+		RegistryWatchIdle:    defaultRegistryIdle,
 		StatsInterval:        time.Second,
 		ClientRetries:        1,
 		ClientRequestTimeout: 5 * time.Second,
@@ -167,6 +212,10 @@ func defaultConfig() *Config {
 	}
 }
 
+// errShowVersion is what parseConfig returns for --version: run prints
+// the version instead of serving.
+var errShowVersion = errors.New("show version")
+
 // parseConfig reads flags from args, then MICRO_* environment variables for
 // the flags not given, and validates the result in one place.
 func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*Config, error) {
@@ -174,6 +223,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs := flag.NewFlagSet("sidecar", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var cors, acmeHosts, authTokenFile, logLevel string
+	var version bool
 	fs.StringVar(&cfg.Address, "address", cfg.Address, "listen `host:port` (\":8081\" to listen on every interface)")
 	fs.StringVar(&cfg.Handler, "handler", cfg.Handler, "handler of other paths: rpc or proxy")
 	fs.StringVar(&cfg.Namespace, "namespace", cfg.Namespace, "namespace of services named by paths")
@@ -187,8 +237,24 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", cfg.RegisterInterval, "interval of the app's registration heartbeat")
 	fs.StringVar(&cfg.Registry, "registry", cfg.Registry, "registry backend: memory, consul or sidecar (another sidecar's /registry)")
 	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend (consul: host:port, default $CONSUL_HTTP_ADDR or 127.0.0.1:8500; sidecar: http://host:port)")
-	fs.StringVar(&cfg.BrokerAddress, "broker_address", "", "`host:port` where other sidecars deliver pub/sub messages (default: the bound --address)")
+	fs.IntVar(&cfg.RegistryConnections, "registry_connections", cfg.RegistryConnections, "connections to a remote registry, every call included; blocking queries (watches) use at most 7/8 of them (Consul allows 200 per client address)")
+	fs.DurationVar(&cfg.RegistryStale, "registry_stale", cfg.RegistryStale, "a remote service looked up but not watched is fetched again on lookup once its copy is this old")
+	fs.DurationVar(&cfg.RegistryWatchIdle, "registry_watch_idle", cfg.RegistryWatchIdle, "a remote service not looked up for this long is no longer watched")
+	fs.StringVar(&cfg.Broker, "broker", cfg.Broker, "pub/sub engine: memory (across sidecars sharing a registry too) or nats")
+	fs.StringVar(&cfg.BrokerAddress, "broker_address", "", "`address`: with --broker memory, host:port where other sidecars deliver pub/sub messages (default: the bound --address); with --broker nats, nats://host:4222[,nats://host2:4222] (tls:// for TLS, user:password@ or token@ allowed; default nats://127.0.0.1:4222)")
 	fs.StringVar(&cfg.BrokerSecret, "broker_secret", "", "`secret` that keys the signature of deliveries between sidecars sharing a registry (default: --auth_token)")
+	fs.StringVar(&cfg.NATS.Prefix, "broker_prefix", cfg.NATS.Prefix, "NATS subject `prefix`: topic T is subject PREFIX.T")
+	fs.StringVar(&cfg.NATS.User, "broker_user", "", "NATS `user`, unless the server URL has one")
+	fs.StringVar(&cfg.NATS.Password, "broker_password", "", "NATS `password` of --broker_user")
+	fs.StringVar(&cfg.NATS.Token, "broker_token", "", "NATS authorization `token`, unless the server URL has one")
+	fs.StringVar(&cfg.NATS.NKeyFile, "broker_nkey_file", "", "`file` holding the NATS user's nkey seed (SU...)")
+	fs.BoolVar(&cfg.NATS.TLS, "broker_tls", false, "connect to NATS over TLS (as tls:// does)")
+	fs.StringVar(&cfg.NATS.TLSCAFile, "broker_tls_ca_file", "", "CA `file` (PEM) of the NATS servers' certificates (default system roots)")
+	fs.StringVar(&cfg.NATS.TLSCertFile, "broker_tls_cert_file", "", "client certificate `file` (PEM) for NATS mutual TLS")
+	fs.StringVar(&cfg.NATS.TLSKeyFile, "broker_tls_key_file", "", "client key `file` (PEM) for NATS mutual TLS")
+	fs.Int64Var(&cfg.NATS.BufferBytes, "broker_buffer_bytes", cfg.NATS.BufferBytes, "`bytes` of publishes held while NATS is unreachable or slow; beyond, publishing answers 503")
+	fs.DurationVar(&cfg.NATS.PingInterval, "broker_ping_interval", cfg.NATS.PingInterval, "NATS keepalive: two intervals without PONG mean a dead server")
+	fs.DurationVar(&cfg.NATS.HealthGrace, "broker_health_grace", cfg.NATS.HealthGrace, "/health answers 503 once disconnected from NATS this long")
 	fs.IntVar(&cfg.ClientRetries, "client_retries", cfg.ClientRetries, "retries of a call where retrying is safe")
 	fs.DurationVar(&cfg.ClientRequestTimeout, "client_request_timeout", cfg.ClientRequestTimeout, "timeout of a call, all attempts included")
 	fs.DurationVar(&cfg.ProxyIdleTimeout, "proxy_idle_timeout", cfg.ProxyIdleTimeout, "end a proxied stream (events, chunks, websocket) with no bytes either way for this long")
@@ -213,14 +279,19 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.StringVar(&cfg.AuthToken, "auth_token", "", "require Authorization: Bearer `TOKEN` on every request but /health")
 	fs.StringVar(&authTokenFile, "auth_token_file", "", "read the accepted auth tokens from `file`, one a line, re-read when it changes")
 	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", cfg.MaxBodyBytes, "largest request body the sidecar reads")
-	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", cfg.ShutdownTimeout, "time to drain requests on SIGTERM")
+	fs.DurationVar(&cfg.ShutdownDelay, "shutdown_delay", cfg.ShutdownDelay, "on SIGTERM, keep serving this long with /health at 503 and the app deregistered before closing the listener (5s for Kubernetes)")
+	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", cfg.ShutdownTimeout, "time to drain requests on SIGTERM (after --shutdown_delay)")
 	fs.StringVar(&logLevel, "log_level", "info", "log level: debug, info, warn or error")
+	fs.BoolVar(&version, "version", false, "print the version and exit (sidecar version --json prints it as JSON)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: sidecar [flags]\n       sidecar COMMAND [ARGS] (commands of the client: sidecar help)\n\nEvery flag also reads MICRO_<NAME> from the environment (MICRO_ADDRESS for --address).\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return nil, err
+	}
+	if version {
+		return nil, errShowVersion // before the environment: MICRO_* settings cannot stop it
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q (see --help)", fs.Arg(0))
@@ -259,8 +330,8 @@ func applyEnv(fs *flag.FlagSet, getenv func(string) string) error {
 	fs.VisitAll(func(f *flag.Flag) {
 		env := "MICRO_" + strings.ToUpper(f.Name)
 		v := getenv(env)
-		if given[f.Name] || v == "" || err != nil {
-			return
+		if given[f.Name] || v == "" || err != nil || f.Name == "version" {
+			return // MICRO_VERSION often names an app's version, not this flag
 		}
 		if e := fs.Set(f.Name, v); e != nil {
 			err = fmt.Errorf("invalid value %q for flag --%s (from %s): %v", v, f.Name, env, e)
@@ -282,6 +353,8 @@ func (c *Config) validate() error {
 		{"client_request_timeout", c.ClientRequestTimeout},
 		{"proxy_idle_timeout", c.ProxyIdleTimeout},
 		{"shutdown_timeout", c.ShutdownTimeout},
+		{"registry_stale", c.RegistryStale},
+		{"registry_watch_idle", c.RegistryWatchIdle},
 	}
 	for _, p := range positive {
 		if p.d <= 0 {
@@ -295,6 +368,10 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %d for flag --client_retries: want 0 to 10", c.ClientRetries)
 	case !validStrategy(c.Balancer):
 		return fmt.Errorf("invalid value %q for flag --balancer: want p2c, random or roundrobin", c.Balancer)
+	case c.RegistryConnections < 4 || c.RegistryConnections > 10_000:
+		return fmt.Errorf("invalid value %d for flag --registry_connections: want 4 to 10000", c.RegistryConnections)
+	case c.ShutdownDelay < 0:
+		return fmt.Errorf("invalid value %s for flag --shutdown_delay: must not be negative", c.ShutdownDelay)
 	case c.MaxBodyBytes <= 0:
 		return fmt.Errorf("invalid value %d for flag --max_body_bytes: must be positive", c.MaxBodyBytes)
 	case c.RegisterInterval >= c.RegisterTTL:
@@ -309,10 +386,19 @@ func (c *Config) validate() error {
 	if err := validateRegistry(c); err != nil {
 		return err
 	}
-	if c.BrokerAddress != "" {
-		if _, port, err := splitHostPort(c.BrokerAddress); err != nil || port == 0 {
-			return fmt.Errorf("invalid value %q for flag --broker_address: want host:port with a port", c.BrokerAddress)
+	switch c.Broker {
+	case "memory":
+		if c.BrokerAddress != "" {
+			if _, port, err := splitHostPort(c.BrokerAddress); err != nil || port == 0 {
+				return fmt.Errorf("invalid value %q for flag --broker_address: want host:port with a port", c.BrokerAddress)
+			}
 		}
+	case "nats":
+	default:
+		return fmt.Errorf("invalid value %q for flag --broker: want memory or nats", c.Broker)
+	}
+	if err := c.validateNATS(); err != nil {
+		return err
 	}
 	if c.ServerAddress != "" {
 		if _, _, err := splitHostPort(c.ServerAddress); err != nil {
@@ -353,12 +439,14 @@ type server struct {
 	proxy    *proxyHandler
 	broker   *broker
 	peers    *peerBroker // pub/sub across sidecars sharing the registry
+	nats     *natsBroker // pub/sub through NATS; nil unless --broker nats
 	stats    *stats
 	app      *appChecker // nil without --server_name
 	tls      *tlsManager
 	auth     *auth
 	streams  *streams
 	cors     corsPolicy
+	via      *via // this sidecar in the Via of what it forwards (client.go)
 	handler  http.Handler
 
 	// draining is set when shutdown begins: /health fails readiness.
@@ -371,6 +459,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 		log:     logger,
 		started: time.Now(),
 		cors:    newCORSPolicy(cfg.CORS),
+		via:     newVia(),
 	}
 	tlsm, err := newTLSManager(cfg, logger.With("component", "tls"))
 	if err != nil {
@@ -390,17 +479,30 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.rpc = newRPCHandler(cfg, reg, clientTLS, logger.With("component", "rpc"))
-	s.proxy = newProxyHandler(cfg, reg, s.streams, clientTLS, logger.With("component", "proxy"))
+	s.rpc = newRPCHandler(cfg, reg, clientTLS, s.via, logger.With("component", "rpc"))
+	s.proxy = newProxyHandler(cfg, reg, s.streams, clientTLS, s.via, logger.With("component", "proxy"))
 	s.broker = newBroker(cfg, s.streams, logger.With("component", "broker"))
 	s.peers = newPeerBroker(cfg, reg, s.broker, clientTLS, logger.With("component", "broker"))
-	s.broker.setForwarder(s.peers)
+	if cfg.Broker == "nats" {
+		s.nats, err = newNATSBroker(cfg, s.broker, logger.With("component", "nats"))
+		if err != nil {
+			reg.Close()
+			return nil, err
+		}
+		s.broker.setRelay(s.nats)
+	} else {
+		s.broker.setForwarder(s.peers)
+	}
 	s.stats = newStats(cfg, logger.With("component", "stats"))
 	s.stats.addSource(registrySizeSource(reg))
 	s.stats.addSource(s.broker.metrics)
 	s.stats.addSource(s.peers.metrics)
+	if s.nats != nil {
+		s.stats.addSource(s.nats.metrics)
+	}
 	s.stats.addSource(s.rpc.metrics)
 	s.stats.addSource(s.proxy.metrics)
+	s.stats.addSource(s.via.metrics)
 	s.stats.addSource(s.auth.metrics)
 	s.stats.addSource(s.tls.metrics)
 	if cfg.ServerName != "" {
@@ -424,7 +526,11 @@ type route struct {
 }
 
 // routes is the route table: every endpoint of the sidecar, in one place.
-func (s *server) routes() *http.ServeMux {
+// Its rows match only clean paths: a path that is not (//x, /./x, /a/../b)
+// goes to the row "/", the handler of the paths the sidecar does not own,
+// which forwards it as it came or refuses it (see cleanFront). No other
+// pattern may end in a slash: the mux would redirect /x to /x/.
+func (s *server) routes() http.Handler {
 	table := []route{
 		{"GET /health", s.handleHealth},
 		{"GET /registry", s.registry.handleGet},
@@ -440,8 +546,12 @@ func (s *server) routes() *http.ServeMux {
 	}
 	mux := http.NewServeMux()
 	allow := map[string][]string{}
+	var root route
 	for _, rt := range table {
 		mux.HandleFunc(rt.pattern, rt.handler)
+		if rt.pattern == "/" {
+			root = rt
+		}
 		if method, path, ok := strings.Cut(rt.pattern, " "); ok {
 			allow[path] = append(allow[path], method)
 		}
@@ -457,7 +567,44 @@ func (s *server) routes() *http.ServeMux {
 			writeError(w, http.StatusMethodNotAllowed, "method %s not allowed on %s; allowed: %s", r.Method, path, allowed)
 		})
 	}
-	return mux
+	return cleanFront(mux, root)
+}
+
+// cleanFront keeps the mux from redirecting. http.ServeMux answers a path
+// that is not in canonical form with a text/html redirect to the cleaned
+// path, which the sidecar never sends: a proxied path must reach the node
+// byte for byte, and an error must be JSON. So a path the mux would clean
+// goes to root (the route "/") without the mux, with root's pattern for
+// the stats. CONNECT paths the mux does not clean either.
+func cleanFront(mux *http.ServeMux, root route) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if p := r.URL.EscapedPath(); r.Method != http.MethodConnect && canonicalPath(p) != p {
+			r.Pattern = root.pattern
+			root.handler(w, r)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+// canonicalPath is the path http.ServeMux matches in place of p: without
+// empty, "." and ".." segments, a trailing slash kept. It allocates only
+// when p is not canonical.
+func canonicalPath(p string) string {
+	if p == "" {
+		return "/"
+	}
+	if p[0] != '/' {
+		p = "/" + p
+	}
+	np := path.Clean(p)
+	if p[len(p)-1] == '/' && np != "/" {
+		if len(p) == len(np)+1 && strings.HasPrefix(p, np) {
+			return p
+		}
+		np += "/"
+	}
+	return np
 }
 
 // handleRoot serves every path the sidecar does not own: RPC by path, or
@@ -513,20 +660,31 @@ func publicPath(r *http.Request) bool {
 		r.URL.Path == deliverPath // sidecars sign deliveries with a key instead (broker_peers.go)
 }
 
-// start begins the components' background work.
+// start begins the components' background work, until ctx ends or Close.
 func (s *server) start(ctx context.Context) {
+	s.tls.start(ctx)
 	s.registry.reg.start(ctx)
+	s.broker.start(ctx)
+	s.peers.start(ctx)
 	s.stats.start(ctx)
+	if s.nats != nil {
+		s.nats.start(ctx)
+	}
 	if s.app != nil {
 		s.app.start(ctx)
 	}
 }
 
 // serve runs the HTTP server on ln until ctx is cancelled, then shuts down:
-// fail readiness, deregister the app, stop accepting and drain requests,
-// close streams, close components.
+// fail readiness, deregister the app, go on serving for --shutdown_delay
+// (load balancers and orchestrators take a while to see /health fail and
+// stop sending; requests they send meanwhile are served, not refused),
+// stop accepting and drain requests, close streams, close components.
 func (s *server) serve(ctx context.Context, ln net.Listener) error {
-	s.start(ctx)
+	// The components outlive ctx: the drain still looks services up,
+	// deregisters the app and this sidecar's topics, and answers HTTP-01
+	// challenges. Close ends them.
+	s.start(context.WithoutCancel(ctx))
 	hs := &http.Server{
 		Handler:           s.handler,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -545,15 +703,24 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	case err = <-errc:
 		err = fmt.Errorf("serve: %w", err)
 	case <-ctx.Done():
-		s.log.Info("shutting down")
+		s.log.Info("shutting down", "delay", s.cfg.ShutdownDelay)
 	}
 	s.draining.Store(true)
+	if s.app != nil {
+		s.app.Close()                                // no heartbeat may register it again
+		s.app.deregister(context.WithoutCancel(ctx)) // bounded by its own timeout
+	}
+	if err == nil && s.cfg.ShutdownDelay > 0 {
+		t := time.NewTimer(s.cfg.ShutdownDelay)
+		select {
+		case <-t.C:
+		case e := <-errc:
+			err = fmt.Errorf("serve: %w", e)
+		}
+		t.Stop()
+	}
 	drain, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.ShutdownTimeout)
 	defer cancel()
-	if s.app != nil {
-		s.app.Close() // no heartbeat may register it again
-		s.app.deregister(drain)
-	}
 	if e := hs.Shutdown(drain); e != nil {
 		s.log.Warn("drain incomplete", "err", e)
 		hs.Close()
@@ -562,26 +729,36 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	return err
 }
 
-// Close ends streams and stops the components, in reverse order of
-// construction. It waits for their goroutines and is idempotent.
+// Close ends the streams first (websockets use every component), then
+// closes the components in reverse order of construction, each before
+// what it uses: the app checker and the peers deregister before the
+// registry closes. It waits for their goroutines and is idempotent.
 func (s *server) Close() error {
 	s.streams.Close()
-	s.stats.Close()
-	s.broker.Close()
-	s.peers.Close()
-	s.rpc.Close()
-	s.proxy.Close()
 	if s.app != nil {
 		s.app.Close()
 	}
+	s.stats.Close()
+	if s.nats != nil {
+		s.nats.Close() // after the subscribers (streams): flushes their last publishes
+	}
+	s.peers.Close()
+	s.broker.Close()
+	s.proxy.Close()
+	s.rpc.Close()
+	err := s.registry.reg.Close()
 	s.tls.Close()
-	return s.registry.reg.Close()
+	return err
 }
 
 // setAdvertise makes this sidecar reachable by the others at
-// --broker_address, or at the address its listener is bound to, and starts
-// registering. Call it once the listener is bound (run does).
+// --broker_address, or at the address its listener is bound to; the peer
+// broker registers it from start on. Call it once the listener is bound
+// (run does, before serve starts the components).
 func (s *server) setAdvertise(bound net.Addr) {
+	if s.nats != nil {
+		return // NATS carries messages between sidecars
+	}
 	host, port := "", 0
 	if s.cfg.BrokerAddress != "" {
 		host, port, _ = splitHostPort(s.cfg.BrokerAddress) // validated by parseConfig

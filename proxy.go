@@ -20,6 +20,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -60,6 +61,7 @@ type proxyHandler struct {
 	conns     *connPools      // every other request
 	buffers   *bufferPool
 	streams   *streams
+	via       *via // refuses loops, and stamps what is forwarded
 	rp        *httputil.ReverseProxy
 
 	// Counters without a service label (service names here come from
@@ -71,8 +73,8 @@ type proxyHandler struct {
 }
 
 // newProxyHandler builds the proxy; clientTLS verifies nodes called over
-// https (see backendScheme).
-func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Config, logger *slog.Logger) *proxyHandler {
+// https (see backendScheme); v is the server's place in Via.
+func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Config, v *via, logger *slog.Logger) *proxyHandler {
 	p := &proxyHandler{
 		cfg:       cfg,
 		reg:       reg,
@@ -82,6 +84,7 @@ func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Confi
 		conns:     newConnPools(cfg, clientTLS),
 		buffers:   &bufferPool{},
 		streams:   g,
+		via:       v,
 	}
 	// Bodies pass through as the node encoded them: the transport must not
 	// ask for gzip on the caller's behalf and decode it.
@@ -103,20 +106,23 @@ func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Confi
 	return p
 }
 
-// Close releases idle backend connections. Requests in flight are the HTTP
-// server's to drain, proxied websockets the streams' to end. Idempotent.
+// Close releases idle backend connections, waiting for a sweep of them in
+// progress. Requests in flight are the HTTP server's to drain, proxied
+// websockets the streams' to end. Idempotent.
 func (p *proxyHandler) Close() error {
 	p.conns.close()
 	p.transport.CloseIdleConnections()
 	return nil
 }
 
-// proxyService names the service of a proxied path with namespace ns: its
-// first segment (/foo/... is ns.foo), or its first two when the first is a
-// version (/v1/foo/... is ns.v1.foo). A path naming no valid service is a
-// 404.
+// proxyService names the service of a proxied path (as sent, escaped)
+// with namespace ns: its first non-empty segment (/foo/... and //foo/...
+// are ns.foo), or its first two when the first is a version (/v1/foo/...
+// is ns.v1.foo). Segments are unescaped one by one, so %2F is no
+// separator. A path naming no valid service ("/", "/./foo", "/../foo") is
+// a 404. The path itself goes to the node as it came.
 func proxyService(ns, path string) (string, error) {
-	first, rest, _ := strings.Cut(strings.TrimPrefix(path, "/"), "/")
+	first, rest := nextSegment(path)
 	if first == "" {
 		return "", errorf(http.StatusNotFound, "proxy: path %q names no service; want /[service]/...", path)
 	}
@@ -125,7 +131,7 @@ func proxyService(ns, path string) (string, error) {
 	}
 	name := first
 	if isVersion(first) {
-		if second, _, _ := strings.Cut(rest, "/"); second != "" && checkSegment(second) == nil {
+		if second, _ := nextSegment(rest); second != "" && checkSegment(second) == nil {
 			name = first + "." + second
 		}
 	}
@@ -136,6 +142,22 @@ func proxyService(ns, path string) (string, error) {
 		return "", errorf(http.StatusNotFound, "proxy: service name from path is longer than %d bytes", maxNameLen)
 	}
 	return name, nil
+}
+
+// nextSegment returns the first non-empty segment of the escaped path p,
+// unescaped ("" if there is none or it does not unescape), and what
+// follows it. It allocates only for a segment with a percent sign.
+func nextSegment(p string) (seg, rest string) {
+	p = strings.TrimLeft(p, "/")
+	seg, rest, _ = strings.Cut(p, "/")
+	if strings.IndexByte(seg, '%') >= 0 {
+		u, err := url.PathUnescape(seg)
+		if err != nil {
+			return "", rest
+		}
+		seg = u
+	}
+	return seg, rest
 }
 
 // Phases of a proxied request, which decide what its timer enforces.
@@ -203,16 +225,22 @@ func callOf(r *http.Request) *proxyCall {
 }
 
 // handle serves a path the sidecar does not own: it finds the service,
-// then lets the ReverseProxy forward the request.
+// starts the call's timer, and forwards the request: an upgrade (a
+// websocket) through the ReverseProxy and RoundTrip, any other request
+// through forward, over the sidecar's own HTTP/1.1 client (proxy_conn.go).
 func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
-	service, err := proxyService(p.cfg.Namespace, r.URL.Path)
+	if err := p.via.check(r.Header["Via"]); err != nil {
+		writeError(w, http.StatusLoopDetected, "proxy: %v", err)
+		return
+	}
+	service, err := proxyService(p.cfg.Namespace, r.URL.EscapedPath())
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	timeout, lowered, err := requestTimeout(r.Header, p.cfg.ClientRequestTimeout)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	svc, err := p.reg.GetService(r.Context(), service)
@@ -233,7 +261,7 @@ func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
 	pc := &proxyCall{p: p, service: service, st: st, w: w, start: time.Now(), timeout: timeout, lowered: lowered}
 	hasBody := r.ContentLength != 0 // no body is sent for 0; -1 is chunked
 	pc.retrySafe = !hasBody && idempotent(r.Method)
-	pc.upgrade = r.Header.Get("Upgrade") != "" && headerHasToken(r.Header, "Connection", "upgrade")
+	pc.upgrade = r.Header.Get("Upgrade") != "" && hasToken(r.Header["Connection"], "upgrade")
 	if !pc.upgrade {
 		pc.Context = r.Context()
 		pc.stopWatch = context.AfterFunc(r.Context(), pc.callerGone)
@@ -278,7 +306,7 @@ func (p *proxyHandler) forward(w http.ResponseWriter, r *http.Request, pc *proxy
 		t0 := time.Now()
 		n := p.bal.pick(pc.st, tried, t0)
 		if n == nil {
-			p.fail(w, r, pc, &proxyError{http.StatusServiceUnavailable, fmt.Errorf("service %q has no nodes", pc.service)})
+			p.fail(w, r, pc, &httpError{http.StatusServiceUnavailable, fmt.Errorf("service %q has no nodes", pc.service)})
 			return
 		}
 		c, h, err := p.exchange(pc, r, n, t0)
@@ -353,7 +381,7 @@ func (pc *proxyCall) dial(pool *connPool) (*backendConn, error) {
 // When writing the body fails, the node may have answered early (a 413,
 // say): that answer is used if it can be read.
 func (p *proxyHandler) roundTrip(pc *proxyCall, r *http.Request, c *backendConn) (h respHead, started, wrote bool, err error) {
-	writeRequestHead(c.bw, r, c.pool.addr, r.ContentLength, p.cfg.AuthToken != "")
+	writeRequestHead(c.bw, r, c.pool.addr, p.via.entry(r), r.ContentLength, p.cfg.AuthToken != "")
 	var werr error
 	if r.ContentLength != 0 {
 		if werr = p.sendBody(pc, r, c); werr != nil {
@@ -744,15 +772,17 @@ func (pc *proxyCall) bodySent() {
 // rewrite prepares an outgoing upgrade request (writeRequestHead does the
 // same for the others): path and query stay as they came;
 // the Host header names the node; X-Forwarded-For extends the caller's
-// chain, X-Forwarded-Host and -Proto describe the caller's request; the
-// sidecar's own bearer token is not passed on; a W3C traceparent is passed
-// through or started. ReverseProxy has already removed hop-by-hop headers.
+// chain, X-Forwarded-Host and -Proto describe the caller's request; Via
+// gets the sidecar after the caller's entries; the sidecar's own bearer
+// token is not passed on; a W3C traceparent is passed through or started.
+// ReverseProxy has already removed hop-by-hop headers.
 func (p *proxyHandler) rewrite(pr *httputil.ProxyRequest) {
 	if prior := pr.In.Header["X-Forwarded-For"]; len(prior) > 0 {
 		pr.Out.Header["X-Forwarded-For"] = prior
 	}
 	pr.SetXForwarded()
 	pr.Out.Host = ""
+	pr.Out.Header["Via"] = p.via.appendTo(pr.Out.Header["Via"], pr.In)
 	if p.cfg.AuthToken != "" {
 		delete(pr.Out.Header, "Authorization")
 	}
@@ -763,26 +793,16 @@ func (p *proxyHandler) rewrite(pr *httputil.ProxyRequest) {
 	}
 }
 
-// proxyError is a proxied request's failure with the status the caller
-// gets.
-type proxyError struct {
-	code int
-	err  error
-}
-
-func (e *proxyError) Error() string { return e.err.Error() }
-func (e *proxyError) Unwrap() error { return e.err }
-
 // RoundTrip sends an upgrade request (the ReverseProxy's outgoing request)
 // to a node of the call's service; forward does the same for the others.
 // On a failure that is safe to retry (a request that never reached a node,
 // or an idempotent one without a body) it tries another node, within the
 // retry budget and the request timeout. Every outcome feeds the node's
-// ejection. Errors are *proxyError.
+// ejection. Errors are *httpError.
 func (p *proxyHandler) RoundTrip(req *http.Request) (*http.Response, error) {
 	pc := callOf(req)
 	if pc == nil {
-		return nil, &proxyError{http.StatusBadGateway, errors.New("request without a proxied call")}
+		return nil, &httpError{http.StatusBadGateway, errors.New("request without a proxied call")}
 	}
 	tried := pc.tried[:0] // nodes this request failed on: retries go elsewhere
 	out := req
@@ -790,7 +810,7 @@ func (p *proxyHandler) RoundTrip(req *http.Request) (*http.Response, error) {
 		t0 := time.Now()
 		n := p.bal.pick(pc.st, tried, t0)
 		if n == nil {
-			return nil, &proxyError{http.StatusServiceUnavailable, fmt.Errorf("service %q has no nodes", pc.service)}
+			return nil, &httpError{http.StatusServiceUnavailable, fmt.Errorf("service %q has no nodes", pc.service)}
 		}
 		if try > 0 {
 			out = req.Clone(pc) // a failed attempt's connection may still read the previous one
@@ -817,7 +837,7 @@ func (p *proxyHandler) RoundTrip(req *http.Request) (*http.Response, error) {
 // failed feeds a failed attempt on n to the balancer and decides what
 // follows: nil to try another node (after a backoff, within the retry
 // budget and the request timeout), or the caller's error.
-func (pc *proxyCall) failed(n *nodeState, try int, t0 time.Time, err error) *proxyError {
+func (pc *proxyCall) failed(n *nodeState, try int, t0 time.Time, err error) *httpError {
 	p := pc.p
 	pe, nodeFailed, retry := pc.classify(err)
 	p.bal.done(n, t0, time.Since(t0), !nodeFailed)
@@ -844,7 +864,7 @@ func (pc *proxyCall) failed(n *nodeState, try int, t0 time.Time, err error) *pro
 // it counts against the node and whether another node may be tried: a
 // request that never reached a node (a failed dial, nothing of the body
 // read), or an idempotent one without a body.
-func (pc *proxyCall) classify(err error) (pe *proxyError, nodeFailed, retry bool) {
+func (pc *proxyCall) classify(err error) (pe *httpError, nodeFailed, retry bool) {
 	cause := pc.causeOf()
 	if cause == nil && pc.phase.Load() == phaseHeaders && time.Now().UnixNano() >= pc.due.Load() {
 		cause = errHeaderTimeout // a dial ran into the deadline before the timer did
@@ -852,27 +872,27 @@ func (pc *proxyCall) classify(err error) (pe *proxyError, nodeFailed, retry bool
 	switch {
 	case cause == errHeaderTimeout:
 		// The caller's own short deadline says nothing of the node.
-		return &proxyError{http.StatusGatewayTimeout, fmt.Errorf("no response headers within %s", pc.timeout)}, !pc.lowered, false
+		return &httpError{http.StatusGatewayTimeout, fmt.Errorf("no response headers within %s", pc.timeout)}, !pc.lowered, false
 	case cause == errIdleTimeout:
-		return &proxyError{http.StatusGatewayTimeout, fmt.Errorf("request body idle for %s", pc.p.cfg.ProxyIdleTimeout)}, false, false
+		return &httpError{http.StatusGatewayTimeout, fmt.Errorf("request body idle for %s", pc.p.cfg.ProxyIdleTimeout)}, false, false
 	case cause == errShutdown:
-		return &proxyError{http.StatusServiceUnavailable, cause}, false, false
+		return &httpError{http.StatusServiceUnavailable, cause}, false, false
 	case cause == errCallerGone || pc.Err() != nil:
-		return &proxyError{statusClientClosed, errCallerGone}, false, false
+		return &httpError{statusClientClosed, errCallerGone}, false, false
 	}
 	var ce *callerError
 	if errors.As(err, &ce) {
-		return &proxyError{http.StatusBadRequest, err}, false, false
+		return &httpError{http.StatusBadRequest, err}, false, false
 	}
 	var op *net.OpError
 	if errors.As(err, &op) && op.Op == "dial" {
-		return &proxyError{http.StatusServiceUnavailable, fmt.Errorf("connect: %w", op.Err)}, true, pc.bytes.Load() == 0
+		return &httpError{http.StatusServiceUnavailable, dialError(op)}, true, pc.bytes.Load() == 0
 	}
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
-		return &proxyError{http.StatusGatewayTimeout, err}, true, false
+		return &httpError{http.StatusGatewayTimeout, err}, true, false
 	}
-	return &proxyError{http.StatusBadGateway, err}, true, pc.retrySafe
+	return &httpError{http.StatusBadGateway, err}, true, pc.retrySafe
 }
 
 // received notes the response headers' arrival, after which the idle
@@ -901,7 +921,7 @@ func (p *proxyHandler) writeProxyError(w http.ResponseWriter, r *http.Request, e
 // fail answers a proxied request that failed before its response started
 // with the JSON error of its status.
 func (p *proxyHandler) fail(w http.ResponseWriter, r *http.Request, pc *proxyCall, err error) {
-	pe := &proxyError{http.StatusBadGateway, err}
+	pe := &httpError{http.StatusBadGateway, err}
 	errors.As(err, &pe)
 	service := "?"
 	if pc != nil {

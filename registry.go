@@ -63,7 +63,8 @@ type Event struct {
 }
 
 // Registry is where services are registered and found. Implementations are
-// safe for concurrent use; start begins background work and Close stops it,
+// safe for concurrent use; building one starts nothing, start begins its
+// background work until ctx ends or Close, and Close (idempotent) stops it,
 // waiting for its goroutines.
 type Registry interface {
 	// Register adds or renews the nodes of s. A positive ttl makes them
@@ -231,8 +232,9 @@ func newMemoryRegistry(sweep time.Duration, now func() time.Time, logger *slog.L
 	}
 }
 
+// start runs the sweeper of expired nodes until ctx ends or Close.
 func (m *memoryRegistry) start(ctx context.Context) {
-	m.startOnce.Do(func() { go m.sweepLoop() })
+	m.startOnce.Do(func() { go m.sweepLoop(ctx) })
 }
 
 // Close stops the sweeper and closes every watcher. Idempotent.
@@ -251,13 +253,15 @@ func (m *memoryRegistry) Close() error {
 	return nil
 }
 
-func (m *memoryRegistry) sweepLoop() {
+func (m *memoryRegistry) sweepLoop(ctx context.Context) {
 	defer close(m.done)
 	t := time.NewTicker(m.sweep)
 	defer t.Stop()
 	for {
 		select {
 		case <-m.stop:
+			return
+		case <-ctx.Done():
 			return
 		case <-t.C:
 			m.expire()
@@ -643,7 +647,7 @@ func (a *registryAPI) handleRegister(w http.ResponseWriter, r *http.Request) {
 	}
 	s, err := a.readService(w, r, true)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	if err := a.reg.Register(r.Context(), s, ttl); err != nil {
@@ -660,7 +664,7 @@ func (a *registryAPI) handleRegister(w http.ResponseWriter, r *http.Request) {
 func (a *registryAPI) handleDeregister(w http.ResponseWriter, r *http.Request) {
 	s, err := a.readService(w, r, false)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	if err := a.reg.Deregister(r.Context(), s); err != nil {
