@@ -170,25 +170,12 @@ func eventually(t *testing.T, within time.Duration, what string, cond func() boo
 	}
 }
 
-// testClock is a clock that moves only when the test moves it, for TTL
-// logic (Config.now): a test steps it past or short of a TTL and the
-// answer does not depend on how loaded the machine is. Safe for concurrent
-// use.
-type testClock struct {
-	mu sync.Mutex // guards t
-	t  time.Time
-}
-
-func newTestClock() *testClock { return &testClock{t: time.Unix(1_000_000_000, 0)} }
-
-func (c *testClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *testClock) advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
+// newTestClock returns a testClock (balancer_test.go), a clock that moves
+// only when the test moves it, set at a fixed instant. Tests give it to TTL
+// logic (Config.now) and step it past or short of a TTL: the answer does not
+// depend on how loaded the machine is.
+func newTestClock() *testClock {
+	c := &testClock{}
+	c.ns.Store(time.Unix(1_000_000_000, 0).UnixNano())
+	return c
 }
