@@ -825,9 +825,7 @@ func TestCLIVersion(t *testing.T) {
 // worktree or with -buildvcs=false.)
 func TestVersionFromGit(t *testing.T) {
 	t.Parallel()
-	if _, err := exec.LookPath("git"); err != nil {
-		t.Skip("git not on PATH")
-	}
+	requireTool(t, "git")
 	src := t.TempDir()
 	entries, err := os.ReadDir(".")
 	if err != nil {
