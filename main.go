@@ -75,8 +75,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		s.Close()
 		return err
 	}
+	if err := s.setAdvertise(ln.Addr()); err != nil {
+		ln.Close()
+		s.Close()
+		return err
+	}
 	fmt.Fprintf(stdout, "sidecar listening on %s://%s\n", s.tls.scheme(), ln.Addr())
-	s.setAdvertise(ln.Addr())
 	return s.serve(ctx, ln)
 }
 
@@ -101,6 +105,10 @@ type Config struct {
 	RegistrySweep   time.Duration // how often expired nodes are removed
 	RegistryTimeout time.Duration // one call to a remote registry; zero: 5s
 	RegistryWait    time.Duration // longest blocking query of a remote registry; zero: 30s
+
+	RegistryHistory     int // recent watch events kept for ?since= (registry_watch.go)
+	RegistryMaxWatchers int // open registry watches; beyond it a watch is a 503
+	RegistryMaxNodes    int // nodes in one registration request; beyond it a 413
 
 	BrokerAddress string // host:port other sidecars deliver to; empty: the bound address
 	BrokerSecret  string // required of sidecars delivering messages here (broker_peers.go)
@@ -156,6 +164,9 @@ func defaultConfig() *Config {
 		RegisterInterval:     10 * time.Second,
 		Registry:             "memory",
 		RegistrySweep:        250 * time.Millisecond,
+		RegistryHistory:      defaultWatchHistory,
+		RegistryMaxWatchers:  10_000,
+		RegistryMaxNodes:     10_000,
 		StatsInterval:        time.Second,
 		ClientRetries:        1,
 		ClientRequestTimeout: 5 * time.Second,
@@ -187,6 +198,9 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", cfg.RegisterInterval, "interval of the app's registration heartbeat")
 	fs.StringVar(&cfg.Registry, "registry", cfg.Registry, "registry backend: memory, consul or sidecar (another sidecar's /registry)")
 	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend (consul: host:port, default $CONSUL_HTTP_ADDR or 127.0.0.1:8500; sidecar: http://host:port)")
+	fs.IntVar(&cfg.RegistryHistory, "registry_history", cfg.RegistryHistory, "recent registry events kept so a watch can resume with ?since= (0: none)")
+	fs.IntVar(&cfg.RegistryMaxWatchers, "registry_max_watchers", cfg.RegistryMaxWatchers, "most registry watches open at once")
+	fs.IntVar(&cfg.RegistryMaxNodes, "registry_max_nodes", cfg.RegistryMaxNodes, "most nodes in one registration request")
 	fs.StringVar(&cfg.BrokerAddress, "broker_address", "", "`host:port` where other sidecars deliver pub/sub messages (default: the bound --address)")
 	fs.StringVar(&cfg.BrokerSecret, "broker_secret", "", "`secret` that keys the signature of deliveries between sidecars sharing a registry (default: --auth_token)")
 	fs.IntVar(&cfg.ClientRetries, "client_retries", cfg.ClientRetries, "retries of a call where retrying is safe")
@@ -295,6 +309,12 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %d for flag --client_retries: want 0 to 10", c.ClientRetries)
 	case !validStrategy(c.Balancer):
 		return fmt.Errorf("invalid value %q for flag --balancer: want p2c, random or roundrobin", c.Balancer)
+	case c.RegistryHistory < 0:
+		return fmt.Errorf("invalid value %d for flag --registry_history: must not be negative", c.RegistryHistory)
+	case c.RegistryMaxWatchers <= 0:
+		return fmt.Errorf("invalid value %d for flag --registry_max_watchers: must be positive", c.RegistryMaxWatchers)
+	case c.RegistryMaxNodes <= 0:
+		return fmt.Errorf("invalid value %d for flag --registry_max_nodes: must be positive", c.RegistryMaxNodes)
 	case c.MaxBodyBytes <= 0:
 		return fmt.Errorf("invalid value %d for flag --max_body_bytes: must be positive", c.MaxBodyBytes)
 	case c.RegisterInterval >= c.RegisterTTL:
@@ -385,7 +405,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.registry = newRegistryAPI(reg, s.streams, cfg.MaxBodyBytes, logger.With("component", "registry"))
+	s.registry = newRegistryAPI(reg, s.streams, cfg, logger.With("component", "registry"))
 	clientTLS, err := clientTLSConfig(cfg)
 	if err != nil {
 		return nil, err
@@ -397,6 +417,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	s.broker.setForwarder(s.peers)
 	s.stats = newStats(cfg, logger.With("component", "stats"))
 	s.stats.addSource(registrySizeSource(reg))
+	s.stats.addSource(s.registry.metrics)
 	s.stats.addSource(s.broker.metrics)
 	s.stats.addSource(s.peers.metrics)
 	s.stats.addSource(s.rpc.metrics)
@@ -580,8 +601,15 @@ func (s *server) Close() error {
 
 // setAdvertise makes this sidecar reachable by the others at
 // --broker_address, or at the address its listener is bound to, and starts
-// registering. Call it once the listener is bound (run does).
-func (s *server) setAdvertise(bound net.Addr) {
+// registering; the registry refuses nodes at those addresses from then on.
+// Call it once the listener is bound (run does). It fails, changing
+// nothing, when --server_address is one of them: the app would be the
+// sidecar itself, and every call to it a loop.
+func (s *server) setAdvertise(bound net.Addr) error {
+	s.registry.setSelf(bound, s.cfg.BrokerAddress)
+	if h, p, err := splitHostPort(s.cfg.ServerAddress); err == nil && s.registry.self.holds(h, p) {
+		return fmt.Errorf("flag --server_address %s is this sidecar's own address (bound to %s): the app would be the sidecar, and calls to it would loop", s.cfg.ServerAddress, bound)
+	}
 	host, port := "", 0
 	if s.cfg.BrokerAddress != "" {
 		host, port, _ = splitHostPort(s.cfg.BrokerAddress) // validated by parseConfig
@@ -589,4 +617,5 @@ func (s *server) setAdvertise(bound net.Addr) {
 		host, port = advertiseHost(a.IP), a.Port
 	}
 	s.peers.setAdvertise(host, port, s.tls.scheme() == "https")
+	return nil
 }
