@@ -280,3 +280,32 @@ func TestRegistryRegistrationCaps(t *testing.T) {
 		}
 	})
 }
+
+// TestRemoteInvalidNodesDropped: nodes from Consul pass the validation of
+// a registration: the ones the sidecar could not call are dropped and
+// counted, the others served.
+func TestRemoteInvalidNodesDropped(t *testing.T) {
+	consul := startConsul(t)
+	instances := []struct {
+		id, addr string
+		port     int
+	}{
+		{"good", "10.0.0.1", 80},
+		{"url", "http://evil/", 80},
+		{"hostport", "127.0.0.1:19001", 19001},
+		{"crlf", "127.0.0.1\r\nX: y", 80},
+		{"userinfo", "user@127.0.0.1", 80},
+		{"port0", "10.0.0.2", 0},
+	}
+	for _, in := range instances {
+		reg := map[string]any{"ID": in.id, "Name": "mixed", "Address": in.addr, "Port": in.port}
+		if code := consul.api("PUT", "/v1/agent/service/register", reg, nil); code != http.StatusOK {
+			t.Fatalf("consul register %s = %d", in.id, code)
+		}
+	}
+	_, base, _ := startSidecarAt(t, remoteConfig("consul", consul.http), "127.0.0.1:0")
+	eventually(t, 15*time.Second, "mixed served with its valid node only", func() bool { return hasNodes(t, base, "mixed", "good") })
+	if got := getMetrics(t, base)["sidecar_registry_remote_invalid_total"]; got < float64(len(instances)-1) {
+		t.Errorf("sidecar_registry_remote_invalid_total = %v, want at least %d", got, len(instances)-1)
+	}
+}
