@@ -373,7 +373,7 @@ func TestRegistryWatchHistoryBounds(t *testing.T) {
 	var h history
 	h.max = 3
 	ev := func(i uint64, size int) *watchEvent {
-		return &watchEvent{Event: Event{Index: i, Service: &Service{Name: fmt.Sprint("s", i%2)}}, data: make([]byte, size)}
+		return &watchEvent{Event: Event{Index: i, Service: &Service{Name: fmt.Sprint("s", i%2)}}, size: size}
 	}
 	for i := uint64(1); i <= 5; i++ {
 		h.push(ev(i, 10))

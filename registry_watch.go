@@ -6,11 +6,12 @@ package main
 // encoding shared by all of them, the bound of each watch's queue, and the
 // websocket handler of GET /registry.
 //
-// Memory: an event is encoded once, when it happens, and every watch
-// queue and the history hold a pointer to those bytes. Each queue is
-// bounded in events and in bytes, and since all queues are suffixes of
-// the same stream, what the watches hold together is at most what the
-// slowest one holds, whatever their number.
+// Memory: an event is encoded once, by the first watch that writes it (a
+// registration nobody watches encodes nothing), and every watch queue and
+// the history hold a pointer to it and its bytes. Each queue is bounded in
+// events and in bytes, and since all queues are suffixes of the same
+// stream, what the watches hold together is at most what the slowest one
+// holds, whatever their number.
 
 import (
 	"context"
@@ -53,13 +54,14 @@ type snapshotFrame struct {
 	Services []*Service `json:"services"`
 }
 
-// watchEvent is an event as watches receive it, with its JSON frame. Once
-// sent it is immutable and shared by every watch and the history. A
-// snapshot (Action "snapshot") is encoded on first use, by whichever
-// watch writes it first.
+// watchEvent is an event as watches receive it. Once sent it is immutable
+// and shared by every watch and the history; its JSON frame is encoded on
+// first use, by whichever watch writes it first, outside the registry's
+// lock.
 type watchEvent struct {
 	Event
-	services []*Service // a snapshot's services
+	services []*Service // a snapshot's services (Action "snapshot")
+	size     int        // about the bytes of its frame, for the bounds; 0 for a snapshot
 	once     sync.Once
 	data     []byte
 	err      error
@@ -68,11 +70,37 @@ type watchEvent struct {
 // frame returns the JSON text frame of e.
 func (e *watchEvent) frame() ([]byte, error) {
 	e.once.Do(func() {
-		if e.data == nil {
+		if e.Action == "snapshot" {
 			e.data, e.err = json.Marshal(snapshotFrame{Action: e.Action, Index: e.Index, Services: e.services})
+		} else {
+			e.data, e.err = json.Marshal(e.Event)
 		}
 	})
 	return e.data, e.err
+}
+
+// eventSize is about the size of the JSON of an event of s, counted
+// without encoding it: the bounds of queues and the history need a size
+// before anyone writes the event.
+func eventSize(s *Service) int {
+	n := 96 + len(s.Name) + len(s.Version) + mapSize(s.Metadata)
+	for _, e := range s.Endpoints {
+		if e != nil {
+			n += 48 + len(e.Name) + len(e.Request) + len(e.Response) + mapSize(e.Metadata)
+		}
+	}
+	for _, nd := range s.Nodes {
+		n += 64 + len(nd.ID) + len(nd.Address) + len(nd.Version) + mapSize(nd.Metadata)
+	}
+	return n
+}
+
+func mapSize(m map[string]string) int {
+	n := 2
+	for k, v := range m {
+		n += len(k) + len(v) + 6
+	}
+	return n
 }
 
 // watchers is a registry's side of its watches: the index of the latest
@@ -157,17 +185,12 @@ func (w *watchers) snapshot(service string, build func(string) []*Service) *watc
 	return e
 }
 
-// send gives the next index to ev, encodes it once, keeps it in the
-// history and queues it for every watch of its service without blocking;
-// a watch whose queue is full is dropped.
+// send gives the next index to ev, keeps it in the history and queues it
+// for every watch of its service without blocking; a watch whose queue is
+// full is dropped.
 func (w *watchers) send(ev Event) {
 	ev.Index = w.last + 1
-	data, err := json.Marshal(ev)
-	if err != nil {
-		w.log.Error("registry event cannot be encoded; watchers miss it", "service", ev.Service.Name, "err", err)
-		return
-	}
-	e := &watchEvent{Event: ev, data: data}
+	e := &watchEvent{Event: ev, size: eventSize(ev.Service)}
 	w.last = ev.Index
 	w.history.push(e)
 	clear(w.snaps)
@@ -215,16 +238,16 @@ func (h *history) push(e *watchEvent) {
 	if h.ring == nil {
 		h.ring = make([]*watchEvent, h.max)
 	}
-	for h.n > 0 && (h.n == h.max || h.bytes+len(e.data) > watchHistoryBytes) {
+	for h.n > 0 && (h.n == h.max || h.bytes+e.size > watchHistoryBytes) {
 		old := h.ring[h.start]
 		h.ring[h.start] = nil
 		h.start = (h.start + 1) % h.max
 		h.n--
-		h.bytes -= len(old.data)
+		h.bytes -= old.size
 	}
 	h.ring[(h.start+h.n)%h.max] = e
 	h.n++
-	h.bytes += len(e.data)
+	h.bytes += e.size
 }
 
 func (h *history) at(i int) *watchEvent { return h.ring[(h.start+i)%h.max] }
@@ -294,7 +317,7 @@ func (x *watcher) signal() {
 func (x *watcher) preload(evs []*watchEvent) {
 	x.mu.Lock()
 	for _, e := range evs {
-		x.bytes += len(e.data)
+		x.bytes += e.size
 	}
 	x.queue = append(x.queue, evs...)
 	x.maxEvents += len(evs)
@@ -307,12 +330,12 @@ func (x *watcher) preload(evs []*watchEvent) {
 // then drops the watch).
 func (x *watcher) push(e *watchEvent) bool {
 	x.mu.Lock()
-	if len(x.queue) >= x.maxEvents || len(x.queue) > 0 && x.bytes+len(e.data) > x.maxBytes {
+	if len(x.queue) >= x.maxEvents || len(x.queue) > 0 && x.bytes+e.size > x.maxBytes {
 		x.mu.Unlock()
 		return false
 	}
 	x.queue = append(x.queue, e)
-	x.bytes += len(e.data)
+	x.bytes += e.size
 	x.mu.Unlock()
 	x.signal()
 	return true
