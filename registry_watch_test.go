@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"runtime"
 	"slices"
@@ -500,4 +501,78 @@ func BenchmarkRegistryWatchFanout(b *testing.B) {
 	b.ReportMetric(q(0.5), "p50-ns")
 	b.ReportMetric(q(0.99), "p99-ns")
 	b.ReportMetric(float64(heap.HeapInuse), "heap-bytes")
+}
+
+// BenchmarkLoopbackFanoutFloor is the floor under
+// BenchmarkRegistryWatchFanout on this machine: 1,000 loopback TCP
+// connections, one goroutine writing each (woken as a watch handler is),
+// one reading each; an op writes 230 bytes to every connection and lasts
+// until every reader has them. No websocket, no registry: what one
+// connection per watcher costs in the kernel and the scheduler.
+func BenchmarkLoopbackFanoutFloor(b *testing.B) {
+	const conns, size = 1000, 230
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	var got sync.WaitGroup
+	wake := make([]chan struct{}, conns)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	frame := make([]byte, size)
+	for i := range conns {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		s, err := ln.Accept()
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		defer s.Close()
+		wake[i] = make(chan struct{}, 1)
+		wg.Add(2)
+		go func() { // the reader: a watcher
+			defer wg.Done()
+			buf := make([]byte, 4096)
+			n := 0
+			for {
+				k, err := c.Read(buf)
+				if err != nil {
+					return
+				}
+				for n += k; n >= size; n -= size {
+					got.Done()
+				}
+			}
+		}()
+		go func() { // the writer: a watch handler
+			defer wg.Done()
+			for range wake[i] {
+				if _, err := s.Write(frame); err != nil {
+					return
+				}
+			}
+		}()
+	}
+	defer func() {
+		for _, w := range wake {
+			close(w)
+		}
+	}()
+	lat := make([]time.Duration, 0, b.N)
+	for b.Loop() {
+		got.Add(conns)
+		t0 := time.Now()
+		for _, w := range wake {
+			w <- struct{}{}
+		}
+		got.Wait()
+		lat = append(lat, time.Since(t0))
+	}
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2]), "p50-ns")
+	b.ReportMetric(float64(lat[(len(lat)-1)*99/100]), "p99-ns")
 }
