@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -464,6 +466,25 @@ func FuzzRegistryJSON(f *testing.F) {
 		var s Service
 		if decodeJSON(body, &s) != nil || s.validate(true) != nil {
 			return
+		}
+		// A valid node is callable: the address the balancer dials splits
+		// back into a host and the node's port, and its strings survive a
+		// JSON round trip unchanged (no two ids collapse into one).
+		for _, n := range s.Nodes {
+			normalizeAddress(n)
+			host, port, err := nodeTarget(n)
+			if err != nil {
+				t.Fatalf("node %+v valid, then nodeTarget: %v", n, err)
+			}
+			h, p, err := net.SplitHostPort(nodeHostPort(n))
+			if err != nil || h != host || p != strconv.Itoa(port) || port < 1 || port > 65535 {
+				t.Fatalf("node %+v dials %q (%v), want host %q port %d", n, nodeHostPort(n), err, host, port)
+			}
+			b, _ := json.Marshal(n.ID)
+			var id string
+			if json.Unmarshal(b, &id); id != n.ID {
+				t.Fatalf("id %q round-trips to %q", n.ID, id)
+			}
 		}
 		ctx := context.Background()
 		if err := m.Register(ctx, &s, d); err != nil {
