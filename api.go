@@ -27,6 +27,10 @@ import (
 // errors carry the id of the service that raised them.
 const errorID = "go.micro.sidecar"
 
+// statusClientClosed is the status of a call whose caller closed the
+// connection before the answer, as access logs call it. Nobody reads it.
+const statusClientClosed = 499
+
 // apiError is the error body of every failed request: the go-micro error
 // shape the seeds use, with code equal to the HTTP status.
 type apiError struct {
@@ -71,8 +75,9 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 	w.Write(append(b, '\n'))
 }
 
-// httpError is an error that knows its HTTP status; handlers return it from
-// helpers and writeErr turns it into the JSON error.
+// httpError is an error that knows the HTTP status its caller gets: the
+// helpers of handlers return it (errorf), the proxy classifies a failed
+// call into one, and writeHTTPError answers with it.
 type httpError struct {
 	code int
 	err  error
@@ -85,8 +90,9 @@ func errorf(code int, format string, args ...any) error {
 	return &httpError{code: code, err: fmt.Errorf(format, args...)}
 }
 
-// writeErr writes err with its status: an *httpError's code, or 500.
-func writeErr(w http.ResponseWriter, err error) {
+// writeHTTPError writes err through writeError with its status: an
+// *httpError's code, or 500.
+func writeHTTPError(w http.ResponseWriter, err error) {
 	code := http.StatusInternalServerError
 	var he *httpError
 	if errors.As(err, &he) {
@@ -231,18 +237,7 @@ func newStreams(cors corsPolicy) *streams {
 
 // isWebsocket reports whether r asks for a websocket upgrade.
 func isWebsocket(r *http.Request) bool {
-	return headerHasToken(r.Header, "Connection", "upgrade") && headerHasToken(r.Header, "Upgrade", "websocket")
-}
-
-func headerHasToken(h http.Header, name, token string) bool {
-	for _, v := range h.Values(name) {
-		for _, t := range strings.Split(v, ",") {
-			if strings.EqualFold(strings.TrimSpace(t), token) {
-				return true
-			}
-		}
-	}
-	return false
+	return hasToken(r.Header["Connection"], "upgrade") && hasToken(r.Header["Upgrade"], "websocket")
 }
 
 // accept upgrades r to a websocket and registers the stream; the
@@ -268,7 +263,7 @@ func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64
 	}
 	conn.SetReadLimit(readLimit)
 	ctx, cancel := context.WithCancel(r.Context())
-	stop := context.AfterFunc(g.ctx, cancel)
+	stop := afterFunc(g.ctx, cancel)
 	return conn, ctx, func() {
 		stop()
 		cancel()
@@ -278,7 +273,8 @@ func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64
 
 // join registers a stream that the caller serves itself, such as a proxied
 // websocket: stop is called when the sidecar shuts down, and Close waits
-// until done is called. ok is false once Close has begun.
+// until done is called; done waits for a stop that has begun. ok is false
+// once Close has begun.
 func (g *streams) join(stop func()) (done func(), ok bool) {
 	g.mu.Lock()
 	if g.closed {
@@ -287,11 +283,32 @@ func (g *streams) join(stop func()) (done func(), ok bool) {
 	}
 	g.wg.Add(1)
 	g.mu.Unlock()
-	unregister := context.AfterFunc(g.ctx, stop)
+	unregister := afterFunc(g.ctx, stop)
 	return func() {
 		unregister()
 		g.wg.Done()
 	}, true
+}
+
+// afterFunc is context.AfterFunc whose stop, once f has started, waits for
+// f to return, so an owner that calls stop in its Close leaves no goroutine
+// of f running. stop reports whether it kept f from running; it may be
+// called more than once.
+func afterFunc(ctx context.Context, f func()) (stop func() bool) {
+	ran := make(chan struct{})
+	stopf := context.AfterFunc(ctx, func() {
+		defer close(ran)
+		f()
+	})
+	var once sync.Once
+	var stopped bool
+	return func() bool {
+		once.Do(func() { stopped = stopf() })
+		if !stopped {
+			<-ran
+		}
+		return stopped
+	}
 }
 
 // shuttingDown reports whether Close has begun.

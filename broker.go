@@ -2,19 +2,18 @@ package main
 
 // broker.go owns pub/sub: POST /broker publishes, a websocket GET /broker
 // subscribes (and publishes the frames its client writes). Delivery is in
-// memory; a Forwarder, when set, carries each publish to other hosts.
+// memory; a Forwarder, when set, carries each publish to other hosts, and a
+// Relay, when set, carries every publish through an external engine (NATS)
+// that delivers it back. The subscribers' frame writer, which bypasses the
+// websocket library, and the assumptions it makes about that library are in
+// broker_ws.go.
 
 import (
-	"bufio"
 	"context"
-	"encoding/base64"
-	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -32,7 +31,6 @@ const (
 	brokerMaxMessage   = 1 << 20 // largest message body, if --max_body_bytes is larger
 	brokerQueueLen     = 4096    // messages a subscriber may lag before it is dropped
 	brokerQueueBytes   = 8 << 20 // bytes of frames a subscriber may lag before it is dropped
-	brokerWriteBatch   = 64 << 10
 	maxTopicLen        = 255
 	closeReasonTooSlow = "subscriber too slow"
 )
@@ -60,18 +58,39 @@ type Forwarder interface {
 	Unsubscribed(topic, queue string)
 }
 
-// broker serves /broker. It owns the topic table and the subscribers'
-// writers; the websocket handlers are tracked by streams, which closes them
-// on shutdown. Safe for concurrent use; Close waits for the pinger.
+// Relay carries pub/sub through an external engine (broker_nats.go)
+// instead of delivering here: every publish goes to Publish, and the
+// engine hands each message back to every sidecar with subscribers, this
+// one included, which delivers it through broker.deliverRemote (to every
+// plain subscriber, or to one member of a queue group). CheckTopic refuses
+// a topic the engine cannot carry (a 400). Publish must not block on the
+// network; its error is an *httpError (413 too large, 503 cannot take
+// more). Subscribed is called for every subscriber that joins, before its
+// handshake completes; its channel closes once the engine has the
+// subscription (or cannot confirm it soon), and the handshake waits for it
+// so that a connected client gets what is published after. Unsubscribed is
+// called when one leaves. Neither may block.
+type Relay interface {
+	CheckTopic(topic string) error
+	Publish(topic string, m *Message) error
+	Subscribed(topic, queue string) (ready <-chan struct{})
+	Unsubscribed(topic, queue string)
+}
+
+// broker serves /broker. It owns the topic table, the subscribers' writers
+// and the pinger (start); the websocket handlers are tracked by streams,
+// which closes them on shutdown and waits for them and their writers. Safe
+// for concurrent use; Close waits for the pinger.
 //
 // The limit fields are set by newBroker and may be lowered by tests before
-// the first request; zero values are not valid.
+// start; zero values are not valid.
 type broker struct {
 	cfg     *Config
 	streams *streams
 	log     *slog.Logger
 	topics  *topicTable
 	forward Forwarder // nil: this host only; set before serving
+	relay   Relay     // nil: deliver here; else every publish goes through it; set before serving
 
 	maxMessage   int64         // largest body of a published message
 	queueLen     int           // messages a subscriber may lag
@@ -87,7 +106,7 @@ type broker struct {
 
 	mu      sync.Mutex // guards the fields below
 	all     map[*subscriber]struct{}
-	pinging bool          // the pinger goroutine runs
+	pinging bool          // start has run the pinger
 	closed  bool          // Close was called
 	stop    chan struct{} // closed by Close: stops the pinger
 	wg      sync.WaitGroup
@@ -113,18 +132,43 @@ func newBroker(cfg *Config, st *streams, logger *slog.Logger) *broker {
 // Call it before serving.
 func (b *broker) setForwarder(f Forwarder) { b.forward = f }
 
+// setRelay makes every later publish go through r instead of being
+// delivered here (see Relay). Call it before serving.
+func (b *broker) setRelay(r Relay) { b.relay = r }
+
+// checkTopic validates a topic from ?topic= for publishing and subscribing.
+func (b *broker) checkTopic(s string) (string, error) {
+	topic, err := parseTopic(s)
+	if err == nil && b.relay != nil {
+		err = b.relay.CheckTopic(topic)
+	}
+	if err != nil {
+		return "", errorf(http.StatusBadRequest, "broker: %v", err)
+	}
+	return topic, nil
+}
+
 // publish delivers m to this host's subscribers of topic and hands it to
 // the forwarder, which may take some queue groups' deliveries elsewhere. It
-// never blocks on a subscriber or another host.
-func (b *broker) publish(topic string, m *Message) {
+// never blocks on a subscriber or another host. With a relay, m goes to
+// the relay only, and an error is its refusal (an *httpError).
+func (b *broker) publish(topic string, m *Message) error {
+	if b.relay != nil {
+		if err := b.relay.Publish(topic, m); err != nil {
+			return err
+		}
+		b.published.Add(1)
+		return nil
+	}
 	b.published.Add(1)
 	subs := b.topics.get(topic)
 	if b.forward == nil {
 		b.deliverTo(subs, m, nil)
-		return
+		return nil
 	}
 	sent := b.forward.Forward(topic, m, subs.groupNames())
 	b.deliverTo(subs, m, sent)
+	return nil
 }
 
 // deliverRemote delivers m, sent by another sidecar, to this host's
@@ -185,18 +229,21 @@ func (b *broker) deliverTo(subs *topicSubs, m *Message, skip []string) int {
 // handlePublish serves POST /broker?topic=T: the raw body, whatever its
 // Content-Type, is the message body and the request headers its headers.
 func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
-	topic, err := parseTopic(r.URL.Query().Get("topic"))
+	topic, err := b.checkTopic(r.URL.Query().Get("topic"))
 	if err != nil {
-		writeErr(w, errorf(http.StatusBadRequest, "broker: %v", err))
+		writeHTTPError(w, err)
 		return
 	}
 	// readBody reads r.Body itself, so a form Content-Type is never parsed.
 	body, err := readBody(w, r, b.maxMessage)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
-	b.publish(topic, &Message{Header: messageHeader(r.Header), Body: body})
+	if err := b.publish(topic, &Message{Header: messageHeader(r.Header), Body: body}); err != nil {
+		writeHTTPError(w, err)
+		return
+	}
 	writeJSON(w, http.StatusOK, struct{}{})
 }
 
@@ -206,15 +253,15 @@ func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
 // answering pings, falls too far behind, or the sidecar shuts down.
 func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	topic, err := parseTopic(q.Get("topic"))
+	topic, err := b.checkTopic(q.Get("topic"))
 	if err != nil {
-		writeErr(w, errorf(http.StatusBadRequest, "broker: %v", err))
+		writeHTTPError(w, err)
 		return
 	}
 	queue := q.Get("queue")
 	if queue != "" {
 		if err := checkTopicChars("queue", queue); err != nil {
-			writeErr(w, errorf(http.StatusBadRequest, "broker: %v", err))
+			writeHTTPError(w, errorf(http.StatusBadRequest, "broker: %v", err))
 			return
 		}
 	}
@@ -228,10 +275,12 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	// connected gets every message published after that. Until the
 	// connection exists, messages queue and no writer starts (writing).
 	s := &subscriber{b: b, writing: true}
-	if !b.add(topic, queue, s) {
+	ready, ok := b.add(topic, queue, s)
+	if !ok {
 		writeError(w, http.StatusServiceUnavailable, "broker: sidecar is shutting down")
 		return
 	}
+	b.awaitRelay(r.Context(), ready)
 	hj := &wsHijacker{ResponseWriter: w, readTimeout: 2 * b.pingInterval, writeTimeout: b.writeTimeout}
 	// The context accept returns ends with this handler, which returns at
 	// once: serve runs on, tracked by streams through done.
@@ -271,7 +320,7 @@ func (b *broker) serve(s *subscriber, topic, queue string, done func()) {
 		code, reason := b.streams.closeStatus()
 		s.closeWith(code, reason)
 	})
-	err := b.readLoop(context.Background(), topic, s.conn)
+	err := b.readLoop(context.Background(), topic, s)
 
 	b.remove(topic, queue, s)
 	if !stopClose() {
@@ -284,9 +333,11 @@ func (b *broker) serve(s *subscriber, topic, queue string, done func()) {
 
 // readLoop publishes every message the client writes until reading fails:
 // the client left, closed, sent a bad or oversized frame, or went silent.
-func (b *broker) readLoop(ctx context.Context, topic string, conn *websocket.Conn) error {
+// A frame the relay refuses closes the connection with 1009 (too large)
+// or 1013 (try again later): a websocket has no other answer to a frame.
+func (b *broker) readLoop(ctx context.Context, topic string, s *subscriber) error {
 	for {
-		_, rd, err := conn.Reader(ctx)
+		_, rd, err := s.conn.Reader(ctx)
 		if err != nil {
 			return err
 		}
@@ -294,29 +345,56 @@ func (b *broker) readLoop(ctx context.Context, topic string, conn *websocket.Con
 		if err != nil {
 			return err
 		}
-		b.publish(topic, &Message{Header: map[string]string{}, Body: body})
+		if err := b.publish(topic, &Message{Header: map[string]string{}, Body: body}); err != nil {
+			code := websocket.StatusTryAgainLater
+			var he *httpError
+			if errors.As(err, &he) && he.code == http.StatusRequestEntityTooLarge {
+				code = websocket.StatusMessageTooBig
+			}
+			reason := err.Error()
+			if len(reason) > 120 { // a close frame's reason fits 123 bytes
+				reason = strings.ToValidUTF8(reason[:120], "")
+			}
+			s.closeWith(code, reason)
+			return err
+		}
+	}
+}
+
+// awaitRelay waits until the relay has a new subscriber's subscription
+// (ready closes), the client leaves, or writeTimeout passes: past it the
+// subscriber is kept and the relay subscribes when it can.
+func (b *broker) awaitRelay(ctx context.Context, ready <-chan struct{}) {
+	if ready == nil {
+		return
+	}
+	t := time.NewTimer(b.writeTimeout)
+	defer t.Stop()
+	select {
+	case <-ready:
+	case <-ctx.Done():
+	case <-t.C:
 	}
 }
 
 // add registers s for topic (and queue group); false once Close has begun.
-func (b *broker) add(topic, queue string, s *subscriber) bool {
+// With a relay, ready closes once the relay has the subscription.
+func (b *broker) add(topic, queue string, s *subscriber) (ready <-chan struct{}, ok bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closed {
-		return false
+		return nil, false
 	}
 	b.all[s] = struct{}{}
-	if !b.pinging {
-		b.pinging = true
-		b.wg.Add(1)
-		go b.pinger()
-	}
 	b.topics.add(topic, queue, s)
 	b.subscribers.Add(1)
 	if b.forward != nil {
 		b.forward.Subscribed(topic, queue)
 	}
-	return true
+	if b.relay != nil {
+		ready = b.relay.Subscribed(topic, queue)
+	}
+	return ready, true
 }
 
 // remove unregisters s; no message is queued for it afterwards.
@@ -328,6 +406,9 @@ func (b *broker) remove(topic, queue string, s *subscriber) {
 	if b.forward != nil {
 		b.forward.Unsubscribed(topic, queue)
 	}
+	if b.relay != nil {
+		b.relay.Unsubscribed(topic, queue)
+	}
 	s.mu.Lock()
 	s.closed = true
 	s.queue, s.spare = nil, nil
@@ -335,16 +416,30 @@ func (b *broker) remove(topic, queue string, s *subscriber) {
 	b.subscribers.Add(-1)
 }
 
-// pinger pings every subscriber each pingInterval, through its writer, so
-// a client that stops answering hits its read deadline.
-func (b *broker) pinger() {
+// start runs the pinger until ctx ends or Close.
+func (b *broker) start(ctx context.Context) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.pinging || b.closed {
+		return
+	}
+	b.pinging = true
+	b.wg.Add(1)
+	go b.pinger(ctx, b.pingInterval)
+}
+
+// pinger pings every subscriber each interval, through its writer, so a
+// client that stops answering hits its read deadline.
+func (b *broker) pinger(ctx context.Context, interval time.Duration) {
 	defer b.wg.Done()
-	t := time.NewTicker(b.pingInterval)
+	t := time.NewTicker(interval)
 	defer t.Stop()
 	var subs []*subscriber
 	for {
 		select {
 		case <-b.stop:
+			return
+		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
@@ -653,47 +748,6 @@ func (s *subscriber) closeWith(code websocket.StatusCode, reason string) {
 	s.conn.Close(code, reason)
 }
 
-// encodeFrame encodes m once as a complete unmasked websocket text frame
-// (RFC 6455 section 5.2) that every subscriber's writer copies as is.
-func encodeFrame(m *Message) []byte {
-	const maxHeader = 10
-	buf := make([]byte, maxHeader, maxHeader+32+base64.StdEncoding.EncodedLen(len(m.Body))+64*len(m.Header))
-	buf = append(buf, `{"Header":`...)
-	if len(m.Header) == 0 {
-		buf = append(buf, "{}"...)
-	} else {
-		h, err := json.Marshal(m.Header) // strings only: cannot fail
-		if err != nil {
-			h = []byte("{}")
-		}
-		buf = append(buf, h...)
-	}
-	buf = append(buf, `,"Body":"`...)
-	buf = base64.StdEncoding.AppendEncode(buf, m.Body)
-	buf = append(buf, `"}`...)
-
-	n := len(buf) - maxHeader
-	var start int
-	switch {
-	case n < 126:
-		start = maxHeader - 2
-		buf[start+1] = byte(n)
-	case n <= 0xFFFF:
-		start = maxHeader - 4
-		buf[start+1] = 126
-		binary.BigEndian.PutUint16(buf[start+2:], uint16(n))
-	default:
-		start = 0
-		buf[1] = 127
-		binary.BigEndian.PutUint64(buf[2:], uint64(n))
-	}
-	buf[start] = 0x80 | 0x1 // FIN, text
-	return buf[start:]
-}
-
-// pingFrame is an unmasked ping without payload.
-var pingFrame = []byte{0x80 | 0x9, 0}
-
 // parseTopic validates a topic from ?topic=.
 func parseTopic(s string) (string, error) {
 	if s == "" {
@@ -723,199 +777,22 @@ func checkTopicChars(field, s string) error {
 	return nil
 }
 
-// dropHeaders are request headers that do not become message headers:
-// hop-by-hop headers (RFC 9110 section 7.6.1), credentials, and what
-// describes the HTTP body rather than the message.
-var dropHeaders = map[string]bool{
-	"Connection":          true,
-	"Keep-Alive":          true,
-	"Proxy-Connection":    true,
-	"Proxy-Authenticate":  true,
-	"Proxy-Authorization": true,
-	"Te":                  true,
-	"Trailer":             true,
-	"Transfer-Encoding":   true,
-	"Upgrade":             true,
-	"Authorization":       true,
-	"Cookie":              true,
-	"Content-Length":      true,
-	"Expect":              true,
-}
-
 // messageHeader turns request headers into message headers: one value per
-// name (repeated values joined with ", "), without dropHeaders and without
-// the headers the Connection header names.
+// name (repeated values joined with ", "), without hop-by-hop fields
+// (hopByHop, those the Connection field names included), credentials, and
+// what describes the HTTP body rather than the message.
 func messageHeader(h http.Header) map[string]string {
 	out := make(map[string]string, len(h))
+	conn := h["Connection"]
 	for name, vals := range h {
-		if dropHeaders[name] || headerHasToken(h, "Connection", name) {
+		if hopByHop(name, conn) {
+			continue
+		}
+		switch name {
+		case "Authorization", "Cookie", "Content-Length", "Expect":
 			continue
 		}
 		out[name] = strings.Join(vals, ", ")
 	}
 	return out
-}
-
-// wsHijacker lets streams.accept hijack through it, so that the websocket
-// library reads and writes through a wsConn with small buffers: the
-// subscriber's writer writes batches of encoded frames on the same wsConn.
-type wsHijacker struct {
-	http.ResponseWriter
-	readTimeout  time.Duration
-	writeTimeout time.Duration
-	conn         *wsConn // set by Hijack
-}
-
-// Hijack hands out a wsConn instead of the raw connection. The buffers
-// are small because they carry only control frames and client frames; the
-// subscriber's writer bypasses them.
-func (h *wsHijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	nc, brw, err := http.NewResponseController(h.ResponseWriter).Hijack()
-	if err != nil {
-		return nil, nil, err
-	}
-	c := &wsConn{Conn: nc, readTimeout: h.readTimeout, writeTimeout: h.writeTimeout}
-	if n := brw.Reader.Buffered(); n > 0 {
-		b, _ := brw.Reader.Peek(n)
-		c.unread = append([]byte(nil), b...)
-	}
-	if n := brw.Writer.Buffered(); n > 0 {
-		if err := brw.Writer.Flush(); err != nil {
-			nc.Close()
-			return nil, nil, err
-		}
-	}
-	h.conn = c
-	// 256 bytes hold any control frame whole (RFC 6455 section 5.5), so
-	// each of the library's frames reaches wsConn.Write in one call.
-	return c, bufio.NewReadWriter(bufio.NewReaderSize(c, 512), bufio.NewWriterSize(c, 256)), nil
-}
-
-// Unwrap lets http.ResponseController find the underlying writer.
-func (h *wsHijacker) Unwrap() http.ResponseWriter { return h.ResponseWriter }
-
-// wsConn is a subscriber's connection. Every read extends the read
-// deadline (a client that answers no ping for readTimeout is dead); every
-// write is whole frames under wmu with a deadline, so the library's control
-// frames and the writer's data frames never interleave inside a frame.
-type wsConn struct {
-	net.Conn
-	readTimeout  time.Duration
-	writeTimeout time.Duration
-	unread       []byte // bytes the HTTP server read past the handshake; reader only
-
-	// noData is set once a close frame is coming or went out (RFC 6455
-	// 5.5.1: no data after Close); writeFrames checks it between writes.
-	noData atomic.Bool
-
-	wmu    sync.Mutex // serializes writes; guards broken
-	broken bool       // a write failed midway: the stream may end inside a frame
-}
-
-var errDataStopped = errors.New("broker: connection closing")
-
-func (c *wsConn) Read(p []byte) (int, error) {
-	if len(c.unread) > 0 {
-		n := copy(p, c.unread)
-		c.unread = c.unread[n:]
-		if len(c.unread) == 0 {
-			c.unread = nil
-		}
-		return n, nil
-	}
-	if err := c.Conn.SetReadDeadline(time.Now().Add(c.readTimeout)); err != nil {
-		return 0, err
-	}
-	return c.Conn.Read(p)
-}
-
-// Write is the websocket library's path: control frames, each whole in
-// one call (its write buffer is larger than any control frame).
-func (c *wsConn) Write(p []byte) (int, error) {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if len(p) > 0 && p[0]&0x0f == 0x8 {
-		c.noData.Store(true) // the library closes on its own (a protocol error, an echo)
-	}
-	return c.writeLocked(p, time.Now().Add(c.writeTimeout))
-}
-
-// writeLocked writes p by deadline. After a failed write nothing more is
-// written: the stream may end inside a frame, and a control frame written
-// after it would land in the middle.
-func (c *wsConn) writeLocked(p []byte, deadline time.Time) (int, error) {
-	if c.broken {
-		return 0, net.ErrClosed
-	}
-	err := c.Conn.SetWriteDeadline(deadline)
-	n := 0
-	if err == nil {
-		n, err = c.Conn.Write(p)
-	}
-	if err != nil {
-		c.broken = true
-	}
-	return n, err
-}
-
-// stopData makes writeFrames stop at its next write; it returns after a
-// write in progress ends (within that batch's deadline).
-func (c *wsConn) stopData() {
-	c.noData.Store(true)
-	c.wmu.Lock()
-	//lint:ignore SA2001 taking the lock waits for the write in progress
-	c.wmu.Unlock()
-}
-
-// writeBufs recycles the writer's batch buffers, so an idle subscriber
-// holds none.
-var writeBufs = sync.Pool{New: func() any { b := make([]byte, 0, brokerWriteBatch); return &b }}
-
-// writeFrames writes a ping (if ping) and frames, copying small frames into
-// one buffer so a batch costs one write call per brokerWriteBatch bytes.
-func (c *wsConn) writeFrames(frames [][]byte, ping bool) error {
-	bp := writeBufs.Get().(*[]byte)
-	buf := (*bp)[:0]
-	defer func() {
-		*bp = buf[:0]
-		writeBufs.Put(bp)
-	}()
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	// One deadline for the whole batch: a client reading just fast enough
-	// to beat a per-write deadline must not hold the writer (and a
-	// shutdown waiting in stopData) for the length of an 8 MiB queue.
-	deadline := time.Now().Add(c.writeTimeout)
-	if c.noData.Load() {
-		return errDataStopped
-	}
-	write := func(p []byte) error {
-		if c.noData.Load() {
-			return errDataStopped
-		}
-		_, err := c.writeLocked(p, deadline)
-		return err
-	}
-	if ping {
-		buf = append(buf, pingFrame...)
-	}
-	for _, f := range frames {
-		if len(buf)+len(f) > brokerWriteBatch && len(buf) > 0 {
-			if err := write(buf); err != nil {
-				return err
-			}
-			buf = buf[:0]
-		}
-		if len(f) > brokerWriteBatch {
-			if err := write(f); err != nil {
-				return err
-			}
-			continue
-		}
-		buf = append(buf, f...)
-	}
-	if len(buf) > 0 {
-		return write(buf)
-	}
-	return nil
 }

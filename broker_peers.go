@@ -51,13 +51,14 @@ const (
 	deliverSigHeader   = "Micro-Broker-Signature" // hex HMAC-SHA256 of a delivery (signDelivery)
 	deliverMaxSkew     = time.Minute              // signed deliveries older (or newer) than this are refused
 
-	peerQueueLen   = 4096     // messages waiting for one other sidecar before new ones are dropped
-	peerQueueBytes = 16 << 20 // and their bytes, as estimated by size
-	peerBatchLen   = 256      // messages in one POST
-	peerBatchBytes = 1 << 20  // estimated bytes of one POST, unless one message is larger
-	peerRetries    = 3        // extra attempts of a POST that surely did not arrive
-	maxPeers       = 1024     // other sidecars with deliveries in flight
-	maxTopicRoutes = 10_000   // topics whose registry entry is parsed and kept
+	peerQueueLen    = 4096     // messages waiting for one other sidecar before new ones are dropped
+	peerQueueBytes  = 16 << 20 // and their bytes, as estimated by size
+	peerBatchLen    = 256      // messages in one POST
+	peerBatchBytes  = 1 << 20  // estimated bytes of one POST, unless one message is larger
+	peerRetries     = 3        // extra attempts of a POST that surely did not arrive
+	peerAnswerLimit = 4 << 10  // bytes of another sidecar's answer read: {"delivered":N}, or its error
+	maxPeers        = 1024     // other sidecars with deliveries in flight
+	maxTopicRoutes  = 10_000   // topics whose registry entry is parsed and kept
 )
 
 // peerDelivery is one message for another sidecar: which of its local
@@ -85,8 +86,10 @@ type entryKey struct{ topic, queue string }
 // sidecars, and serves their deliveries. Deliveries to one other sidecar
 // go through a bounded queue drained by one sender goroutine, started when
 // the queue fills and ended when it is empty, so publishers never wait on
-// the network. Safe for concurrent use; Close deregisters and waits for
-// every goroutine it started.
+// the network. newPeerBroker starts nothing; the registrar runs from start
+// (once setAdvertise has given the address) until start's context ends or
+// Close. Safe for concurrent use; Close deregisters and waits for every
+// goroutine it started.
 type peerBroker struct {
 	cfg       *Config
 	log       *slog.Logger
@@ -97,7 +100,7 @@ type peerBroker struct {
 	transport *http.Transport
 	client    *http.Client
 	nowait    context.Context // already cancelled: lookups answer from memory at once
-	ctx       context.Context // ends with Close
+	ctx       context.Context // ends with Close, or when start's context ends
 	cancel    context.CancelFunc
 	kick      chan struct{} // wakes the registrar; buffered 1
 	wg        sync.WaitGroup
@@ -120,8 +123,11 @@ type peerBroker struct {
 	port       int
 	https      bool
 	self       string // scheme://host:port of this sidecar
-	started    bool
+	advertised bool   // setAdvertise has run
+	started    bool   // start has run
+	running    bool   // the registrar runs: started and advertised
 	closed     bool
+	unwatch    func() bool // stops start's context from cancelling ctx
 
 	rmu    sync.RWMutex // guards routes
 	routes map[string]*topicRoute
@@ -215,13 +221,29 @@ func advertiseHost(ip net.IP) string {
 	return "127.0.0.1"
 }
 
-func (p *peerBroker) setAdvertise(host string, port int, https bool) {
+// start begins registering this sidecar's topics and following the other
+// sidecars, once setAdvertise has said where they reach this one (before or
+// after start), until ctx ends or Close.
+func (p *peerBroker) start(ctx context.Context) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.started || p.closed || host == "" || port <= 0 {
+	if p.started || p.closed {
 		return
 	}
 	p.started = true
+	p.unwatch = afterFunc(ctx, p.cancel)
+	p.runLocked()
+}
+
+// setAdvertise says where other sidecars reach this one; the first call
+// with an address counts.
+func (p *peerBroker) setAdvertise(host string, port int, https bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.advertised || p.closed || host == "" || port <= 0 {
+		return
+	}
+	p.advertised = true
 	p.host, p.port, p.https = host, port, https
 	scheme := "http"
 	if https {
@@ -232,6 +254,16 @@ func (p *peerBroker) setAdvertise(host string, port int, https bool) {
 	// shared when other sidecars use it (--registry sidecar): with
 	// --broker_address, or once another sidecar's node appears in it.
 	p.shared = p.cfg.Registry != "memory" || p.cfg.BrokerAddress != ""
+	p.runLocked()
+}
+
+// runLocked starts the registrar (and the watch for other sidecars) once
+// both start and setAdvertise have run. p.mu is held.
+func (p *peerBroker) runLocked() {
+	if !p.started || !p.advertised || p.running {
+		return
+	}
+	p.running = true
 	p.wg.Add(1)
 	go p.registrar()
 	p.wake() // register the membership node now
@@ -707,16 +739,17 @@ func (p *peerBroker) postOnce(url string, body []byte) (retry bool, err error) {
 		req.Header.Set(deliverTimeHeader, ts)
 		req.Header.Set(deliverSigHeader, signDelivery(p.key, ts, req.URL.Host, body))
 	}
-	resp, err := p.client.Do(req)
-	if err != nil {
+	resp, _, err := callJSON(p.client, req, peerAnswerLimit, nil)
+	var se *statusError
+	switch {
+	case errors.As(err, &se):
+		retry := se.code == http.StatusServiceUnavailable || se.code == http.StatusForbidden
+		return retry, fmt.Errorf("broker: deliver to %s: %w", url, err)
+	case resp != nil:
+		return false, nil // a 2xx status says delivered, whatever its body
+	case err != nil:
 		var op *net.OpError
 		return errors.As(err, &op) && op.Op == "dial", fmt.Errorf("broker: deliver to %s: %w", url, err)
-	}
-	defer resp.Body.Close()
-	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<10))
-	if resp.StatusCode/100 != 2 {
-		retry := resp.StatusCode == http.StatusServiceUnavailable || resp.StatusCode == http.StatusForbidden
-		return retry, fmt.Errorf("broker: deliver to %s: %s: %s", url, resp.Status, snippet(msg))
 	}
 	return false, nil
 }
@@ -731,24 +764,24 @@ func (p *peerBroker) postOnce(url string, body []byte) (retry bool, err error) {
 func (p *peerBroker) handleDeliver(w http.ResponseWriter, r *http.Request) {
 	if err := p.authorize(r); err != nil {
 		p.refused.Add(1)
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	// What a sender's batch may hold: base64 bodies, escaped headers.
 	limit := int64(peerBatchBytes)*2 + p.b.maxMessage*2 + 1<<20
 	body, err := readBody(w, r, limit)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	if err := p.verify(r, body); err != nil {
 		p.refused.Add(1)
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	var batch peerBatch
 	if err := decodeJSON(body, &batch); err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	if len(batch.Messages) > peerBatchLen {
@@ -907,10 +940,14 @@ func (p *peerBroker) firstSeen(sig string, now time.Time) error {
 func (p *peerBroker) Close() error {
 	p.mu.Lock()
 	p.closed = true
+	unwatch := p.unwatch
 	p.mu.Unlock()
 	p.pmu.Lock()
 	p.pclosed = true
 	p.pmu.Unlock()
+	if unwatch != nil {
+		unwatch()
+	}
 	p.cancel()
 	p.wg.Wait()
 	p.transport.CloseIdleConnections()

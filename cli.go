@@ -437,17 +437,15 @@ func (c *cli) send(ctx context.Context, method, path string, q url.Values, body 
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
 	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return 0, nil, c.netError(ctx, err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, maxCLIRead+1))
-	if err != nil {
-		return 0, nil, c.netError(ctx, err)
-	}
-	if len(b) > maxCLIRead {
+	resp, b, err := callJSON(c.http, req, maxCLIRead, nil)
+	var se *statusError
+	switch {
+	case errors.As(err, &se):
+		return se.code, se.body, nil // the caller reads the sidecar's error
+	case errors.Is(err, errResponseTooLarge):
 		return 0, nil, fmt.Errorf("the sidecar's answer exceeds %d bytes", maxCLIRead)
+	case err != nil:
+		return 0, nil, c.netError(ctx, err)
 	}
 	return resp.StatusCode, b, nil
 }

@@ -235,9 +235,11 @@ func (a *appChecker) Close() error {
 	return nil
 }
 
-// handleHealth reports the sidecar's and the app's state. It answers 503
-// while the sidecar drains or while the app fails its checks, so a load
-// balancer or orchestrator stops sending traffic.
+// handleHealth reports the sidecar's and the app's state (and with
+// --broker nats the NATS connection). It answers 503 while the sidecar
+// drains, while the app fails its checks, or while NATS is out of reach
+// beyond --broker_health_grace, so a load balancer or orchestrator stops
+// sending traffic.
 func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	status, code := "ok", http.StatusOK
 	if s.draining.Load() {
@@ -262,6 +264,15 @@ func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 			// heartbeat): callers cannot find the app, yet restarting it
 			// would not help, so the answer stays 200.
 			resp["status"] = "degraded"
+		}
+	}
+	if s.nats != nil {
+		// Disconnected from NATS past the grace period: this sidecar's
+		// pub/sub is cut off from the others, so it answers 503.
+		st, ok := s.nats.health()
+		resp["broker"] = st
+		if !ok && code == http.StatusOK {
+			resp["status"], code = "degraded", http.StatusServiceUnavailable
 		}
 	}
 	writeJSON(w, code, resp)

@@ -1,7 +1,7 @@
 // Sidecar is a language-agnostic service sidecar. One binary runs next to an
 // application written in any language and gives it, over a small HTTP API,
 // service discovery, RPC with load balancing, retries and timeouts, pub/sub
-// over websockets and health checking.
+// over websockets, health checking, stats and metrics, and TLS.
 //
 // Routes (see routes for the table):
 //
@@ -14,12 +14,19 @@
 //	POST   /broker?topic=T          publish the raw body
 //	GET    /broker?topic=T[&queue=Q] websocket subscribe (and publish)
 //	POST   /broker/deliver          messages from other sidecars (sidecars only)
+//	GET    /stats                   the stats page (--enable_stats); its data
+//	                                as JSON with Accept: application/json
+//	GET    /metrics                 counters in the Prometheus text format
 //	/[service]/[method]             RPC by path (--handler=rpc) or a reverse
 //	                                proxy by service name (--handler=proxy)
 //
 // Usage:
 //
-//	sidecar [flags]
+//	sidecar [flags]                 serve
+//	sidecar COMMAND [ARGS] [flags]  the client of a running sidecar
+//	                                (list services, get service, register,
+//	                                deregister, call, publish, subscribe,
+//	                                health, stats; see sidecar help and cli.go)
 //
 // Every flag also reads the environment variable MICRO_ + its upper-case
 // name (MICRO_ADDRESS for --address); a flag on the command line wins.
@@ -105,13 +112,22 @@ type Config struct {
 	RegistrySweep   time.Duration // how often expired nodes are removed
 	RegistryTimeout time.Duration // one call to a remote registry; zero: 5s
 	RegistryWait    time.Duration // longest blocking query of a remote registry; zero: 30s
+	// Remote registries at scale (registry_cache.go): the connection bound
+	// (blocking queries take at most 7/8 of it), the age past which an
+	// unwatched service is fetched again on lookup, and how long a service
+	// may go without lookups before its watch is dropped.
+	RegistryConnections int
+	RegistryStale       time.Duration
+	RegistryWatchIdle   time.Duration
 
 	RegistryHistory     int // recent watch events kept for ?since= (registry_watch.go)
 	RegistryMaxWatchers int // open registry watches; beyond it a watch is a 503
 	RegistryMaxNodes    int // nodes in one registration request; beyond it a 413
 
-	BrokerAddress string // host:port other sidecars deliver to; empty: the bound address
-	BrokerSecret  string // required of sidecars delivering messages here (broker_peers.go)
+	Broker        string      // "memory" (default: here, and across sidecars sharing the registry) or "nats"
+	BrokerAddress string      // memory: host:port other sidecars deliver to, empty: the bound address; nats: the servers
+	BrokerSecret  string      // required of sidecars delivering messages here (broker_peers.go)
+	NATS          natsOptions // --broker nats: prefix, credentials, TLS, buffer (broker_nats.go)
 
 	ClientRetries        int           // extra attempts for safe-to-retry failures
 	ClientRequestTimeout time.Duration // budget of one call, all attempts included
@@ -163,7 +179,12 @@ func defaultConfig() *Config {
 		RegisterTTL:          30 * time.Second,
 		RegisterInterval:     10 * time.Second,
 		Registry:             "memory",
+		Broker:               "memory",
+		NATS:                 natsDefaults(),
 		RegistrySweep:        250 * time.Millisecond,
+		RegistryConnections:  defaultRegistryConns,
+		RegistryStale:        defaultRegistryStale,
+		RegistryWatchIdle:    defaultRegistryIdle,
 		RegistryHistory:      defaultWatchHistory,
 		RegistryMaxWatchers:  10_000,
 		RegistryMaxNodes:     10_000,
@@ -201,8 +222,24 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.IntVar(&cfg.RegistryHistory, "registry_history", cfg.RegistryHistory, "recent registry events kept so a watch can resume with ?since= (0: none)")
 	fs.IntVar(&cfg.RegistryMaxWatchers, "registry_max_watchers", cfg.RegistryMaxWatchers, "most registry watches open at once")
 	fs.IntVar(&cfg.RegistryMaxNodes, "registry_max_nodes", cfg.RegistryMaxNodes, "most nodes in one registration request")
-	fs.StringVar(&cfg.BrokerAddress, "broker_address", "", "`host:port` where other sidecars deliver pub/sub messages (default: the bound --address)")
+	fs.IntVar(&cfg.RegistryConnections, "registry_connections", cfg.RegistryConnections, "connections to a remote registry, every call included; blocking queries (watches) use at most 7/8 of them (Consul allows 200 per client address)")
+	fs.DurationVar(&cfg.RegistryStale, "registry_stale", cfg.RegistryStale, "a remote service looked up but not watched is fetched again on lookup once its copy is this old")
+	fs.DurationVar(&cfg.RegistryWatchIdle, "registry_watch_idle", cfg.RegistryWatchIdle, "a remote service not looked up for this long is no longer watched")
+	fs.StringVar(&cfg.Broker, "broker", cfg.Broker, "pub/sub engine: memory (across sidecars sharing a registry too) or nats")
+	fs.StringVar(&cfg.BrokerAddress, "broker_address", "", "`address`: with --broker memory, host:port where other sidecars deliver pub/sub messages (default: the bound --address); with --broker nats, nats://host:4222[,nats://host2:4222] (tls:// for TLS, user:password@ or token@ allowed; default nats://127.0.0.1:4222)")
 	fs.StringVar(&cfg.BrokerSecret, "broker_secret", "", "`secret` that keys the signature of deliveries between sidecars sharing a registry (default: --auth_token)")
+	fs.StringVar(&cfg.NATS.Prefix, "broker_prefix", cfg.NATS.Prefix, "NATS subject `prefix`: topic T is subject PREFIX.T")
+	fs.StringVar(&cfg.NATS.User, "broker_user", "", "NATS `user`, unless the server URL has one")
+	fs.StringVar(&cfg.NATS.Password, "broker_password", "", "NATS `password` of --broker_user")
+	fs.StringVar(&cfg.NATS.Token, "broker_token", "", "NATS authorization `token`, unless the server URL has one")
+	fs.StringVar(&cfg.NATS.NKeyFile, "broker_nkey_file", "", "`file` holding the NATS user's nkey seed (SU...)")
+	fs.BoolVar(&cfg.NATS.TLS, "broker_tls", false, "connect to NATS over TLS (as tls:// does)")
+	fs.StringVar(&cfg.NATS.TLSCAFile, "broker_tls_ca_file", "", "CA `file` (PEM) of the NATS servers' certificates (default system roots)")
+	fs.StringVar(&cfg.NATS.TLSCertFile, "broker_tls_cert_file", "", "client certificate `file` (PEM) for NATS mutual TLS")
+	fs.StringVar(&cfg.NATS.TLSKeyFile, "broker_tls_key_file", "", "client key `file` (PEM) for NATS mutual TLS")
+	fs.Int64Var(&cfg.NATS.BufferBytes, "broker_buffer_bytes", cfg.NATS.BufferBytes, "`bytes` of publishes held while NATS is unreachable or slow; beyond, publishing answers 503")
+	fs.DurationVar(&cfg.NATS.PingInterval, "broker_ping_interval", cfg.NATS.PingInterval, "NATS keepalive: two intervals without PONG mean a dead server")
+	fs.DurationVar(&cfg.NATS.HealthGrace, "broker_health_grace", cfg.NATS.HealthGrace, "/health answers 503 once disconnected from NATS this long")
 	fs.IntVar(&cfg.ClientRetries, "client_retries", cfg.ClientRetries, "retries of a call where retrying is safe")
 	fs.DurationVar(&cfg.ClientRequestTimeout, "client_request_timeout", cfg.ClientRequestTimeout, "timeout of a call, all attempts included")
 	fs.DurationVar(&cfg.ProxyIdleTimeout, "proxy_idle_timeout", cfg.ProxyIdleTimeout, "end a proxied stream (events, chunks, websocket) with no bytes either way for this long")
@@ -296,6 +333,8 @@ func (c *Config) validate() error {
 		{"client_request_timeout", c.ClientRequestTimeout},
 		{"proxy_idle_timeout", c.ProxyIdleTimeout},
 		{"shutdown_timeout", c.ShutdownTimeout},
+		{"registry_stale", c.RegistryStale},
+		{"registry_watch_idle", c.RegistryWatchIdle},
 	}
 	for _, p := range positive {
 		if p.d <= 0 {
@@ -315,6 +354,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %d for flag --registry_max_watchers: must be positive", c.RegistryMaxWatchers)
 	case c.RegistryMaxNodes <= 0:
 		return fmt.Errorf("invalid value %d for flag --registry_max_nodes: must be positive", c.RegistryMaxNodes)
+	case c.RegistryConnections < 4 || c.RegistryConnections > 10_000:
+		return fmt.Errorf("invalid value %d for flag --registry_connections: want 4 to 10000", c.RegistryConnections)
 	case c.MaxBodyBytes <= 0:
 		return fmt.Errorf("invalid value %d for flag --max_body_bytes: must be positive", c.MaxBodyBytes)
 	case c.RegisterInterval >= c.RegisterTTL:
@@ -329,10 +370,19 @@ func (c *Config) validate() error {
 	if err := validateRegistry(c); err != nil {
 		return err
 	}
-	if c.BrokerAddress != "" {
-		if _, port, err := splitHostPort(c.BrokerAddress); err != nil || port == 0 {
-			return fmt.Errorf("invalid value %q for flag --broker_address: want host:port with a port", c.BrokerAddress)
+	switch c.Broker {
+	case "memory":
+		if c.BrokerAddress != "" {
+			if _, port, err := splitHostPort(c.BrokerAddress); err != nil || port == 0 {
+				return fmt.Errorf("invalid value %q for flag --broker_address: want host:port with a port", c.BrokerAddress)
+			}
 		}
+	case "nats":
+	default:
+		return fmt.Errorf("invalid value %q for flag --broker: want memory or nats", c.Broker)
+	}
+	if err := c.validateNATS(); err != nil {
+		return err
 	}
 	if c.ServerAddress != "" {
 		if _, _, err := splitHostPort(c.ServerAddress); err != nil {
@@ -373,6 +423,7 @@ type server struct {
 	proxy    *proxyHandler
 	broker   *broker
 	peers    *peerBroker // pub/sub across sidecars sharing the registry
+	nats     *natsBroker // pub/sub through NATS; nil unless --broker nats
 	stats    *stats
 	app      *appChecker // nil without --server_name
 	tls      *tlsManager
@@ -414,12 +465,24 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	s.proxy = newProxyHandler(cfg, reg, s.streams, clientTLS, logger.With("component", "proxy"))
 	s.broker = newBroker(cfg, s.streams, logger.With("component", "broker"))
 	s.peers = newPeerBroker(cfg, reg, s.broker, clientTLS, logger.With("component", "broker"))
-	s.broker.setForwarder(s.peers)
+	if cfg.Broker == "nats" {
+		s.nats, err = newNATSBroker(cfg, s.broker, logger.With("component", "nats"))
+		if err != nil {
+			reg.Close()
+			return nil, err
+		}
+		s.broker.setRelay(s.nats)
+	} else {
+		s.broker.setForwarder(s.peers)
+	}
 	s.stats = newStats(cfg, logger.With("component", "stats"))
 	s.stats.addSource(registrySizeSource(reg))
 	s.stats.addSource(s.registry.metrics)
 	s.stats.addSource(s.broker.metrics)
 	s.stats.addSource(s.peers.metrics)
+	if s.nats != nil {
+		s.stats.addSource(s.nats.metrics)
+	}
 	s.stats.addSource(s.rpc.metrics)
 	s.stats.addSource(s.proxy.metrics)
 	s.stats.addSource(s.auth.metrics)
@@ -534,10 +597,16 @@ func publicPath(r *http.Request) bool {
 		r.URL.Path == deliverPath // sidecars sign deliveries with a key instead (broker_peers.go)
 }
 
-// start begins the components' background work.
+// start begins the components' background work, until ctx ends or Close.
 func (s *server) start(ctx context.Context) {
+	s.tls.start(ctx)
 	s.registry.reg.start(ctx)
+	s.broker.start(ctx)
+	s.peers.start(ctx)
 	s.stats.start(ctx)
+	if s.nats != nil {
+		s.nats.start(ctx)
+	}
 	if s.app != nil {
 		s.app.start(ctx)
 	}
@@ -547,7 +616,10 @@ func (s *server) start(ctx context.Context) {
 // fail readiness, deregister the app, stop accepting and drain requests,
 // close streams, close components.
 func (s *server) serve(ctx context.Context, ln net.Listener) error {
-	s.start(ctx)
+	// The components outlive ctx: the drain still looks services up,
+	// deregisters the app and this sidecar's topics, and answers HTTP-01
+	// challenges. Close ends them.
+	s.start(context.WithoutCancel(ctx))
 	hs := &http.Server{
 		Handler:           s.handler,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -583,32 +655,46 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	return err
 }
 
-// Close ends streams and stops the components, in reverse order of
-// construction. It waits for their goroutines and is idempotent.
+// Close ends the streams first (websockets use every component), then
+// closes the components in reverse order of construction, each before
+// what it uses: the app checker and the peers deregister before the
+// registry closes. It waits for their goroutines and is idempotent.
 func (s *server) Close() error {
 	s.streams.Close()
-	s.stats.Close()
-	s.broker.Close()
-	s.peers.Close()
-	s.rpc.Close()
-	s.proxy.Close()
 	if s.app != nil {
 		s.app.Close()
 	}
+	s.stats.Close()
+	if s.nats != nil {
+		s.nats.Close() // after the subscribers (streams): flushes their last publishes
+	}
+	s.peers.Close()
+	s.broker.Close()
+	s.proxy.Close()
+	s.rpc.Close()
+	err := s.registry.reg.Close()
 	s.tls.Close()
-	return s.registry.reg.Close()
+	return err
 }
 
 // setAdvertise makes this sidecar reachable by the others at
-// --broker_address, or at the address its listener is bound to, and starts
-// registering; the registry refuses nodes at those addresses from then on.
-// Call it once the listener is bound (run does). It fails, changing
-// nothing, when --server_address is one of them: the app would be the
-// sidecar itself, and every call to it a loop.
+// --broker_address, or at the address its listener is bound to; the peer
+// broker registers it from start on. The registry refuses nodes at those
+// addresses from then on. Call it once the listener is bound (run does,
+// before serve starts the components). It fails, changing nothing, when
+// --server_address is one of them: the app would be the sidecar itself,
+// and every call to it a loop.
 func (s *server) setAdvertise(bound net.Addr) error {
-	s.registry.setSelf(bound, s.cfg.BrokerAddress)
+	advertised := s.cfg.BrokerAddress
+	if s.nats != nil {
+		advertised = "" // the NATS servers, not this sidecar
+	}
+	s.registry.setSelf(bound, advertised)
 	if h, p, err := splitHostPort(s.cfg.ServerAddress); err == nil && s.registry.self.holds(h, p) {
 		return fmt.Errorf("flag --server_address %s is this sidecar's own address (bound to %s): the app would be the sidecar, and calls to it would loop", s.cfg.ServerAddress, bound)
+	}
+	if s.nats != nil {
+		return nil // NATS carries messages between sidecars
 	}
 	host, port := "", 0
 	if s.cfg.BrokerAddress != "" {

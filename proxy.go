@@ -103,8 +103,9 @@ func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Confi
 	return p
 }
 
-// Close releases idle backend connections. Requests in flight are the HTTP
-// server's to drain, proxied websockets the streams' to end. Idempotent.
+// Close releases idle backend connections, waiting for a sweep of them in
+// progress. Requests in flight are the HTTP server's to drain, proxied
+// websockets the streams' to end. Idempotent.
 func (p *proxyHandler) Close() error {
 	p.conns.close()
 	p.transport.CloseIdleConnections()
@@ -203,16 +204,18 @@ func callOf(r *http.Request) *proxyCall {
 }
 
 // handle serves a path the sidecar does not own: it finds the service,
-// then lets the ReverseProxy forward the request.
+// starts the call's timer, and forwards the request: an upgrade (a
+// websocket) through the ReverseProxy and RoundTrip, any other request
+// through forward, over the sidecar's own HTTP/1.1 client (proxy_conn.go).
 func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
 	service, err := proxyService(p.cfg.Namespace, r.URL.Path)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	timeout, lowered, err := requestTimeout(r.Header, p.cfg.ClientRequestTimeout)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	svc, err := p.reg.GetService(r.Context(), service)
@@ -233,7 +236,7 @@ func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
 	pc := &proxyCall{p: p, service: service, st: st, w: w, start: time.Now(), timeout: timeout, lowered: lowered}
 	hasBody := r.ContentLength != 0 // no body is sent for 0; -1 is chunked
 	pc.retrySafe = !hasBody && idempotent(r.Method)
-	pc.upgrade = r.Header.Get("Upgrade") != "" && headerHasToken(r.Header, "Connection", "upgrade")
+	pc.upgrade = r.Header.Get("Upgrade") != "" && hasToken(r.Header["Connection"], "upgrade")
 	if !pc.upgrade {
 		pc.Context = r.Context()
 		pc.stopWatch = context.AfterFunc(r.Context(), pc.callerGone)
@@ -278,7 +281,7 @@ func (p *proxyHandler) forward(w http.ResponseWriter, r *http.Request, pc *proxy
 		t0 := time.Now()
 		n := p.bal.pick(pc.st, tried, t0)
 		if n == nil {
-			p.fail(w, r, pc, &proxyError{http.StatusServiceUnavailable, fmt.Errorf("service %q has no nodes", pc.service)})
+			p.fail(w, r, pc, &httpError{http.StatusServiceUnavailable, fmt.Errorf("service %q has no nodes", pc.service)})
 			return
 		}
 		c, h, err := p.exchange(pc, r, n, t0)
@@ -763,26 +766,16 @@ func (p *proxyHandler) rewrite(pr *httputil.ProxyRequest) {
 	}
 }
 
-// proxyError is a proxied request's failure with the status the caller
-// gets.
-type proxyError struct {
-	code int
-	err  error
-}
-
-func (e *proxyError) Error() string { return e.err.Error() }
-func (e *proxyError) Unwrap() error { return e.err }
-
 // RoundTrip sends an upgrade request (the ReverseProxy's outgoing request)
 // to a node of the call's service; forward does the same for the others.
 // On a failure that is safe to retry (a request that never reached a node,
 // or an idempotent one without a body) it tries another node, within the
 // retry budget and the request timeout. Every outcome feeds the node's
-// ejection. Errors are *proxyError.
+// ejection. Errors are *httpError.
 func (p *proxyHandler) RoundTrip(req *http.Request) (*http.Response, error) {
 	pc := callOf(req)
 	if pc == nil {
-		return nil, &proxyError{http.StatusBadGateway, errors.New("request without a proxied call")}
+		return nil, &httpError{http.StatusBadGateway, errors.New("request without a proxied call")}
 	}
 	tried := pc.tried[:0] // nodes this request failed on: retries go elsewhere
 	out := req
@@ -790,7 +783,7 @@ func (p *proxyHandler) RoundTrip(req *http.Request) (*http.Response, error) {
 		t0 := time.Now()
 		n := p.bal.pick(pc.st, tried, t0)
 		if n == nil {
-			return nil, &proxyError{http.StatusServiceUnavailable, fmt.Errorf("service %q has no nodes", pc.service)}
+			return nil, &httpError{http.StatusServiceUnavailable, fmt.Errorf("service %q has no nodes", pc.service)}
 		}
 		if try > 0 {
 			out = req.Clone(pc) // a failed attempt's connection may still read the previous one
@@ -817,7 +810,7 @@ func (p *proxyHandler) RoundTrip(req *http.Request) (*http.Response, error) {
 // failed feeds a failed attempt on n to the balancer and decides what
 // follows: nil to try another node (after a backoff, within the retry
 // budget and the request timeout), or the caller's error.
-func (pc *proxyCall) failed(n *nodeState, try int, t0 time.Time, err error) *proxyError {
+func (pc *proxyCall) failed(n *nodeState, try int, t0 time.Time, err error) *httpError {
 	p := pc.p
 	pe, nodeFailed, retry := pc.classify(err)
 	p.bal.done(n, time.Since(t0), !nodeFailed)
@@ -844,7 +837,7 @@ func (pc *proxyCall) failed(n *nodeState, try int, t0 time.Time, err error) *pro
 // it counts against the node and whether another node may be tried: a
 // request that never reached a node (a failed dial, nothing of the body
 // read), or an idempotent one without a body.
-func (pc *proxyCall) classify(err error) (pe *proxyError, nodeFailed, retry bool) {
+func (pc *proxyCall) classify(err error) (pe *httpError, nodeFailed, retry bool) {
 	cause := pc.causeOf()
 	if cause == nil && pc.phase.Load() == phaseHeaders && time.Now().UnixNano() >= pc.due.Load() {
 		cause = errHeaderTimeout // a dial ran into the deadline before the timer did
@@ -852,27 +845,27 @@ func (pc *proxyCall) classify(err error) (pe *proxyError, nodeFailed, retry bool
 	switch {
 	case cause == errHeaderTimeout:
 		// The caller's own short deadline says nothing of the node.
-		return &proxyError{http.StatusGatewayTimeout, fmt.Errorf("no response headers within %s", pc.timeout)}, !pc.lowered, false
+		return &httpError{http.StatusGatewayTimeout, fmt.Errorf("no response headers within %s", pc.timeout)}, !pc.lowered, false
 	case cause == errIdleTimeout:
-		return &proxyError{http.StatusGatewayTimeout, fmt.Errorf("request body idle for %s", pc.p.cfg.ProxyIdleTimeout)}, false, false
+		return &httpError{http.StatusGatewayTimeout, fmt.Errorf("request body idle for %s", pc.p.cfg.ProxyIdleTimeout)}, false, false
 	case cause == errShutdown:
-		return &proxyError{http.StatusServiceUnavailable, cause}, false, false
+		return &httpError{http.StatusServiceUnavailable, cause}, false, false
 	case cause == errCallerGone || pc.Err() != nil:
-		return &proxyError{statusClientClosed, errCallerGone}, false, false
+		return &httpError{statusClientClosed, errCallerGone}, false, false
 	}
 	var ce *callerError
 	if errors.As(err, &ce) {
-		return &proxyError{http.StatusBadRequest, err}, false, false
+		return &httpError{http.StatusBadRequest, err}, false, false
 	}
 	var op *net.OpError
 	if errors.As(err, &op) && op.Op == "dial" {
-		return &proxyError{http.StatusServiceUnavailable, fmt.Errorf("connect: %w", op.Err)}, true, pc.bytes.Load() == 0
+		return &httpError{http.StatusServiceUnavailable, fmt.Errorf("connect: %w", op.Err)}, true, pc.bytes.Load() == 0
 	}
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
-		return &proxyError{http.StatusGatewayTimeout, err}, true, false
+		return &httpError{http.StatusGatewayTimeout, err}, true, false
 	}
-	return &proxyError{http.StatusBadGateway, err}, true, pc.retrySafe
+	return &httpError{http.StatusBadGateway, err}, true, pc.retrySafe
 }
 
 // received notes the response headers' arrival, after which the idle
@@ -901,7 +894,7 @@ func (p *proxyHandler) writeProxyError(w http.ResponseWriter, r *http.Request, e
 // fail answers a proxied request that failed before its response started
 // with the JSON error of its status.
 func (p *proxyHandler) fail(w http.ResponseWriter, r *http.Request, pc *proxyCall, err error) {
-	pe := &proxyError{http.StatusBadGateway, err}
+	pe := &httpError{http.StatusBadGateway, err}
 	errors.As(err, &pe)
 	service := "?"
 	if pc != nil {

@@ -7,6 +7,12 @@ package main
 // goroutine: no per-connection goroutines, no channel handoffs, and no
 // allocation per request beyond the response header strings. proxy.go
 // decides what to send where and what to do with the answer.
+//
+// The response parser (readResponseHead, readLine, parseField,
+// parseLength, readTrailer, header) is written by hand. It is stricter
+// than net/http's ReadResponse and never accepts a head that net/http
+// refuses, but for one harmless case; FuzzReadResponseHead checks that,
+// and that no read goes past the limit.
 
 import (
 	"bufio"
@@ -40,14 +46,15 @@ var (
 )
 
 // connPools is the proxy's set of pools, one per node URL (scheme and
-// address). Safe for concurrent use; close closes every idle connection and
-// makes later returns close theirs.
+// address). Safe for concurrent use; close closes every idle connection,
+// makes later returns close theirs, and waits for a sweep in progress.
 type connPools struct {
 	dialer     *net.Dialer
 	tls        *tls.Config   // base configuration of https nodes
 	staleAfter time.Duration // idle time after which a connection is probed; staleCheckAfter
 	dials      atomic.Int64
 	closed     atomic.Bool
+	sweeps     sync.WaitGroup // sweepIdle calls of open pools; Add under the pool's mu
 
 	mu    sync.Mutex // serialises creation and pruning of pools
 	pools sync.Map   // node URL -> *connPool
@@ -106,13 +113,15 @@ func (cp *connPools) pool(url, addr string) *connPool {
 	return p
 }
 
-// close closes every pool's idle connections. Idempotent.
+// close closes every pool's idle connections and waits for the sweeps
+// that run. Idempotent.
 func (cp *connPools) close() {
 	cp.closed.Store(true)
 	cp.pools.Range(func(_, v any) bool {
 		v.(*connPool).close()
 		return true
 	})
+	cp.sweeps.Wait() // no sweep begins on a closed pool
 }
 
 // connPool holds the idle connections of one node, newest last. A sweep
@@ -239,6 +248,12 @@ func (p *connPool) sweepIdle() {
 	now := time.Now()
 	var expired []*backendConn
 	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return
+	}
+	p.owner.sweeps.Add(1)
+	defer p.owner.sweeps.Done()
 	k := 0
 	for k < len(p.idle) && now.Sub(p.idle[k].idleSince) >= poolIdleTimeout {
 		k++
@@ -326,7 +341,7 @@ func writeRequestHead(bw *bufio.Writer, r *http.Request, host string, bodyLen in
 	}
 	conn := r.Header["Connection"]
 	for k, vv := range r.Header {
-		if skipRequestField(k, dropAuth) || (len(conn) > 0 && hasToken(conn, k)) {
+		if hopByHop(k, conn) || skipRequestField(k, dropAuth) {
 			continue
 		}
 		for _, v := range vv {
@@ -360,42 +375,15 @@ func writeRequestHead(bw *bufio.Writer, r *http.Request, host string, bodyLen in
 	}
 }
 
-// skipRequestField reports whether the caller's field k is not passed on
-// as is: hop-by-hop fields, fields the proxy writes itself (Host, framing,
-// forwarding), Expect, and Authorization when dropAuth.
+// skipRequestField reports whether the caller's field k, not hop-by-hop,
+// is still not passed on as is: the fields the proxy writes itself (Host,
+// framing, forwarding), Expect, and Authorization when dropAuth.
 func skipRequestField(k string, dropAuth bool) bool {
 	switch k {
-	case "Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-		"Te", "Trailer", "Transfer-Encoding", "Upgrade",
-		"Host", "Content-Length", "Expect", "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto":
+	case "Host", "Content-Length", "Expect", "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto":
 		return true
 	case "Authorization":
 		return dropAuth
-	}
-	return false
-}
-
-// isHopField reports whether a response field is hop-by-hop.
-func isHopField(k string) bool {
-	switch k {
-	case "Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-		"Te", "Trailer", "Transfer-Encoding", "Upgrade":
-		return true
-	}
-	return false
-}
-
-// hasToken reports whether the comma-separated lists in values hold token,
-// compared case-insensitively, without allocating.
-func hasToken(values []string, token string) bool {
-	for _, v := range values {
-		for v != "" {
-			var t string
-			t, v, _ = strings.Cut(v, ",")
-			if strings.EqualFold(strings.Trim(t, " \t"), token) {
-				return true
-			}
-		}
 	}
 	return false
 }
@@ -423,8 +411,8 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 	if err != nil {
 		return h, started, err
 	}
-	// HTTP/1.x SP 3DIGIT [SP reason]
-	if len(line) < 12 || string(line[:7]) != "HTTP/1." || line[8] != ' ' || (len(line) > 12 && line[12] != ' ') {
+	// HTTP/1.DIGIT SP 3DIGIT [SP reason]
+	if len(line) < 12 || string(line[:7]) != "HTTP/1." || line[7] < '0' || line[7] > '9' || line[8] != ' ' || (len(line) > 12 && line[12] != ' ') {
 		return h, true, errMalformed
 	}
 	for _, d := range line[9:12] {
@@ -436,9 +424,11 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 	if h.code < 100 {
 		return h, true, errMalformed
 	}
-	h.close = line[7] == '0' // HTTP/1.0: no keep-alive from this client
+	http10 := line[7] == '0'
+	h.close = http10 // HTTP/1.0: no keep-alive from this client
 	h.length = -1
 	lengthSeen := false
+	var length hdrField // the first Content-Length field
 	for {
 		line, err := c.readLine(&limit)
 		if err != nil {
@@ -447,45 +437,38 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 		if len(line) == 0 {
 			break
 		}
-		colon := -1
-		for i, b := range line {
-			if b == ':' {
-				colon = i
-				break
-			}
-			if !isTokenByte(b) {
-				return h, true, errMalformed
-			}
-		}
-		if colon <= 0 {
+		key, v, ok := parseField(line)
+		if !ok {
 			return h, true, errMalformed
 		}
-		v := trimOWS(line[colon+1:])
-		for _, b := range v {
-			if b < ' ' && b != '\t' || b == 0x7f {
-				return h, true, errMalformed
-			}
-		}
 		k0 := len(c.head)
-		c.head = append(c.head, line[:colon]...)
+		c.head = append(c.head, key...)
 		k1 := len(c.head)
 		c.head = append(c.head, v...)
 		c.fields = append(c.fields, hdrField{int32(k0), int32(k1), int32(len(c.head))})
-		key := line[:colon]
 		switch {
 		case asciiEqualFold(key, "Content-Length"):
+			// Repeated, it must be the same text, as net/http requires
+			// of the proxy's own answer.
 			n, ok := parseLength(v)
-			if !ok || (lengthSeen && n != h.length) {
+			if !ok || (lengthSeen && !bytes.Equal(v, c.head[length.k1:length.v1])) {
 				return h, true, errMalformed
 			}
-			lengthSeen, h.length = true, n
+			if !lengthSeen {
+				lengthSeen, h.length, length = true, n, c.fields[len(c.fields)-1]
+			}
 		case asciiEqualFold(key, "Transfer-Encoding"):
+			if http10 {
+				// RFC 9112 section 6.1: the framing of an HTTP/1.0
+				// message with Transfer-Encoding is faulty.
+				return h, true, errMalformed
+			}
 			if !asciiEqualFold(v, "chunked") || h.chunked {
 				return h, true, errors.New("unsupported transfer encoding " + strconv.Quote(string(v)))
 			}
 			h.chunked = true
 		case asciiEqualFold(key, "Connection"):
-			if hasTokenBytes(v, "close") {
+			if listHasToken(v, "close") {
 				h.close = true
 			}
 		case asciiEqualFold(key, "Content-Type"):
@@ -497,6 +480,10 @@ func (c *backendConn) readResponseHead(limit int) (h respHead, started bool, err
 		}
 	}
 	if h.chunked {
+		// RFC 9112 section 6.3: chunked overrides a Content-Length, which
+		// header drops; but the node may have meant the length, so the
+		// connection is not used again.
+		h.close = h.close || lengthSeen
 		h.length = -1
 	}
 	return h, true, nil
@@ -550,7 +537,7 @@ func (c *backendConn) header(h http.Header, chunked bool) {
 	vals := make([]string, len(c.fields))
 	for i, f := range c.fields {
 		k := http.CanonicalHeaderKey(s[f.k0:f.k1])
-		if isHopField(k) || (chunked && k == "Content-Length") || (len(conn) > 0 && hasToken(conn, k)) {
+		if hopByHop(k, conn) || (chunked && k == "Content-Length") {
 			continue
 		}
 		vals[i] = s[f.k1:f.v1]
@@ -574,16 +561,46 @@ func (c *backendConn) readTrailer(h http.Header, limit int) error {
 		if len(line) == 0 {
 			return nil
 		}
-		k, v, ok := strings.Cut(string(line), ":")
-		if !ok || k == "" {
+		name, v, ok := parseField(line)
+		if !ok {
 			return errMalformed
 		}
-		k = http.CanonicalHeaderKey(k)
-		if isHopField(k) || k == "Content-Length" {
+		k := http.CanonicalHeaderKey(string(name))
+		if hopByHop(k, nil) || k == "Content-Length" {
 			continue
 		}
-		h.Add(http.TrailerPrefix+k, strings.Trim(v, " \t"))
+		h.Add(http.TrailerPrefix+k, string(v))
 	}
+}
+
+// parseField splits a header or trailer field line (RFC 9110 section 5):
+// a token, a colon, and a value without the whitespace around it. It
+// refuses a name that is not a token, including whitespace before the
+// colon (RFC 9112 section 5.1) and a line folded onto the previous one
+// (obs-fold, section 5.2), both of which net/http tolerates, and a control
+// character in the value, which net/http refuses too. The slices alias
+// line.
+func parseField(line []byte) (name, value []byte, ok bool) {
+	colon := -1
+	for i, b := range line {
+		if b == ':' {
+			colon = i
+			break
+		}
+		if !isTokenByte(b) {
+			return nil, nil, false
+		}
+	}
+	if colon <= 0 {
+		return nil, nil, false
+	}
+	value = trimOWS(line[colon+1:])
+	for _, b := range value {
+		if b < ' ' && b != '\t' || b == 0x7f {
+			return nil, nil, false
+		}
+	}
+	return line[:colon], value, true
 }
 
 func isTokenByte(b byte) bool {
@@ -592,53 +609,6 @@ func isTokenByte(b byte) bool {
 		return true
 	}
 	return strings.IndexByte("!#$%&'*+-.^_`|~", b) >= 0
-}
-
-func trimOWS(b []byte) []byte {
-	for len(b) > 0 && (b[0] == ' ' || b[0] == '\t') {
-		b = b[1:]
-	}
-	for len(b) > 0 && (b[len(b)-1] == ' ' || b[len(b)-1] == '\t') {
-		b = b[:len(b)-1]
-	}
-	return b
-}
-
-// asciiEqualFold compares b with the ASCII string s case-insensitively.
-func asciiEqualFold(b []byte, s string) bool {
-	if len(b) != len(s) {
-		return false
-	}
-	for i := range len(b) {
-		x, y := b[i], s[i]
-		if 'A' <= x && x <= 'Z' {
-			x += 'a' - 'A'
-		}
-		if 'A' <= y && y <= 'Z' {
-			y += 'a' - 'A'
-		}
-		if x != y {
-			return false
-		}
-	}
-	return true
-}
-
-func hasTokenBytes(v []byte, token string) bool {
-	for len(v) > 0 {
-		i := 0
-		for i < len(v) && v[i] != ',' {
-			i++
-		}
-		if asciiEqualFold(trimOWS(v[:i]), token) {
-			return true
-		}
-		if i == len(v) {
-			break
-		}
-		v = v[i+1:]
-	}
-	return false
 }
 
 // parseLength parses a Content-Length value: digits only, no sign.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/pem"
 	"errors"
@@ -652,6 +653,81 @@ func TestProxyConnectionReuse(t *testing.T) {
 	}
 }
 
+// TestProxyBadTrailer: a trailer field that net/http would refuse to read
+// (a name that is not a token, a control character in a value) is not
+// passed on: the caller's response is aborted, as a malformed head is
+// refused.
+func TestProxyBadTrailer(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, proxyTestConfig())
+	node := rawBackend(t, func(c net.Conn, r *bufio.Reader) {
+		req, _, err := readRawRequest(r)
+		if err != nil {
+			return
+		}
+		trailer := "Bad Name: x"
+		if req.URL.Path == "/trailer/control" {
+			trailer = "X-Sum: a\x01b"
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"+trailer+"\r\n\r\n")
+	})
+	registerURLs(t, ts.URL, "go.micro.srv.trailer", node)
+	for _, path := range []string{"/trailer/name", "/trailer/control"} {
+		nc, err := net.Dial("tcp", ts.Listener.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		nc.SetDeadline(time.Now().Add(time.Minute)) // a broken test must not hang
+		fmt.Fprintf(nc, "GET %s HTTP/1.1\r\nHost: %s\r\nTE: trailers\r\nConnection: close\r\n\r\n", path, ts.Listener.Addr())
+		raw, _ := io.ReadAll(nc)
+		if !bytes.HasPrefix(raw, []byte("HTTP/1.1 200 OK\r\n")) {
+			t.Fatalf("GET %s: %q, want the node's 200", path, raw)
+		}
+		if bytes.Contains(raw, []byte("Bad Name")) || bytes.Contains(raw, []byte("\x01")) || bytes.HasSuffix(raw, []byte("\r\n\r\n")) {
+			t.Errorf("GET %s: the response ends cleanly or passes the bad trailer on:\n%q", path, raw)
+		}
+	}
+}
+
+// TestProxyChunkedWithLengthNotReused: a node's response with both
+// Transfer-Encoding and Content-Length is read as chunked and passed on
+// without the Content-Length, and the connection is not used again (RFC
+// 9112 section 6.3: such framing ought to be handled as an error; the
+// node and the proxy may disagree on where the response ends).
+func TestProxyChunkedWithLengthNotReused(t *testing.T) {
+	t.Parallel()
+	s, ts := newTestServer(t, proxyTestConfig())
+	node := rawBackend(t, func(c net.Conn, r *bufio.Reader) {
+		for {
+			req, _, err := readRawRequest(r)
+			if err != nil {
+				return
+			}
+			if req.URL.Path == "/both/framings" {
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+				continue
+			}
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		}
+	})
+	registerURLs(t, ts.URL, "go.micro.srv.both", node)
+	for _, path := range []string{"/both/framings", "/both/plain", "/both/plain"} {
+		resp, err := http.Get(ts.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != 200 || string(b) != "ok" || resp.Header.Get("Content-Length") == "3" {
+			t.Fatalf("GET %s = %d %q %v (Content-Length %q), want 200 ok", path, resp.StatusCode, b, err, resp.Header.Get("Content-Length"))
+		}
+	}
+	if n := s.proxy.conns.dials.Load(); n != 2 {
+		t.Errorf("proxy dialled %d times, want 2: a new connection after the response with two framings, then reuse", n)
+	}
+}
+
 // rawBackend is a node speaking raw HTTP/1.1: serve gets each accepted
 // connection with a reader over it.
 func rawBackend(t *testing.T, serve func(c net.Conn, r *bufio.Reader)) string {
@@ -836,6 +912,15 @@ func TestProxyBadNodes(t *testing.T) {
 			io.WriteString(c, "SMTP ready\r\n\r\n")
 		case "/bad/twolengths":
 			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab")
+		case "/bad/samelengths":
+			// The same length written twice, differently: net/http
+			// refuses it, and would refuse the proxy's answer.
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 05\r\nContent-Length: 5\r\n\r\nhello")
+		case "/bad/version":
+			io.WriteString(c, "HTTP/1.A 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		case "/bad/http10chunked":
+			// RFC 9112 section 6.1: faulty framing.
+			io.WriteString(c, "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
 		case "/bad/slowloris":
 			io.WriteString(c, "HTTP/1.1 200 OK\r\n")
 			for range 100 {
@@ -856,6 +941,9 @@ func TestProxyBadNodes(t *testing.T) {
 		{"/bad/manyfields", 502},
 		{"/bad/garbage", 502},
 		{"/bad/twolengths", 502},
+		{"/bad/samelengths", 502},
+		{"/bad/version", 502},
+		{"/bad/http10chunked", 502},
 		{"/bad/slowloris", 504},
 		{"/bad/hangup", 502},
 	}

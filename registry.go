@@ -66,7 +66,8 @@ type Event struct {
 }
 
 // Registry is where services are registered and found. Implementations are
-// safe for concurrent use; start begins background work and Close stops it,
+// safe for concurrent use; building one starts nothing, start begins its
+// background work until ctx ends or Close, and Close (idempotent) stops it,
 // waiting for its goroutines.
 type Registry interface {
 	// Register adds or renews the nodes of s. A positive ttl makes them
@@ -180,8 +181,9 @@ func newMemoryRegistry(sweep time.Duration, now func() time.Time, logger *slog.L
 	}
 }
 
+// start runs the sweeper of expired nodes until ctx ends or Close.
 func (m *memoryRegistry) start(ctx context.Context) {
-	m.startOnce.Do(func() { go m.sweepLoop() })
+	m.startOnce.Do(func() { go m.sweepLoop(ctx) })
 }
 
 // Close stops the sweeper and closes every watcher. Idempotent.
@@ -200,13 +202,15 @@ func (m *memoryRegistry) Close() error {
 	return nil
 }
 
-func (m *memoryRegistry) sweepLoop() {
+func (m *memoryRegistry) sweepLoop(ctx context.Context) {
 	defer close(m.done)
 	t := time.NewTicker(m.sweep)
 	defer t.Stop()
 	for {
 		select {
 		case <-m.stop:
+			return
+		case <-ctx.Done():
 			return
 		case <-t.C:
 			m.expire()
@@ -650,7 +654,7 @@ func (a *registryAPI) handleRegister(w http.ResponseWriter, r *http.Request) {
 	}
 	s, err := a.readService(w, r, true)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	if err := a.reg.Register(r.Context(), s, ttl); err != nil {
@@ -667,7 +671,7 @@ func (a *registryAPI) handleRegister(w http.ResponseWriter, r *http.Request) {
 func (a *registryAPI) handleDeregister(w http.ResponseWriter, r *http.Request) {
 	s, err := a.readService(w, r, false)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	if err := a.reg.Deregister(r.Context(), s); err != nil {

@@ -1,14 +1,37 @@
 package main
 
 // registry_cache.go owns cachedRegistry, the local cache that sits in front
-// of every remote backend (Consul, another sidecar) so that lookups never
-// wait on the network and keep working while the backend is unreachable.
+// of every remote backend (Consul, another sidecar) so that lookups rarely
+// wait on the network and keep working while the backend is unreachable,
+// and remoteClient, the one bounded connection pool to that backend.
+//
+// What the cache holds, at the size of a real cluster (thousands of
+// services, a Consul agent that allows 200 connections per client address):
+//
+//   - every service name the backend lists, followed with one watch (a
+//     blocking query on Consul's catalog): GET /registry lists them all;
+//   - the nodes of the services looked up here ("held"): the first lookup
+//     fetches them directly and waits for the answer, so a service the
+//     backend has is never "not found" because nothing was watched yet;
+//   - a watch per held service, at most the backend's watchBudget of them
+//     (on Consul, what the connection bound leaves for blocking queries),
+//     given to the most recently wanted; the rest are fetched again on
+//     lookup once their copy is older than remoteTiming.stale;
+//   - a held service not looked up for remoteTiming.idle loses its watch
+//     and is forgotten (the broker's entries are kept, see pinned).
+//
+// Failures of the backend (429, 5xx, network) never make a service absent:
+// the cache keeps serving what it had, the failure is counted by status and
+// logged at most once per remoteLogInterval, and the call is retried with
+// jittered backoff.
 
 import (
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
 	"slices"
 	"sort"
 	"strings"
@@ -17,29 +40,41 @@ import (
 	"time"
 )
 
-// Defaults of the remote registry timings; Config fields left zero use them.
+// Defaults of the remote registry settings; Config fields left zero use them.
 const (
 	defaultRegistryTimeout = 5 * time.Second  // one call to the backend
 	defaultRegistryWait    = 30 * time.Second // one blocking query or watch idle check
+	defaultRegistryConns   = 64               // well under Consul's 200 per client address
+	defaultRegistryStale   = 2 * time.Second  // age past which an unwatched service is fetched again
+	defaultRegistryIdle    = 10 * time.Minute // a held service not looked up for this long is dropped
 	remoteMinBackoff       = 100 * time.Millisecond
 	remoteMaxBackoff       = 5 * time.Second
-	maxRemoteServices      = 10_000 // services the cache follows: a bound on memory and goroutines
+	remoteFetchTries       = 3                // attempts of one direct fetch that failed with a retryable error
+	remoteLogInterval      = 10 * time.Second // at most one failure log line of a backend per interval
+	maxRemoteServices      = 10_000           // service names the cache follows: a bound on memory
 )
 
-// remoteTiming holds the durations of a remote backend.
+// remoteTiming holds the durations and the connection bound of a remote
+// backend.
 type remoteTiming struct {
 	timeout    time.Duration // one ordinary call
 	wait       time.Duration // one blocking query; watch liveness checks
+	stale      time.Duration // an unwatched held service older than this is fetched again on lookup
+	idle       time.Duration // a held service not looked up for this long loses its watch, then is forgotten
 	minBackoff time.Duration
 	maxBackoff time.Duration
+	conns      int // connections to the backend, every call included
 }
 
 func remoteTimingOf(cfg *Config) remoteTiming {
 	t := remoteTiming{
 		timeout:    cfg.RegistryTimeout,
 		wait:       cfg.RegistryWait,
+		stale:      cfg.RegistryStale,
+		idle:       cfg.RegistryWatchIdle,
 		minBackoff: remoteMinBackoff,
 		maxBackoff: remoteMaxBackoff,
+		conns:      cfg.RegistryConnections,
 	}
 	if t.timeout <= 0 {
 		t.timeout = defaultRegistryTimeout
@@ -47,16 +82,35 @@ func remoteTimingOf(cfg *Config) remoteTiming {
 	if t.wait <= 0 {
 		t.wait = defaultRegistryWait
 	}
+	if t.stale <= 0 {
+		t.stale = defaultRegistryStale
+	}
+	if t.idle <= 0 {
+		t.idle = defaultRegistryIdle
+	}
+	if t.conns <= 0 {
+		t.conns = defaultRegistryConns
+	}
 	if t.maxBackoff > t.wait {
 		t.maxBackoff = max(t.wait, t.minBackoff)
 	}
 	return t
 }
 
+// blockingBudget is how many held services may be watched with a blocking
+// query each: the connections less one for the list of services and a
+// reserve (an eighth, at least two) for lookups, registrations and
+// heartbeats, so that those never queue behind blocking queries. 55 of
+// the default 64.
+func (t remoteTiming) blockingBudget() int {
+	return max(t.conns-1-max(2, t.conns/8), 0)
+}
+
 // remoteBackend is a registry held elsewhere. cachedRegistry is its only
 // caller: it serializes nothing, so implementations are safe for concurrent
 // use. Errors that a retry cannot fix (the backend refused the data) wrap
-// errRejected; anything else is retried.
+// errRejected; anything else is retried. Every call goes through the
+// backend's remoteClient.
 type remoteBackend interface {
 	// register adds or renews the nodes of s with ttl (zero: no expiry).
 	register(ctx context.Context, s *Service, ttl time.Duration) error
@@ -68,19 +122,40 @@ type remoteBackend interface {
 	// by the live registrations. It must not call the backend, and
 	// forgetting too much is harmless (a registration only costs more).
 	forget(s *Service)
-	// sync keeps sink up to date with the backend until ctx ends. It
-	// calls sink.healthy after every success and failure of its watch.
+	// sync follows the backend's list of service names until ctx ends:
+	// it calls sink.listed whenever the list changes, and sink.healthy
+	// after every success and failure of that watch.
 	sync(ctx context.Context, sink syncSink)
+	// fetch reads one service now: its nodes (nil when it has none) and
+	// the index to watch it from.
+	fetch(ctx context.Context, name string) (*Service, uint64, error)
+	// watch keeps one held service fresh from index until ctx ends:
+	// report gets each new state, or the error of a failed call (the
+	// watch then backs off and goes on). A backend whose sync already
+	// carries every change of the held services (another sidecar's
+	// stream) returns at once: the service stays watched all the same.
+	watch(ctx context.Context, name string, index uint64, report func(*Service, error))
+	// watchBudget is how many watches may run at once.
+	watchBudget() int
+	// metrics emits the backend's samples: connections, requests, failures.
+	metrics(emit emitFunc)
 	// close releases idle connections.
 	close()
 }
 
 // syncSink is what a backend's sync loop feeds: cachedRegistry.
 type syncSink interface {
-	// replaceAll sets the state of every service at once (a full resync).
-	replaceAll(all map[string]*Service)
-	// update sets one service's state; nil or no nodes: it is gone.
+	// listed sets the names of every service the backend has; the sink
+	// owns the map from then on.
+	listed(names map[string]struct{})
+	// update sets the state of a held service (svc nil: no nodes); it is
+	// ignored for a service that is not held.
 	update(name string, svc *Service)
+	// heldNames returns the names of the held services, for a backend
+	// whose sync refreshes them itself.
+	heldNames() []string
+	// holds reports whether name is held.
+	holds(name string) bool
 	// healthy reports whether the backend answered the last watch call.
 	healthy(ok bool, err error)
 }
@@ -97,31 +172,76 @@ type localReg struct {
 	sent    bool      // the backend has it, as far as we know
 }
 
+// heldService is a service of the backend that was looked up here. Its
+// fields are guarded by cachedRegistry.mu.
+type heldService struct {
+	svc      *Service      // sanitized state from the backend; nil: no nodes
+	ok       bool          // svc came from a successful fetch or watch answer
+	err      error         // why the last fetch failed; nil after a success
+	failures int           // fetches failed in a row, for the backoff
+	fresh    time.Time     // until then a lookup fetches nothing (success: +stale; failure: +backoff)
+	used     time.Time     // the last lookup, for the LRU and the idle drop
+	prevUsed time.Time     // the lookup before it: how recently it was wanted before now
+	pinned   bool          // never forgotten for idleness (see pinned)
+	fetching chan struct{} // closed when the fetch in flight ends; nil: none in flight
+	watch    *heldWatch    // non-nil while watched
+}
+
+// heldWatch is the watch of one held service; live is guarded by
+// cachedRegistry.mu.
+type heldWatch struct {
+	cancel context.CancelFunc
+	live   bool // the watch's last call succeeded
+}
+
+// current reports whether a lookup can answer from h without a fetch.
+func (h *heldService) current(now time.Time, up bool) bool {
+	if h.ok && up && h.watch != nil && h.watch.live {
+		return true
+	}
+	return now.Before(h.fresh)
+}
+
+// pinned reports whether the cache holds name as soon as the backend lists
+// it: the broker's membership and topic entries, which the broker reads on
+// each publish without waiting for the network (a lookup with a context
+// that is already done), so they must be in memory before the first
+// message that needs them.
+func pinned(name string) bool {
+	return name == brokerService || strings.HasPrefix(name, topicServicePrefix)
+}
+
 // cachedRegistry is the Registry of a remote backend: lookups and watches
-// are answered from memory, which the backend's sync loop keeps fresh and
-// which stays (stale) while the backend is unreachable. Registrations made
-// through it are remembered until they expire or are deregistered, and
-// re-sent whenever the backend comes back (a restarted Consul agent forgets
-// its services). A registration that cannot reach the backend is accepted
-// and queued. Local registrations are visible in local lookups at once.
-// Safe for concurrent use; Close waits for its goroutines.
+// are answered from memory, which the backend keeps fresh and which stays
+// (stale) while the backend is unreachable. Registrations made through it
+// are remembered until they expire or are deregistered, and re-sent
+// whenever the backend comes back (a restarted Consul agent forgets its
+// services). A registration that cannot reach the backend is accepted and
+// queued. Local registrations are visible in local lookups at once.
+// Safe for concurrent use; Close waits for its goroutines (loops, fetches
+// and watches).
 type cachedRegistry struct {
 	backend remoteBackend
 	timing  remoteTiming
 	sweep   time.Duration
 	log     *slog.Logger
 	now     func() time.Time
+	ctx     context.Context // ends at Close or with start's context: the lifetime of every goroutine here
+	cancel  context.CancelFunc
+	unwatch func() bool // stops start's context from ending ctx; guarded by mu
 
 	mu       sync.Mutex                      // guards the fields below
-	remote   map[string]*Service             // last known backend state, by service
+	catalog  map[string]struct{}             // every service name the backend lists
+	held     map[string]*heldService         // the services looked up here, at most maxRemoteServices
+	watching map[string]*heldService         // the held services with a watch, at most backend.watchBudget()
 	local    map[string]map[string]*localReg // service -> node ID -> registration
 	deregs   map[string]*Service             // "service\x00node" -> pending deregistration
-	view     map[string]*Service             // remote merged with local: what lookups see
+	view     map[string]*Service             // held merged with local: what lookups see
 	nodes    int                             // nodes in view
 	watchers watchers
 	up       bool // the backend answered the last sync call
 	down     bool // the last sync call failed: calls are queued, not tried
-	synced   bool // at least one full state arrived
+	synced   bool // the list of services arrived at least once
 	closed   bool
 
 	syncedc chan struct{} // closed when synced first becomes true
@@ -129,7 +249,6 @@ type cachedRegistry struct {
 
 	startOnce sync.Once
 	closeOnce sync.Once
-	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 
 	invalid       atomic.Int64 // nodes and services from the backend that failed validation
@@ -140,13 +259,18 @@ func newCachedRegistry(b remoteBackend, t remoteTiming, sweep time.Duration, log
 	if sweep <= 0 {
 		sweep = 250 * time.Millisecond
 	}
+	ctx, cancel := context.WithCancel(context.Background())
 	return &cachedRegistry{
 		backend:  b,
 		timing:   t,
 		sweep:    sweep,
 		log:      logger,
 		now:      time.Now,
-		remote:   map[string]*Service{},
+		ctx:      ctx,
+		cancel:   cancel,
+		catalog:  map[string]struct{}{},
+		held:     map[string]*heldService{},
+		watching: map[string]*heldService{},
 		local:    map[string]map[string]*localReg{},
 		deregs:   map[string]*Service{},
 		view:     map[string]*Service{},
@@ -157,37 +281,37 @@ func newCachedRegistry(b remoteBackend, t remoteTiming, sweep time.Duration, log
 }
 
 // start runs the backend's sync loop, the resend loop and the sweeper of
-// expired local registrations. ctx is not used for their lifetime: Close
-// ends them.
-func (c *cachedRegistry) start(context.Context) {
+// expired local registrations and idle held services, until ctx ends or
+// Close. (The server starts its components with a context that outlives
+// SIGTERM: the drain still looks services up and deregisters.)
+func (c *cachedRegistry) start(ctx context.Context) {
 	c.startOnce.Do(func() {
-		ctx, cancel := context.WithCancel(context.Background())
 		c.mu.Lock()
+		defer c.mu.Unlock()
 		if c.closed {
-			c.mu.Unlock()
-			cancel()
 			return
 		}
-		c.cancel = cancel
-		c.mu.Unlock()
+		c.unwatch = afterFunc(ctx, c.cancel) // the end of ctx ends c.ctx
 		c.wg.Add(3)
-		go func() { defer c.wg.Done(); c.backend.sync(ctx, c) }()
-		go func() { defer c.wg.Done(); c.resendLoop(ctx) }()
-		go func() { defer c.wg.Done(); c.sweepLoop(ctx) }()
+		go func() { defer c.wg.Done(); c.backend.sync(c.ctx, c) }()
+		go func() { defer c.wg.Done(); c.resendLoop(c.ctx) }()
+		go func() { defer c.wg.Done(); c.sweepLoop(c.ctx) }()
 	})
 }
 
-// Close stops the loops, waits for them and closes every watcher. Local
-// registrations are not deregistered: their TTLs end them.
+// Close stops the loops, fetches and watches, waits for them and closes
+// every watcher. Local registrations are not deregistered: their TTLs end
+// them.
 func (c *cachedRegistry) Close() error {
 	c.closeOnce.Do(func() {
 		c.mu.Lock()
-		c.closed = true
-		cancel := c.cancel
+		c.closed = true // no goroutine starts after this
+		unwatch := c.unwatch
 		c.mu.Unlock()
-		if cancel != nil {
-			cancel()
+		if unwatch != nil {
+			unwatch()
 		}
+		c.cancel()
 		c.wg.Wait()
 		c.backend.close()
 		c.mu.Lock()
@@ -349,6 +473,13 @@ func (c *cachedRegistry) queueDeregister(s *Service) {
 	c.signal()
 }
 
+// GetService answers from memory when it can. The first lookup of a
+// service the backend lists, and a lookup of an unwatched one whose copy
+// is older than the staleness bound, fetch it first and wait for that (or
+// for ctx: a context that is already done never waits, and the fetch goes
+// on for the next lookup). A failed fetch serves the last copy, or, when
+// there is none, returns the failure: never errNotFound for a service the
+// backend lists.
 func (c *cachedRegistry) GetService(ctx context.Context, name string) (*Service, error) {
 	if err := c.awaitSync(ctx); err != nil {
 		c.mu.Lock()
@@ -360,19 +491,188 @@ func (c *cachedRegistry) GetService(ctx context.Context, name string) (*Service,
 		return nil, err
 	}
 	c.mu.Lock()
+	wait := c.lookupLocked(name)
+	if wait != nil {
+		c.mu.Unlock()
+		select {
+		case <-wait:
+		case <-ctx.Done():
+		}
+		c.mu.Lock()
+	}
 	defer c.mu.Unlock()
 	if svc := c.view[name]; svc != nil {
 		return svc, nil
 	}
+	if h := c.held[name]; h != nil && !h.ok {
+		if h.err != nil {
+			return nil, fmt.Errorf("registry: look up %s: %w", name, h.err)
+		}
+		return nil, fmt.Errorf("registry: look up %s: no answer from the backend yet", name)
+	}
 	return nil, errNotFound
+}
+
+// lookupLocked marks name as used and returns a channel to wait on when it
+// must be fetched first; nil when memory has the answer.
+func (c *cachedRegistry) lookupLocked(name string) <-chan struct{} {
+	now := c.now()
+	h := c.held[name]
+	if h == nil {
+		if _, listed := c.catalog[name]; !listed || len(c.held) >= maxRemoteServices {
+			return nil
+		}
+		h = &heldService{pinned: pinned(name)}
+		c.held[name] = h
+	}
+	h.prevUsed, h.used = h.used, now
+	if h.current(now, c.up) || h.ok && !c.up {
+		return nil // fresh; or the backend is down: serve what is held
+	}
+	wait := c.fetchLocked(name, h)
+	if h.ok && h.failures > 0 {
+		return nil // failing: refresh in the background, serve what is held
+	}
+	return wait
+}
+
+// fetchLocked starts a fetch of name unless one is in flight, and returns
+// the channel closed when it ends.
+func (c *cachedRegistry) fetchLocked(name string, h *heldService) <-chan struct{} {
+	if h.fetching != nil {
+		return h.fetching
+	}
+	done := make(chan struct{})
+	if c.closed {
+		h.err = errors.New("registry: closed")
+		close(done)
+		return done
+	}
+	h.fetching = done
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		svc, index, err := c.fetchRetry(name)
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		defer close(done)
+		h.fetching = nil
+		if c.held[name] != h {
+			return // dropped meanwhile: gone from the list, or idle
+		}
+		now := c.now()
+		if err != nil {
+			h.err = err
+			h.failures++
+			h.fresh = now.Add(jitter(min(c.timing.minBackoff<<min(h.failures, 10), c.timing.maxBackoff)))
+			c.log.Debug("registry fetch failed; serving what is cached", "service", name, "err", err)
+			return
+		}
+		c.setLocked(name, h, svc, now)
+		c.watchLocked(name, h, index)
+	}()
+	return done
+}
+
+// fetchRetry fetches name, retrying a failure with jittered backoff up to
+// remoteFetchTries times within one call timeout.
+func (c *cachedRegistry) fetchRetry(name string) (*Service, uint64, error) {
+	ctx, cancel := context.WithTimeout(c.ctx, c.timing.timeout)
+	defer cancel()
+	bo := newBackoff(c.timing.minBackoff, c.timing.maxBackoff)
+	for try := 1; ; try++ {
+		svc, index, err := c.backend.fetch(ctx, name)
+		if err == nil || try == remoteFetchTries || errors.Is(err, errRejected) || !sleepCtx(ctx, bo.next()) {
+			return svc, index, err
+		}
+	}
+}
+
+// setLocked stores a fresh state of held service h and tells watchers.
+func (c *cachedRegistry) setLocked(name string, h *heldService, svc *Service, now time.Time) {
+	h.svc, h.ok, h.err, h.failures = c.sanitizeRemote(name, svc), true, nil, 0
+	h.fresh = now.Add(c.timing.stale)
+	c.refreshLocked(name)
+}
+
+// watchLocked starts the watch of h when it has none. When the budget is
+// spent, h takes the slot of the least recently used watched service only
+// if h was wanted more recently than that one before the lookup that
+// fetched it: services used equally often then keep their watches instead
+// of trading them on every lookup (each trade costs a connection), and a
+// service looked up once waits for a second lookup.
+func (c *cachedRegistry) watchLocked(name string, h *heldService, index uint64) {
+	budget := c.backend.watchBudget()
+	if h.watch != nil || c.closed || budget == 0 {
+		return
+	}
+	if len(c.watching) >= budget {
+		var lru string
+		for n, w := range c.watching {
+			if lru == "" || w.used.Before(c.watching[lru].used) {
+				lru = n
+			}
+		}
+		if !c.watching[lru].used.Before(h.prevUsed) {
+			return
+		}
+		c.unwatchLocked(lru, c.watching[lru])
+	}
+	ctx, cancel := context.WithCancel(c.ctx)
+	w := &heldWatch{cancel: cancel, live: true}
+	h.watch = w
+	c.watching[name] = h
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		c.backend.watch(ctx, name, index, func(svc *Service, err error) {
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			if h.watch != w || c.held[name] != h {
+				return // an answer of a watch that was stopped meanwhile
+			}
+			if err != nil {
+				w.live = false
+				return
+			}
+			w.live = true
+			c.setLocked(name, h, svc, c.now())
+		})
+	}()
+}
+
+// unwatchLocked stops the watch of held service h; its copy stays and is
+// fetched again on lookup once stale.
+func (c *cachedRegistry) unwatchLocked(name string, h *heldService) {
+	if h.watch == nil {
+		return
+	}
+	h.watch.cancel()
+	h.watch = nil
+	delete(c.watching, name)
+	h.fresh = c.now().Add(c.timing.stale) // from now on nothing keeps it fresh
+}
+
+// dropLocked forgets held service h. With notify, watchers see its nodes
+// leave the view; without (it was only idle), the view changes silently,
+// since its nodes did not leave the backend.
+func (c *cachedRegistry) dropLocked(name string, h *heldService, notify bool) {
+	c.unwatchLocked(name, h)
+	delete(c.held, name)
+	c.rebuildLocked(name, notify)
 }
 
 func (c *cachedRegistry) ListServices(ctx context.Context) ([]string, error) {
 	err := c.awaitSync(ctx)
 	c.mu.Lock()
-	names := make([]string, 0, len(c.view))
-	for name := range c.view {
+	names := make([]string, 0, len(c.catalog)+len(c.local))
+	for name := range c.catalog {
 		names = append(names, name)
+	}
+	for name := range c.view {
+		if _, ok := c.catalog[name]; !ok {
+			names = append(names, name)
+		}
 	}
 	c.mu.Unlock()
 	if err != nil && len(names) == 0 {
@@ -382,9 +682,9 @@ func (c *cachedRegistry) ListServices(ctx context.Context) ([]string, error) {
 	return names, nil
 }
 
-// awaitSync waits, up to one call timeout, for the first full state from the
-// backend, so that a lookup right after start-up does not answer "not
-// found" for a service that exists.
+// awaitSync waits, up to one call timeout, for the first list of services
+// from the backend, so that a lookup right after start-up does not answer
+// "not found" for a service that exists.
 func (c *cachedRegistry) awaitSync(ctx context.Context) error {
 	select {
 	case <-c.syncedc:
@@ -440,47 +740,94 @@ func (c *cachedRegistry) setHistory(events int) {
 	c.watchers.setHistory(events)
 }
 
-// size returns the number of services and nodes that lookups see.
+// size returns the number of services known (every name the backend lists,
+// and local registrations it does not list yet) and of nodes held.
 func (c *cachedRegistry) size() (services, nodes int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return len(c.view), c.nodes
-}
-
-// replaceAll implements syncSink.
-func (c *cachedRegistry) replaceAll(all map[string]*Service) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	names := map[string]bool{}
-	for name := range c.remote {
-		names[name] = true
-	}
-	for name := range all {
-		names[name] = true
-	}
-	c.remote = map[string]*Service{}
-	for name, svc := range all {
-		if svc = c.sanitizeRemote(name, svc); svc != nil && len(c.remote) < maxRemoteServices {
-			c.remote[name] = svc
+	services = len(c.catalog)
+	for name := range c.view {
+		if _, ok := c.catalog[name]; !ok {
+			services++
 		}
 	}
+	return services, c.nodes
+}
+
+// metrics emits what the cache holds and watches, then the backend's
+// samples; registrySizeSource calls it.
+func (c *cachedRegistry) metrics(emit emitFunc) {
+	c.mu.Lock()
+	held, watched := len(c.held), len(c.watching)
+	c.mu.Unlock()
+	emit("sidecar_registry_services_held", "Services of the remote registry looked up here and kept in memory.", "gauge", float64(held))
+	emit("sidecar_registry_services_watched", "Held services kept fresh by a watch (on Consul, one blocking query each).", "gauge", float64(watched))
+	c.backend.metrics(emit)
+}
+
+// listed implements syncSink. Watchers see a "create" (without nodes) for
+// each name that appears after the first list, and a "delete" for each
+// that leaves it (with the nodes held, if any). Held services that left
+// are dropped; the broker's entries are fetched as soon as they appear.
+func (c *cachedRegistry) listed(names map[string]struct{}) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	old := c.catalog
+	c.catalog = names
+	for name := range old {
+		if _, ok := names[name]; ok {
+			continue
+		}
+		hadView := c.view[name] != nil
+		if h := c.held[name]; h != nil {
+			c.dropLocked(name, h, true)
+		}
+		if !hadView && c.view[name] == nil && !c.watchers.empty() {
+			c.watchers.send(Event{Action: "delete", Service: &Service{Name: name, Metadata: map[string]string{}, Endpoints: []*Endpoint{}, Nodes: []*Node{}}})
+		}
+	}
+	now := c.now()
 	for name := range names {
-		c.refreshLocked(name)
+		if _, ok := old[name]; ok {
+			continue
+		}
+		if c.synced && c.view[name] == nil && !c.watchers.empty() {
+			c.watchers.send(Event{Action: "create", Service: &Service{Name: name, Metadata: map[string]string{}, Endpoints: []*Endpoint{}, Nodes: []*Node{}}})
+		}
+		if pinned(name) && c.held[name] == nil && len(c.held) < maxRemoteServices {
+			h := &heldService{pinned: true, used: now}
+			c.held[name] = h
+			c.fetchLocked(name, h)
+		}
 	}
 	c.markSyncedLocked()
 }
 
 // update implements syncSink.
 func (c *cachedRegistry) update(name string, svc *Service) {
-	svc = c.sanitizeRemote(name, svc)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if svc == nil {
-		delete(c.remote, name)
-	} else if c.remote[name] != nil || len(c.remote) < maxRemoteServices {
-		c.remote[name] = svc
+	if h := c.held[name]; h != nil {
+		c.setLocked(name, h, svc, c.now())
 	}
-	c.refreshLocked(name)
+}
+
+// holds implements syncSink.
+func (c *cachedRegistry) holds(name string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.held[name] != nil
+}
+
+// heldNames implements syncSink.
+func (c *cachedRegistry) heldNames() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	names := make([]string, 0, len(c.held))
+	for name := range c.held {
+		names = append(names, name)
+	}
+	return names
 }
 
 // sanitizeRemote is where a backend's data enters the cache, so the rest
@@ -694,8 +1041,9 @@ func (c *cachedRegistry) resend(ctx context.Context) bool {
 	return ok
 }
 
-// sweepLoop removes expired local registrations, and makes the backend
-// forget them.
+// sweepLoop removes expired local registrations (and makes the backend
+// forget them), and idle held services: a service not looked up for
+// timing.idle loses its watch and is forgotten, unless pinned.
 func (c *cachedRegistry) sweepLoop(ctx context.Context) {
 	t := time.NewTicker(c.sweep)
 	defer t.Stop()
@@ -725,6 +1073,16 @@ func (c *cachedRegistry) sweepLoop(ctx context.Context) {
 			c.refreshLocked(name)
 			expired = append(expired, &Service{Name: name, Nodes: gone})
 		}
+		for name, h := range c.held {
+			if h.fetching != nil || now.Sub(h.used) < c.timing.idle {
+				continue
+			}
+			if h.pinned {
+				c.unwatchLocked(name, h)
+				continue
+			}
+			c.dropLocked(name, h, false)
+		}
 		c.mu.Unlock()
 		for _, s := range expired {
 			c.backend.forget(s)
@@ -732,12 +1090,20 @@ func (c *cachedRegistry) sweepLoop(ctx context.Context) {
 	}
 }
 
-// refreshLocked rebuilds the view of one service from the remote state and
+// refreshLocked rebuilds the view of one service from the held state and
 // the live local registrations, and tells watchers what changed.
-func (c *cachedRegistry) refreshLocked(name string) {
+func (c *cachedRegistry) refreshLocked(name string) { c.rebuildLocked(name, true) }
+
+// rebuildLocked is refreshLocked; without notify, watchers are not told.
+// A view equal to the one before is kept, so that lookups keep returning
+// the same snapshot (the balancer keys its state on it).
+func (c *cachedRegistry) rebuildLocked(name string, notify bool) {
 	old := c.view[name]
 	now := c.now()
-	rem := c.remote[name]
+	var rem *Service
+	if h := c.held[name]; h != nil {
+		rem = h.svc
+	}
 	var next *Service
 	if rem != nil {
 		next = &Service{Name: name, Version: rem.Version, Metadata: orEmpty(rem.Metadata), Endpoints: orEmptySlice(rem.Endpoints)}
@@ -766,6 +1132,9 @@ func (c *cachedRegistry) refreshLocked(name string) {
 	if next != nil && len(next.Nodes) == 0 {
 		next = nil
 	}
+	if old != nil && next != nil && servicesEqual(old, next) {
+		return
+	}
 	if old != nil {
 		c.nodes -= len(old.Nodes)
 	}
@@ -775,10 +1144,22 @@ func (c *cachedRegistry) refreshLocked(name string) {
 		c.view[name] = next
 		c.nodes += len(next.Nodes)
 	}
-	c.diffLocked(name, old, next)
+	if notify {
+		c.diffLocked(name, old, next)
+	}
 }
 
-// diffLocked sends watchers the events that turn old into next.
+// servicesEqual reports whether a and b hold the same data, nodes in the
+// same order.
+func servicesEqual(a, b *Service) bool {
+	return a.Version == b.Version && mapsEqual(a.Metadata, b.Metadata) && endpointsEqual(a.Endpoints, b.Endpoints) &&
+		slices.EqualFunc(a.Nodes, b.Nodes, func(x, y *Node) bool { return x.ID == y.ID && nodesEqual(x, y) })
+}
+
+// diffLocked sends watchers the events that turn old into next: nodes that
+// left in a "delete", new or changed nodes in an "update", or in a "create"
+// for a service not listed by the backend (yet) whose first nodes arrive.
+// Listed services get their "create" from listed.
 func (c *cachedRegistry) diffLocked(name string, old, next *Service) {
 	if c.watchers.empty() {
 		return
@@ -812,8 +1193,8 @@ func (c *cachedRegistry) diffLocked(name string, old, next *Service) {
 	}
 	if len(changed) > 0 {
 		action := "update"
-		if old == nil {
-			action = "create"
+		if _, listed := c.catalog[name]; old == nil && !listed {
+			action = "create" // a listed service had its "create" when listed
 		}
 		c.watchers.send(Event{Action: action, Service: withNodes(next, changed)})
 	}
@@ -840,3 +1221,128 @@ func regKey(service, node string) string { return service + "\x00" + node }
 func nodeIndex(nodes []*Node, id string) int {
 	return slices.IndexFunc(nodes, func(n *Node) bool { return n.ID == id })
 }
+
+// remoteStatuses are the labels of a backend's failures: the statuses that
+// mean "back off" (429, 5xx) or "not allowed" (403), and network errors.
+var remoteStatuses = [...]string{"403", "429", "500", "502", "503", "504", "5xx", "network"}
+
+// remoteClient is the HTTP client of a remote backend: one pool of at most
+// timing.conns connections to it, shared by every call (blocking queries,
+// lookups, registrations, the watch stream), and counted from this side:
+// connections open and the most at once, requests, and failures by status,
+// logged at most once per remoteLogInterval. Safe for concurrent use.
+type remoteClient struct {
+	client *http.Client // Transport is the remoteClient itself
+	tr     *http.Transport
+	log    *slog.Logger
+	name   string // "consul" or "sidecar registry", for log lines
+
+	open     atomic.Int64 // connections open now
+	peak     atomic.Int64 // most connections open at once
+	requests atomic.Int64
+	failures [len(remoteStatuses)]atomic.Int64
+
+	logMu     sync.Mutex // guards lastLog, unlogged
+	lastLog   time.Time
+	unlogged  int64 // failures since the last log line
+	logWindow time.Duration
+}
+
+// newRemoteClient builds the pool of a backend. streams is the number of
+// connections taken out of the pool for good (an upgraded websocket no
+// longer counts as the transport's), so the pool keeps t.conns-streams.
+func newRemoteClient(name string, t remoteTiming, streams int, logger *slog.Logger) *remoteClient {
+	rc := &remoteClient{log: logger, name: name, logWindow: remoteLogInterval}
+	dialer := &net.Dialer{Timeout: t.timeout, KeepAlive: 30 * time.Second}
+	pool := max(t.conns-streams, 1)
+	rc.tr = &http.Transport{
+		Proxy:               http.ProxyFromEnvironment,
+		DialContext:         rc.dialer(dialer),
+		ForceAttemptHTTP2:   true, // over TLS, HTTP/2 carries many blocking queries on one connection
+		MaxConnsPerHost:     pool,
+		MaxIdleConns:        pool,
+		MaxIdleConnsPerHost: pool,
+		IdleConnTimeout:     90 * time.Second,
+		TLSHandshakeTimeout: t.timeout,
+	}
+	rc.client = &http.Client{Transport: rc}
+	return rc
+}
+
+// dialer counts the connections d opens, until each is closed.
+func (rc *remoteClient) dialer(d *net.Dialer) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := d.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		n := rc.open.Add(1)
+		for p := rc.peak.Load(); n > p && !rc.peak.CompareAndSwap(p, n); p = rc.peak.Load() {
+		}
+		return &countedConn{Conn: conn, open: &rc.open}, nil
+	}
+}
+
+// countedConn takes itself off its pool's count once closed.
+type countedConn struct {
+	net.Conn
+	open *atomic.Int64
+	once sync.Once
+}
+
+func (c *countedConn) Close() error {
+	c.once.Do(func() { c.open.Add(-1) })
+	return c.Conn.Close()
+}
+
+// RoundTrip implements http.RoundTripper: the pool's transport, counting
+// requests and failures. A call cancelled by its caller is no failure.
+func (rc *remoteClient) RoundTrip(req *http.Request) (*http.Response, error) {
+	rc.requests.Add(1)
+	resp, err := rc.tr.RoundTrip(req)
+	switch {
+	case err != nil:
+		if req.Context().Err() == nil {
+			rc.failed("network", req, err)
+		}
+	case resp.StatusCode == http.StatusForbidden || resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode >= 500:
+		status := fmt.Sprint(resp.StatusCode)
+		if !slices.Contains(remoteStatuses[:], status) {
+			status = "5xx"
+		}
+		rc.failed(status, req, errors.New(resp.Status))
+	}
+	return resp, err
+}
+
+// failed counts one failure, and logs it unless a line was logged less
+// than logWindow ago; the next line says how many went unlogged.
+func (rc *remoteClient) failed(status string, req *http.Request, err error) {
+	rc.failures[slices.Index(remoteStatuses[:], status)].Add(1)
+	rc.logMu.Lock()
+	now := time.Now()
+	if now.Sub(rc.lastLog) < rc.logWindow {
+		rc.unlogged++
+		rc.logMu.Unlock()
+		return
+	}
+	rc.lastLog = now
+	unlogged := rc.unlogged
+	rc.unlogged = 0
+	rc.logMu.Unlock()
+	rc.log.Warn(rc.name+" call failed; backing off and serving what is cached", "status", status, "method", req.Method,
+		"path", req.URL.Path, "err", err, "failures_unlogged", unlogged, "log_interval", rc.logWindow)
+}
+
+// metrics emits the pool's samples.
+func (rc *remoteClient) metrics(emit emitFunc) {
+	emit("sidecar_registry_connections", "Connections open to the remote registry, counted by this sidecar.", "gauge", float64(rc.open.Load()))
+	emit("sidecar_registry_connections_peak", "Most connections open at once to the remote registry.", "gauge", float64(rc.peak.Load()))
+	emit("sidecar_registry_requests_total", "Requests sent to the remote registry.", "counter", float64(rc.requests.Load()))
+	for i, status := range remoteStatuses {
+		emit("sidecar_registry_errors_total", "Failed calls to the remote registry, by HTTP status (network: no answer).", "counter",
+			float64(rc.failures[i].Load()), "status", status)
+	}
+}
+
+func (rc *remoteClient) close() { rc.tr.CloseIdleConnections() }

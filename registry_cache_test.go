@@ -163,7 +163,10 @@ func TestSidecarRegistryShared(t *testing.T) {
 	t.Run("register on A is visible on B and its watch", func(t *testing.T) {
 		registerNode(t, urlA, "", "bar", "a1")
 		eventually(t, wait, "bar visible on B", func() bool { return hasNodes(t, urlB, "bar", "a1") })
-		for {
+		// B lists bar before anything looks it up: a "create" without
+		// nodes; the lookup above holds it, and its node follows.
+		var got []string
+		for len(got) < 2 {
 			_, data, err := ws.Read(ctx)
 			if err != nil {
 				t.Fatalf("watch on B: %v", err)
@@ -171,11 +174,15 @@ func TestSidecarRegistryShared(t *testing.T) {
 			var ev Event
 			json.Unmarshal(data, &ev)
 			if ev.Service != nil && ev.Service.Name == "bar" {
-				if ev.Action != "create" || len(ev.Service.Nodes) != 1 || ev.Service.Nodes[0].ID != "a1" {
-					t.Fatalf("watch event %s, want create of bar a1", data)
+				var ids []string
+				for _, n := range ev.Service.Nodes {
+					ids = append(ids, n.ID)
 				}
-				break
+				got = append(got, ev.Action+fmt.Sprint(ids))
 			}
+		}
+		if want := "create[] update[a1]"; strings.Join(got, " ") != want {
+			t.Fatalf("watch events of bar on B = %q, want %q", got, want)
 		}
 	})
 
@@ -449,5 +456,99 @@ func TestConsulSentBounded(t *testing.T) {
 	deregisterNode(t, base.URL, "app", "kept")
 	if got := sent(); got != 0 {
 		t.Fatalf("len(sent) = %d after deregistering, want 0", got)
+	}
+}
+
+// registryGets is the number of GET /registry that base answered with a
+// 2xx: lists and lookups, not websocket watches.
+func registryGets(t *testing.T, base string) float64 {
+	t.Helper()
+	return getMetrics(t, base)[`sidecar_http_requests_total{route="GET /registry",class="2xx"}`]
+}
+
+// TestSidecarRegistryAtScale is the Consul audit applied to --registry
+// sidecar: with 1,000 services in the other sidecar, this one lists them
+// all after one request, fetches a service only when it is looked up, and
+// its calls share a bounded pool (4 connections here) however many run
+// at once.
+func TestSidecarRegistryAtScale(t *testing.T) {
+	t.Parallel()
+	const services, conns, concurrent = 1000, 4, 50
+	_, upstream := newTestServer(t, testConfig())
+	jobs := make(chan int)
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range jobs {
+				body := fmt.Sprintf(`{"name":"svc-%04d","nodes":[{"id":"svc-%04d-1","address":"127.0.0.1","port":9090}]}`, i, i)
+				resp, err := http.Post(upstream.URL+"/registry", "application/json", strings.NewReader(body))
+				if err == nil {
+					resp.Body.Close()
+				}
+				if err != nil || resp.StatusCode != http.StatusOK {
+					failed.Add(1)
+				}
+			}
+		}()
+	}
+	for i := range services {
+		jobs <- i
+	}
+	close(jobs)
+	wg.Wait()
+	if n := failed.Load(); n > 0 {
+		t.Fatalf("%d of %d registrations on the upstream sidecar failed", n, services)
+	}
+
+	before := registryGets(t, upstream.URL)
+	cfg := remoteConfig("sidecar", upstream.URL)
+	cfg.RegistryConnections = conns
+	s, ts := newTestServer(t, cfg)
+	code, body := do(t, "GET", ts.URL+"/registry", "")
+	var list []serviceName
+	json.Unmarshal(body, &list)
+	if code != http.StatusOK || len(list) != services {
+		t.Fatalf("GET /registry = %d with %d services, want 200 with %d", code, len(list), services)
+	}
+	if got := lookup(t, ts.URL, "svc-0500"); fmt.Sprint(got) != "[svc-0500-1]" {
+		t.Fatalf("GET /registry?service=svc-0500 = %v, want [svc-0500-1]", got)
+	}
+	if n := registryGets(t, upstream.URL) - before; n > 2 {
+		t.Errorf("the upstream answered %v GET /registry for a list and one lookup, want 2 (nothing fetched per service ahead of use)", n)
+	}
+
+	errs := make(chan error, concurrent)
+	for i := range concurrent {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			body := fmt.Sprintf(`{"name":"new-%d","nodes":[{"id":"new-%d-1","address":"127.0.0.1","port":9090}]}`, i, i)
+			resp, err := http.Post(ts.URL+"/registry", "application/json", strings.NewReader(body))
+			if err == nil {
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					err = fmt.Errorf("status %d", resp.StatusCode)
+				}
+			}
+			if err != nil {
+				errs <- fmt.Errorf("register new-%d through the sidecar: %w", i, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	eventually(t, 5*time.Second, "every registration on the upstream", func() bool {
+		code, body := do(t, "GET", upstream.URL+"/registry", "")
+		return code == http.StatusOK && strings.Count(string(body), `"new-`) == concurrent
+	})
+	rc := s.registry.reg.(*cachedRegistry).backend.(*sidecarBackend).rc
+	if peak := rc.peak.Load(); peak > conns || peak == 0 {
+		t.Errorf("most connections to the upstream = %d, want 1 to %d", peak, conns)
 	}
 }

@@ -3,7 +3,10 @@ package main
 // registry_consul.go is the Consul registry backend, written against Consul's HTTP
 // API (no client library): registrations become agent services with a TTL
 // check, lookups read passing instances from the health endpoint, and the
-// cache in front of it is kept fresh with blocking queries.
+// cache in front of it is kept fresh with blocking queries: one on the
+// catalog's list of services, and one per watched service (registry_cache.go
+// decides which, within the connection bound). A first lookup reads the
+// agent's cache (?cached), which the agent keeps fresh itself.
 //
 // Mapping between the seeds' model and Consul:
 //
@@ -23,13 +26,11 @@ package main
 // the node metadata and its Meta["version"] the version.
 
 import (
-	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
 	"net/url"
@@ -37,6 +38,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -48,7 +50,7 @@ const (
 	consulMaxTag       = 32 << 10 // past this, endpoints are left out of the tag
 	consulMinReap      = time.Minute
 	consulMinInterval  = 50 * time.Millisecond // between two blocking queries of one watch
-	consulCatalogLimit = 4 << 20
+	consulCatalogLimit = 16 << 20              // the list of services carries each service's tags (the sidecar tag is per node)
 	consulHealthLimit  = 16 << 20
 	consulSmallLimit   = 64 << 10
 )
@@ -58,8 +60,11 @@ type consulBackend struct {
 	base   string // scheme://host:port
 	token  string
 	timing remoteTiming
-	client *http.Client
+	rc     *remoteClient // the one connection pool to the agent, counted
+	client *http.Client  // rc's client
 	log    *slog.Logger
+
+	blockingOpen atomic.Int64 // blocking queries in flight
 
 	// mu guards sent: the body each node was last registered with, so that
 	// a renewal with the same data only passes the TTL check. Entries go
@@ -76,20 +81,31 @@ func newConsulBackend(addr, token string, t remoteTiming, logger *slog.Logger) (
 	if err != nil {
 		return nil, fmt.Errorf("registry: consul address %q: %w", addr, err)
 	}
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.MaxIdleConnsPerHost = 64 // one blocking query per watched service
-	tr.ResponseHeaderTimeout = 0
+	if t.conns <= 0 {
+		t.conns = defaultRegistryConns
+	}
+	rc := newRemoteClient("consul", t, 0, logger)
 	return &consulBackend{
 		base:   u.String(),
 		token:  token,
 		timing: t,
-		client: &http.Client{Transport: tr},
+		rc:     rc,
+		client: rc.client,
 		log:    logger,
 		sent:   map[string]string{},
 	}, nil
 }
 
-func (b *consulBackend) close() { b.client.CloseIdleConnections() }
+func (b *consulBackend) close() { b.rc.close() }
+
+// watchBudget implements remoteBackend: each watch holds a connection.
+func (b *consulBackend) watchBudget() int { return b.timing.blockingBudget() }
+
+// metrics implements remoteBackend.
+func (b *consulBackend) metrics(emit emitFunc) {
+	emit("sidecar_registry_blocking_queries", "Blocking queries open on Consul (the list of services and each watched service).", "gauge", float64(b.blockingOpen.Load()))
+	b.rc.metrics(emit)
+}
 
 // consulStatusError is a non-2xx answer from Consul.
 type consulStatusError struct {
@@ -104,47 +120,24 @@ func (e *consulStatusError) Error() string {
 // call sends one request and decodes a JSON answer into out (when not nil),
 // reading at most limit bytes. It returns the X-Consul-Index header.
 func (b *consulBackend) call(ctx context.Context, method, path string, q url.Values, body any, out any, limit int64) (string, error) {
-	var rd io.Reader
-	if body != nil {
-		buf, err := json.Marshal(body)
-		if err != nil {
-			return "", fmt.Errorf("%w: encode: %v", errRejected, err)
-		}
-		rd = bytes.NewReader(buf)
-	}
 	u := b.base + path
 	if len(q) > 0 {
 		u += "?" + q.Encode()
 	}
-	req, err := http.NewRequestWithContext(ctx, method, u, rd)
+	req, err := newJSONRequest(ctx, method, u, body)
 	if err != nil {
 		return "", fmt.Errorf("%w: %v", errRejected, err)
-	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
 	}
 	if b.token != "" {
 		req.Header.Set("X-Consul-Token", b.token)
 	}
-	resp, err := b.client.Do(req)
-	if err != nil {
+	resp, _, err := callJSON(b.client, req, limit, out)
+	var se *statusError
+	switch {
+	case errors.As(err, &se):
+		return "", fmt.Errorf("consul: %s %s: %w", method, path, &consulStatusError{se.code, snippet(se.body)})
+	case err != nil:
 		return "", fmt.Errorf("consul: %s %s: %w", method, path, err)
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, limit+1))
-	if err != nil {
-		return "", fmt.Errorf("consul: %s %s: read: %w", method, path, err)
-	}
-	if int64(len(data)) > limit {
-		return "", fmt.Errorf("consul: %s %s: response exceeds %d bytes", method, path, limit)
-	}
-	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		return "", fmt.Errorf("consul: %s %s: %w", method, path, &consulStatusError{resp.StatusCode, snippet(data)})
-	}
-	if out != nil {
-		if err := json.Unmarshal(data, out); err != nil {
-			return "", fmt.Errorf("consul: %s %s: bad JSON: %v", method, path, err)
-		}
 	}
 	return resp.Header.Get("X-Consul-Index"), nil
 }
@@ -161,6 +154,8 @@ func (b *consulBackend) blocking(ctx context.Context, path string, q url.Values,
 		q.Set("index", strconv.FormatUint(index, 10))
 		q.Set("wait", b.timing.wait.String())
 		timeout += b.timing.wait + b.timing.wait/16 // Consul adds up to wait/16 of jitter
+		b.blockingOpen.Add(1)
+		defer b.blockingOpen.Add(-1)
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -373,10 +368,18 @@ type consulEntry struct {
 	}
 }
 
-// fetch reads the passing instances of name with a blocking query.
-func (b *consulBackend) fetch(ctx context.Context, name string, index uint64) (*Service, uint64, error) {
+// fetch implements remoteBackend: the passing instances of name, from the
+// agent's cache (?cached: a client agent answers without asking the
+// servers, and keeps the entry fresh in the background).
+func (b *consulBackend) fetch(ctx context.Context, name string) (*Service, uint64, error) {
+	return b.health(ctx, name, url.Values{"passing": {"true"}, "cached": {""}}, 0)
+}
+
+// health reads the passing instances of name, blocking past index when it
+// is not zero.
+func (b *consulBackend) health(ctx context.Context, name string, q url.Values, index uint64) (*Service, uint64, error) {
 	var entries []consulEntry
-	index, err := b.blocking(ctx, "/v1/health/service/"+url.PathEscape(name), url.Values{"passing": {"true"}}, index, consulHealthLimit, &entries)
+	index, err := b.blocking(ctx, "/v1/health/service/"+url.PathEscape(name), q, index, consulHealthLimit, &entries)
 	if err != nil {
 		return nil, index, err
 	}
@@ -418,27 +421,16 @@ func consulService(name string, entries []consulEntry) *Service {
 	return svc
 }
 
-// sync follows the catalog's service list with a blocking query, and each
-// service's passing instances with one blocking query per service.
+// sync implements remoteBackend: one blocking query on the catalog's list
+// of services, whatever the number of services.
 func (b *consulBackend) sync(ctx context.Context, sink syncSink) {
-	type watch struct {
-		cancel context.CancelFunc
-	}
-	watches := map[string]watch{}
-	var wg sync.WaitGroup
-	defer func() {
-		for _, w := range watches {
-			w.cancel()
-		}
-		wg.Wait()
-	}()
 	bo := newBackoff(b.timing.minBackoff, b.timing.maxBackoff)
 	var index uint64
-	first := true
+	first, truncated := true, false
 	for {
 		start := time.Now()
-		var names map[string][]string
-		next, err := b.blocking(ctx, "/v1/catalog/services", nil, index, consulCatalogLimit, &names)
+		var catalog map[string]json.RawMessage // name -> tags, which are not needed
+		next, err := b.blocking(ctx, "/v1/catalog/services", nil, index, consulCatalogLimit, &catalog)
 		if ctx.Err() != nil {
 			return
 		}
@@ -453,60 +445,56 @@ func (b *consulBackend) sync(ctx context.Context, sink syncSink) {
 		}
 		bo.reset()
 		sink.healthy(true, nil)
-		index = next
-
-		initial := map[string]*Service{}
-		for name := range names {
-			if _, ok := watches[name]; ok || len(watches) >= maxRemoteServices {
-				continue
+		if first || next != index || index == 0 {
+			names := consulNames(catalog)
+			if len(names) == maxRemoteServices && len(catalog) > maxRemoteServices && !truncated {
+				b.log.Warn("consul lists more services than the sidecar follows; the rest are left out", "services", len(catalog), "followed", maxRemoteServices)
+				truncated = true
 			}
-			svc, idx, err := b.fetch(ctx, name, 0)
-			if err != nil {
-				b.log.Debug("consul lookup failed", "service", name, "err", err)
-				idx = 0
-			} else {
-				initial[name] = svc
-			}
-			wctx, cancel := context.WithCancel(ctx)
-			watches[name] = watch{cancel}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				b.watchService(wctx, name, idx, sink)
-			}()
-		}
-		for name, w := range watches {
-			if _, ok := names[name]; !ok {
-				w.cancel()
-				delete(watches, name)
-				sink.update(name, nil)
-			}
-		}
-		if first {
-			sink.replaceAll(initial)
+			sink.listed(names)
 			first = false
-		} else {
-			for name, svc := range initial {
-				sink.update(name, svc)
-			}
 		}
+		index = next
 		if !sleepCtx(ctx, consulMinInterval-time.Since(start)) {
 			return
 		}
 	}
 }
 
-// watchService keeps one service's passing instances fresh. On errors the
-// cache keeps the last known instances and the watch backs off.
-func (b *consulBackend) watchService(ctx context.Context, name string, index uint64, sink syncSink) {
+// consulNames is the set of valid service names of a catalog listing, the
+// first maxRemoteServices in sorted order.
+func consulNames(catalog map[string]json.RawMessage) map[string]struct{} {
+	sorted := make([]string, 0, len(catalog))
+	for name := range catalog {
+		if checkName("name", name) == nil {
+			sorted = append(sorted, name)
+		}
+	}
+	sort.Strings(sorted)
+	names := make(map[string]struct{}, min(len(sorted), maxRemoteServices))
+	for _, name := range sorted[:min(len(sorted), maxRemoteServices)] {
+		names[name] = struct{}{}
+	}
+	return names
+}
+
+// watch implements remoteBackend with one blocking query at a time on the
+// service's passing instances. It reports a state only when Consul's index
+// moved (or after a failure), so an idle service costs one request per
+// wait. On errors the cache keeps the last known instances and the watch
+// backs off with jitter.
+func (b *consulBackend) watch(ctx context.Context, name string, index uint64, report func(*Service, error)) {
 	bo := newBackoff(b.timing.minBackoff, b.timing.maxBackoff)
+	failing := false
 	for {
 		start := time.Now()
-		svc, next, err := b.fetch(ctx, name, max(index, 1))
+		svc, next, err := b.health(ctx, name, url.Values{"passing": {"true"}}, max(index, 1))
 		if ctx.Err() != nil {
 			return
 		}
 		if err != nil {
+			report(nil, err)
+			failing = true
 			d := bo.next()
 			b.log.Debug("consul service watch failed", "service", name, "err", err, "retry_in", d)
 			if !sleepCtx(ctx, d) {
@@ -515,8 +503,11 @@ func (b *consulBackend) watchService(ctx context.Context, name string, index uin
 			continue
 		}
 		bo.reset()
+		if next != index || failing {
+			report(svc, nil)
+		}
+		failing = false
 		index = next
-		sink.update(name, svc)
 		if !sleepCtx(ctx, consulMinInterval-time.Since(start)) {
 			return
 		}

@@ -4,16 +4,19 @@ package main
 // /registry HTTP API used as a shared registry. Two sidecars share services
 // this way without Consul (the project's CI does): one runs the memory
 // registry, the others run --registry sidecar --registry_address pointing
-// at it. Changes arrive over its websocket watch.
+// at it. Changes arrive over its websocket watch: one connection, whatever
+// the number of services. Like Consul's, the other sidecar's services are
+// fetched when first looked up here; the watch stream keeps the held ones
+// fresh and the list of names current. Every call shares one bounded pool
+// of connections (remoteClient).
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/url"
 	"sync"
@@ -33,7 +36,8 @@ type sidecarBackend struct {
 	base   string // scheme://host:port
 	token  string // sent as a bearer token when set
 	timing remoteTiming
-	client *http.Client
+	rc     *remoteClient // the one connection pool to the other sidecar, counted
+	client *http.Client  // rc's client
 	log    *slog.Logger
 }
 
@@ -44,27 +48,28 @@ func newSidecarBackend(addr, token string, t remoteTiming, logger *slog.Logger) 
 	if err != nil {
 		return nil, fmt.Errorf("registry: sidecar address %q: %w", addr, err)
 	}
-	tr := http.DefaultTransport.(*http.Transport).Clone()
+	if t.conns <= 0 {
+		t.conns = defaultRegistryConns
+	}
+	rc := newRemoteClient("sidecar registry", t, 1, logger) // 1: the watch stream
 	return &sidecarBackend{
 		base:   u.String(),
 		token:  token,
 		timing: t,
-		client: &http.Client{Transport: tr},
+		rc:     rc,
+		client: rc.client,
 		log:    logger,
 	}, nil
 }
 
-func (b *sidecarBackend) close() { b.client.CloseIdleConnections() }
+func (b *sidecarBackend) close() { b.rc.close() }
 
-// sidecarStatusError is a non-2xx answer of the other sidecar.
-type sidecarStatusError struct {
-	code   int
-	detail string
-}
+// watchBudget implements remoteBackend: the one watch stream refreshes
+// every held service, so watches cost nothing and every held service has one.
+func (b *sidecarBackend) watchBudget() int { return maxRemoteServices }
 
-func (e *sidecarStatusError) Error() string {
-	return fmt.Sprintf("sidecar registry: status %d: %s", e.code, e.detail)
-}
+// metrics implements remoteBackend.
+func (b *sidecarBackend) metrics(emit emitFunc) { b.rc.metrics(emit) }
 
 func (b *sidecarBackend) header() http.Header {
 	h := http.Header{}
@@ -75,59 +80,30 @@ func (b *sidecarBackend) header() http.Header {
 }
 
 // call sends one request to the other sidecar and decodes its JSON answer.
+// Its 404 is errNotFound; a 400, 413 or 507 is errRejected (retrying
+// cannot help); any other failure is retried by the cache.
 func (b *sidecarBackend) call(ctx context.Context, method, pathQuery string, body any, out any) error {
-	var rd io.Reader
-	if body != nil {
-		buf, err := json.Marshal(body)
-		if err != nil {
-			return fmt.Errorf("%w: encode: %v", errRejected, err)
-		}
-		rd = bytes.NewReader(buf)
-	}
 	ctx, cancel := context.WithTimeout(ctx, b.timing.timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, b.base+pathQuery, rd)
+	req, err := newJSONRequest(ctx, method, b.base+pathQuery, body)
 	if err != nil {
 		return fmt.Errorf("%w: %v", errRejected, err)
 	}
-	req.Header = b.header()
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
+	maps.Copy(req.Header, b.header())
+	_, _, err = callJSON(b.client, req, sidecarRegLimit, out)
+	var se *statusError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &se) && se.code == http.StatusNotFound:
+		return fmt.Errorf("%w: sidecar registry: %v", errNotFound, se)
+	case errors.As(err, &se) && (se.code == http.StatusBadRequest || se.code == http.StatusRequestEntityTooLarge ||
+		se.code == http.StatusInsufficientStorage):
+		return fmt.Errorf("%w: sidecar registry: %v", errRejected, se)
+	case se != nil:
+		return fmt.Errorf("sidecar registry: %w", se)
 	}
-	resp, err := b.client.Do(req)
-	if err != nil {
-		return fmt.Errorf("sidecar registry: %s %s: %w", method, pathQuery, err)
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, sidecarRegLimit+1))
-	if err != nil {
-		return fmt.Errorf("sidecar registry: %s %s: read: %w", method, pathQuery, err)
-	}
-	if len(data) > sidecarRegLimit {
-		return fmt.Errorf("sidecar registry: %s %s: response exceeds %d bytes", method, pathQuery, sidecarRegLimit)
-	}
-	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		var e apiError
-		detail := snippet(data)
-		if json.Unmarshal(data, &e) == nil && e.Detail != "" {
-			detail = e.Detail
-		}
-		se := &sidecarStatusError{resp.StatusCode, detail}
-		switch {
-		case resp.StatusCode == http.StatusNotFound:
-			return fmt.Errorf("%w: %v", errNotFound, se)
-		case resp.StatusCode == http.StatusBadRequest || resp.StatusCode == http.StatusRequestEntityTooLarge ||
-			resp.StatusCode == http.StatusInsufficientStorage:
-			return fmt.Errorf("%w: %v", errRejected, se)
-		}
-		return se
-	}
-	if out != nil {
-		if err := json.Unmarshal(data, out); err != nil {
-			return fmt.Errorf("sidecar registry: %s %s: bad JSON: %v", method, pathQuery, err)
-		}
-	}
-	return nil
+	return fmt.Errorf("sidecar registry: %s %s: %w", method, pathQuery, err)
 }
 
 func (b *sidecarBackend) register(ctx context.Context, s *Service, ttl time.Duration) error {
@@ -171,31 +147,41 @@ func (b *sidecarBackend) get(ctx context.Context, name string) (*Service, error)
 	return &s, nil
 }
 
-// load reads the other sidecar's whole registry.
-func (b *sidecarBackend) load(ctx context.Context) (map[string]*Service, error) {
-	var names []serviceName
-	if err := b.call(ctx, http.MethodGet, "/registry", nil, &names); err != nil {
-		return nil, err
-	}
-	all := make(map[string]*Service, len(names))
-	for _, n := range names {
-		if len(all) >= maxRemoteServices {
-			break
-		}
-		svc, err := b.get(ctx, n.Name)
-		if err != nil {
-			return nil, err
-		}
-		if svc != nil {
-			all[n.Name] = svc
-		}
-	}
-	return all, nil
+// fetch implements remoteBackend. The index is unused: the watch stream
+// carries every change.
+func (b *sidecarBackend) fetch(ctx context.Context, name string) (*Service, uint64, error) {
+	svc, err := b.get(ctx, name)
+	return svc, 0, err
 }
 
-// sync subscribes to the other sidecar's watch, loads its whole registry,
-// then refreshes each service named by an event. Whenever the stream
-// breaks it reconnects with backoff and loads everything again.
+// watch implements remoteBackend: the session's stream already refreshes
+// every held service, so there is nothing to do per service.
+func (b *sidecarBackend) watch(context.Context, string, uint64, func(*Service, error)) {}
+
+// names reads the names of the other sidecar's services.
+func (b *sidecarBackend) names(ctx context.Context) (map[string]struct{}, error) {
+	var list []serviceName
+	if err := b.call(ctx, http.MethodGet, "/registry", nil, &list); err != nil {
+		return nil, err
+	}
+	names := make(map[string]struct{}, min(len(list), maxRemoteServices))
+	for _, n := range list {
+		if len(names) >= maxRemoteServices {
+			break
+		}
+		if checkName("name", n.Name) == nil {
+			names[n.Name] = struct{}{}
+		}
+	}
+	return names, nil
+}
+
+// sync subscribes to the other sidecar's watch, reads the names of its
+// services and refreshes the held ones, then follows each event: a held
+// service is fetched again, and the list of names is kept current (an
+// event of a service not held costs a request only for a "delete", to see
+// whether nodes are left). Whenever the stream breaks it reconnects with
+// backoff and reads again.
 func (b *sidecarBackend) sync(ctx context.Context, sink syncSink) {
 	bo := newBackoff(b.timing.minBackoff, b.timing.maxBackoff)
 	for {
@@ -277,11 +263,18 @@ func (b *sidecarBackend) session(ctx context.Context, sink syncSink, bo *backoff
 		}
 	}()
 
-	all, err := b.load(sctx)
+	names, err := b.names(sctx)
 	if err != nil {
 		return err
 	}
-	sink.replaceAll(all)
+	sink.listed(maps.Clone(names))
+	for _, name := range sink.heldNames() {
+		svc, err := b.get(sctx, name)
+		if err != nil {
+			return err
+		}
+		sink.update(name, svc)
+	}
 	sink.healthy(true, nil)
 	bo.reset()
 	for {
@@ -299,10 +292,24 @@ func (b *sidecarBackend) session(ctx context.Context, sink syncSink, bo *backoff
 			b.log.Warn("sidecar registry: bad watch event; ignored", "event", snippet(m.data))
 			continue
 		}
-		svc, err := b.get(sctx, ev.Service.Name)
-		if err != nil {
-			return err
+		name := ev.Service.Name
+		_, listed := names[name]
+		present := ev.Action != "delete"
+		if ev.Action == "delete" || sink.holds(name) {
+			svc, err := b.get(sctx, name)
+			if err != nil {
+				return err
+			}
+			sink.update(name, svc)
+			present = svc != nil
 		}
-		sink.update(ev.Service.Name, svc)
+		if present != listed && checkName("name", name) == nil && (!present || len(names) < maxRemoteServices) {
+			if present {
+				names[name] = struct{}{}
+			} else {
+				delete(names, name)
+			}
+			sink.listed(maps.Clone(names))
+		}
 	}
 }

@@ -424,10 +424,18 @@ func TestRegistryWatchClosedOnShutdown(t *testing.T) {
 	// The handler has registered its watcher once an event arrives.
 	do(t, "POST", ts.URL+"/registry", seedService)
 	readEvent(t, c)
-	s.Close()
+	// The client reads while the sidecar closes, as a real client does,
+	// so that it answers the close frame and the handshake completes
+	// without waiting out the library's close timeout.
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	_, _, err := c.Read(ctx)
+	read := make(chan error, 1)
+	go func() {
+		_, _, err := c.Read(ctx)
+		read <- err
+	}()
+	s.Close()
+	err := <-read
 	if got := websocket.CloseStatus(err); got != websocket.StatusGoingAway {
 		t.Fatalf("watch read after shutdown: %v (status %v), want going away", err, got)
 	}

@@ -9,13 +9,11 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"mime"
 	"mime/multipart"
 	"net"
@@ -29,16 +27,7 @@ import (
 	"unicode/utf8"
 )
 
-const (
-	maxReplyBytes      = 16 << 20 // largest backend reply the sidecar reads
-	retryBackoffBase   = 10 * time.Millisecond
-	retryBackoffMax    = time.Second
-	maxDialTimeout     = 5 * time.Second
-	idleConnsPerHost   = 256 // the default of 2 makes a busy proxy dial on almost every call
-	maxIdleConns       = 4096
-	backendHeaderSize  = 64 << 10
-	statusClientClosed = 499 // the caller closed the connection before the answer
-)
+const maxReplyBytes = 16 << 20 // largest backend reply the sidecar reads
 
 // rpcHandler forwards calls to service nodes found in the registry. It owns
 // one HTTP transport shared by every call and a balancer. Safe for
@@ -106,7 +95,7 @@ type rpcForm struct {
 func (h *rpcHandler) handleRPC(w http.ResponseWriter, r *http.Request) {
 	c, err := h.parseRPC(w, r)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	h.call(w, r, c)
@@ -201,7 +190,7 @@ func requestJSON(s string) ([]byte, error) {
 func (h *rpcHandler) handlePath(w http.ResponseWriter, r *http.Request) {
 	service, method, err := mapPath(h.cfg.Namespace, r.URL.Path)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	c := rpcCall{service: service, method: method}
@@ -211,7 +200,7 @@ func (h *rpcHandler) handlePath(w http.ResponseWriter, r *http.Request) {
 	case http.MethodPost:
 		body, err := readBody(w, r, h.cfg.MaxBodyBytes)
 		if err != nil {
-			writeErr(w, err)
+			writeHTTPError(w, err)
 			return
 		}
 		if c.request, err = requestJSON(string(body)); err != nil {
@@ -337,36 +326,6 @@ func camel(s string) string {
 	return b.String()
 }
 
-// parseTimeout reads the Timeout header: a Go duration (250ms) or integer
-// nanoseconds, as go-micro clients send.
-func parseTimeout(v string) (time.Duration, error) {
-	d, err := time.ParseDuration(v)
-	if n, nerr := strconv.ParseInt(v, 10, 64); nerr == nil {
-		d, err = time.Duration(n), nil
-	}
-	if err != nil || d <= 0 {
-		return 0, errorf(http.StatusBadRequest, "header Timeout %q is not a positive duration such as 250ms or integer nanoseconds", v)
-	}
-	return d, nil
-}
-
-// requestTimeout is the budget of a call: def, or less when the caller's
-// Timeout header asks for less (lowered is then true).
-func requestTimeout(h http.Header, def time.Duration) (timeout time.Duration, lowered bool, err error) {
-	v := h.Get("Timeout")
-	if v == "" {
-		return def, false, nil
-	}
-	d, err := parseTimeout(v)
-	if err != nil {
-		return 0, false, err
-	}
-	if d < def {
-		return d, true, nil
-	}
-	return def, false, nil
-}
-
 // attempt is the outcome of one try of a call on one node.
 type attempt struct {
 	code       int       // HTTP status for the caller
@@ -381,7 +340,7 @@ type attempt struct {
 func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 	timeout, lowered, err := requestTimeout(r.Header, h.cfg.ClientRequestTimeout)
 	if err != nil {
-		writeErr(w, err)
+		writeHTTPError(w, err)
 		return
 	}
 	start := time.Now()
@@ -513,29 +472,6 @@ func jsonRPCBody(method string, request []byte, id string) []byte {
 	return append(b, '}')
 }
 
-// hopHeaders are the hop-by-hop headers of RFC 9110 section 7.6.1 (and
-// the non-standard ones proxies have used): they describe one connection
-// and are never forwarded.
-var hopHeaders = []string{
-	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
-	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
-}
-
-// removeHopHeaders deletes hop-by-hop headers from h, including those the
-// Connection header names.
-func removeHopHeaders(h http.Header) {
-	for _, v := range h.Values("Connection") {
-		for _, f := range strings.Split(v, ",") {
-			if f = http.CanonicalHeaderKey(strings.TrimSpace(f)); f != "" {
-				h.Del(f)
-			}
-		}
-	}
-	for _, k := range hopHeaders {
-		h.Del(k)
-	}
-}
-
 // backendHeader is the caller's header for a backend call: without
 // hop-by-hop headers, the body framing the transport sets itself,
 // Accept-Encoding (the transport negotiates compression itself), and the
@@ -547,7 +483,7 @@ func backendHeader(in http.Header, dropAuth bool) http.Header {
 	for k, v := range in {
 		out[k] = v
 	}
-	removeHopHeaders(out)
+	removeHopByHop(out)
 	for _, k := range []string{"Content-Length", "Content-Type", "Accept-Encoding", "Expect", "Timeout"} {
 		delete(out, k)
 	}
@@ -557,53 +493,6 @@ func backendHeader(in http.Header, dropAuth bool) http.Header {
 	out["Content-Type"] = []string{"application/json"}
 	ensureTraceparent(out)
 	return out
-}
-
-// ensureTraceparent keeps a valid W3C traceparent in h or starts a new
-// trace (version 00, random trace and span ids, sampled). A tracestate
-// without a valid traceparent is meaningless and is dropped.
-func ensureTraceparent(h http.Header) {
-	if v := h.Values("Traceparent"); len(v) == 1 && validTraceparent(v[0]) {
-		return
-	}
-	var raw [24]byte
-	for i := 0; i < len(raw); i += 8 {
-		u := rand.Uint64() | 1 // never all zeros, which is invalid
-		for j := range 8 {
-			raw[i+j] = byte(u >> (8 * j))
-		}
-	}
-	var b [55]byte
-	copy(b[:], "00-")
-	hex.Encode(b[3:35], raw[:16])
-	b[35] = '-'
-	hex.Encode(b[36:52], raw[16:])
-	copy(b[52:], "-01")
-	h.Set("Traceparent", string(b[:]))
-	h.Del("Tracestate")
-}
-
-// validTraceparent checks the W3C Trace Context header: version-traceid-
-// parentid-flags in lower-case hex, ids not all zero, version not ff; a
-// future version may append fields after a dash.
-func validTraceparent(s string) bool {
-	if len(s) < 55 || (len(s) > 55 && (s[:2] == "00" || s[55] != '-')) {
-		return false
-	}
-	if s[2] != '-' || s[35] != '-' || s[52] != '-' || s[:2] == "ff" {
-		return false
-	}
-	return isLowerHex(s[:2]) && isLowerHex(s[3:35]) && isLowerHex(s[36:52]) && isLowerHex(s[53:55]) &&
-		strings.Trim(s[3:35], "0") != "" && strings.Trim(s[36:52], "0") != ""
-}
-
-func isLowerHex(p string) bool {
-	for i := 0; i < len(p); i++ {
-		if c := p[i]; !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
-			return false
-		}
-	}
-	return true
 }
 
 // rpcReply is a JSON-RPC reply.

@@ -68,6 +68,23 @@ func TestParseConfig(t *testing.T) {
 		{name: "--registry sidecar --registry_address http://127.0.0.1:8081", args: []string{"--registry", "sidecar", "--registry_address", "http://127.0.0.1:8081"}},
 		{name: "--registry sidecar", args: []string{"--registry", "sidecar"}, wantErr: "--registry_address"},
 		{name: "--registry sidecar --registry_address http://h:1/path", args: []string{"--registry", "sidecar", "--registry_address", "http://h:1/path"}, wantErr: "--registry_address"},
+		{name: "--registry_connections 200 --registry_stale 500ms --registry_watch_idle 1h", args: []string{"--registry_connections", "200", "--registry_stale", "500ms", "--registry_watch_idle", "1h"},
+			check: func(c *Config) bool {
+				return c.RegistryConnections == 200 && c.RegistryStale == 500*time.Millisecond && c.RegistryWatchIdle == time.Hour
+			}},
+		{name: "--registry_connections 3", args: []string{"--registry_connections", "3"}, wantErr: "--registry_connections"},
+		{name: "--registry_stale 0s", args: []string{"--registry_stale", "0s"}, wantErr: "--registry_stale"},
+		{name: "--registry_watch_idle -1m", args: []string{"--registry_watch_idle", "-1m"}, wantErr: "--registry_watch_idle"},
+		{name: "--registry_history 0 --registry_max_watchers 5 --registry_max_nodes 100", args: []string{"--registry_history", "0", "--registry_max_watchers", "5", "--registry_max_nodes", "100"},
+			check: func(c *Config) bool {
+				return c.RegistryHistory == 0 && c.RegistryMaxWatchers == 5 && c.RegistryMaxNodes == 100
+			}},
+		{name: "registry limits' defaults", check: func(c *Config) bool {
+			return c.RegistryHistory == 1000 && c.RegistryMaxWatchers == 10_000 && c.RegistryMaxNodes == 10_000
+		}},
+		{name: "--registry_history -1", args: []string{"--registry_history", "-1"}, wantErr: "--registry_history"},
+		{name: "--registry_max_watchers 0", args: []string{"--registry_max_watchers", "0"}, wantErr: "--registry_max_watchers"},
+		{name: "--registry_max_nodes 0", args: []string{"--registry_max_nodes", "0"}, wantErr: "--registry_max_nodes"},
 		{name: "--broker_address 10.0.0.5:8081", args: []string{"--broker_address", "10.0.0.5:8081"}},
 		{name: "--broker_address sidecar-a.internal:8081 --broker_secret s", args: []string{"--broker_address", "sidecar-a.internal:8081", "--broker_secret", "s"}},
 		{name: "--broker_address 10.0.0.5", args: []string{"--broker_address", "10.0.0.5"}, wantErr: "--broker_address"},
@@ -505,7 +522,7 @@ func TestStalledBodyTimesOut(t *testing.T) {
 	t.Parallel()
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if _, err := readBodyWithin(w, r, 1<<20, 200*time.Millisecond); err != nil {
-			writeErr(w, err)
+			writeHTTPError(w, err)
 			return
 		}
 		writeJSON(w, 200, struct{}{})

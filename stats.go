@@ -204,12 +204,16 @@ func (st *stats) addSource(fn func(emit emitFunc)) {
 	st.sourcesMu.Unlock()
 }
 
-// registrySizeSource reports the size of the registry.
+// registrySizeSource reports the size of the registry and, for a remote
+// one, what it holds, watches and costs the backend (cachedRegistry.metrics).
 func registrySizeSource(reg Registry) func(emit emitFunc) {
 	return func(emit emitFunc) {
 		services, nodes := reg.size()
-		emit("sidecar_registry_services", "Services in the registry.", "gauge", float64(services))
-		emit("sidecar_registry_nodes", "Nodes of all services in the registry.", "gauge", float64(nodes))
+		emit("sidecar_registry_services", "Services in the registry (for a remote registry: every service it lists).", "gauge", float64(services))
+		emit("sidecar_registry_nodes", "Nodes of all services in the registry (for a remote registry: of the services held).", "gauge", float64(nodes))
+		if r, ok := reg.(interface{ metrics(emitFunc) }); ok {
+			r.metrics(emit)
+		}
 	}
 }
 

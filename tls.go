@@ -44,8 +44,9 @@ const maxPEMBytes = 1 << 20
 // HTTP-01 challenge listener. With neither --enable_tls nor --enable_acme
 // it is inert and listen returns a plain TCP listener.
 //
-// newTLSManager starts nothing; listen binds and starts the HTTP-01
-// listener; Close stops it and waits for it. Safe for concurrent use.
+// newTLSManager starts nothing; listen binds the listener and the HTTP-01
+// one; start serves HTTP-01 challenges until its context ends or Close;
+// Close stops that and waits for it. Safe for concurrent use.
 type tlsManager struct {
 	log    *slog.Logger
 	config *tls.Config // nil when TLS is off
@@ -64,11 +65,13 @@ type tlsManager struct {
 
 	httpAddr string // --acme_http_address; empty: no HTTP-01 listener
 
-	mu       sync.Mutex // guards httpSrv, httpLn and closed
-	httpSrv  *http.Server
-	httpLn   net.Listener
-	closed   bool
-	httpDone chan struct{} // closed when the HTTP-01 server has returned
+	mu      sync.Mutex   // guards the fields below
+	httpSrv *http.Server // the HTTP-01 server, built by listen
+	httpLn  net.Listener // its listener, bound by listen
+	serving bool         // start serves httpLn: Close shuts httpSrv down
+	closed  bool
+	stop    chan struct{}  // closed by Close: ends serving
+	wg      sync.WaitGroup // the HTTP-01 server and the goroutine that stops it
 }
 
 // newTLSManager checks the TLS flags together and loads what they name, so
@@ -78,7 +81,7 @@ func newTLSManager(cfg *Config, logger *slog.Logger) (*tlsManager, error) {
 	if err := cfg.validateTLS(); err != nil {
 		return nil, err
 	}
-	m := &tlsManager{log: logger, httpAddr: cfg.ACMEHTTPAddress}
+	m := &tlsManager{log: logger, httpAddr: cfg.ACMEHTTPAddress, stop: make(chan struct{})}
 	// Outbound settings are checked here too, so a bad --client_ca_file
 	// stops start-up rather than the first call.
 	if _, err := clientTLSConfig(cfg); err != nil {
@@ -365,8 +368,9 @@ func (m *tlsManager) scheme() string {
 }
 
 // listen binds addr and, with TLS on, returns a TLS listener over it (and
-// starts the HTTP-01 listener when --acme_http_address is set). HTTP/2 is
-// negotiated by ALPN; http.Server.Serve sets it up for *tls.Conn.
+// binds the HTTP-01 listener when --acme_http_address is set, which start
+// serves). HTTP/2 is negotiated by ALPN; http.Server.Serve sets it up for
+// *tls.Conn.
 func (m *tlsManager) listen(addr string) (net.Listener, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -376,7 +380,7 @@ func (m *tlsManager) listen(addr string) (net.Listener, error) {
 		return ln, nil
 	}
 	if m.acme != nil && m.httpAddr != "" {
-		if err := m.startHTTP01(ln.Addr()); err != nil {
+		if err := m.listenHTTP01(ln.Addr()); err != nil {
 			ln.Close()
 			return nil, err
 		}
@@ -384,9 +388,10 @@ func (m *tlsManager) listen(addr string) (net.Listener, error) {
 	return &tlsListener{Listener: ln, config: m.config}, nil
 }
 
-// startHTTP01 binds --acme_http_address and serves HTTP-01 challenges on
-// it; other requests for a whitelisted host are redirected to tlsAddr.
-func (m *tlsManager) startHTTP01(tlsAddr net.Addr) error {
+// listenHTTP01 binds --acme_http_address and builds the server of HTTP-01
+// challenges on it (start serves it); other requests for a whitelisted
+// host are redirected to tlsAddr.
+func (m *tlsManager) listenHTTP01(tlsAddr net.Addr) error {
 	ln, err := net.Listen("tcp", m.httpAddr)
 	if err != nil {
 		return fmt.Errorf("flag --acme_http_address: listen on %s: %w", m.httpAddr, err)
@@ -418,19 +423,44 @@ func (m *tlsManager) startHTTP01(tlsAddr net.Addr) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.closed {
+	if m.closed || m.httpLn != nil {
 		ln.Close()
-		return errors.New("tls: closed")
+		return errors.New("tls: closed, or the HTTP-01 listener is bound already")
 	}
-	m.httpSrv, m.httpLn, m.httpDone = srv, ln, make(chan struct{})
+	m.httpSrv, m.httpLn = srv, ln
+	return nil
+}
+
+// start serves HTTP-01 challenges on the listener listen bound, if any,
+// until ctx ends or Close.
+func (m *tlsManager) start(ctx context.Context) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.httpSrv == nil || m.serving || m.closed {
+		return
+	}
+	m.serving = true
+	srv, ln := m.httpSrv, m.httpLn
+	m.wg.Add(2)
 	go func() {
-		defer close(m.httpDone)
+		defer m.wg.Done()
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			m.log.Error("acme http-01 listener stopped", "err", err)
 		}
 	}()
+	go func() {
+		defer m.wg.Done()
+		select {
+		case <-ctx.Done():
+		case <-m.stop:
+		}
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(sctx); err != nil {
+			srv.Close()
+		}
+	}()
 	m.log.Info("acme http-01 listening", "address", ln.Addr().String())
-	return nil
 }
 
 // http01Addr is the bound address of the HTTP-01 listener, or nil.
@@ -443,24 +473,24 @@ func (m *tlsManager) http01Addr() net.Addr {
 	return m.httpLn.Addr()
 }
 
-// Close stops the HTTP-01 listener and waits for it. Idempotent. (The
-// autocert manager keeps renewal timers that hold no goroutine until they
-// fire; it offers no way to stop them.)
+// Close stops the HTTP-01 server (or closes its listener, never served)
+// and waits for it. Idempotent. (The autocert manager keeps renewal timers
+// that hold no goroutine until they fire; it offers no way to stop them.)
 func (m *tlsManager) Close() error {
 	m.mu.Lock()
-	srv, done := m.httpSrv, m.httpDone
-	m.closed = true
-	m.httpSrv = nil
+	var unserved net.Listener
+	if !m.closed {
+		m.closed = true
+		close(m.stop)
+		if !m.serving {
+			unserved = m.httpLn
+		}
+	}
 	m.mu.Unlock()
-	if srv == nil {
-		return nil
+	if unserved != nil {
+		unserved.Close()
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(ctx); err != nil {
-		srv.Close()
-	}
-	<-done
+	m.wg.Wait()
 	return nil
 }
 

@@ -1,0 +1,268 @@
+package main
+
+// broker_ws.go is the one place where the sidecar writes websocket frames
+// itself. For a broker subscriber, coder/websocket does the handshake,
+// reads the client's frames and writes the control frames (pong, close),
+// while the subscriber's writer (subscriber.write in broker.go) writes
+// data frames encoded once per message (encodeFrame) straight on the
+// hijacked connection, a whole batch per write call, bypassing the
+// library's one-message-at-a-time writer.
+//
+// Two writers on one connection are safe only while these facts about
+// github.com/coder/websocket hold (read in v1.8.15: accept.go, conn.go,
+// read.go, write.go, close.go). broker_ws_test.go pins each of them
+// against the library in go.mod, so an upgrade that breaks one fails a
+// test rather than corrupting subscribers' streams.
+//
+//  1. Accept hijacks through the ResponseWriter it is given (the first
+//     http.Hijacker on its Unwrap chain: wsHijacker) and then does all its
+//     I/O on what Hijack returned: it reads through the bufio.Reader
+//     (which it resets over the returned net.Conn), writes through the
+//     bufio.Writer, and closes the net.Conn. It sets no deadline on the
+//     connection (it bounds its waits with contexts and closes), so
+//     wsConn owns the deadlines. Pinned by TestWSLibraryIOThroughWSConn.
+//  2. Each frame the library writes reaches wsConn.Write whole, in one
+//     call, starting at a frame boundary: writeFrame puts header and
+//     payload into the bufio.Writer and flushes after every final frame,
+//     and a server's control frame (unmasked, at most 2+125 bytes) fits
+//     the 256-byte buffer Hijack hands out. This holds for ping, pong and
+//     close; it would not for data messages longer than the buffer, which
+//     is why the broker never writes a data message through the library.
+//     Pinned by TestWSLibraryControlFramesWhole.
+//  3. A close frame is thus recognised by the opcode in the low four bits
+//     of the first byte of a Write; wsConn.Write then sets noData. Pinned
+//     by TestWSLibraryNothingAfterClose, for each way the library closes:
+//     Close, the echo of the client's close, a protocol error.
+//  4. Once the library has written a close frame it writes no other frame
+//     (writeFrame refuses after closeSentErr): no pong, no message. With
+//     noData, which the close frame's Write sets under the write lock,
+//     nothing follows a close frame on the wire (RFC 6455 section 5.5.1).
+//     Pinned on the wire by TestWSLibraryNothingAfterClose and, with the
+//     writer busy, by TestBrokerNoDataAfterClose.
+//  5. The library reads and ignores a pong that answers none of its own
+//     pings: the client's answer to a ping of the writer's (pingFrame).
+//     The broker's liveness check needs only that it is read, since every
+//     wsConn.Read extends the read deadline. Pinned by
+//     TestWSLibraryControlFramesWhole.
+
+import (
+	"bufio"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// brokerWriteBatch is the largest write of a subscriber's writer: frames
+// smaller than this are copied into one buffer and written together.
+const brokerWriteBatch = 64 << 10
+
+// encodeFrame encodes m once as a complete unmasked websocket text frame
+// (RFC 6455 section 5.2) that every subscriber's writer copies as is.
+func encodeFrame(m *Message) []byte {
+	const maxHeader = 10
+	buf := make([]byte, maxHeader, maxHeader+32+base64.StdEncoding.EncodedLen(len(m.Body))+64*len(m.Header))
+	buf = append(buf, `{"Header":`...)
+	if len(m.Header) == 0 {
+		buf = append(buf, "{}"...)
+	} else {
+		h, err := json.Marshal(m.Header) // strings only: cannot fail
+		if err != nil {
+			h = []byte("{}")
+		}
+		buf = append(buf, h...)
+	}
+	buf = append(buf, `,"Body":"`...)
+	buf = base64.StdEncoding.AppendEncode(buf, m.Body)
+	buf = append(buf, `"}`...)
+
+	n := len(buf) - maxHeader
+	var start int
+	switch {
+	case n < 126:
+		start = maxHeader - 2
+		buf[start+1] = byte(n)
+	case n <= 0xFFFF:
+		start = maxHeader - 4
+		buf[start+1] = 126
+		binary.BigEndian.PutUint16(buf[start+2:], uint16(n))
+	default:
+		start = 0
+		buf[1] = 127
+		binary.BigEndian.PutUint64(buf[2:], uint64(n))
+	}
+	buf[start] = 0x80 | 0x1 // FIN, text
+	return buf[start:]
+}
+
+// pingFrame is an unmasked ping without payload.
+var pingFrame = []byte{0x80 | 0x9, 0}
+
+// wsHijacker lets streams.accept hijack through it, so that the websocket
+// library reads and writes through a wsConn with small buffers: the
+// subscriber's writer writes batches of encoded frames on the same wsConn.
+type wsHijacker struct {
+	http.ResponseWriter
+	readTimeout  time.Duration
+	writeTimeout time.Duration
+	conn         *wsConn // set by Hijack
+}
+
+// Hijack hands out a wsConn instead of the raw connection. The buffers
+// are small because they carry only control frames and client frames; the
+// subscriber's writer bypasses them.
+func (h *wsHijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	nc, brw, err := http.NewResponseController(h.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	c := &wsConn{Conn: nc, readTimeout: h.readTimeout, writeTimeout: h.writeTimeout}
+	if n := brw.Reader.Buffered(); n > 0 {
+		b, _ := brw.Reader.Peek(n)
+		c.unread = append([]byte(nil), b...)
+	}
+	if n := brw.Writer.Buffered(); n > 0 {
+		if err := brw.Writer.Flush(); err != nil {
+			nc.Close()
+			return nil, nil, err
+		}
+	}
+	h.conn = c
+	// 256 bytes hold any control frame whole (RFC 6455 section 5.5), so
+	// each of the library's frames reaches wsConn.Write in one call.
+	return c, bufio.NewReadWriter(bufio.NewReaderSize(c, 512), bufio.NewWriterSize(c, 256)), nil
+}
+
+// Unwrap lets http.ResponseController find the underlying writer.
+func (h *wsHijacker) Unwrap() http.ResponseWriter { return h.ResponseWriter }
+
+// wsConn is a subscriber's connection. Every read extends the read
+// deadline (a client that answers no ping for readTimeout is dead); every
+// write is whole frames under wmu with a deadline, so the library's control
+// frames and the writer's data frames never interleave inside a frame.
+type wsConn struct {
+	net.Conn
+	readTimeout  time.Duration
+	writeTimeout time.Duration
+	unread       []byte // bytes the HTTP server read past the handshake; reader only
+
+	// noData is set once a close frame is coming or went out (RFC 6455
+	// 5.5.1: no data after Close); writeFrames checks it between writes.
+	noData atomic.Bool
+
+	wmu    sync.Mutex // serializes writes; guards broken
+	broken bool       // a write failed midway: the stream may end inside a frame
+}
+
+var errDataStopped = errors.New("broker: connection closing")
+
+func (c *wsConn) Read(p []byte) (int, error) {
+	if len(c.unread) > 0 {
+		n := copy(p, c.unread)
+		c.unread = c.unread[n:]
+		if len(c.unread) == 0 {
+			c.unread = nil
+		}
+		return n, nil
+	}
+	if err := c.Conn.SetReadDeadline(time.Now().Add(c.readTimeout)); err != nil {
+		return 0, err
+	}
+	return c.Conn.Read(p)
+}
+
+// Write is the websocket library's path: control frames, each whole in
+// one call (its write buffer is larger than any control frame).
+func (c *wsConn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if len(p) > 0 && p[0]&0x0f == 0x8 {
+		c.noData.Store(true) // the library closes on its own (a protocol error, an echo)
+	}
+	return c.writeLocked(p, time.Now().Add(c.writeTimeout))
+}
+
+// writeLocked writes p by deadline. After a failed write nothing more is
+// written: the stream may end inside a frame, and a control frame written
+// after it would land in the middle.
+func (c *wsConn) writeLocked(p []byte, deadline time.Time) (int, error) {
+	if c.broken {
+		return 0, net.ErrClosed
+	}
+	err := c.Conn.SetWriteDeadline(deadline)
+	n := 0
+	if err == nil {
+		n, err = c.Conn.Write(p)
+	}
+	if err != nil {
+		c.broken = true
+	}
+	return n, err
+}
+
+// stopData makes writeFrames stop at its next write; it returns after a
+// write in progress ends (within that batch's deadline).
+func (c *wsConn) stopData() {
+	c.noData.Store(true)
+	c.wmu.Lock()
+	//lint:ignore SA2001 taking the lock waits for the write in progress
+	c.wmu.Unlock()
+}
+
+// writeBufs recycles the writer's batch buffers, so an idle subscriber
+// holds none.
+var writeBufs = sync.Pool{New: func() any { b := make([]byte, 0, brokerWriteBatch); return &b }}
+
+// writeFrames writes a ping (if ping) and frames, copying small frames into
+// one buffer so a batch costs one write call per brokerWriteBatch bytes.
+func (c *wsConn) writeFrames(frames [][]byte, ping bool) error {
+	bp := writeBufs.Get().(*[]byte)
+	buf := (*bp)[:0]
+	defer func() {
+		*bp = buf[:0]
+		writeBufs.Put(bp)
+	}()
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	// One deadline for the whole batch: a client reading just fast enough
+	// to beat a per-write deadline must not hold the writer (and a
+	// shutdown waiting in stopData) for the length of an 8 MiB queue.
+	deadline := time.Now().Add(c.writeTimeout)
+	if c.noData.Load() {
+		return errDataStopped
+	}
+	write := func(p []byte) error {
+		if c.noData.Load() {
+			return errDataStopped
+		}
+		_, err := c.writeLocked(p, deadline)
+		return err
+	}
+	if ping {
+		buf = append(buf, pingFrame...)
+	}
+	for _, f := range frames {
+		if len(buf)+len(f) > brokerWriteBatch && len(buf) > 0 {
+			if err := write(buf); err != nil {
+				return err
+			}
+			buf = buf[:0]
+		}
+		if len(f) > brokerWriteBatch {
+			if err := write(f); err != nil {
+				return err
+			}
+			continue
+		}
+		buf = append(buf, f...)
+	}
+	if len(buf) > 0 {
+		return write(buf)
+	}
+	return nil
+}
