@@ -13,6 +13,7 @@ package main
 // into U+FFFD, so two different ids would become one: U+FFFD is refused.
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -79,7 +80,7 @@ func (s *Service) validate(needAddr bool) error {
 		}
 	}
 	if len(s.Nodes) == 0 {
-		return bad("nodes", "must list at least one node")
+		return errors.New(`field "nodes" must list at least one node`)
 	}
 	seen := make(map[string]bool, len(s.Nodes))
 	for i, n := range s.Nodes {
