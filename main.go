@@ -87,9 +87,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		s.Close()
 		return err
 	}
+	if err := s.setAdvertise(ln.Addr()); err != nil {
+		ln.Close()
+		s.Close()
+		return err
+	}
 	fmt.Fprintf(stdout, "sidecar listening on %s://%s\n", s.tls.scheme(), ln.Addr())
 	warnIfExposed(cfg, ln.Addr(), logger)
-	s.setAdvertise(ln.Addr())
 	return s.serve(ctx, ln)
 }
 
@@ -138,6 +142,10 @@ type Config struct {
 	RegistryConnections int
 	RegistryStale       time.Duration
 	RegistryWatchIdle   time.Duration
+
+	RegistryHistory     int // recent watch events kept for ?since= (registry_watch.go)
+	RegistryMaxWatchers int // open registry watches; beyond it a watch is a 503
+	RegistryMaxNodes    int // nodes in one registration request; beyond it a 413
 
 	Broker        string      // "memory" (default: here, and across sidecars sharing the registry) or "nats"
 	BrokerAddress string      // memory: host:port other sidecars deliver to, empty: the bound address; nats: the servers
@@ -214,6 +222,9 @@ func defaultConfig() *Config {
 		RegistryConnections:  defaultRegistryConns,
 		RegistryStale:        defaultRegistryStale,
 		RegistryWatchIdle:    defaultRegistryIdle,
+		RegistryHistory:      defaultWatchHistory,
+		RegistryMaxWatchers:  10_000,
+		RegistryMaxNodes:     10_000,
 		StatsInterval:        time.Second,
 		ClientRetries:        1,
 		ClientRequestTimeout: 5 * time.Second,
@@ -250,6 +261,9 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", cfg.RegisterInterval, "interval of the app's registration heartbeat")
 	fs.StringVar(&cfg.Registry, "registry", cfg.Registry, "registry backend: memory, consul or sidecar (another sidecar's /registry)")
 	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend (consul: host:port, default $CONSUL_HTTP_ADDR or 127.0.0.1:8500; sidecar: http://host:port)")
+	fs.IntVar(&cfg.RegistryHistory, "registry_history", cfg.RegistryHistory, "recent registry events kept so a watch can resume with ?since= (0: none)")
+	fs.IntVar(&cfg.RegistryMaxWatchers, "registry_max_watchers", cfg.RegistryMaxWatchers, "most registry watches open at once")
+	fs.IntVar(&cfg.RegistryMaxNodes, "registry_max_nodes", cfg.RegistryMaxNodes, "most nodes in one registration request")
 	fs.IntVar(&cfg.RegistryConnections, "registry_connections", cfg.RegistryConnections, "connections to a remote registry, every call included; blocking queries (watches) use at most 7/8 of them (Consul allows 200 per client address)")
 	fs.DurationVar(&cfg.RegistryStale, "registry_stale", cfg.RegistryStale, "a remote service looked up but not watched is fetched again on lookup once its copy is this old")
 	fs.DurationVar(&cfg.RegistryWatchIdle, "registry_watch_idle", cfg.RegistryWatchIdle, "a remote service not looked up for this long is no longer watched")
@@ -381,6 +395,12 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %d for flag --client_retries: want 0 to 10", c.ClientRetries)
 	case !validStrategy(c.Balancer):
 		return fmt.Errorf("invalid value %q for flag --balancer: want p2c, random or roundrobin", c.Balancer)
+	case c.RegistryHistory < 0:
+		return fmt.Errorf("invalid value %d for flag --registry_history: must not be negative", c.RegistryHistory)
+	case c.RegistryMaxWatchers <= 0:
+		return fmt.Errorf("invalid value %d for flag --registry_max_watchers: must be positive", c.RegistryMaxWatchers)
+	case c.RegistryMaxNodes <= 0:
+		return fmt.Errorf("invalid value %d for flag --registry_max_nodes: must be positive", c.RegistryMaxNodes)
 	case c.RegistryConnections < 4 || c.RegistryConnections > 10_000:
 		return fmt.Errorf("invalid value %d for flag --registry_connections: want 4 to 10000", c.RegistryConnections)
 	case c.ShutdownDelay < 0:
@@ -487,7 +507,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.registry = newRegistryAPI(reg, s.streams, cfg.MaxBodyBytes, logger.With("component", "registry"))
+	s.registry = newRegistryAPI(reg, s.streams, cfg, logger.With("component", "registry"))
 	clientTLS, err := clientTLSConfig(cfg)
 	if err != nil {
 		return nil, err
@@ -508,6 +528,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	}
 	s.stats = newStats(cfg, logger.With("component", "stats"))
 	s.stats.addSource(registrySizeSource(reg))
+	s.stats.addSource(s.registry.metrics)
 	s.stats.addSource(s.broker.metrics)
 	s.stats.addSource(s.peers.metrics)
 	if s.nats != nil {
@@ -766,11 +787,22 @@ func (s *server) Close() error {
 
 // setAdvertise makes this sidecar reachable by the others at
 // --broker_address, or at the address its listener is bound to; the peer
-// broker registers it from start on. Call it once the listener is bound
-// (run does, before serve starts the components).
-func (s *server) setAdvertise(bound net.Addr) {
+// broker registers it from start on. The registry refuses nodes at those
+// addresses from then on. Call it once the listener is bound (run does,
+// before serve starts the components). It fails, changing nothing, when
+// --server_address is one of them: the app would be the sidecar itself,
+// and every call to it a loop.
+func (s *server) setAdvertise(bound net.Addr) error {
+	advertised := s.cfg.BrokerAddress
 	if s.nats != nil {
-		return // NATS carries messages between sidecars
+		advertised = "" // the NATS servers, not this sidecar
+	}
+	s.registry.setSelf(bound, advertised)
+	if h, p, err := splitHostPort(s.cfg.ServerAddress); err == nil && s.registry.self.holds(h, p) {
+		return fmt.Errorf("flag --server_address %s is this sidecar's own address (bound to %s): the app would be the sidecar, and calls to it would loop", s.cfg.ServerAddress, bound)
+	}
+	if s.nats != nil {
+		return nil // NATS carries messages between sidecars
 	}
 	host, port := "", 0
 	if s.cfg.BrokerAddress != "" {
@@ -779,4 +811,5 @@ func (s *server) setAdvertise(bound net.Addr) {
 		host, port = advertiseHost(a.IP), a.Port
 	}
 	s.peers.setAdvertise(host, port, s.tls.scheme() == "https")
+	return nil
 }

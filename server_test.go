@@ -75,6 +75,16 @@ func TestParseConfig(t *testing.T) {
 		{name: "--registry_connections 3", args: []string{"--registry_connections", "3"}, wantErr: "--registry_connections"},
 		{name: "--registry_stale 0s", args: []string{"--registry_stale", "0s"}, wantErr: "--registry_stale"},
 		{name: "--registry_watch_idle -1m", args: []string{"--registry_watch_idle", "-1m"}, wantErr: "--registry_watch_idle"},
+		{name: "--registry_history 0 --registry_max_watchers 5 --registry_max_nodes 100", args: []string{"--registry_history", "0", "--registry_max_watchers", "5", "--registry_max_nodes", "100"},
+			check: func(c *Config) bool {
+				return c.RegistryHistory == 0 && c.RegistryMaxWatchers == 5 && c.RegistryMaxNodes == 100
+			}},
+		{name: "registry limits' defaults", check: func(c *Config) bool {
+			return c.RegistryHistory == 1000 && c.RegistryMaxWatchers == 10_000 && c.RegistryMaxNodes == 10_000
+		}},
+		{name: "--registry_history -1", args: []string{"--registry_history", "-1"}, wantErr: "--registry_history"},
+		{name: "--registry_max_watchers 0", args: []string{"--registry_max_watchers", "0"}, wantErr: "--registry_max_watchers"},
+		{name: "--registry_max_nodes 0", args: []string{"--registry_max_nodes", "0"}, wantErr: "--registry_max_nodes"},
 		{name: "--broker_address 10.0.0.5:8081", args: []string{"--broker_address", "10.0.0.5:8081"}},
 		{name: "--broker_address sidecar-a.internal:8081 --broker_secret s", args: []string{"--broker_address", "sidecar-a.internal:8081", "--broker_secret", "s"}},
 		{name: "--shutdown_delay 5s", args: []string{"--shutdown_delay", "5s"}, check: func(c *Config) bool { return c.ShutdownDelay == 5*time.Second }},
