@@ -139,7 +139,6 @@ func acmeHandshake(addr, serverName string, roots *x509.CertPool) (*x509.Certifi
 }
 
 func TestACMEWithPebble(t *testing.T) {
-	t.Parallel()
 	p := startPebble(t)
 	cache := t.TempDir()
 	s, addr := serveTestServer(t, acmeConfig(p, cache, "a.example"))
