@@ -250,6 +250,12 @@ func (c *cli) run(ctx context.Context, args []string) error {
 		return flag.ErrHelp
 	}
 	if err != nil {
+		err = flagError(fs, err)
+		if strings.HasPrefix(err.Error(), "unknown flag --address") {
+			// The sidecar's flag, used where the client's was meant.
+			v := flagArg(rest, "address")
+			return fmt.Errorf("%s: unknown flag --address: to talk to the sidecar at %s, use --proxy_address %s (--address is where a sidecar listens)", cmd.name, v, v)
+		}
 		return fmt.Errorf("%s: %v (see sidecar %s --help)", cmd.name, err, cmd.name)
 	}
 	if err := c.applyEnv(fs); err != nil {
@@ -265,6 +271,24 @@ func (c *cli) run(ctx context.Context, args []string) error {
 		return err
 	}
 	return cmd.run(c, ctx, pos)
+}
+
+// flagArg returns the value given to flag name in args (-name V, --name V
+// or --name=V), or "ADDRESS" when there is none.
+func flagArg(args []string, name string) string {
+	for i, a := range args {
+		n, v, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !strings.HasPrefix(a, "-") || n != name {
+			continue
+		}
+		if hasValue {
+			return v
+		}
+		if i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	return "ADDRESS"
 }
 
 // parseInterleaved parses flags placed before, between and after the

@@ -494,15 +494,61 @@ func TestBinarySIGTERMDeregistersAndExits(t *testing.T) {
 	}
 }
 
+// TestBinaryBadFlagOneLine: a flag the sidecar cannot use stops it with
+// one line on stderr that names the flag and says where help is, not the
+// flag package's usage dump; --help still prints the whole usage.
 func TestBinaryBadFlagOneLine(t *testing.T) {
 	t.Parallel()
-	out, err := exec.Command(sidecarBinary(t), "--register_ttl=soon").CombinedOutput()
-	if err == nil {
-		t.Fatal("bad flag: exit status 0, want failure")
+	tests := []struct {
+		name string
+		env  []string
+		args []string
+		want []string // substrings of the one line
+	}{
+		{"bad duration", nil, []string{"--register_ttl=soon"}, []string{`sidecar: invalid value "soon" for flag --register_ttl: want a duration such as 10s, 1m30s or 500ms; see sidecar --help`}},
+		{"bad integer", nil, []string{"--client_retries", "many"}, []string{`invalid value "many" for flag --client_retries: want an integer`, "see sidecar --help"}},
+		{"bad boolean", nil, []string{"--enable_stats=maybe"}, []string{`invalid value "maybe" for flag --enable_stats: want true or false`, "see sidecar --help"}},
+		{"integer out of range", nil, []string{"--max_body_bytes", "99999999999999999999"}, []string{"flag --max_body_bytes", "out of range", "see sidecar --help"}},
+		{"unknown flag", nil, []string{"--nope"}, []string{"sidecar: unknown flag --nope; see sidecar --help"}},
+		{"missing value", nil, []string{"--address"}, []string{"sidecar: flag --address needs a value; see sidecar --help"}},
+		{"bad env", []string{"MICRO_REGISTER_TTL=soon"}, nil, []string{`invalid value "soon" for flag --register_ttl (from MICRO_REGISTER_TTL): want a duration`, "see sidecar --help"}},
+		{"invalid combination", nil, []string{"--register_ttl=5s", "--register_interval=5s"}, []string{"flag --register_interval", "see sidecar --help"}},
+		{"stray argument", nil, []string{"--enable_stats", "extra"}, []string{`unexpected argument "extra"`, "see sidecar --help"}},
+		// The server's --address used with a client command, in either order.
+		{"--address before a command", nil, []string{"--address", "127.0.0.1:9", "list", "services"},
+			[]string{`"list" is a command of the client`, "--proxy_address 127.0.0.1:9", "--address is where a sidecar listens"}},
+		{"--address after a command", nil, []string{"list", "services", "--address", "127.0.0.1:9"},
+			[]string{"list: unknown flag --address", "--proxy_address 127.0.0.1:9", "--address is where a sidecar listens"}},
+		{"--address= after a command", nil, []string{"get", "service", "x", "--address=h:1"},
+			[]string{"--proxy_address h:1"}},
+		{"another server flag before a command", nil, []string{"--enable_stats", "stats"},
+			[]string{`"stats" is a command of the client`, "--enable_stats is a flag of the sidecar", "sidecar help"}},
 	}
-	if !strings.Contains(string(out), "register_ttl") {
-		t.Errorf("bad flag output %q does not name the flag", out)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			r := runClient(t, "", tt.env, tt.args...)
+			lines := strings.Split(strings.TrimRight(r.stderr, "\n"), "\n")
+			if r.code == 0 || len(lines) != 1 {
+				t.Fatalf("sidecar %q: exit %d, stderr (%d lines) %q; want failure with one line", tt.args, r.code, len(lines), r.stderr)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(lines[0], w) {
+					t.Errorf("sidecar %q: stderr %q, want it to contain %q", tt.args, lines[0], w)
+				}
+			}
+			if r.stdout != "" {
+				t.Errorf("sidecar %q: stdout %q, want nothing", tt.args, r.stdout)
+			}
+		})
 	}
+	t.Run("--help", func(t *testing.T) {
+		t.Parallel()
+		r := runClient(t, "", nil, "--help")
+		if r.code != 0 || strings.Count(r.stderr+r.stdout, "\n") < 40 || !strings.Contains(r.stderr+r.stdout, "-healthcheck_timeout") {
+			t.Errorf("sidecar --help: exit %d, output %q; want the whole usage and status 0", r.code, r.stderr+r.stdout)
+		}
+	})
 }
 
 // TestStalledBodyTimesOut sends a Content-Length and then one byte: the
