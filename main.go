@@ -439,8 +439,6 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %d for flag --max_body_bytes: must be positive", c.MaxBodyBytes)
 	case c.RegisterInterval >= c.RegisterTTL:
 		return fmt.Errorf("invalid value %s for flag --register_interval: must be shorter than --register_ttl (%s)", c.RegisterInterval, c.RegisterTTL)
-	case c.HealthcheckTimeout > c.HealthcheckInterval:
-		return fmt.Errorf("invalid value %s for flag --healthcheck_timeout: must not exceed --healthcheck_interval (%s)", c.HealthcheckTimeout, c.HealthcheckInterval)
 	case (c.ServerName == "") != (c.ServerAddress == ""):
 		return errors.New("flags --server_name and --server_address go together")
 	case c.HealthcheckURL != "" && c.ServerName == "":

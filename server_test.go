@@ -374,6 +374,101 @@ func TestAppHealthCheck(t *testing.T) {
 	eventually(t, 5*time.Second, "re-registration after the hang", registered)
 }
 
+// slowApp is a health endpoint whose checks after the first take hold,
+// as an app under load answers. It records when each check began and
+// ended (on its own clock: causality orders a check's end before the next
+// one's beginning), and the most checks it ever served at once.
+type slowApp struct {
+	hold  time.Duration
+	check func() // runs at the end of every slow check, before the answer
+
+	mu       sync.Mutex // guards the fields below
+	inFlight int
+	most     int
+	starts   []time.Time
+	ends     []time.Time
+	done     chan int // receives the number of checks ended so far
+}
+
+func (a *slowApp) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	a.mu.Lock()
+	a.inFlight++
+	a.most = max(a.most, a.inFlight)
+	a.starts = append(a.starts, time.Now())
+	first := len(a.starts) == 1
+	a.mu.Unlock()
+	if !first {
+		select {
+		case <-time.After(a.hold): // the app is slow, not the test waiting
+			a.check()
+		case <-r.Context().Done():
+		}
+	}
+	a.mu.Lock()
+	a.inFlight--
+	a.ends = append(a.ends, time.Now())
+	n := len(a.ends)
+	a.mu.Unlock()
+	w.WriteHeader(http.StatusOK)
+	select {
+	case a.done <- n:
+	default:
+	}
+}
+
+// TestAppSlowHealthCheck: a --healthcheck_timeout longer than
+// --healthcheck_interval is accepted (as Docker, Kubernetes and Consul
+// accept it). Checks never overlap: the next begins when the previous
+// ended or an interval after it began, whichever is later; and a slow
+// check does not hold up the registration's heartbeat.
+func TestAppSlowHealthCheck(t *testing.T) {
+	t.Parallel()
+	const name = "go.micro.srv.slow"
+	app := &slowApp{hold: 1500 * time.Millisecond, done: make(chan int, 1)}
+	backend := httptest.NewServer(app)
+	t.Cleanup(backend.Close)
+	cfg, err := parseConfig([]string{
+		"--server_name", name, "--server_address", strings.TrimPrefix(backend.URL, "http://"),
+		"--healthcheck_url", backend.URL + "/health",
+		"--healthcheck_interval", "20ms", "--healthcheck_timeout", "10s",
+		"--register_ttl", "500ms", "--register_interval", "50ms",
+	}, func(string) string { return "" }, io.Discard)
+	if err != nil {
+		t.Fatalf("parseConfig with --healthcheck_timeout above --healthcheck_interval: %v", err)
+	}
+	cfg.RegistrySweep = 20 * time.Millisecond
+	var expired atomic.Int32
+	var reg atomic.Pointer[registryAPI]
+	app.check = func() {
+		// Three TTLs into a slow check: the heartbeat kept the app registered.
+		if _, err := reg.Load().reg.GetService(context.Background(), name); err != nil {
+			expired.Add(1)
+		}
+	}
+	newTestServer(t, cfg, func(s *server) { reg.Store(s.registry) })
+
+	for n := 0; n < 3; {
+		select {
+		case n = <-app.done:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("%d health checks ended after 30s, want 3", n)
+		}
+	}
+	app.mu.Lock()
+	defer app.mu.Unlock()
+	if app.most != 1 {
+		t.Errorf("the app served %d health checks at once, want 1", app.most)
+	}
+	for i := 1; i < len(app.starts) && i < len(app.ends); i++ {
+		if app.starts[i].Before(app.ends[i-1]) {
+			t.Errorf("check %d began %s before check %d ended", i+1, app.ends[i-1].Sub(app.starts[i]), i)
+		}
+	}
+	if n := expired.Load(); n > 0 {
+		t.Errorf("the app's registration expired during %d slow checks: the heartbeat waited for the check", n)
+	}
+}
+
 func TestAppWithoutHealthcheckHeartbeats(t *testing.T) {
 	t.Parallel()
 	cfg := testConfig()
