@@ -706,6 +706,7 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	// Streams end as the drain begins: Shutdown would wait for proxied
 	// event streams until the drain timeout. Close is idempotent.
 	hs.RegisterOnShutdown(s.streams.Close)
+	ln = jsonServerErrors(hs, ln) // net/http's own answers too (api.go)
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 

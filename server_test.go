@@ -162,6 +162,135 @@ func TestErrorsAreJSON(t *testing.T) {
 	wantError(t, "CONNECT example.com:443", resp.StatusCode, body, http.StatusMethodNotAllowed)
 }
 
+// TestRawRequestErrorsAreJSON sends requests that fail before any
+// handler of the sidecar runs (websocket handshakes that the library would
+// refuse in plain text, and requests net/http refuses itself while reading
+// them) on a raw connection to the server as run serves it: every answer
+// is the JSON error, with the status net/http chose.
+func TestRawRequestErrorsAreJSON(t *testing.T) {
+	t.Parallel()
+	_, addr := serveTestServer(t, testConfig())
+	const ws = "Host: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+	const key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+	tests := []struct {
+		name   string
+		req    string
+		code   int
+		detail string      // substring of the JSON detail
+		header http.Header // headers the answer must carry
+	}{
+		{"registry watch without a key", "GET /registry HTTP/1.1\r\n" + ws + "Sec-WebSocket-Version: 13\r\n\r\n",
+			400, "Sec-WebSocket-Key", nil},
+		{"registry watch with version 8", "GET /registry HTTP/1.1\r\n" + ws + key + "Sec-WebSocket-Version: 8\r\n\r\n",
+			400, "Sec-WebSocket-Version", http.Header{"Sec-Websocket-Version": {"13"}}},
+		{"registry watch with a short key", "GET /registry HTTP/1.1\r\n" + ws + "Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n\r\n",
+			400, "16 bytes", nil},
+		{"registry watch with two keys", "GET /registry HTTP/1.1\r\n" + ws + key + key + "Sec-WebSocket-Version: 13\r\n\r\n",
+			400, "Sec-WebSocket-Key", nil},
+		{"registry watch over HTTP/1.0", "GET /registry HTTP/1.0\r\n" + ws + key + "Sec-WebSocket-Version: 13\r\n\r\n",
+			426, "HTTP/1.1", http.Header{"Upgrade": {"websocket"}}},
+		{"broker subscription without a key", "GET /broker?topic=t HTTP/1.1\r\n" + ws + "Sec-WebSocket-Version: 13\r\n\r\n",
+			400, "Sec-WebSocket-Key", nil},
+		{"broker subscription without a version", "GET /broker?topic=t HTTP/1.1\r\n" + ws + key + "\r\n",
+			400, "Sec-WebSocket-Version", http.Header{"Sec-Websocket-Version": {"13"}}},
+		{"broker subscription without Upgrade in Connection", "GET /broker?topic=t HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\nUpgrade: websocket\r\n" + key + "Sec-WebSocket-Version: 13\r\n\r\n",
+			426, "websocket", http.Header{"Upgrade": {"websocket"}}},
+		// net/http's own answers, written before any handler.
+		{"malformed request line", "GARBAGE\r\n\r\n", 400, "malformed", nil},
+		{"malformed header line", "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nno colon here\r\n\r\n", 400, "malformed", nil},
+		{"malformed Host", "GET /health HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "malformed Host header", nil},
+		{"missing Host", "GET /health HTTP/1.1\r\n\r\n", 400, "missing required Host header", nil},
+		{"two Hosts", "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "malformed", nil},
+		{"invalid header value", "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x01b\r\n\r\n", 400, "malformed", nil},
+		{"unsupported protocol", "GET /health HTTP/3.0\r\nHost: 127.0.0.1\r\n\r\n", 505, "unsupported protocol version", nil},
+		{"unsupported transfer encoding", "POST /registry HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "Transfer-Encoding", nil},
+		{"unsupported Expect", "POST /registry HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 200-ok\r\nContent-Length: 2\r\n\r\n{}", 417, "Expect", nil},
+		{"headers too large", "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + strings.Repeat("a", 80<<10) + "\r\n\r\n", 431, "64 KiB", nil},
+		{"malformed second request on a kept-alive connection", "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGARBAGE\r\n\r\n", 400, "malformed", nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			// The server may answer and close before it has read all
+			// (431): write on the side, read the answer here.
+			go io.WriteString(c, tt.req)
+			br := bufio.NewReader(c)
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatalf("%q: no answer: %v", tt.name, err)
+			}
+			if strings.HasPrefix(tt.name, "malformed second") { // the first answer is /health's
+				io.Copy(io.Discard, resp.Body)
+				if resp, err = http.ReadResponse(br, nil); err != nil {
+					t.Fatalf("%q: no second answer: %v", tt.name, err)
+				}
+			}
+			body, _ := io.ReadAll(resp.Body)
+			if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
+				t.Errorf("%q: Content-Type %q, body %q; want application/json", tt.name, ct, body)
+			}
+			e := wantError(t, tt.name, resp.StatusCode, body, tt.code)
+			if !strings.Contains(e.Detail, tt.detail) {
+				t.Errorf("%q: detail %q, want it to contain %q", tt.name, e.Detail, tt.detail)
+			}
+			for k, v := range tt.header {
+				if got := resp.Header.Values(k); strings.Join(got, ",") != strings.Join(v, ",") {
+					t.Errorf("%q: header %s = %q, want %q", tt.name, k, got, v)
+				}
+			}
+		})
+	}
+}
+
+// TestServerAnswerLookalikePasses: bytes a backend sends through an
+// upgraded (hijacked) connection pass untouched, even when they read
+// exactly like one of net/http's own answers, which the server rewrites
+// into JSON only before a handler runs.
+func TestServerAnswerLookalikePasses(t *testing.T) {
+	t.Parallel()
+	const lookalike = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request"
+	node := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: raw\r\nConnection: Upgrade\r\n\r\n")
+		if _, err := brw.ReadByte(); err != nil { // the client's go-ahead: the lookalike is a write of its own
+			return
+		}
+		io.WriteString(c, lookalike)
+		brw.ReadByte() // until the client leaves
+	}))
+	t.Cleanup(node.Close)
+	_, addr := serveTestServer(t, proxyTestConfig())
+	registerURLs(t, "http://"+addr, "go.micro.srv.raw", node.URL)
+
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, "GET /raw/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: raw\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade through the proxy: %v, %v; want 101", resp, err)
+	}
+	io.WriteString(c, "g")
+	got := make([]byte, len(lookalike))
+	if _, err := io.ReadFull(br, got); err != nil || string(got) != lookalike {
+		t.Errorf("the backend's bytes arrived as %q (%v), want %q", got, err, lookalike)
+	}
+}
+
 func TestAuthToken(t *testing.T) {
 	t.Parallel()
 	cfg := testConfig()
