@@ -327,7 +327,7 @@ func (c *cli) applyEnv(fs *flag.FlagSet) error {
 			continue
 		}
 		if err := fs.Set(name, v); err != nil {
-			return fmt.Errorf("invalid value %q for flag --%s (from %s): %v", v, name, env, err)
+			return fmt.Errorf("invalid value %q for flag --%s (from %s): %s", v, name, env, valueHint(fs.Lookup(name), err))
 		}
 	}
 	return nil

@@ -597,6 +597,7 @@ func TestCLIFailures(t *testing.T) {
 		{"flag of another command", []string{"list", "services", "--queue", "q"}, "-queue"},
 		{"bad proxy address", []string{"list", "services", "--proxy_address", "ftp://x"}, "--proxy_address"},
 		{"bad timeout", []string{"list", "services", "--timeout", "0s"}, "--timeout"},
+		{"unparsable timeout", []string{"list", "services", "--timeout", "soon"}, `list: invalid value "soon" for flag --timeout: want a duration such as 10s`},
 		{"client flag without a command", []string{"--proxy_address", url}, "client flags without a command"},
 		{"missing token file", []string{"list", "services", "--auth_token_file", "/nonexistent/token"}, "--auth_token_file"},
 	}
