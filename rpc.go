@@ -39,6 +39,7 @@ type rpcHandler struct {
 	log       *slog.Logger
 	bal       *balancer
 	transport *http.Transport
+	via       *via        // refuses loops, and stamps what is forwarded
 	direct    retryBudget // retry budget of calls to an explicit address
 
 	nextID atomic.Uint64 // JSON-RPC id of the next call
@@ -51,14 +52,15 @@ type rpcHandler struct {
 }
 
 // newRPCHandler builds the handler; clientTLS verifies backends called over
-// https (see backendScheme).
-func newRPCHandler(cfg *Config, reg Registry, clientTLS *tls.Config, logger *slog.Logger) *rpcHandler {
+// https (see backendScheme); v is the server's place in Via.
+func newRPCHandler(cfg *Config, reg Registry, clientTLS *tls.Config, v *via, logger *slog.Logger) *rpcHandler {
 	h := &rpcHandler{
 		cfg:       cfg,
 		reg:       reg,
 		log:       logger,
-		bal:       newBalancer(cfg.Balancer, logger),
+		bal:       newBalancer(cfg.Balancer, time.Now, logger),
 		transport: newBackendTransport(cfg, clientTLS),
+		via:       v,
 	}
 	h.bal.useTLS = func(n *Node) bool { return backendScheme(cfg, n) == "https" }
 	h.direct.init(time.Now())
@@ -93,6 +95,9 @@ type rpcForm struct {
 // handleRPC serves POST /rpc: form fields or a JSON object naming service,
 // method (or endpoint) and request.
 func (h *rpcHandler) handleRPC(w http.ResponseWriter, r *http.Request) {
+	if !h.checkVia(w, r) {
+		return
+	}
 	c, err := h.parseRPC(w, r)
 	if err != nil {
 		writeHTTPError(w, err)
@@ -172,6 +177,18 @@ func (h *rpcHandler) parseRPC(w http.ResponseWriter, r *http.Request) (rpcCall, 
 	return c, nil
 }
 
+// checkVia answers a request that went round a loop (its Via names this
+// sidecar, or too many sidecars) with a JSON 508, before its body is read
+// or its path mapped: a node registered at the sidecar's own address gets
+// POST /, which would otherwise be a 404 the caller sees as a 502.
+func (h *rpcHandler) checkVia(w http.ResponseWriter, r *http.Request) bool {
+	if err := h.via.check(r.Header["Via"]); err != nil {
+		writeError(w, http.StatusLoopDetected, "rpc: %v", err)
+		return false
+	}
+	return true
+}
+
 // requestJSON checks the text of a request field: empty means {}.
 func requestJSON(s string) ([]byte, error) {
 	s = strings.TrimSpace(s)
@@ -188,6 +205,9 @@ func requestJSON(s string) ([]byte, error) {
 // method (see mapPath); a POST body is the request, or for GET the query
 // parameters as a JSON object.
 func (h *rpcHandler) handlePath(w http.ResponseWriter, r *http.Request) {
+	if !h.checkVia(w, r) {
+		return
+	}
 	service, method, err := mapPath(h.cfg.Namespace, r.URL.Path)
 	if err != nil {
 		writeHTTPError(w, err)
@@ -376,6 +396,7 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 	header["Micro-Service"] = []string{c.service}
 	header["Micro-Endpoint"] = []string{c.method}
 	header["Micro-Id"] = []string{idText}
+	header["Via"] = h.via.appendTo(r.Header["Via"], r)
 	body := jsonRPCBody(c.method, c.request, idText)
 
 	var triedBuf [4]*nodeState
@@ -397,7 +418,7 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 			res.nodeFailed = false // the caller's own short deadline, or its leaving, says nothing of the node
 		}
 		if n != nil {
-			h.bal.done(n, time.Since(t0), !res.nodeFailed)
+			h.bal.done(n, t0, time.Since(t0), !res.nodeFailed)
 		}
 		if res.nodeFailed {
 			h.log.Debug("attempt failed", "service", c.service, "node", target, "try", try, "code", res.code)
@@ -567,6 +588,16 @@ func (h *rpcHandler) try(ctx context.Context, target string, header http.Header,
 		code := http.StatusBadGateway
 		if retry {
 			code = http.StatusServiceUnavailable
+		}
+		if resp.StatusCode == http.StatusLoopDetected {
+			// A sidecar refused the call as a loop (this one, when the
+			// node is its own address): the caller gets the 508.
+			var e apiError
+			if json.Unmarshal(raw, &e) != nil || e.Detail == "" {
+				e.Detail = snippet(raw)
+			}
+			return attempt{code: http.StatusLoopDetected, nodeFailed: true,
+				err: h.apiErr(http.StatusLoopDetected, "rpc: call %s on %s: %s", c.service, req.URL.Host, e.Detail)}
 		}
 		detail := fmt.Sprintf("rpc: call %s on %s: not a JSON-RPC reply (HTTP %d): %.200q", c.service, req.URL.Host, resp.StatusCode, raw)
 		return attempt{code: code, nodeFailed: failed || resp.StatusCode < 300, retry: retry, err: h.apiErr(code, "%s", detail)}
