@@ -23,8 +23,15 @@ if [ -x "$DEST/consul" ]; then
 fi
 command -v go >/dev/null || { echo "install-consul: go not found" >&2; exit 1; }
 
-work="${XDG_CACHE_HOME:-$HOME/.cache}/sidecar-consul-build"
-mkdir -p "$work" "$DEST"
+# The throw-away module and the binary get names of their own (mktemp), so
+# two runs at once (two CI jobs, two worktrees) neither rewrite each other's
+# go.mod nor move each other's half-written binary; the module cache they
+# share is safe for concurrent use. The last rename wins, and it is atomic
+# because the temporary binary sits in DEST itself.
+mkdir -p "$DEST"
+work=$(mktemp -d)
+tmp=$(mktemp "$DEST/consul.XXXXXX")
+trap 'rm -rf "$work" "$tmp"' EXIT
 cd "$work"
 cat > go.mod <<MOD
 module consulbuild
@@ -44,6 +51,7 @@ export GONOSUMDB=github.com/hashicorp/consul/envoyextensions,github.com/hashicor
 echo "install-consul: building consul $VERSION from the Go module proxy (several minutes)"
 start=$(date +%s)
 go get "github.com/hashicorp/consul@$VERSION"
-CGO_ENABLED=0 go build -trimpath -o "$DEST/consul.tmp" github.com/hashicorp/consul
-mv "$DEST/consul.tmp" "$DEST/consul"
+CGO_ENABLED=0 go build -trimpath -o "$tmp" github.com/hashicorp/consul
+chmod 0755 "$tmp"
+mv -f "$tmp" "$DEST/consul"
 echo "install-consul: $DEST/consul built in $(( $(date +%s) - start ))s: $("$DEST/consul" version | head -1)"
