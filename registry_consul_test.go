@@ -601,19 +601,26 @@ func TestConsulAtScale(t *testing.T) {
 // 8 connections: 5 services watched at most (8, less the catalog's and a
 // reserve of 2), the others refreshed on lookup once older than
 // --registry_stale, and every watch dropped after --registry_watch_idle
-// without lookups.
+// without lookups. The cache runs on the test's clock: the ages that
+// decide staleness, the least recently used and idleness are the steps the
+// test takes, not how long a loaded machine takes between two lookups
+// (with the wall clock, ten lookups under -race outlasted the 300 ms idle
+// time and the first services were forgotten before they were counted).
 func TestConsulWatchBudget(t *testing.T) {
 	consul := startConsul(t)
 	const services, conns, budget = 10, 8, 5
+	const stale, idle = 100 * time.Millisecond, 300 * time.Millisecond
 	name := func(i int) string { return fmt.Sprintf("budget-%d", i) }
 	consul.registerMany(t, services, 4, func(i int) map[string]any {
 		return map[string]any{"ID": name(i) + "-1", "Name": name(i), "Address": "127.0.0.1", "Port": 1000 + i}
 	})
 	eventually(t, 30*time.Second, "every service in Consul's catalog", func() bool { return consul.catalogSize() == services+1 })
+	clock := newTestClock()
 	cfg := remoteConfig("consul", consul.http)
 	cfg.RegistryConnections = conns
-	cfg.RegistryStale = 100 * time.Millisecond
-	cfg.RegistryWatchIdle = 300 * time.Millisecond
+	cfg.RegistryStale = stale
+	cfg.RegistryWatchIdle = idle
+	cfg.now = clock.now
 	s, ts := newTestServer(t, cfg)
 	c := s.registry.reg.(*cachedRegistry)
 	watched := func(name string) bool {
@@ -622,7 +629,9 @@ func TestConsulWatchBudget(t *testing.T) {
 		return c.watching[name] != nil
 	}
 
+	// One lookup a millisecond: budget-0 is the least recently used.
 	for i := range services {
+		clock.advance(time.Millisecond)
 		if got := lookup(t, ts.URL, name(i)); fmt.Sprint(got) != "["+name(i)+"-1]" {
 			t.Fatalf("first GET /registry?service=%s = %v, want [%s-1]", name(i), got, name(i))
 		}
@@ -645,16 +654,20 @@ func TestConsulWatchBudget(t *testing.T) {
 	if code := consul.api("PUT", "/v1/agent/service/register", reg, nil); code != http.StatusOK {
 		t.Fatalf("consul register %s-2 = %d", last, code)
 	}
-	eventually(t, 5*time.Second, "the new node of an unwatched service on lookup", func() bool {
+	// Past stale (and short of idle), the next lookup of budget-9 fetches
+	// it again, and, wanted twice now, it takes the watch of the least
+	// recently used, budget-0; the watch brings the new node if the fetch
+	// came too early for it.
+	clock.advance(stale + 10*time.Millisecond)
+	eventually(t, 10*time.Second, "the new node of an unwatched service on lookup", func() bool {
 		return hasNodes(t, ts.URL, last, last+"-1", last+"-2")
 	})
-	// Looked up again (and again while the others rest), it took the
-	// watch of the least recently used, budget-0.
 	if m := getMetrics(t, ts.URL); m["sidecar_registry_services_watched"] != budget || !watched(last) || watched(name(0)) {
 		t.Fatalf("watched %v, %s watched %v, %s watched %v after looking %s up again; want %d, true, false",
 			m["sidecar_registry_services_watched"], last, watched(last), name(0), watched(name(0)), last, budget)
 	}
 
+	clock.advance(idle)
 	eventually(t, 10*time.Second, "idle services forgotten", func() bool {
 		m := getMetrics(t, ts.URL)
 		return m["sidecar_registry_services_watched"] == 0 && m["sidecar_registry_services_held"] == 0
