@@ -17,6 +17,14 @@ type testClock struct{ ns atomic.Int64 }
 func (c *testClock) now() time.Time          { return time.Unix(0, c.ns.Load()) }
 func (c *testClock) advance(d time.Duration) { c.ns.Add(int64(d)) }
 
+// skewClock is the wall clock moved on by what the test added: durations
+// measured on it are real, and the test ends a long period (an ejection)
+// at once by moving it.
+type skewClock struct{ skew atomic.Int64 }
+
+func (c *skewClock) now() time.Time          { return time.Now().Add(time.Duration(c.skew.Load())) }
+func (c *skewClock) advance(d time.Duration) { c.skew.Add(int64(d)) }
+
 // testBalancer is a balancer of strategy on a test clock.
 func testBalancer(strategy string) (*balancer, *testClock) {
 	clk := &testClock{}

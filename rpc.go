@@ -404,7 +404,7 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 	var res attempt
 	for try := 0; ; try++ {
 		target := "http://" + c.address + "/"
-		t0 := time.Now()
+		t0 := h.bal.now() // the balancer's clock (time.Now; a test's moves ejections on)
 		var n *nodeState
 		if st != nil {
 			if n = h.bal.pick(st, tried, t0); n == nil {
@@ -418,7 +418,7 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 			res.nodeFailed = false // the caller's own short deadline, or its leaving, says nothing of the node
 		}
 		if n != nil {
-			h.bal.done(n, t0, time.Since(t0), !res.nodeFailed)
+			h.bal.done(n, t0, h.bal.now().Sub(t0), !res.nodeFailed)
 		}
 		if res.nodeFailed {
 			h.log.Debug("attempt failed", "service", c.service, "node", target, "try", try, "code", res.code)
