@@ -29,9 +29,9 @@ import (
 
 // Defaults of the broker's limits. Tests lower them on the broker's fields.
 const (
-	brokerMaxMessage   = 1 << 20 // largest message body, if --max_body_bytes is larger
-	brokerQueueLen     = 4096    // messages a subscriber may lag before it is dropped
-	brokerQueueBytes   = 8 << 20 // bytes of frames a subscriber may lag before it is dropped
+	brokerMaxMessage   = 1 << 20            // largest message body, if --max_body_bytes is larger
+	brokerQueueLen     = 4096               // messages a subscriber may lag before it is dropped
+	brokerQueueBytes   = 8 << 20            // bytes of frames a subscriber may lag before it is dropped
 	brokerStuckAfter   = wsWriteTimeout / 2 // a queue group member full this long is dropped
 	brokerDropLogEvery = time.Second        // at most one log line about dropped messages per this
 	maxTopicLen        = 255
