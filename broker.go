@@ -277,11 +277,11 @@ func (b *broker) lose(n int, topic, queue, why string) {
 
 // rehome gives frames, queued for a member of topic's group queue that left
 // or fell too far behind and surely not written to it, to the group's other
-// members here; those none can take are lost, and counted. A member takes
-// them up to twice its limits: they held memory already, and a healthy
-// member that has a few frames queued would otherwise lose some of a full
-// queue handed over. A plain subscriber's frames (queue "") are lost to
-// it, and counted.
+// members here, else through the forwarder to a sidecar with other members;
+// those none can take are lost, and counted. A member here takes them up
+// to twice its limits: they held memory already, and a healthy member that
+// has a few frames queued would otherwise lose some of a full queue handed
+// over. A plain subscriber's frames (queue "") are lost to it, and counted.
 func (b *broker) rehome(topic, queue string, frames [][]byte) {
 	if len(frames) == 0 {
 		return
@@ -293,9 +293,15 @@ func (b *broker) rehome(topic, queue string, frames [][]byte) {
 	g := b.topics.get(topic).group(queue)
 	lost := 0
 	for _, f := range frames {
-		if g == nil || !g.place(b, f, nil) {
-			lost++
+		if g != nil && g.place(b, f, nil) {
+			continue
 		}
+		if b.forward != nil {
+			if m, err := decodeFrame(f); err == nil && b.forward.Reroute(topic, m, queue) {
+				continue
+			}
+		}
+		lost++
 	}
 	clear(frames)
 	b.lose(lost, topic, queue, "queued for a member that left or fell behind, and no other member has room")

@@ -721,10 +721,10 @@ func TestBrokerNoDataAfterClose(t *testing.T) {
 	}
 }
 
-// dialStuck opens a websocket subscriber to path whose receive buffer is
+// dialStuck opens a websocket subscriber to url whose receive buffer is
 // small, so that the sidecar's writes to it block soon once it stops
 // reading.
-func dialStuck(t *testing.T, ts *httptest.Server, path string) *websocket.Conn {
+func dialStuck(t *testing.T, url string) *websocket.Conn {
 	t.Helper()
 	dialer := &net.Dialer{Control: func(network, address string, c syscall.RawConn) error {
 		var err error
@@ -733,11 +733,11 @@ func dialStuck(t *testing.T, ts *httptest.Server, path string) *websocket.Conn {
 	}}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	conn, _, err := websocket.Dial(ctx, wsURL(ts, path), &websocket.DialOptions{
+	conn, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{
 		HTTPClient: &http.Client{Transport: &http.Transport{DialContext: dialer.DialContext}},
 	})
 	if err != nil {
-		t.Fatalf("dial stuck subscriber %s: %v", path, err)
+		t.Fatalf("dial stuck subscriber %s: %v", url, err)
 	}
 	conn.SetReadLimit(8 << 20)
 	t.Cleanup(func() { conn.CloseNow() })
@@ -813,6 +813,32 @@ func (r *recorder) waitFor(t *testing.T, within time.Duration, what string, cond
 	}
 }
 
+// readToClose reads the message numbers conn receives until its
+// connection ends, which must be with close status want (-1: none).
+func readToClose(t *testing.T, conn *websocket.Conn, want websocket.StatusCode) []int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var got []int
+	for {
+		_, p, err := conn.Read(ctx)
+		if err != nil {
+			if code := websocket.CloseStatus(err); code != want {
+				t.Fatalf("stuck subscriber: read after %d messages: %v (status %v), want close status %v", len(got), err, code, want)
+			}
+			return got
+		}
+		var m Message
+		json.Unmarshal(p, &m)
+		num, _, _ := strings.Cut(string(m.Body), " ")
+		k, err := strconv.Atoi(num)
+		if err != nil {
+			t.Fatalf("stuck subscriber: body %.60q does not start with a message number", m.Body)
+		}
+		got = append(got, k)
+	}
+}
+
 // queuesDrained reports whether every subscriber of s that is not being
 // dropped has handed everything queued for it to its connection.
 func queuesDrained(s *server) bool {
@@ -864,7 +890,7 @@ func TestBrokerStuckSubscriber(t *testing.T) {
 				s.broker.stuckAfter = tt.stuckAfter
 				s.broker.writeTimeout = tt.writeTimeout
 			})
-			stuck := dialStuck(t, ts, tt.path)
+			stuck := dialStuck(t, wsURL(ts, tt.path))
 			healthy := record(t, dialBroker(t, ts, tt.path))
 			waitSubscribers(t, s, 2)
 
@@ -917,28 +943,11 @@ func TestBrokerStuckSubscriber(t *testing.T) {
 
 			// The stuck subscriber reads again: what was written to it,
 			// then the close frame.
-			var fromStuck []int
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
-			for {
-				_, p, err := stuck.Read(ctx)
-				if err != nil {
-					want := websocket.StatusPolicyViolation
-					if !tt.readsAgain {
-						want = -1 // the connection ends without a close frame
-					}
-					if code := websocket.CloseStatus(err); code != want {
-						t.Fatalf("stuck subscriber: read after %d messages: %v (status %v), want close status %v",
-							len(fromStuck), err, code, want)
-					}
-					break
-				}
-				var m Message
-				json.Unmarshal(p, &m)
-				num, _, _ := strings.Cut(string(m.Body), " ")
-				k, _ := strconv.Atoi(num)
-				fromStuck = append(fromStuck, k)
+			want := websocket.StatusPolicyViolation
+			if !tt.readsAgain {
+				want = -1 // the connection ends without a close frame
 			}
+			fromStuck := readToClose(t, stuck, want)
 			waitSubscribers(t, s, 1)
 
 			// Every message is delivered or counted as dropped.

@@ -51,6 +51,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"sync"
@@ -98,6 +99,29 @@ func encodeFrame(m *Message) []byte {
 	}
 	buf[start] = 0x80 | 0x1 // FIN, text
 	return buf[start:]
+}
+
+// decodeFrame is the inverse of encodeFrame, for the rare frame that must
+// leave this sidecar again (broker.rehome).
+func decodeFrame(frame []byte) (*Message, error) {
+	if len(frame) < 2 {
+		return nil, errors.New("broker: frame too short")
+	}
+	start := 2
+	switch frame[1] {
+	case 126:
+		start = 4
+	case 127:
+		start = 10
+	}
+	if len(frame) < start {
+		return nil, errors.New("broker: frame too short")
+	}
+	m := &Message{}
+	if err := json.Unmarshal(frame[start:], m); err != nil {
+		return nil, fmt.Errorf("broker: decode frame: %w", err)
+	}
+	return m, nil
 }
 
 // pingFrame is an unmasked ping without payload.
