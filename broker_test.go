@@ -871,6 +871,8 @@ func queuesDrained(s *server) bool {
 // both; a plain subscriber gets every message. A stuck member that is
 // found out by its write timing out instead (it never reads again) gets no
 // close frame, since none can be written, and is counted the same way.
+// With --broker nats, NATS hands the group's messages to the sidecar's
+// one queue subscription, and the same rule holds.
 func TestBrokerStuckSubscriber(t *testing.T) {
 	for _, tt := range []struct {
 		name, path   string
@@ -878,18 +880,27 @@ func TestBrokerStuckSubscriber(t *testing.T) {
 		stuckAfter   time.Duration // a group member full this long is too slow
 		writeTimeout time.Duration
 		readsAgain   bool // the stuck subscriber reads again before its write times out
+		nats         bool // --broker nats
 	}{
-		{"queue group", "/broker?topic=jobs&queue=workers", 1, 20 * time.Millisecond, 2 * time.Minute, true},
-		{"queue group, write times out", "/broker?topic=jobs&queue=workers", 1, time.Hour, time.Second, false},
-		{"plain", "/broker?topic=jobs", 2, 20 * time.Millisecond, 2 * time.Minute, true},
+		{"queue group", "/broker?topic=jobs&queue=workers", 1, 20 * time.Millisecond, 2 * time.Minute, true, false},
+		{"queue group, write times out", "/broker?topic=jobs&queue=workers", 1, time.Hour, time.Second, false, false},
+		{"queue group over NATS", "/broker?topic=jobs&queue=workers", 1, 20 * time.Millisecond, 2 * time.Minute, true, true},
+		{"plain", "/broker?topic=jobs", 2, 20 * time.Millisecond, 2 * time.Minute, true, false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			s, ts := newTestServer(t, nil, func(s *server) {
+			var cfg *Config
+			if tt.nats {
+				cfg = natsTestConfig(startNATS(t, "").url)
+			}
+			s, ts := newTestServer(t, cfg, func(s *server) {
 				s.broker.queueLen = 1024
 				s.broker.stuckAfter = tt.stuckAfter
 				s.broker.writeTimeout = tt.writeTimeout
 			})
+			if tt.nats {
+				waitConnected(t, s)
+			}
 			stuck := dialStuck(t, wsURL(ts, tt.path))
 			healthy := record(t, dialBroker(t, ts, tt.path))
 			waitSubscribers(t, s, 2)
