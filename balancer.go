@@ -3,11 +3,25 @@ package main
 // balancer.go owns node selection: which node of a service gets the next
 // call, and passive ejection of nodes that keep failing. The RPC handler
 // and the reverse proxy each own one balancer.
+//
+// p2c ranks nodes by peak-EWMA, the load metric of Finagle and Linkerd: a
+// node's latency estimate jumps to any slower answer at once, follows
+// faster answers over about 10 s, and decays toward zero with a time
+// constant of 10 s from the node's last answer; the cost of a node is its
+// estimate times its calls in flight plus one. The decay is what keeps
+// p2c from starving a node: an estimate that once came out high would
+// otherwise lose every comparison and the node would never be measured
+// again; with the decay an idle node soon looks cheap, is tried, and is
+// measured afresh. A node's first successful call opens its connection and
+// is not taken as a sample, and a node that joins a service starts at the
+// median estimate of the others.
 
 import (
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -28,15 +42,16 @@ func validStrategy(s string) bool {
 
 // Defaults of passive ejection.
 const (
-	defaultEjectAfter = 3               // consecutive failures that eject a node
-	defaultEjectBase  = 5 * time.Second // first ejection; doubles on each ejection in a row
-	defaultEjectMax   = 5 * time.Minute // longest ejection
-	maxBalancedSvcs   = 10_000          // services with balancer state; beyond, state is reset
-	pickDraws         = 3               // random draws before a linear scan for a usable node
-	ewmaShift         = 3               // latency EWMA weight of a new sample: 1/8
-	maxEjectShift     = 16              // cap of the backoff exponent
-	maxEjectedPercent = 50              // at most this share of a service's nodes is ejected
-	nodeURLSuffix     = "/"             // the JSON-RPC endpoint of a node
+	defaultEjectAfter = 3                // consecutive failures that eject a node
+	defaultEjectBase  = 5 * time.Second  // first ejection; doubles on each ejection in a row
+	defaultEjectMax   = 5 * time.Minute  // longest ejection
+	defaultDecay      = 10 * time.Second // time constant of the latency estimate (Finagle's and Linkerd's)
+	maxBalancedSvcs   = 10_000           // services with balancer state; beyond, state is reset
+	pickDraws         = 3                // random draws before a linear scan for a usable node
+	unmeasuredCost    = 1e200            // cost per call in flight of a node never measured: one call at a time
+	maxEjectShift     = 16               // cap of the backoff exponent
+	maxEjectedPercent = 50               // at most this share of a service's nodes is ejected
+	nodeURLSuffix     = "/"              // the JSON-RPC endpoint of a node
 )
 
 // balancer picks nodes of services found in a registry. Its state per
@@ -49,7 +64,9 @@ type balancer struct {
 	ejectAfter int32            // consecutive failures that eject a node
 	ejectBase  time.Duration    // first ejection period
 	ejectMax   time.Duration    // cap of the growing ejection period
+	decay      time.Duration    // time constant of the latency estimate (defaultDecay)
 	useTLS     func(*Node) bool // nodes called over https; nil: none
+	now        func() time.Time // the clock: time.Now, or a test's
 	log        *slog.Logger
 
 	mu       sync.Mutex                           // serialises writers of services
@@ -80,8 +97,9 @@ type svcView struct {
 }
 
 // nodeState is what the balancer knows about one node. id, addr and url
-// are fixed at creation; the rest is updated atomically by concurrent calls.
-// A node that changes address gets a fresh state.
+// are fixed at creation; the rest is updated atomically by concurrent calls
+// (two calls ending at once may lose one latency sample, which is
+// harmless). A node that changes address gets a fresh state.
 type nodeState struct {
 	id   string
 	addr string // host:port
@@ -89,13 +107,17 @@ type nodeState struct {
 	svc  *svcState
 
 	inflight   atomic.Int64 // calls picked and not yet done
-	ewma       atomic.Int64 // latency of successful attempts, ns
+	ewma       atomic.Int64 // latency estimate at time at, ns; decays toward zero after at (see estimate)
+	at         atomic.Int64 // unix ns of the last sample (or of the seed); 0: never measured
+	warm       atomic.Bool  // a call has succeeded: later ones are samples (the first opened a connection)
 	fails      atomic.Int32 // consecutive failures since the last success or ejection
 	level      atomic.Int32 // ejections in a row: the backoff exponent
 	ejectUntil atomic.Int64 // unix ns; 0 or past means not ejected
 }
 
-func newBalancer(strategy string, logger *slog.Logger) *balancer {
+// newBalancer returns a balancer of strategy that reads the time from now
+// (time.Now outside tests).
+func newBalancer(strategy string, now func() time.Time, logger *slog.Logger) *balancer {
 	if !validStrategy(strategy) {
 		strategy = strategyP2C
 	}
@@ -104,6 +126,8 @@ func newBalancer(strategy string, logger *slog.Logger) *balancer {
 		ejectAfter: defaultEjectAfter,
 		ejectBase:  defaultEjectBase,
 		ejectMax:   defaultEjectMax,
+		decay:      defaultDecay,
+		now:        now,
 		log:        logger,
 	}
 	m := map[string]*svcState{}
@@ -141,7 +165,7 @@ func (b *balancer) refresh(svc *Service) *svcState {
 	st := cur[svc.Name]
 	if st == nil {
 		st = &svcState{name: svc.Name}
-		st.budget.init(time.Now())
+		st.budget.init(b.now())
 		next := make(map[string]*svcState, len(cur)+1)
 		if len(cur) < maxBalancedSvcs {
 			for k, v := range cur {
@@ -155,11 +179,15 @@ func (b *balancer) refresh(svc *Service) *svcState {
 		return st
 	}
 	old := map[string]*nodeState{}
+	var prevNodes []*nodeState
 	if v := st.view.Load(); v != nil {
+		prevNodes = v.nodes
 		for _, n := range v.nodes {
 			old[n.id] = n
 		}
 	}
+	now := b.now().UnixNano()
+	seed := -1.0 // the estimate new nodes start with; computed at the first new node
 	nodes := make([]*nodeState, 0, len(svc.Nodes))
 	for _, n := range svc.Nodes {
 		if n == nil {
@@ -174,10 +202,40 @@ func (b *balancer) refresh(svc *Service) *svcState {
 		if b.useTLS != nil && b.useTLS(n) {
 			scheme = "https://"
 		}
-		nodes = append(nodes, &nodeState{id: n.ID, addr: addr, url: scheme + addr + nodeURLSuffix, svc: st})
+		ns := &nodeState{id: n.ID, addr: addr, url: scheme + addr + nodeURLSuffix, svc: st}
+		if seed < 0 {
+			seed = b.median(prevNodes, now)
+		}
+		if seed > 0 {
+			ns.ewma.Store(int64(seed))
+			ns.at.Store(now)
+		}
+		nodes = append(nodes, ns)
 	}
 	st.view.Store(&svcView{snap: svc, nodes: nodes})
 	return st
+}
+
+// median is the median latency estimate at now of the measured nodes among
+// nodes, in ns, or 0 when none is measured. A node that joins a service
+// starts there: at zero it would take every call until it first answered,
+// at infinity it would never be tried.
+func (b *balancer) median(nodes []*nodeState, now int64) float64 {
+	var ests []float64
+	for _, n := range nodes {
+		if n.at.Load() != 0 {
+			ests = append(ests, n.estimate(now, float64(b.decay)))
+		}
+	}
+	if len(ests) == 0 {
+		return 0
+	}
+	slices.Sort(ests)
+	m := len(ests) / 2
+	if len(ests)%2 == 0 {
+		return (ests[m-1] + ests[m]) / 2
+	}
+	return ests[m]
 }
 
 // forget drops the state of a service the registry no longer lists.
@@ -222,7 +280,7 @@ func (b *balancer) pick(st *svcState, avoid []*nodeState, now time.Time) *nodeSt
 		case strategyRandom:
 			n = draw(nodes, avoid, ns)
 		default:
-			n = pickP2C(nodes, avoid, ns)
+			n = pickP2C(nodes, avoid, ns, float64(b.decay))
 		}
 		if n == nil {
 			n = scan(nodes, avoid, ns)
@@ -243,8 +301,9 @@ func (n *nodeState) usable(avoid []*nodeState, now int64) bool {
 	return now >= n.ejectUntil.Load()
 }
 
-// pickP2C draws two distinct nodes and keeps the cheaper usable one.
-func pickP2C(nodes []*nodeState, avoid []*nodeState, now int64) *nodeState {
+// pickP2C draws two distinct nodes and keeps the cheaper usable one;
+// decay is the estimate's time constant in ns.
+func pickP2C(nodes []*nodeState, avoid []*nodeState, now int64, decay float64) *nodeState {
 	// Two indexes from one random word, by multiply-shift (the bias is
 	// below 2^-16 for any node count the registry allows).
 	u := rand.Uint64()
@@ -257,7 +316,7 @@ func pickP2C(nodes []*nodeState, avoid []*nodeState, now int64) *nodeState {
 	ua, uc := a.usable(avoid, now), c.usable(avoid, now)
 	switch {
 	case ua && uc:
-		if c.score() < a.score() {
+		if c.cost(now, decay) < a.cost(now, decay) {
 			return c
 		}
 		return a
@@ -311,21 +370,53 @@ func scan(nodes []*nodeState, avoid []*nodeState, now int64) *nodeState {
 	return nodes[start]
 }
 
-// score is the expected cost of sending one more call to n: its latency
-// times its queue, doubled for each recent failure. Lower is better.
-func (n *nodeState) score() float64 {
-	lat := float64(n.ewma.Load() + 1)
+// cost is the expected cost of sending one more call to n at now: its
+// latency estimate times its calls in flight counting this one, doubled
+// for each recent failure. Lower is better. A node never measured (a node
+// of a service seen for the first time, until its second success) costs
+// next to nothing while idle, so it is tried at once, and more than any
+// measured node while a call is in flight on it, so a node that never
+// answers holds one call rather than every caller in turn.
+func (n *nodeState) cost(now int64, decay float64) float64 {
 	q := float64(n.inflight.Load() + 1)
+	var lat float64
+	if n.at.Load() == 0 {
+		if q > 1 {
+			return unmeasuredCost * q
+		}
+	} else {
+		lat = n.estimate(now, decay)
+	}
 	f := float64(min(n.fails.Load(), 16))
-	return lat * q * (1 + f)
+	return (lat + 1) * q * (1 + f)
 }
 
-// done records the outcome of a call picked on n: the latency of a success
-// feeds the EWMA and clears failures; failures in a row eject the node.
-func (b *balancer) done(n *nodeState, latency time.Duration, ok bool) {
+// estimate is n's latency estimate at now (unix ns) in ns: the estimate as
+// of the last sample (or the seed), decayed toward zero since then with
+// time constant decay (ns). The decay is what gets an idle node tried
+// again.
+func (n *nodeState) estimate(now int64, decay float64) float64 {
+	est, at := float64(n.ewma.Load()), n.at.Load()
+	if now > at {
+		est *= math.Exp(float64(at-now) / decay)
+	}
+	return est
+}
+
+// done records the outcome of a call picked on n at start (the time given
+// to pick) that took latency (time.Since(start), which the caller measures
+// anyway: done reads no clock). The latency of a success feeds the
+// estimate (but for the node's first success, which paid for opening the
+// connection) and clears failures; failures in a row eject the node.
+func (b *balancer) done(n *nodeState, start time.Time, latency time.Duration, ok bool) {
+	now := start.UnixNano() + int64(latency)
 	n.inflight.Add(-1)
 	if ok {
-		n.observe(latency)
+		if n.warm.Load() {
+			n.observe(start.UnixNano(), now, float64(b.decay))
+		} else {
+			n.warm.Store(true)
+		}
 		if n.fails.Load() != 0 {
 			n.fails.Store(0)
 		}
@@ -339,26 +430,39 @@ func (b *balancer) done(n *nodeState, latency time.Duration, ok bool) {
 	}
 	n.svc.failures.Add(1)
 	if n.fails.Add(1) >= b.ejectAfter {
-		b.eject(n)
+		b.eject(n, now)
 	}
 }
 
-// observe folds one latency sample into the EWMA; the first sample sets it.
-func (n *nodeState) observe(latency time.Duration) {
-	s := max(int64(latency), 1)
-	old := n.ewma.Load()
-	if old == 0 {
-		n.ewma.Store(s)
-		return
+// observe folds the latency s of a call from start to now (unix ns) into
+// n's estimate, as Finagle's and Linkerd's peak-EWMA do. The first sample
+// sets it. A sample above the estimate decayed to now replaces it (the
+// peak: a node that slows down is avoided at once). A lower one is added
+// with the weight 1-e^(-t/decay), t the time since the estimate was last
+// updated or the call began, whichever is later: the time the call ran
+// counts as s and the idle time before it as zero, so the estimate is an
+// average over about decay (ns) of time, not of a number of calls.
+func (n *nodeState) observe(start, now int64, decay float64) {
+	s := float64(max(now-start, 1))
+	// A sample at or above the estimate before decay is a peak: no need to
+	// decay it.
+	if at, est := n.at.Load(), float64(n.ewma.Load()); at != 0 && s < est {
+		if now > at {
+			est *= math.Exp(float64(at-now) / decay)
+		}
+		if s < est {
+			since := float64(max(now-max(at, start), 0))
+			s = est - s*math.Expm1(-since/decay) // est + s(1 - e^(-since/decay))
+		}
 	}
-	n.ewma.Store(old + (s-old)>>ewmaShift)
+	n.ewma.Store(int64(s))
+	n.at.Store(now)
 }
 
 // eject skips n for a period that doubles with each ejection in a row,
 // unless that would leave too few nodes: a service never loses every node
 // (nor more than maxEjectedPercent of them) to ejection.
-func (b *balancer) eject(n *nodeState) {
-	now := time.Now().UnixNano()
+func (b *balancer) eject(n *nodeState, now int64) {
 	u := n.ejectUntil.Load()
 	if u > now {
 		return // already ejected
@@ -383,11 +487,6 @@ func (b *balancer) eject(n *nodeState) {
 	n.fails.Store(0)
 	n.svc.ejections.Add(1)
 	b.log.Info("node ejected", "service", n.svc.name, "node", n.id, "for", d)
-}
-
-// ejected reports whether n is ejected now.
-func (n *nodeState) ejected() bool {
-	return n.ejectUntil.Load() > time.Now().UnixNano()
 }
 
 // retryBudget bounds retries to a share of recent calls plus a small
@@ -442,7 +541,7 @@ func (rb *retryBudget) withdraw(now time.Time) bool {
 // metrics emits the per-service counters with the given name prefix
 // ("sidecar_rpc"), labelled by service name only.
 func (b *balancer) metrics(prefix string, emit emitFunc) {
-	now := time.Now().UnixNano()
+	now := b.now().UnixNano()
 	for name, st := range *b.services.Load() {
 		emit(prefix+"_calls_total", "Calls received, by service.", "counter", float64(st.calls.Load()), "service", name)
 		emit(prefix+"_errors_total", "Calls answered with an error, by service.", "counter", float64(st.errors.Load()), "service", name)

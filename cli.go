@@ -19,6 +19,8 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"runtime"
+	"runtime/debug"
 	"slices"
 	"sort"
 	"strconv"
@@ -49,6 +51,7 @@ type cliCommand struct {
 	examples []string
 	min, max int    // number of positional arguments accepted
 	noun     string // required first argument ("services"), or ""
+	local    bool   // needs no sidecar: no connection flags, no connection
 	run      func(c *cli, ctx context.Context, args []string) error
 }
 
@@ -91,6 +94,10 @@ func cliCommands() []*cliCommand {
 			summary:  "show the sidecar's request counters",
 			detail:   "Prints uptime, memory, requests by status class and latency from GET /stats (sidecars started with --enable_stats), or else a summary of GET /metrics.",
 			examples: []string{"sidecar stats", "sidecar stats --json"}},
+		{name: "version", min: 0, max: 0, local: true, run: (*cli).version,
+			summary:  "show the version of this binary",
+			detail:   "Prints the module version, the VCS revision and commit time the binary was built from, and the Go version, on one line (sidecar --version prints the same line). It needs no running sidecar.",
+			examples: []string{"sidecar version", "sidecar version --json"}},
 	}
 }
 
@@ -125,13 +132,15 @@ type cliOptions struct {
 func cliFlagSet(o *cliOptions, cmd *cliCommand) *flag.FlagSet {
 	fs := flag.NewFlagSet("sidecar", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are returned as one line; help is printed by cli.help
-	fs.StringVar(&o.proxyAddress, "proxy_address", defaultProxyAddress, "`URL` or host:port of the sidecar (http:// is assumed)")
-	fs.StringVar(&o.authToken, "auth_token", "", "send Authorization: Bearer `TOKEN`")
-	fs.StringVar(&o.authTokenFile, "auth_token_file", "", "read the bearer token from `file` (its first, in the sidecar's format)")
-	fs.StringVar(&o.caFile, "tls_ca_file", "", "CA `file` (PEM) to verify an https sidecar's certificate (default system roots)")
-	fs.StringVar(&o.certFile, "tls_client_cert_file", "", "client certificate `file` (PEM) for a sidecar with mutual TLS")
-	fs.StringVar(&o.keyFile, "tls_client_key_file", "", "client key `file` (PEM) for a sidecar with mutual TLS")
-	fs.DurationVar(&o.timeout, "timeout", 10*time.Second, "timeout of each request to the sidecar")
+	if cmd == nil || !cmd.local {
+		fs.StringVar(&o.proxyAddress, "proxy_address", defaultProxyAddress, "`URL` or host:port of the sidecar (http:// is assumed)")
+		fs.StringVar(&o.authToken, "auth_token", "", "send Authorization: Bearer `TOKEN`")
+		fs.StringVar(&o.authTokenFile, "auth_token_file", "", "read the bearer token from `file` (its first, in the sidecar's format)")
+		fs.StringVar(&o.caFile, "tls_ca_file", "", "CA `file` (PEM) to verify an https sidecar's certificate (default system roots)")
+		fs.StringVar(&o.certFile, "tls_client_cert_file", "", "client certificate `file` (PEM) for a sidecar with mutual TLS")
+		fs.StringVar(&o.keyFile, "tls_client_key_file", "", "client key `file` (PEM) for a sidecar with mutual TLS")
+		fs.DurationVar(&o.timeout, "timeout", 10*time.Second, "timeout of each request to the sidecar")
+	}
 	fs.BoolVar(&o.json, "json", false, "print the sidecar's JSON instead of text")
 	if cmd == nil || cmd.name == "subscribe" {
 		fs.StringVar(&o.queue, "queue", "", "join queue group `Q`: each message goes to one of its subscribers")
@@ -255,11 +264,15 @@ func (c *cli) run(ctx context.Context, args []string) error {
 	if err := c.applyEnv(fs); err != nil {
 		return err
 	}
+	usage := strings.TrimSpace(cmd.name + " " + cmd.args)
 	if len(pos) < cmd.min || len(pos) > cmd.max || (cmd.noun != "" && strings.TrimSuffix(pos[0], "s") != strings.TrimSuffix(cmd.noun, "s")) {
-		return fmt.Errorf("usage: sidecar %s %s (see sidecar %s --help)", cmd.name, cmd.args, cmd.name)
+		return fmt.Errorf("usage: sidecar %s (see sidecar %s --help)", usage, cmd.name)
 	}
 	if cmd.noun != "" {
 		pos = pos[1:]
+	}
+	if cmd.local {
+		return cmd.run(c, ctx, pos)
 	}
 	if err := c.connect(); err != nil {
 		return err
@@ -298,8 +311,8 @@ func (c *cli) applyEnv(fs *flag.FlagSet) error {
 	for _, name := range []string{"proxy_address", "auth_token", "auth_token_file", "tls_ca_file", "tls_client_cert_file", "tls_client_key_file", "timeout"} {
 		env := "MICRO_" + strings.ToUpper(name)
 		v := c.getenv(env)
-		if given[name] || v == "" {
-			continue
+		if given[name] || v == "" || fs.Lookup(name) == nil {
+			continue // given, unset, or not a flag of this command (version)
 		}
 		if err := fs.Set(name, v); err != nil {
 			return fmt.Errorf("invalid value %q for flag --%s (from %s): %v", v, name, env, err)
@@ -989,6 +1002,77 @@ func (c *cli) dialNodes(ctx context.Context, nodes []*Node) []nodeHealth {
 	}
 	wg.Wait()
 	return out
+}
+
+// version prints the binary's build information: one line, or JSON.
+func (c *cli) version(_ context.Context, _ []string) error {
+	v := readBuildVersion()
+	if c.opts.json {
+		b, err := json.Marshal(v)
+		if err != nil {
+			return err
+		}
+		return c.printJSON(b)
+	}
+	_, err := fmt.Fprintln(c.stdout, v)
+	return err
+}
+
+// buildVersion is what sidecar version and sidecar --version print, read
+// from the build information the Go toolchain embeds in every binary: no
+// linker flags or generated files are needed, so go build, go install and
+// the container image all report the same way. The VCS fields are empty
+// when the binary was built outside a git checkout (or with -buildvcs=false).
+type buildVersion struct {
+	Version  string `json:"version"`            // module version: a tag, a pseudo-version, or "(devel)"
+	Revision string `json:"revision,omitempty"` // VCS commit the binary was built from
+	Time     string `json:"time,omitempty"`     // commit time of Revision, RFC 3339
+	Modified bool   `json:"modified"`           // the checkout had uncommitted changes
+	Go       string `json:"go"`                 // Go toolchain version
+	Platform string `json:"platform"`           // GOOS/GOARCH
+}
+
+// readBuildVersion returns the running binary's build information.
+func readBuildVersion() buildVersion {
+	v := buildVersion{Version: "(unknown)", Go: runtime.Version(), Platform: runtime.GOOS + "/" + runtime.GOARCH}
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return v
+	}
+	if info.Main.Version != "" {
+		v.Version = info.Main.Version
+	}
+	for _, s := range info.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			v.Revision = s.Value
+		case "vcs.time":
+			v.Time = s.Value
+		case "vcs.modified":
+			v.Modified = s.Value == "true"
+		}
+	}
+	return v
+}
+
+// String is the one-line form:
+// "sidecar VERSION (revision REV, TIME, modified) GO GOOS/GOARCH".
+func (v buildVersion) String() string {
+	var vcs []string
+	if v.Revision != "" {
+		vcs = append(vcs, "revision "+v.Revision)
+	}
+	if v.Time != "" {
+		vcs = append(vcs, v.Time)
+	}
+	if v.Modified {
+		vcs = append(vcs, "modified")
+	}
+	s := "sidecar " + v.Version
+	if len(vcs) > 0 {
+		s += " (" + strings.Join(vcs, ", ") + ")"
+	}
+	return s + " " + v.Go + " " + v.Platform
 }
 
 // stats prints /stats JSON when the sidecar serves it, else /metrics.

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -573,6 +574,9 @@ func TestCLIFailures(t *testing.T) {
 	t.Parallel()
 	_, url, _ := startBinary(t)
 	unreachable := fmt.Sprintf("127.0.0.1:%d", closedPort(t))
+	// A service whose node is the sidecar itself, behind a relay.
+	relay, _ := loopRelay(t, strings.TrimPrefix(url, "http://"), loopLimit)
+	registerURLs(t, url, "go.micro.srv.loop", relay)
 	tests := []struct {
 		name string
 		args []string
@@ -583,6 +587,7 @@ func TestCLIFailures(t *testing.T) {
 		{"unreachable sidecar, health", []string{"health", "x", "--proxy_address", unreachable}, "cannot reach the sidecar"},
 		{"unknown service", []string{"get", "service", "go.micro.srv.nope", "--proxy_address", url}, `get service: service "go.micro.srv.nope" not found (404 Not Found)`},
 		{"unknown service, health", []string{"health", "go.micro.srv.nope", "--proxy_address", url}, "not found"},
+		{"call into a loop", []string{"call", "go.micro.srv.loop", "Loop.Call", "--proxy_address", url}, "loop detected"},
 		{"malformed JSON", []string{"register", "service", `{"name": "x", nodes}`, "--proxy_address", url}, "the service argument is not valid JSON"},
 		{"malformed JSON, deregister", []string{"deregister", "service", `[`, "--proxy_address", url}, "not valid JSON"},
 		{"service the sidecar refuses", []string{"register", "service", `{"name":"x"}`, "--proxy_address", url}, `"nodes" must list at least one node (400 Bad Request)`},
@@ -755,5 +760,140 @@ func TestCLINullNodes(t *testing.T) {
 	for _, cmd := range [][]string{{"health", "x"}, {"get", "service", "x"}} {
 		err := runCLI(context.Background(), append([]string{"--proxy_address", ts.URL}, cmd...), &out, &errb)
 		t.Logf("%v: err %v", cmd, err)
+	}
+}
+
+// TestCLIVersion runs sidecar version, --json and --version, and holds
+// them to what the Go toolchain says of the same binary (go version -m).
+func TestCLIVersion(t *testing.T) {
+	t.Parallel()
+	bin := sidecarBinary(t)
+	out, err := exec.Command("go", "version", "-m", bin).Output()
+	if err != nil {
+		t.Fatalf("go version -m: %v", err)
+	}
+	want := buildVersion{Go: runtime.Version(), Platform: runtime.GOOS + "/" + runtime.GOARCH}
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) >= 3 && f[0] == "mod":
+			want.Version = f[2]
+		case len(f) == 2 && f[0] == "build" && strings.HasPrefix(f[1], "vcs.revision="):
+			want.Revision = strings.TrimPrefix(f[1], "vcs.revision=")
+		case len(f) == 2 && f[0] == "build" && strings.HasPrefix(f[1], "vcs.time="):
+			want.Time = strings.TrimPrefix(f[1], "vcs.time=")
+		case len(f) == 2 && f[0] == "build" && f[1] == "vcs.modified=true":
+			want.Modified = true
+		}
+	}
+	if want.Version == "" {
+		t.Fatalf("go version -m %s names no main module:\n%s", bin, out)
+	}
+
+	r := runClient(t, "", []string{"MICRO_VERSION=1.2.3"}, "version", "--json")
+	wantOK(t, r, "version", "--json")
+	var got buildVersion
+	if err := json.Unmarshal([]byte(r.stdout), &got); err != nil || strings.Count(r.stdout, "\n") != 1 {
+		t.Fatalf("sidecar version --json = %q (%v), want one line of JSON", r.stdout, err)
+	}
+	if got != want {
+		t.Errorf("sidecar version --json = %+v, want %+v (go version -m)", got, want)
+	}
+
+	line := want.String() + "\n"
+	if !strings.HasPrefix(line, "sidecar "+want.Version+" ") || !strings.Contains(line, " "+runtime.Version()+" ") {
+		t.Errorf("one-line form %q lacks the version or the Go version", line)
+	}
+	for _, args := range [][]string{{"version"}, {"--version"}, {"-version"}} {
+		r := runClient(t, "", []string{"MICRO_VERSION=1.2.3"}, args...)
+		wantOK(t, r, args...)
+		if r.stdout != line {
+			t.Errorf("sidecar %q = %q, want %q", args, r.stdout, line)
+		}
+	}
+	// It needs no sidecar and ignores where one would be.
+	r = runClient(t, "", []string{"MICRO_PROXY_ADDRESS=ftp://nowhere"}, "version")
+	wantOK(t, r, "version")
+	wantFailure(t, runClient(t, "", nil, "version", "now"), "usage: sidecar version", "version", "now")
+	wantFailure(t, runClient(t, "", nil, "version", "--proxy_address", "h:1"), "proxy_address", "version", "--proxy_address")
+}
+
+// TestVersionFromGit builds the sidecar from a git checkout of its sources
+// with a known commit and an uncommitted change, and checks that sidecar
+// version reports that commit, its time, and the change. (The test binary
+// of the other tests may carry no VCS information: Go stamps none in a git
+// worktree or with -buildvcs=false.)
+func TestVersionFromGit(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("git"); err != nil {
+		t.Skip("git not on PATH")
+	}
+	src := t.TempDir()
+	entries, err := os.ReadDir(".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		// Not .git: in a worktree it is a file naming the shared git
+		// directory, which the git commands below must never touch.
+		if !e.Type().IsRegular() || strings.HasPrefix(e.Name(), ".") || strings.HasSuffix(e.Name(), "_test.go") {
+			continue
+		}
+		b, err := os.ReadFile(e.Name())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(src, e.Name()), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	git := func(args ...string) string {
+		t.Helper()
+		cmd := exec.Command("git", args...)
+		cmd.Dir = src
+		cmd.Env = append(os.Environ(), "GIT_DIR="+filepath.Join(src, ".git"), "GIT_WORK_TREE="+src,
+			"GIT_CONFIG_GLOBAL=/dev/null", "GIT_CONFIG_NOSYSTEM=1",
+			"GIT_AUTHOR_NAME=t", "GIT_AUTHOR_EMAIL=t@example.com", "GIT_COMMITTER_NAME=t", "GIT_COMMITTER_EMAIL=t@example.com",
+			"GIT_AUTHOR_DATE=2026-01-02T03:04:05Z", "GIT_COMMITTER_DATE=2026-01-02T03:04:05Z")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("git %q: %v\n%s", args, err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	git("init", "-q")
+	git("add", ".")
+	git("commit", "-q", "-m", "test")
+	rev := git("rev-parse", "HEAD")
+	if err := os.WriteFile(filepath.Join(src, "uncommitted.txt"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(t.TempDir(), "sidecar")
+	build := exec.Command("go", "build", "-buildvcs=true", "-o", bin, ".")
+	build.Dir = src
+	build.Env = append(os.Environ(), "GOFLAGS=")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build in a git checkout: %v\n%s", err, out)
+	}
+
+	out, err := exec.Command(bin, "version", "--json").Output()
+	if err != nil {
+		t.Fatalf("sidecar version --json: %v", err)
+	}
+	var got buildVersion
+	if err := json.Unmarshal(out, &got); err != nil {
+		t.Fatalf("sidecar version --json = %q: %v", out, err)
+	}
+	want := buildVersion{Version: got.Version, Revision: rev, Time: "2026-01-02T03:04:05Z", Modified: true,
+		Go: runtime.Version(), Platform: runtime.GOOS + "/" + runtime.GOARCH}
+	if got != want {
+		t.Errorf("sidecar version --json = %+v, want %+v", got, want)
+	}
+	if !strings.Contains(got.Version, rev[:12]) {
+		t.Errorf("version %q does not name the commit %s (a pseudo-version)", got.Version, rev[:12])
+	}
+	out, err = exec.Command(bin, "--version").Output()
+	if wantLine := "sidecar " + got.Version + " (revision " + rev + ", 2026-01-02T03:04:05Z, modified) " + runtime.Version() + " " + want.Platform + "\n"; err != nil || string(out) != wantLine {
+		t.Errorf("sidecar --version = %q, %v; want %q", out, err, wantLine)
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	crand "crypto/rand"
 	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
@@ -13,8 +14,10 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -51,6 +54,23 @@ func newBackendTransport(cfg *Config, clientTLS *tls.Config) *http.Transport {
 		TLSClientConfig:        clientTLS,
 		TLSHandshakeTimeout:    min(cfg.ClientRequestTimeout, maxDialTimeout),
 	}
+}
+
+// dialError says once what a failed dial to a node means: "connect to
+// 127.0.0.1:1: connection refused". The *net.OpError's own text is "dial
+// tcp 127.0.0.1:1: connect: connection refused", and its inner error
+// after a "connect" prefix said connect twice. The cause stays wrapped:
+// errors.Is(err, syscall.ECONNREFUSED) holds.
+func dialError(op *net.OpError) error {
+	cause := op.Err
+	var se *os.SyscallError
+	if errors.As(cause, &se) {
+		cause = se.Err
+	}
+	if op.Addr == nil { // the name did not resolve: the DNS error names it
+		return fmt.Errorf("connect: %w", cause)
+	}
+	return fmt.Errorf("connect to %s: %w", op.Addr, cause)
 }
 
 // requestTimeout is the budget of a call: def, or less when the caller's
@@ -382,4 +402,134 @@ func asciiEqualFold[S string | []byte](b S, s string) bool {
 		}
 	}
 	return true
+}
+
+// Loop detection (RFC 9110 section 7.6.3). Every request the sidecar
+// forwards (the proxy's, websocket upgrades included, and RPC's) carries
+// the sidecar in Via as "1.1 sidecar-<id>" (the received protocol, then a
+// pseudonym with an id drawn at random per server), appended after the
+// Via the caller sent. A request whose Via already names this sidecar went
+// round a loop: a node registered at the sidecar's own address (directly,
+// or behind a load balancer or NAT the registry cannot see through), or
+// sidecars that name each other. A request that already passed through
+// maxSidecarHops sidecars is in a loop of other sidecars, or a chain too
+// long to be meant. Either is refused with a JSON 508 before anything is
+// looked up or sent, so a loop costs one forwarded request, not thousands.
+// The RPC and proxy handlers share the server's via; the CLI is a client
+// of a sidecar and needs none.
+
+const (
+	// maxSidecarHops is the most sidecars that may forward one request:
+	// one whose Via lists this many already is refused.
+	maxSidecarHops = 8
+	viaPrefix      = "sidecar-" // a sidecar's pseudonym in Via: the prefix and 16 hex digits
+	viaIDLen       = len(viaPrefix) + 16
+)
+
+// via is a server's place in the Via field: its pseudonym, the entries it
+// appends, and the count of requests refused as loops. Read-only after
+// newVia but for the counter; safe for concurrent use.
+type via struct {
+	id      string    // "sidecar-" and 16 hex digits
+	entries [3]string // "1.0 <id>", "1.1 <id>", "2 <id>": appended without allocating
+	refused atomic.Int64
+}
+
+// newVia draws a new pseudonym.
+func newVia() *via {
+	var b [8]byte
+	crand.Read(b[:]) // never fails (crypto/rand)
+	v := &via{id: viaPrefix + hex.EncodeToString(b[:])}
+	v.entries = [3]string{"1.0 " + v.id, "1.1 " + v.id, "2 " + v.id}
+	return v
+}
+
+// entry is the Via entry this sidecar appends to a request it received as
+// r: the protocol version it was received with, then the pseudonym.
+func (v *via) entry(r *http.Request) string {
+	switch {
+	case r.ProtoMajor == 1 && r.ProtoMinor == 0:
+		return v.entries[0]
+	case r.ProtoMajor == 2:
+		return v.entries[2]
+	}
+	return v.entries[1]
+}
+
+// appendTo returns the Via field values of a forwarded request: the
+// caller's values then this sidecar's entry, in a new slice (values may be
+// shared with the caller's header).
+func (v *via) appendTo(values []string, r *http.Request) []string {
+	return append(values[:len(values):len(values)], v.entry(r))
+}
+
+// check returns the reason to refuse a request with Via field values
+// values as a loop (the caller answers 508), or nil. It does not allocate
+// when the request is let through.
+func (v *via) check(values []string) error {
+	hops := 0
+	for _, line := range values {
+		for rest := line; rest != ""; {
+			var elem string
+			elem, rest = nextViaEntry(rest)
+			by := viaReceivedBy(elem)
+			if by == v.id {
+				v.refused.Add(1)
+				return fmt.Errorf("loop detected: the request already passed through this sidecar (%s in Via); is a node registered at the sidecar's own address, or do sidecars forward to each other?", v.id)
+			}
+			if isSidecarID(by) {
+				hops++
+			}
+		}
+	}
+	if hops >= maxSidecarHops {
+		v.refused.Add(1)
+		return fmt.Errorf("loop detected: the request already passed through %d sidecars (Via); at most %d may forward one request", hops, maxSidecarHops)
+	}
+	return nil
+}
+
+// nextViaEntry splits the first entry off a Via field value: up to a comma
+// outside a comment (comments, in parentheses, may hold commas and nest;
+// a backslash quotes the next byte in them).
+func nextViaEntry(s string) (entry, rest string) {
+	depth := 0
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '\\' && depth > 0:
+			i++
+		case c == '(':
+			depth++
+		case c == ')' && depth > 0:
+			depth--
+		case c == ',' && depth == 0:
+			return s[:i], s[i+1:]
+		}
+	}
+	return s, ""
+}
+
+// viaReceivedBy is the received-by part of one Via entry
+// ("[protocol-name/]version received-by [comment]"), or "".
+func viaReceivedBy(entry string) string {
+	entry = trimOWS(entry)
+	i := strings.IndexAny(entry, " \t")
+	if i < 0 {
+		return ""
+	}
+	by := trimOWS(entry[i:])
+	if j := strings.IndexAny(by, " \t("); j >= 0 {
+		by = by[:j]
+	}
+	return by
+}
+
+// isSidecarID reports whether a Via received-by is a sidecar's pseudonym.
+func isSidecarID(by string) bool {
+	return len(by) == viaIDLen && strings.HasPrefix(by, viaPrefix) && isLowerHex(by[len(viaPrefix):])
+}
+
+// metrics emits the count of requests refused as loops.
+func (v *via) metrics(emit emitFunc) {
+	emit("sidecar_loops_refused_total", "Requests refused with 508 Loop Detected: their Via named this sidecar or too many sidecars.", "counter", float64(v.refused.Load()))
 }

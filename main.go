@@ -43,6 +43,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -69,6 +70,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runCLI(ctx, args, stdout, stderr) // sidecar COMMAND: the client (cli.go)
 	}
 	cfg, err := parseConfig(args, os.Getenv, stderr)
+	if errors.Is(err, errShowVersion) {
+		_, err = fmt.Fprintln(stdout, readBuildVersion()) // as sidecar version (cli.go)
+		return err
+	}
 	if err != nil {
 		return err
 	}
@@ -82,9 +87,31 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		s.Close()
 		return err
 	}
+	if err := s.setAdvertise(ln.Addr()); err != nil {
+		ln.Close()
+		s.Close()
+		return err
+	}
 	fmt.Fprintf(stdout, "sidecar listening on %s://%s\n", s.tls.scheme(), ln.Addr())
-	s.setAdvertise(ln.Addr())
+	warnIfExposed(cfg, ln.Addr(), logger)
 	return s.serve(ctx, ln)
+}
+
+// warnIfExposed logs one warning when the sidecar listens beyond loopback
+// and nothing authenticates its callers: then anyone who can reach the
+// port can register nodes (and so take over other services' calls),
+// publish, and call every service through it. Mutual TLS authenticates
+// callers too.
+func warnIfExposed(cfg *Config, bound net.Addr, logger *slog.Logger) {
+	if cfg.AuthToken != "" || cfg.TLSClientCAFile != "" {
+		return
+	}
+	if a, ok := bound.(*net.TCPAddr); ok && a.IP.IsLoopback() {
+		return
+	}
+	logger.Warn("no auth token: anyone who can reach this address can change the registry and call services through the sidecar",
+		"address", bound.String(),
+		"fix", "set --auth_token_file FILE or --auth_token TOKEN (MICRO_AUTH_TOKEN_FILE, MICRO_AUTH_TOKEN); clients then send Authorization: Bearer TOKEN")
 }
 
 // Config is the sidecar's whole configuration, parsed once by parseConfig
@@ -115,6 +142,10 @@ type Config struct {
 	RegistryConnections int
 	RegistryStale       time.Duration
 	RegistryWatchIdle   time.Duration
+
+	RegistryHistory     int // recent watch events kept for ?since= (registry_watch.go)
+	RegistryMaxWatchers int // open registry watches; beyond it a watch is a 503
+	RegistryMaxNodes    int // nodes in one registration request; beyond it a 413
 
 	Broker        string      // "memory" (default: here, and across sidecars sharing the registry) or "nats"
 	BrokerAddress string      // memory: host:port other sidecars deliver to, empty: the bound address; nats: the servers
@@ -156,7 +187,8 @@ type Config struct {
 	AuthTokenFile string // accepted tokens, one a line, re-read when it changes (auth.go)
 
 	MaxBodyBytes    int64         // limit of a request body the sidecar reads
-	ShutdownTimeout time.Duration // drain budget on SIGTERM
+	ShutdownDelay   time.Duration // on SIGTERM, serve this long with /health at 503 before closing the listener; zero: none
+	ShutdownTimeout time.Duration // drain budget on SIGTERM, after the delay
 	LogLevel        slog.Level
 }
 
@@ -177,6 +209,9 @@ func defaultConfig() *Config {
 		RegistryConnections:  defaultRegistryConns,
 		RegistryStale:        defaultRegistryStale,
 		RegistryWatchIdle:    defaultRegistryIdle,
+		RegistryHistory:      defaultWatchHistory,
+		RegistryMaxWatchers:  10_000,
+		RegistryMaxNodes:     10_000,
 		StatsInterval:        time.Second,
 		ClientRetries:        1,
 		ClientRequestTimeout: 5 * time.Second,
@@ -188,6 +223,10 @@ func defaultConfig() *Config {
 	}
 }
 
+// errShowVersion is what parseConfig returns for --version: run prints
+// the version instead of serving.
+var errShowVersion = errors.New("show version")
+
 // parseConfig reads flags from args, then MICRO_* environment variables for
 // the flags not given, and validates the result in one place.
 func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*Config, error) {
@@ -195,6 +234,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs := flag.NewFlagSet("sidecar", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var cors, acmeHosts, authTokenFile, logLevel string
+	var version bool
 	fs.StringVar(&cfg.Address, "address", cfg.Address, "listen `host:port` (\":8081\" to listen on every interface)")
 	fs.StringVar(&cfg.Handler, "handler", cfg.Handler, "handler of other paths: rpc or proxy")
 	fs.StringVar(&cfg.Namespace, "namespace", cfg.Namespace, "namespace of services named by paths")
@@ -208,6 +248,9 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", cfg.RegisterInterval, "interval of the app's registration heartbeat")
 	fs.StringVar(&cfg.Registry, "registry", cfg.Registry, "registry backend: memory, consul or sidecar (another sidecar's /registry)")
 	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend (consul: host:port, default $CONSUL_HTTP_ADDR or 127.0.0.1:8500; sidecar: http://host:port)")
+	fs.IntVar(&cfg.RegistryHistory, "registry_history", cfg.RegistryHistory, "recent registry events kept so a watch can resume with ?since= (0: none)")
+	fs.IntVar(&cfg.RegistryMaxWatchers, "registry_max_watchers", cfg.RegistryMaxWatchers, "most registry watches open at once")
+	fs.IntVar(&cfg.RegistryMaxNodes, "registry_max_nodes", cfg.RegistryMaxNodes, "most nodes in one registration request")
 	fs.IntVar(&cfg.RegistryConnections, "registry_connections", cfg.RegistryConnections, "connections to a remote registry, every call included; blocking queries (watches) use at most 7/8 of them (Consul allows 200 per client address)")
 	fs.DurationVar(&cfg.RegistryStale, "registry_stale", cfg.RegistryStale, "a remote service looked up but not watched is fetched again on lookup once its copy is this old")
 	fs.DurationVar(&cfg.RegistryWatchIdle, "registry_watch_idle", cfg.RegistryWatchIdle, "a remote service not looked up for this long is no longer watched")
@@ -250,14 +293,19 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.StringVar(&cfg.AuthToken, "auth_token", "", "require Authorization: Bearer `TOKEN` on every request but /health")
 	fs.StringVar(&authTokenFile, "auth_token_file", "", "read the accepted auth tokens from `file`, one a line, re-read when it changes")
 	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", cfg.MaxBodyBytes, "largest request body the sidecar reads")
-	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", cfg.ShutdownTimeout, "time to drain requests on SIGTERM")
+	fs.DurationVar(&cfg.ShutdownDelay, "shutdown_delay", cfg.ShutdownDelay, "on SIGTERM, keep serving this long with /health at 503 and the app deregistered before closing the listener (5s for Kubernetes)")
+	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", cfg.ShutdownTimeout, "time to drain requests on SIGTERM (after --shutdown_delay)")
 	fs.StringVar(&logLevel, "log_level", "info", "log level: debug, info, warn or error")
+	fs.BoolVar(&version, "version", false, "print the version and exit (sidecar version --json prints it as JSON)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: sidecar [flags]\n       sidecar COMMAND [ARGS] (commands of the client: sidecar help)\n\nEvery flag also reads MICRO_<NAME> from the environment (MICRO_ADDRESS for --address).\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return nil, err
+	}
+	if version {
+		return nil, errShowVersion // before the environment: MICRO_* settings cannot stop it
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q (see --help)", fs.Arg(0))
@@ -296,8 +344,8 @@ func applyEnv(fs *flag.FlagSet, getenv func(string) string) error {
 	fs.VisitAll(func(f *flag.Flag) {
 		env := "MICRO_" + strings.ToUpper(f.Name)
 		v := getenv(env)
-		if given[f.Name] || v == "" || err != nil {
-			return
+		if given[f.Name] || v == "" || err != nil || f.Name == "version" {
+			return // MICRO_VERSION often names an app's version, not this flag
 		}
 		if e := fs.Set(f.Name, v); e != nil {
 			err = fmt.Errorf("invalid value %q for flag --%s (from %s): %v", v, f.Name, env, e)
@@ -334,8 +382,16 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %d for flag --client_retries: want 0 to 10", c.ClientRetries)
 	case !validStrategy(c.Balancer):
 		return fmt.Errorf("invalid value %q for flag --balancer: want p2c, random or roundrobin", c.Balancer)
+	case c.RegistryHistory < 0:
+		return fmt.Errorf("invalid value %d for flag --registry_history: must not be negative", c.RegistryHistory)
+	case c.RegistryMaxWatchers <= 0:
+		return fmt.Errorf("invalid value %d for flag --registry_max_watchers: must be positive", c.RegistryMaxWatchers)
+	case c.RegistryMaxNodes <= 0:
+		return fmt.Errorf("invalid value %d for flag --registry_max_nodes: must be positive", c.RegistryMaxNodes)
 	case c.RegistryConnections < 4 || c.RegistryConnections > 10_000:
 		return fmt.Errorf("invalid value %d for flag --registry_connections: want 4 to 10000", c.RegistryConnections)
+	case c.ShutdownDelay < 0:
+		return fmt.Errorf("invalid value %s for flag --shutdown_delay: must not be negative", c.ShutdownDelay)
 	case c.MaxBodyBytes <= 0:
 		return fmt.Errorf("invalid value %d for flag --max_body_bytes: must be positive", c.MaxBodyBytes)
 	case c.RegisterInterval >= c.RegisterTTL:
@@ -410,6 +466,7 @@ type server struct {
 	auth     *auth
 	streams  *streams
 	cors     corsPolicy
+	via      *via // this sidecar in the Via of what it forwards (client.go)
 	handler  http.Handler
 
 	// draining is set when shutdown begins: /health fails readiness.
@@ -422,6 +479,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 		log:     logger,
 		started: time.Now(),
 		cors:    newCORSPolicy(cfg.CORS),
+		via:     newVia(),
 	}
 	tlsm, err := newTLSManager(cfg, logger.With("component", "tls"))
 	if err != nil {
@@ -436,13 +494,13 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.registry = newRegistryAPI(reg, s.streams, cfg.MaxBodyBytes, logger.With("component", "registry"))
+	s.registry = newRegistryAPI(reg, s.streams, cfg, logger.With("component", "registry"))
 	clientTLS, err := clientTLSConfig(cfg)
 	if err != nil {
 		return nil, err
 	}
-	s.rpc = newRPCHandler(cfg, reg, clientTLS, logger.With("component", "rpc"))
-	s.proxy = newProxyHandler(cfg, reg, s.streams, clientTLS, logger.With("component", "proxy"))
+	s.rpc = newRPCHandler(cfg, reg, clientTLS, s.via, logger.With("component", "rpc"))
+	s.proxy = newProxyHandler(cfg, reg, s.streams, clientTLS, s.via, logger.With("component", "proxy"))
 	s.broker = newBroker(cfg, s.streams, logger.With("component", "broker"))
 	s.peers = newPeerBroker(cfg, reg, s.broker, clientTLS, logger.With("component", "broker"))
 	if cfg.Broker == "nats" {
@@ -457,6 +515,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	}
 	s.stats = newStats(cfg, logger.With("component", "stats"))
 	s.stats.addSource(registrySizeSource(reg))
+	s.stats.addSource(s.registry.metrics)
 	s.stats.addSource(s.broker.metrics)
 	s.stats.addSource(s.peers.metrics)
 	if s.nats != nil {
@@ -464,6 +523,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	}
 	s.stats.addSource(s.rpc.metrics)
 	s.stats.addSource(s.proxy.metrics)
+	s.stats.addSource(s.via.metrics)
 	s.stats.addSource(s.auth.metrics)
 	s.stats.addSource(s.tls.metrics)
 	if cfg.ServerName != "" {
@@ -487,7 +547,11 @@ type route struct {
 }
 
 // routes is the route table: every endpoint of the sidecar, in one place.
-func (s *server) routes() *http.ServeMux {
+// Its rows match only clean paths: a path that is not (//x, /./x, /a/../b)
+// goes to the row "/", the handler of the paths the sidecar does not own,
+// which forwards it as it came or refuses it (see cleanFront). No other
+// pattern may end in a slash: the mux would redirect /x to /x/.
+func (s *server) routes() http.Handler {
 	table := []route{
 		{"GET /health", s.handleHealth},
 		{"GET /registry", s.registry.handleGet},
@@ -503,8 +567,12 @@ func (s *server) routes() *http.ServeMux {
 	}
 	mux := http.NewServeMux()
 	allow := map[string][]string{}
+	var root route
 	for _, rt := range table {
 		mux.HandleFunc(rt.pattern, rt.handler)
+		if rt.pattern == "/" {
+			root = rt
+		}
 		if method, path, ok := strings.Cut(rt.pattern, " "); ok {
 			allow[path] = append(allow[path], method)
 		}
@@ -520,7 +588,44 @@ func (s *server) routes() *http.ServeMux {
 			writeError(w, http.StatusMethodNotAllowed, "method %s not allowed on %s; allowed: %s", r.Method, path, allowed)
 		})
 	}
-	return mux
+	return cleanFront(mux, root)
+}
+
+// cleanFront keeps the mux from redirecting. http.ServeMux answers a path
+// that is not in canonical form with a text/html redirect to the cleaned
+// path, which the sidecar never sends: a proxied path must reach the node
+// byte for byte, and an error must be JSON. So a path the mux would clean
+// goes to root (the route "/") without the mux, with root's pattern for
+// the stats. CONNECT paths the mux does not clean either.
+func cleanFront(mux *http.ServeMux, root route) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if p := r.URL.EscapedPath(); r.Method != http.MethodConnect && canonicalPath(p) != p {
+			r.Pattern = root.pattern
+			root.handler(w, r)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+// canonicalPath is the path http.ServeMux matches in place of p: without
+// empty, "." and ".." segments, a trailing slash kept. It allocates only
+// when p is not canonical.
+func canonicalPath(p string) string {
+	if p == "" {
+		return "/"
+	}
+	if p[0] != '/' {
+		p = "/" + p
+	}
+	np := path.Clean(p)
+	if p[len(p)-1] == '/' && np != "/" {
+		if len(p) == len(np)+1 && strings.HasPrefix(p, np) {
+			return p
+		}
+		np += "/"
+	}
+	return np
 }
 
 // handleRoot serves every path the sidecar does not own: RPC by path, or
@@ -592,8 +697,10 @@ func (s *server) start(ctx context.Context) {
 }
 
 // serve runs the HTTP server on ln until ctx is cancelled, then shuts down:
-// fail readiness, deregister the app, stop accepting and drain requests,
-// close streams, close components.
+// fail readiness, deregister the app, go on serving for --shutdown_delay
+// (load balancers and orchestrators take a while to see /health fail and
+// stop sending; requests they send meanwhile are served, not refused),
+// stop accepting and drain requests, close streams, close components.
 func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	// The components outlive ctx: the drain still looks services up,
 	// deregisters the app and this sidecar's topics, and answers HTTP-01
@@ -617,15 +724,24 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	case err = <-errc:
 		err = fmt.Errorf("serve: %w", err)
 	case <-ctx.Done():
-		s.log.Info("shutting down")
+		s.log.Info("shutting down", "delay", s.cfg.ShutdownDelay)
 	}
 	s.draining.Store(true)
+	if s.app != nil {
+		s.app.Close()                                // no heartbeat may register it again
+		s.app.deregister(context.WithoutCancel(ctx)) // bounded by its own timeout
+	}
+	if err == nil && s.cfg.ShutdownDelay > 0 {
+		t := time.NewTimer(s.cfg.ShutdownDelay)
+		select {
+		case <-t.C:
+		case e := <-errc:
+			err = fmt.Errorf("serve: %w", e)
+		}
+		t.Stop()
+	}
 	drain, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.ShutdownTimeout)
 	defer cancel()
-	if s.app != nil {
-		s.app.Close() // no heartbeat may register it again
-		s.app.deregister(drain)
-	}
 	if e := hs.Shutdown(drain); e != nil {
 		s.log.Warn("drain incomplete", "err", e)
 		hs.Close()
@@ -658,11 +774,22 @@ func (s *server) Close() error {
 
 // setAdvertise makes this sidecar reachable by the others at
 // --broker_address, or at the address its listener is bound to; the peer
-// broker registers it from start on. Call it once the listener is bound
-// (run does, before serve starts the components).
-func (s *server) setAdvertise(bound net.Addr) {
+// broker registers it from start on. The registry refuses nodes at those
+// addresses from then on. Call it once the listener is bound (run does,
+// before serve starts the components). It fails, changing nothing, when
+// --server_address is one of them: the app would be the sidecar itself,
+// and every call to it a loop.
+func (s *server) setAdvertise(bound net.Addr) error {
+	advertised := s.cfg.BrokerAddress
 	if s.nats != nil {
-		return // NATS carries messages between sidecars
+		advertised = "" // the NATS servers, not this sidecar
+	}
+	s.registry.setSelf(bound, advertised)
+	if h, p, err := splitHostPort(s.cfg.ServerAddress); err == nil && s.registry.self.holds(h, p) {
+		return fmt.Errorf("flag --server_address %s is this sidecar's own address (bound to %s): the app would be the sidecar, and calls to it would loop", s.cfg.ServerAddress, bound)
+	}
+	if s.nats != nil {
+		return nil // NATS carries messages between sidecars
 	}
 	host, port := "", 0
 	if s.cfg.BrokerAddress != "" {
@@ -671,4 +798,5 @@ func (s *server) setAdvertise(bound net.Addr) {
 		host, port = advertiseHost(a.IP), a.Port
 	}
 	s.peers.setAdvertise(host, port, s.tls.scheme() == "https")
+	return nil
 }

@@ -20,6 +20,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -60,6 +61,7 @@ type proxyHandler struct {
 	conns     *connPools      // every other request
 	buffers   *bufferPool
 	streams   *streams
+	via       *via // refuses loops, and stamps what is forwarded
 	rp        *httputil.ReverseProxy
 
 	// Counters without a service label (service names here come from
@@ -71,17 +73,18 @@ type proxyHandler struct {
 }
 
 // newProxyHandler builds the proxy; clientTLS verifies nodes called over
-// https (see backendScheme).
-func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Config, logger *slog.Logger) *proxyHandler {
+// https (see backendScheme); v is the server's place in Via.
+func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Config, v *via, logger *slog.Logger) *proxyHandler {
 	p := &proxyHandler{
 		cfg:       cfg,
 		reg:       reg,
 		log:       logger,
-		bal:       newBalancer(cfg.Balancer, logger),
+		bal:       newBalancer(cfg.Balancer, time.Now, logger),
 		transport: newBackendTransport(cfg, clientTLS),
 		conns:     newConnPools(cfg, clientTLS),
 		buffers:   &bufferPool{},
 		streams:   g,
+		via:       v,
 	}
 	// Bodies pass through as the node encoded them: the transport must not
 	// ask for gzip on the caller's behalf and decode it.
@@ -112,12 +115,14 @@ func (p *proxyHandler) Close() error {
 	return nil
 }
 
-// proxyService names the service of a proxied path with namespace ns: its
-// first segment (/foo/... is ns.foo), or its first two when the first is a
-// version (/v1/foo/... is ns.v1.foo). A path naming no valid service is a
-// 404.
+// proxyService names the service of a proxied path (as sent, escaped)
+// with namespace ns: its first non-empty segment (/foo/... and //foo/...
+// are ns.foo), or its first two when the first is a version (/v1/foo/...
+// is ns.v1.foo). Segments are unescaped one by one, so %2F is no
+// separator. A path naming no valid service ("/", "/./foo", "/../foo") is
+// a 404. The path itself goes to the node as it came.
 func proxyService(ns, path string) (string, error) {
-	first, rest, _ := strings.Cut(strings.TrimPrefix(path, "/"), "/")
+	first, rest := nextSegment(path)
 	if first == "" {
 		return "", errorf(http.StatusNotFound, "proxy: path %q names no service; want /[service]/...", path)
 	}
@@ -126,7 +131,7 @@ func proxyService(ns, path string) (string, error) {
 	}
 	name := first
 	if isVersion(first) {
-		if second, _, _ := strings.Cut(rest, "/"); second != "" && checkSegment(second) == nil {
+		if second, _ := nextSegment(rest); second != "" && checkSegment(second) == nil {
 			name = first + "." + second
 		}
 	}
@@ -137,6 +142,22 @@ func proxyService(ns, path string) (string, error) {
 		return "", errorf(http.StatusNotFound, "proxy: service name from path is longer than %d bytes", maxNameLen)
 	}
 	return name, nil
+}
+
+// nextSegment returns the first non-empty segment of the escaped path p,
+// unescaped ("" if there is none or it does not unescape), and what
+// follows it. It allocates only for a segment with a percent sign.
+func nextSegment(p string) (seg, rest string) {
+	p = strings.TrimLeft(p, "/")
+	seg, rest, _ = strings.Cut(p, "/")
+	if strings.IndexByte(seg, '%') >= 0 {
+		u, err := url.PathUnescape(seg)
+		if err != nil {
+			return "", rest
+		}
+		seg = u
+	}
+	return seg, rest
 }
 
 // Phases of a proxied request, which decide what its timer enforces.
@@ -208,7 +229,11 @@ func callOf(r *http.Request) *proxyCall {
 // websocket) through the ReverseProxy and RoundTrip, any other request
 // through forward, over the sidecar's own HTTP/1.1 client (proxy_conn.go).
 func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
-	service, err := proxyService(p.cfg.Namespace, r.URL.Path)
+	if err := p.via.check(r.Header["Via"]); err != nil {
+		writeError(w, http.StatusLoopDetected, "proxy: %v", err)
+		return
+	}
+	service, err := proxyService(p.cfg.Namespace, r.URL.EscapedPath())
 	if err != nil {
 		writeHTTPError(w, err)
 		return
@@ -286,7 +311,7 @@ func (p *proxyHandler) forward(w http.ResponseWriter, r *http.Request, pc *proxy
 		}
 		c, h, err := p.exchange(pc, r, n, t0)
 		if err == nil {
-			p.bal.done(n, time.Since(t0), h.code < 500)
+			p.bal.done(n, t0, time.Since(t0), h.code < 500)
 			if h.code >= 500 {
 				pc.st.errors.Add(1)
 			}
@@ -356,7 +381,7 @@ func (pc *proxyCall) dial(pool *connPool) (*backendConn, error) {
 // When writing the body fails, the node may have answered early (a 413,
 // say): that answer is used if it can be read.
 func (p *proxyHandler) roundTrip(pc *proxyCall, r *http.Request, c *backendConn) (h respHead, started, wrote bool, err error) {
-	writeRequestHead(c.bw, r, c.pool.addr, r.ContentLength, p.cfg.AuthToken != "")
+	writeRequestHead(c.bw, r, c.pool.addr, p.via.entry(r), r.ContentLength, p.cfg.AuthToken != "")
 	var werr error
 	if r.ContentLength != 0 {
 		if werr = p.sendBody(pc, r, c); werr != nil {
@@ -747,15 +772,17 @@ func (pc *proxyCall) bodySent() {
 // rewrite prepares an outgoing upgrade request (writeRequestHead does the
 // same for the others): path and query stay as they came;
 // the Host header names the node; X-Forwarded-For extends the caller's
-// chain, X-Forwarded-Host and -Proto describe the caller's request; the
-// sidecar's own bearer token is not passed on; a W3C traceparent is passed
-// through or started. ReverseProxy has already removed hop-by-hop headers.
+// chain, X-Forwarded-Host and -Proto describe the caller's request; Via
+// gets the sidecar after the caller's entries; the sidecar's own bearer
+// token is not passed on; a W3C traceparent is passed through or started.
+// ReverseProxy has already removed hop-by-hop headers.
 func (p *proxyHandler) rewrite(pr *httputil.ProxyRequest) {
 	if prior := pr.In.Header["X-Forwarded-For"]; len(prior) > 0 {
 		pr.Out.Header["X-Forwarded-For"] = prior
 	}
 	pr.SetXForwarded()
 	pr.Out.Host = ""
+	pr.Out.Header["Via"] = p.via.appendTo(pr.Out.Header["Via"], pr.In)
 	if p.cfg.AuthToken != "" {
 		delete(pr.Out.Header, "Authorization")
 	}
@@ -794,7 +821,7 @@ func (p *proxyHandler) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		resp, err := p.transport.RoundTrip(out)
 		if err == nil {
-			p.bal.done(n, time.Since(t0), resp.StatusCode < 500)
+			p.bal.done(n, t0, time.Since(t0), resp.StatusCode < 500)
 			if resp.StatusCode >= 500 {
 				pc.st.errors.Add(1)
 			}
@@ -813,7 +840,7 @@ func (p *proxyHandler) RoundTrip(req *http.Request) (*http.Response, error) {
 func (pc *proxyCall) failed(n *nodeState, try int, t0 time.Time, err error) *httpError {
 	p := pc.p
 	pe, nodeFailed, retry := pc.classify(err)
-	p.bal.done(n, time.Since(t0), !nodeFailed)
+	p.bal.done(n, t0, time.Since(t0), !nodeFailed)
 	if nodeFailed {
 		p.log.Debug("attempt failed", "service", pc.service, "node", n.addr, "try", try, "err", err)
 	}
@@ -859,7 +886,7 @@ func (pc *proxyCall) classify(err error) (pe *httpError, nodeFailed, retry bool)
 	}
 	var op *net.OpError
 	if errors.As(err, &op) && op.Op == "dial" {
-		return &httpError{http.StatusServiceUnavailable, fmt.Errorf("connect: %w", op.Err)}, true, pc.bytes.Load() == 0
+		return &httpError{http.StatusServiceUnavailable, dialError(op)}, true, pc.bytes.Load() == 0
 	}
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {

@@ -313,12 +313,14 @@ func (c *backendConn) close() {
 // writeRequestHead writes the request line and header of r for a node at
 // host: the path and query as they came; Host naming the node;
 // X-Forwarded-For extending the caller's chain, X-Forwarded-Host and
-// -Proto describing the caller's request; no hop-by-hop field (RFC 9110
-// section 7.6.1), including those the Connection field names; no
-// Authorization when dropAuth; the caller's Expect is answered by the
-// sidecar's own server, so it is not passed on. bodyLen frames the body:
-// > 0 a Content-Length, -1 chunked, 0 none.
-func writeRequestHead(bw *bufio.Writer, r *http.Request, host string, bodyLen int64, dropAuth bool) {
+// -Proto describing the caller's request; the caller's Via followed by
+// via, the sidecar's own entry (a field line of its own after the
+// caller's, which RFC 9110 section 5.3 makes the same list); no
+// hop-by-hop field (RFC 9110 section 7.6.1), including those the
+// Connection field names; no Authorization when dropAuth; the caller's
+// Expect is answered by the sidecar's own server, so it is not passed on.
+// bodyLen frames the body: > 0 a Content-Length, -1 chunked, 0 none.
+func writeRequestHead(bw *bufio.Writer, r *http.Request, host, via string, bodyLen int64, dropAuth bool) {
 	uri := r.RequestURI
 	if uri == "" || uri[0] != '/' {
 		uri = r.URL.RequestURI()
@@ -353,6 +355,11 @@ func writeRequestHead(bw *bufio.Writer, r *http.Request, host string, bodyLen in
 	}
 	if hasToken(r.Header["Te"], "trailers") {
 		bw.WriteString("Te: trailers\r\n")
+	}
+	if via != "" {
+		bw.WriteString("Via: ")
+		bw.WriteString(via)
+		bw.WriteString("\r\n")
 	}
 	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
 		bw.WriteString("X-Forwarded-For: ")

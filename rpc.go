@@ -39,6 +39,7 @@ type rpcHandler struct {
 	log       *slog.Logger
 	bal       *balancer
 	transport *http.Transport
+	via       *via        // refuses loops, and stamps what is forwarded
 	direct    retryBudget // retry budget of calls to an explicit address
 
 	nextID atomic.Uint64 // JSON-RPC id of the next call
@@ -51,14 +52,15 @@ type rpcHandler struct {
 }
 
 // newRPCHandler builds the handler; clientTLS verifies backends called over
-// https (see backendScheme).
-func newRPCHandler(cfg *Config, reg Registry, clientTLS *tls.Config, logger *slog.Logger) *rpcHandler {
+// https (see backendScheme); v is the server's place in Via.
+func newRPCHandler(cfg *Config, reg Registry, clientTLS *tls.Config, v *via, logger *slog.Logger) *rpcHandler {
 	h := &rpcHandler{
 		cfg:       cfg,
 		reg:       reg,
 		log:       logger,
-		bal:       newBalancer(cfg.Balancer, logger),
+		bal:       newBalancer(cfg.Balancer, time.Now, logger),
 		transport: newBackendTransport(cfg, clientTLS),
+		via:       v,
 	}
 	h.bal.useTLS = func(n *Node) bool { return backendScheme(cfg, n) == "https" }
 	h.direct.init(time.Now())
@@ -93,6 +95,9 @@ type rpcForm struct {
 // handleRPC serves POST /rpc: form fields or a JSON object naming service,
 // method (or endpoint) and request.
 func (h *rpcHandler) handleRPC(w http.ResponseWriter, r *http.Request) {
+	if !h.checkVia(w, r) {
+		return
+	}
 	c, err := h.parseRPC(w, r)
 	if err != nil {
 		writeHTTPError(w, err)
@@ -172,6 +177,18 @@ func (h *rpcHandler) parseRPC(w http.ResponseWriter, r *http.Request) (rpcCall, 
 	return c, nil
 }
 
+// checkVia answers a request that went round a loop (its Via names this
+// sidecar, or too many sidecars) with a JSON 508, before its body is read
+// or its path mapped: a node registered at the sidecar's own address gets
+// POST /, which would otherwise be a 404 the caller sees as a 502.
+func (h *rpcHandler) checkVia(w http.ResponseWriter, r *http.Request) bool {
+	if err := h.via.check(r.Header["Via"]); err != nil {
+		writeError(w, http.StatusLoopDetected, "rpc: %v", err)
+		return false
+	}
+	return true
+}
+
 // requestJSON checks the text of a request field: empty means {}.
 func requestJSON(s string) ([]byte, error) {
 	s = strings.TrimSpace(s)
@@ -188,6 +205,9 @@ func requestJSON(s string) ([]byte, error) {
 // method (see mapPath); a POST body is the request, or for GET the query
 // parameters as a JSON object.
 func (h *rpcHandler) handlePath(w http.ResponseWriter, r *http.Request) {
+	if !h.checkVia(w, r) {
+		return
+	}
 	service, method, err := mapPath(h.cfg.Namespace, r.URL.Path)
 	if err != nil {
 		writeHTTPError(w, err)
@@ -376,6 +396,7 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 	header["Micro-Service"] = []string{c.service}
 	header["Micro-Endpoint"] = []string{c.method}
 	header["Micro-Id"] = []string{idText}
+	header["Via"] = h.via.appendTo(r.Header["Via"], r)
 	body := jsonRPCBody(c.method, c.request, idText)
 
 	var triedBuf [4]*nodeState
@@ -392,12 +413,12 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 			}
 			target = n.url
 		}
-		res = h.try(ctx, target, header, body, c, deadline)
+		res = h.try(ctx, target, header, body, c, idText, deadline)
 		if res.code == http.StatusGatewayTimeout && (lowered || r.Context().Err() != nil) {
 			res.nodeFailed = false // the caller's own short deadline, or its leaving, says nothing of the node
 		}
 		if n != nil {
-			h.bal.done(n, time.Since(t0), !res.nodeFailed)
+			h.bal.done(n, t0, time.Since(t0), !res.nodeFailed)
 		}
 		if res.nodeFailed {
 			h.log.Debug("attempt failed", "service", c.service, "node", target, "try", try, "code", res.code)
@@ -459,11 +480,15 @@ func (h *rpcHandler) apiErr(code int, format string, args ...any) *apiError {
 	return &apiError{ID: errorID, Code: code, Detail: fmt.Sprintf(format, args...), Status: http.StatusText(code)}
 }
 
-// jsonRPCBody is {"method":M,"params":[request],"id":N}.
+// jsonRPCBody is {"jsonrpc":"2.0","method":M,"params":[request],"id":N}:
+// a JSON-RPC 2.0 request, which 2.0 servers refuse without the "jsonrpc"
+// member, and still the 1.0 request go-micro and net/rpc/jsonrpc servers
+// read, since they ignore members they do not know. params stays a
+// one-element array, as 1.0 servers want it.
 func jsonRPCBody(method string, request []byte, id string) []byte {
 	m, _ := json.Marshal(method) // a string: cannot fail
-	b := make([]byte, 0, len(m)+len(request)+len(id)+32)
-	b = append(b, `{"method":`...)
+	b := make([]byte, 0, len(m)+len(request)+len(id)+48)
+	b = append(b, `{"jsonrpc":"2.0","method":`...)
 	b = append(b, m...)
 	b = append(b, `,"params":[`...)
 	b = append(b, request...)
@@ -495,15 +520,30 @@ func backendHeader(in http.Header, dropAuth bool) http.Header {
 	return out
 }
 
-// rpcReply is a JSON-RPC reply.
+// rpcReply is a JSON-RPC reply in either style: 1.0, {"id","result",
+// "error"} with error null or a string; or 2.0, {"jsonrpc":"2.0","id"}
+// with "result" or an "error" object. An absent member stays nil, a null
+// one holds "null". An error that is not null wins over a result (a 2.0
+// server must not send both; a 1.0 one sends result null with an error).
 type rpcReply struct {
 	ID     json.RawMessage `json:"id"`
 	Result json.RawMessage `json:"result"`
 	Error  json.RawMessage `json:"error"`
 }
 
-// try sends one attempt of c to target and classifies the outcome.
-func (h *rpcHandler) try(ctx context.Context, target string, header http.Header, body []byte, c rpcCall, deadline time.Time) attempt {
+// idAnswers reports whether a reply's id answers the request id sent (an
+// integer): the same integer, or the same digits as a string. An absent or
+// null id is accepted: a 2.0 server answers null when it could not read
+// the request's id, some 1.0 servers do not echo it, and HTTP pairs the
+// reply with its request anyway.
+func idAnswers(got json.RawMessage, sent string) bool {
+	s := string(got)
+	return s == "" || s == "null" || s == sent || s == `"`+sent+`"`
+}
+
+// try sends one attempt of c, whose JSON-RPC id is id, to target and
+// classifies the outcome.
+func (h *rpcHandler) try(ctx context.Context, target string, header http.Header, body []byte, c rpcCall, id string, deadline time.Time) attempt {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, target, bytes.NewReader(body))
 	if err != nil {
 		return attempt{code: http.StatusBadGateway, err: h.apiErr(http.StatusBadGateway, "rpc: call %s: %v", c.service, err)}
@@ -518,7 +558,7 @@ func (h *rpcHandler) try(ctx context.Context, target string, header http.Header,
 		var op *net.OpError
 		if errors.As(err, &op) && op.Op == "dial" {
 			return attempt{code: http.StatusServiceUnavailable, nodeFailed: true, retry: true,
-				err: h.apiErr(http.StatusServiceUnavailable, "rpc: call %s: connect to %s: %v", c.service, req.URL.Host, op.Err)}
+				err: h.apiErr(http.StatusServiceUnavailable, "rpc: call %s: %v", c.service, dialError(op))}
 		}
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
@@ -549,8 +589,24 @@ func (h *rpcHandler) try(ctx context.Context, target string, header http.Header,
 		if retry {
 			code = http.StatusServiceUnavailable
 		}
+		if resp.StatusCode == http.StatusLoopDetected {
+			// A sidecar refused the call as a loop (this one, when the
+			// node is its own address): the caller gets the 508.
+			var e apiError
+			if json.Unmarshal(raw, &e) != nil || e.Detail == "" {
+				e.Detail = snippet(raw)
+			}
+			return attempt{code: http.StatusLoopDetected, nodeFailed: true,
+				err: h.apiErr(http.StatusLoopDetected, "rpc: call %s on %s: %s", c.service, req.URL.Host, e.Detail)}
+		}
 		detail := fmt.Sprintf("rpc: call %s on %s: not a JSON-RPC reply (HTTP %d): %.200q", c.service, req.URL.Host, resp.StatusCode, raw)
 		return attempt{code: code, nodeFailed: failed || resp.StatusCode < 300, retry: retry, err: h.apiErr(code, "%s", detail)}
+	}
+	if !idAnswers(rep.ID, id) {
+		// Not the answer to this call: the node, or something between, is
+		// confused, and its result cannot be trusted to be this call's.
+		return attempt{code: http.StatusBadGateway, nodeFailed: true,
+			err: h.apiErr(http.StatusBadGateway, "rpc: call %s on %s: reply id %.64s does not answer request id %s", c.service, req.URL.Host, rep.ID, id)}
 	}
 	if len(rep.Error) > 0 && string(rep.Error) != "null" {
 		a := appError(c.service, rep.Error)
@@ -568,25 +624,35 @@ func (h *rpcHandler) try(ctx context.Context, target string, header http.Header,
 	return attempt{code: http.StatusOK, result: result}
 }
 
-// appError is the caller's error for a JSON-RPC error: a string holding a
-// go-micro error {"id","code","detail","status"} keeps its code as the
-// HTTP status; any other string is a 500 with that text as detail; a
-// JSON-RPC 2.0 error object {"code","message"} is a 500 with its message.
+// appError is the caller's error for a JSON-RPC error member, in either
+// style:
+//   - a string (1.0 style) holding a go-micro error {"id","code","detail",
+//     "status"} keeps its code as the HTTP status; any other string is a
+//     500 with that text as detail;
+//   - a go-micro error as an object, likewise;
+//   - a JSON-RPC 2.0 error object {"code","message","data"} gets the status
+//     of its code (rpc2Status), and its message, data and code in detail;
+//   - anything else is a 500 with the member's JSON as detail.
 func appError(service string, raw json.RawMessage) *apiError {
 	var text string
 	if err := json.Unmarshal(raw, &text); err != nil {
 		var obj struct {
 			apiError
-			Message string `json:"message"`
+			Message string          `json:"message"`
+			Data    json.RawMessage `json:"data"`
 		}
-		if json.Unmarshal(raw, &obj) == nil && obj.Detail != "" && obj.Code >= 400 && obj.Code <= 599 {
+		if json.Unmarshal(raw, &obj) != nil || (obj.Code == 0 && obj.Message == "" && obj.Detail == "") {
+			return &apiError{ID: service, Code: http.StatusInternalServerError, Detail: string(raw), Status: http.StatusText(http.StatusInternalServerError)}
+		}
+		if obj.Detail != "" && obj.Code >= 400 && obj.Code <= 599 {
 			return fillError(service, &obj.apiError)
 		}
-		detail := obj.Message
-		if detail == "" {
-			detail = string(raw)
+		message := obj.Message
+		if message == "" {
+			message = obj.Detail // a go-micro error with a JSON-RPC code
 		}
-		return &apiError{ID: service, Code: http.StatusInternalServerError, Detail: detail, Status: http.StatusText(http.StatusInternalServerError)}
+		code := rpc2Status(obj.Code)
+		return &apiError{ID: service, Code: code, Detail: rpc2Detail(obj.Code, message, obj.Data), Status: http.StatusText(code)}
 	}
 	var e apiError
 	if t := strings.TrimSpace(text); strings.HasPrefix(t, "{") && json.Unmarshal([]byte(t), &e) == nil && e.Code >= 400 && e.Code <= 599 {
@@ -596,6 +662,50 @@ func appError(service string, raw json.RawMessage) *apiError {
 		text = "backend returned an empty error"
 	}
 	return &apiError{ID: service, Code: http.StatusInternalServerError, Detail: text, Status: http.StatusText(http.StatusInternalServerError)}
+}
+
+// rpc2Status is the HTTP status of a JSON-RPC 2.0 error code (SPEC,
+// "Backend wire protocol"): a request the server could not parse, an
+// invalid request and invalid params are 400, an unknown method 404;
+// internal errors, the server errors -32000 to -32099 and codes the
+// application defines are 500. A code that looks like an HTTP status is
+// not taken for one: JSON-RPC codes are the application's own.
+func rpc2Status(code int) int {
+	switch code {
+	case -32700, -32600, -32602:
+		return http.StatusBadRequest
+	case -32601:
+		return http.StatusNotFound
+	}
+	return http.StatusInternalServerError
+}
+
+// rpc2Detail is the detail of a JSON-RPC 2.0 error: "message: data
+// (JSON-RPC error code)", data unquoted when it is a string and compacted
+// otherwise, so the caller sees what the server said and its code, which
+// the HTTP status alone does not keep.
+func rpc2Detail(code int, message string, data json.RawMessage) string {
+	var b strings.Builder
+	b.WriteString(message)
+	if len(data) > 0 && string(data) != "null" {
+		if b.Len() > 0 {
+			b.WriteString(": ")
+		}
+		var s string
+		var buf bytes.Buffer
+		if json.Unmarshal(data, &s) == nil {
+			b.WriteString(s)
+		} else if json.Compact(&buf, data) == nil {
+			b.Write(buf.Bytes())
+		} else {
+			b.Write(data)
+		}
+	}
+	if b.Len() > 0 {
+		b.WriteString(" ")
+	}
+	fmt.Fprintf(&b, "(JSON-RPC error %d)", code)
+	return b.String()
 }
 
 // fillError completes a backend's go-micro error.

@@ -35,7 +35,7 @@ func TestParseConfig(t *testing.T) {
 		wantErr string // substring; empty means success
 	}{
 		{name: "defaults", check: func(c *Config) bool {
-			return c.Address == "127.0.0.1:8081" && c.Handler == "rpc" && c.Namespace == "go.micro.srv" && c.Registry == "memory" && c.ClientRequestTimeout == 5*time.Second
+			return c.Address == "127.0.0.1:8081" && c.Handler == "rpc" && c.Namespace == "go.micro.srv" && c.Registry == "memory" && c.ClientRequestTimeout == 5*time.Second && c.ShutdownDelay == 0
 		}},
 		{name: "flags", args: []string{"--address", ":9000", "--cors", "http://a.example, https://b.example", "--register_ttl=1m"}, check: func(c *Config) bool {
 			return c.Address == ":9000" && len(c.CORS) == 2 && c.CORS[1] == "https://b.example" && c.RegisterTTL == time.Minute
@@ -75,8 +75,20 @@ func TestParseConfig(t *testing.T) {
 		{name: "--registry_connections 3", args: []string{"--registry_connections", "3"}, wantErr: "--registry_connections"},
 		{name: "--registry_stale 0s", args: []string{"--registry_stale", "0s"}, wantErr: "--registry_stale"},
 		{name: "--registry_watch_idle -1m", args: []string{"--registry_watch_idle", "-1m"}, wantErr: "--registry_watch_idle"},
+		{name: "--registry_history 0 --registry_max_watchers 5 --registry_max_nodes 100", args: []string{"--registry_history", "0", "--registry_max_watchers", "5", "--registry_max_nodes", "100"},
+			check: func(c *Config) bool {
+				return c.RegistryHistory == 0 && c.RegistryMaxWatchers == 5 && c.RegistryMaxNodes == 100
+			}},
+		{name: "registry limits' defaults", check: func(c *Config) bool {
+			return c.RegistryHistory == 1000 && c.RegistryMaxWatchers == 10_000 && c.RegistryMaxNodes == 10_000
+		}},
+		{name: "--registry_history -1", args: []string{"--registry_history", "-1"}, wantErr: "--registry_history"},
+		{name: "--registry_max_watchers 0", args: []string{"--registry_max_watchers", "0"}, wantErr: "--registry_max_watchers"},
+		{name: "--registry_max_nodes 0", args: []string{"--registry_max_nodes", "0"}, wantErr: "--registry_max_nodes"},
 		{name: "--broker_address 10.0.0.5:8081", args: []string{"--broker_address", "10.0.0.5:8081"}},
 		{name: "--broker_address sidecar-a.internal:8081 --broker_secret s", args: []string{"--broker_address", "sidecar-a.internal:8081", "--broker_secret", "s"}},
+		{name: "--shutdown_delay 5s", args: []string{"--shutdown_delay", "5s"}, check: func(c *Config) bool { return c.ShutdownDelay == 5*time.Second }},
+		{name: "--shutdown_delay -1s", args: []string{"--shutdown_delay", "-1s"}, wantErr: "--shutdown_delay"},
 		{name: "--broker_address 10.0.0.5", args: []string{"--broker_address", "10.0.0.5"}, wantErr: "--broker_address"},
 		{name: "--broker_address 10.0.0.5:0", args: []string{"--broker_address", "10.0.0.5:0"}, wantErr: "--broker_address"},
 	}
@@ -505,6 +517,92 @@ func TestBinaryBadFlagOneLine(t *testing.T) {
 	}
 }
 
+// exposedWarning is a phrase of the start-up warning of a sidecar that
+// anyone on the network can use.
+const exposedWarning = "anyone who can reach"
+
+// TestBinaryWarnsWhenExposedWithoutToken starts the binary on loopback and
+// on every interface, with and without a token, and counts the warnings it
+// logs before it is stopped.
+func TestBinaryWarnsWhenExposedWithoutToken(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "token")
+	writeFile(t, tokenFile, []byte("s3cret\n"))
+	ca := newTestCA(t, "warn-ca")
+	certFile, keyFile, caFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"), filepath.Join(dir, "ca.pem")
+	c, k := ca.issue(t, "sidecar", false)
+	writeFile(t, certFile, c)
+	writeFile(t, keyFile, k)
+	writeFile(t, caFile, ca.pem)
+	tlsFlags := []string{"--enable_tls", "--tls_cert_file", certFile, "--tls_key_file", keyFile}
+
+	tests := []struct {
+		name string
+		env  []string
+		args []string
+		want int // warnings
+	}{
+		{"every interface", nil, []string{"--address", ":0"}, 1},
+		{"every IPv4 interface", nil, []string{"--address", "0.0.0.0:0"}, 1},
+		{"every interface from MICRO_ADDRESS", []string{"MICRO_ADDRESS=:0"}, nil, 1},
+		{"TLS alone authenticates no one", nil, append([]string{"--address", ":0"}, tlsFlags...), 1},
+		{"loopback", nil, []string{"--address", "127.0.0.1:0"}, 0},
+		{"localhost", nil, []string{"--address", "localhost:0"}, 0},
+		{"token", nil, []string{"--address", ":0", "--auth_token", "s3cret"}, 0},
+		{"token file", nil, []string{"--address", ":0", "--auth_token_file", tokenFile}, 0},
+		{"token from MICRO_AUTH_TOKEN", []string{"MICRO_AUTH_TOKEN=s3cret"}, []string{"--address", ":0"}, 0},
+		{"mutual TLS", nil, append([]string{"--address", ":0", "--tls_client_ca_file", caFile}, tlsFlags...), 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			stderr := runBinaryUntilListening(t, tt.env, tt.args...)
+			if got := strings.Count(stderr, exposedWarning); got != tt.want {
+				t.Errorf("sidecar %q with env %q logged %d warnings, want %d; stderr:\n%s", tt.args, tt.env, got, tt.want, stderr)
+			}
+			if tt.want == 0 {
+				return
+			}
+			for _, want := range []string{"level=WARN", "--auth_token_file", "MICRO_AUTH_TOKEN", "change the registry", "call services"} {
+				if !strings.Contains(stderr, want) {
+					t.Errorf("warning lacks %q:\n%s", want, stderr)
+				}
+			}
+		})
+	}
+}
+
+// runBinaryUntilListening starts the built sidecar with env (and no other
+// MICRO_ variable) and args, waits for its address line, stops it with
+// SIGTERM, and returns everything it wrote to stderr.
+func runBinaryUntilListening(t *testing.T, env []string, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(sidecarBinary(t), args...)
+	cmd.Env = cliEnv(env...)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stderr := &syncBuffer{}
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "sidecar listening on ") {
+		t.Fatalf("sidecar %q: address line %q, %v; stderr: %s", args, line, err, stderr)
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil { // Wait returns once stderr is copied whole
+		t.Fatalf("sidecar %q: exit after SIGTERM: %v; stderr: %s", args, err, stderr)
+	}
+	return stderr.String()
+}
+
 // TestStalledBodyTimesOut sends a Content-Length and then one byte: the
 // read gives up after its timeout with a JSON 408 instead of holding the
 // handler forever.
@@ -587,4 +685,214 @@ func TestEarlyErrorWithStalledBody(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	wantError(t, "POST /registry without a token", resp.StatusCode, body, http.StatusUnauthorized)
+}
+
+// rawRequest sends one request whose request-target is written exactly as
+// given (Go's client would clean it) and reads the answer.
+func rawRequest(t *testing.T, addr, method, target string) (*http.Response, []byte) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", method, target)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, target, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: read body: %v", method, target, err)
+	}
+	return resp, body
+}
+
+// TestPathsNeverRedirected: Go's ServeMux answers a path that is not
+// clean (//x, /./x, /a/../b) with a text/html 307 to the cleaned one. The
+// sidecar never redirects: its own routes match only their clean paths;
+// in proxy mode any other path reaches the node byte for byte, the service
+// taken from its first non-empty segment (a JSON 404 when that is no
+// service); in RPC mode an unclean path is a JSON 400 or 404.
+func TestPathsNeverRedirected(t *testing.T) {
+	t.Parallel()
+	_, proxyTS := newTestServer(t, proxyTestConfig())
+	node, last, hits := recordingBackend(t, "node")
+	registerURLs(t, proxyTS.URL, "go.micro.srv.foo", node.URL)
+	registerURLs(t, proxyTS.URL, "go.micro.srv.health", node.URL)
+	_, rpcTS := newTestServer(t, nil)
+	rpcNode := newRPCBackend(t, "foo-1")
+	register(t, rpcTS.URL, "go.micro.srv.foo", rpcNode)
+	proxyAddr, rpcAddr := proxyTS.Listener.Addr().String(), rpcTS.Listener.Addr().String()
+
+	tests := []struct {
+		name, addr, method, target string
+		code                       int // 200: answered by the node, which got target as it was sent
+	}{
+		{"proxy: double slash first", proxyAddr, "GET", "//foo/bar", 200},
+		{"proxy: double slash inside", proxyAddr, "GET", "/foo//bar", 200},
+		{"proxy: dot segment", proxyAddr, "GET", "/foo/./bar", 200},
+		{"proxy: dot-dot segment", proxyAddr, "POST", "/foo/../bar", 200},
+		{"proxy: dot-dot last", proxyAddr, "GET", "/foo/bar/..", 200},
+		{"proxy: dot last", proxyAddr, "GET", "/foo/.", 200},
+		{"proxy: dot-dot past the root", proxyAddr, "GET", "/foo/../../../etc/passwd", 200},
+		{"proxy: trailing double slash", proxyAddr, "DELETE", "//foo//", 200},
+		{"proxy: encoded dots", proxyAddr, "GET", "/foo/%2e%2e/bar", 200},
+		{"proxy: encoded slash and dots", proxyAddr, "GET", "/foo/a%2Fb/../c", 200},
+		{"proxy: encoded service name", proxyAddr, "GET", "/fo%6F/./x", 200},
+		{"proxy: dots in the query", proxyAddr, "GET", "/foo/x/?a=/../b&c=//d", 200},
+		{"proxy: a route of the sidecar, unclean", proxyAddr, "GET", "//health", 200},
+		{"proxy: a route of the sidecar, dot-dot", proxyAddr, "GET", "/health/../registry", 200},
+		{"proxy: unclean path of an unknown service", proxyAddr, "GET", "/registry/../health", 404},
+		{"proxy: dot first", proxyAddr, "GET", "/./foo/x", 404},
+		{"proxy: dot-dot first", proxyAddr, "GET", "/../foo", 404},
+		{"proxy: encoded dot first", proxyAddr, "GET", "/%2e/foo", 404},
+		{"proxy: only slashes", proxyAddr, "GET", "//", 404},
+		{"proxy: clean route still the sidecar's", proxyAddr, "GET", "/health", -200},
+		{"rpc: double slash first", rpcAddr, "GET", "//foo/bar", 400},
+		{"rpc: double slash inside", rpcAddr, "POST", "/foo//bar", 400},
+		{"rpc: dot segment", rpcAddr, "GET", "/foo/./bar", 400},
+		{"rpc: dot-dot segment", rpcAddr, "POST", "/foo/../bar", 400},
+		{"rpc: dot-dot last", rpcAddr, "GET", "/foo/bar/..", 400},
+		{"rpc: dot first", rpcAddr, "GET", "/./foo/bar", 400},
+		{"rpc: a route of the sidecar, unclean", rpcAddr, "GET", "//health", 400},
+		{"rpc: dot-dot to a route of the sidecar", rpcAddr, "GET", "/foo/../registry", 400},
+		{"rpc: only slashes", rpcAddr, "GET", "//", 404},
+		{"rpc: clean route still the sidecar's", rpcAddr, "GET", "/health", -200},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			call := tt.method + " " + tt.target
+			before, rpcBefore := hits.Load(), rpcNode.hits.Load()
+			resp, body := rawRequest(t, tt.addr, tt.method, tt.target)
+			if loc := resp.Header.Get("Location"); loc != "" || (resp.StatusCode >= 300 && resp.StatusCode < 400) {
+				t.Fatalf("%s = %d to %q, want no redirect", call, resp.StatusCode, loc)
+			}
+			switch {
+			case tt.code == 200:
+				if resp.StatusCode != 200 || string(body) != "node node" {
+					t.Fatalf("%s = %d %q, want the node's answer", call, resp.StatusCode, body)
+				}
+				if got := last(); got.uri != tt.target || got.method != tt.method {
+					t.Errorf("%s reached the node as %s %s, want it byte for byte", call, got.method, got.uri)
+				}
+			case tt.code == -200:
+				if resp.StatusCode != 200 || resp.Header.Get("X-Backend") != "" {
+					t.Errorf("%s = %d (node %q), want the sidecar's own 200", call, resp.StatusCode, resp.Header.Get("X-Backend"))
+				}
+			default:
+				wantError(t, call, resp.StatusCode, body, tt.code)
+				if hits.Load() != before || rpcNode.hits.Load() != rpcBefore {
+					t.Errorf("%s reached a node", call)
+				}
+			}
+		})
+	}
+}
+
+// healthCode is GET /health's status on a new connection (so a test sees
+// the listener, not a kept-alive connection); 0 when it cannot connect.
+func healthCode(base string) int {
+	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 5 * time.Second}
+	resp, err := c.Get(base + "/health")
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// TestBinaryShutdownDelay: with --shutdown_delay, SIGTERM makes /health
+// answer 503 and deregisters the app at once, while the sidecar goes on
+// serving (proxied requests on new connections succeed) for the delay,
+// which here outlasts the test.
+func TestBinaryShutdownDelay(t *testing.T) {
+	t.Parallel()
+	node, _, hits := recordingBackend(t, "node")
+	nodeAddr := strings.TrimPrefix(node.URL, "http://")
+	cmd, base, stderr := startBinary(t, "--handler", "proxy", "--shutdown_delay", "10m",
+		"--server_name", "go.micro.srv.app", "--server_address", nodeAddr)
+	registerURLs(t, base, "go.micro.srv.foo", node.URL)
+	eventually(t, 5*time.Second, "app registration", func() bool {
+		code, _ := getService(t, base, "go.micro.srv.app")
+		return code == http.StatusOK
+	})
+	if code := healthCode(base); code != http.StatusOK {
+		t.Fatalf("GET /health before SIGTERM = %d, want 200", code)
+	}
+
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "/health answering 503", func() bool { return healthCode(base) == http.StatusServiceUnavailable })
+	eventually(t, 5*time.Second, "the app deregistered", func() bool {
+		code, _ := getService(t, base, "go.micro.srv.app")
+		return code == http.StatusNotFound
+	})
+	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 5 * time.Second}
+	for i := range 3 {
+		resp, err := c.Get(base + "/foo/during-delay")
+		if err != nil {
+			t.Fatalf("request %d during the delay: %v; stderr: %s", i, err, stderr)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || string(b) != "node node" {
+			t.Fatalf("request %d during the delay = %d %s, want the node's 200", i, resp.StatusCode, b)
+		}
+	}
+	if hits.Load() < 3 {
+		t.Errorf("node got %d requests, want 3", hits.Load())
+	}
+	if cmd.ProcessState != nil {
+		t.Errorf("sidecar exited during the delay")
+	}
+}
+
+// TestShutdownDelayEnds: once --shutdown_delay has passed, the listener
+// closes and a request in flight drains; run returns without error.
+func TestShutdownDelayEnds(t *testing.T) {
+	t.Parallel()
+	gate, entered, release := gateBackend(t)
+	pr, pw := io.Pipe()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"--address", "127.0.0.1:0", "--handler", "proxy", "--shutdown_delay", "50ms", "--log_level", "error"}, pw, io.Discard)
+		pw.Close()
+	}()
+	line, err := bufio.NewReader(pr).ReadString('\n')
+	go io.Copy(io.Discard, pr)
+	if err != nil {
+		t.Fatalf("read the address line: %v", err)
+	}
+	fields := strings.Fields(line)
+	base := fields[len(fields)-1]
+	registerURLs(t, base, "go.micro.srv.gate", gate.URL)
+	req, _ := http.NewRequest("GET", base+"/gate/x", nil)
+	result := inFlight(t, http.DefaultClient, req)
+	waitEntered(t, entered, result)
+
+	cancel()
+	eventually(t, 10*time.Second, "the listener closing after the delay", func() bool { return healthCode(base) == 0 })
+	select {
+	case err := <-done:
+		t.Fatalf("run returned %v with a request in flight", err)
+	default:
+	}
+	release()
+	if got := <-result; got != "200 finally" {
+		t.Errorf("request in flight across the delay = %q, want 200 finally", got)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("run = %v, want nil", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not return after the drain")
+	}
 }
