@@ -7,8 +7,12 @@ package main
 // any sidecar delivers locally and POSTs the message to /broker/deliver of
 // each other sidecar with plain subscribers, and of one sidecar per queue
 // group (this one or another), so that every subscriber gets it once and
-// every group once in total. Every sharing sidecar also registers one node
-// under go.micro.http.broker, which tells the others who may deliver.
+// every group once in total. A sidecar none of whose members of a group
+// can take a message (all full, or gone) refuses that group's delivery in
+// its answer, and the sender tries another sidecar with members (redirect),
+// so a stuck member on one sidecar costs the group nothing. Every sharing
+// sidecar also registers one node under go.micro.http.broker, which tells
+// the others who may deliver.
 //
 // The addresses of other sidecars come from the registry, which anyone who
 // can write to it can fill, so nothing secret is ever sent to them: not the
@@ -84,7 +88,7 @@ type peerBatch struct {
 // of indexes (message in the batch, queue in its Queues): the group has no
 // member there (it left), or none with room. The sender may give each to
 // another sidecar: it surely reached no member. A sidecar that predates
-// Refused answers without it, and its refusals are lost (it counts them).
+// Refused never refuses.
 type peerAnswer struct {
 	Delivered int      `json:"delivered"`
 	Refused   [][2]int `json:"refused,omitempty"`
