@@ -278,10 +278,11 @@ func (b *broker) lose(n int, topic, queue, why string) {
 // rehome gives frames, queued for a member of topic's group queue that left
 // or fell too far behind and surely not written to it, to the group's other
 // members here, else through the forwarder to a sidecar with other members;
-// those none can take are lost, and counted. A member here takes them up
-// to twice its limits: they held memory already, and a healthy member that
-// has a few frames queued would otherwise lose some of a full queue handed
-// over. A plain subscriber's frames (queue "") are lost to it, and counted.
+// those none can take are lost, and counted. A member here takes them in a
+// second allowance as large as its queue (subscriber.handed): they held
+// memory already, and they must neither be lost because the member has a
+// few frames queued nor take the room of the messages that follow. A
+// plain subscriber's frames (queue "") are lost to it, and counted.
 func (b *broker) rehome(topic, queue string, frames [][]byte) {
 	if len(frames) == 0 {
 		return
@@ -492,8 +493,7 @@ func (b *broker) remove(topic, queue string, s *subscriber) {
 	}
 	s.mu.Lock()
 	s.closed = true
-	left := s.queue
-	s.queue, s.spare, s.queueBytes = nil, nil, 0
+	left := s.takeQueue()
 	s.mu.Unlock()
 	b.rehome(topic, queue, left) // to the group's other members, or counted
 	b.subscribers.Add(-1)
@@ -706,9 +706,9 @@ func (g *queueGroup) deliver(b *broker, topic string, frame []byte) bool {
 
 // place queues frame for the first member in turn with room; members
 // found stuck append their queued frames to orphans. With orphans nil, it
-// places a frame being rehomed: a member has room up to twice its limits,
-// and none is found stuck. It does not allocate unless a member is found
-// stuck.
+// places a frame being rehomed: it counts against a member's second
+// allowance (subscriber.handed), and no member is found stuck. It does not
+// allocate unless a member is found stuck.
 func (g *queueGroup) place(b *broker, frame []byte, orphans *[][]byte) bool {
 	n := uint32(len(g.members))
 	start := g.next.Add(1)
@@ -740,12 +740,18 @@ type subscriber struct {
 	queue      [][]byte   // encoded frames waiting for the writer
 	spare      [][]byte   // the writer's previous batch, reused
 	queueBytes int
-	fullSince  time.Time // a group member's queue was found full; zero once the writer takes it
-	ping       bool      // a ping is due
-	writing    bool      // a writer goroutine runs
-	slow       bool      // fell too far behind: the writer closes the connection
-	closed     bool      // removed from the broker, or its connection failed: queue nothing more
-	wg         sync.WaitGroup
+	// handed and handedBytes are the frames of queue (and their bytes)
+	// handed over from another member of the group (rehome): they count
+	// against a second allowance as large as the queue's limits, so that
+	// a stuck member's queue does not take the room of new messages.
+	handed      int
+	handedBytes int
+	fullSince   time.Time // a group member's queue was found full; zero once the writer takes it
+	ping        bool      // a ping is due
+	writing     bool      // a writer goroutine runs
+	slow        bool      // fell too far behind: the writer closes the connection
+	closed      bool      // removed from the broker, or its connection failed: queue nothing more
+	wg          sync.WaitGroup
 }
 
 // offer queues frame for s, a queue group member, if its queue has room.
@@ -759,16 +765,18 @@ func (s *subscriber) offer(frame []byte, orphans *[][]byte) bool {
 	if s.closed || s.slow {
 		return false
 	}
-	limit := 1
-	if orphans == nil {
-		limit = 2
-	}
-	if len(s.queue) < limit*s.b.queueLen && s.queueBytes+len(frame) <= limit*s.b.queueBytes {
+	if orphans == nil { // handed over: the second allowance
+		if s.handed >= s.b.queueLen || s.handedBytes+len(frame) > s.b.queueBytes {
+			return false
+		}
+		s.handed++
+		s.handedBytes += len(frame)
 		s.push(frame)
 		return true
 	}
-	if orphans == nil {
-		return false
+	if len(s.queue)-s.handed < s.b.queueLen && s.queueBytes-s.handedBytes+len(frame) <= s.b.queueBytes {
+		s.push(frame)
+		return true
 	}
 	now := time.Now()
 	if s.fullSince.IsZero() {
@@ -778,14 +786,21 @@ func (s *subscriber) offer(frame []byte, orphans *[][]byte) bool {
 	if now.Sub(s.fullSince) < s.b.stuckAfter {
 		return false
 	}
+	q := s.takeQueue()
 	if *orphans == nil {
-		*orphans = s.queue // the queue is given away, not reused
+		*orphans = q // the queue is given away, not reused
 	} else {
-		*orphans = append(*orphans, s.queue...)
+		*orphans = append(*orphans, q...)
 	}
-	s.queue, s.spare, s.queueBytes = nil, nil, 0
 	s.markSlow()
 	return false
+}
+
+// takeQueue empties the queue and returns what it held. s.mu is held.
+func (s *subscriber) takeQueue() [][]byte {
+	q := s.queue
+	s.queue, s.spare, s.queueBytes, s.handed, s.handedBytes = nil, nil, 0, 0, 0
+	return q
 }
 
 // enqueue queues frame (or, with ping, a ping) for s, a plain subscriber
@@ -808,8 +823,7 @@ func (s *subscriber) enqueue(frame []byte, ping bool) bool {
 		return true
 	case len(s.queue) >= s.b.queueLen || s.queueBytes+len(frame) > s.b.queueBytes:
 		s.b.dropped.Add(int64(len(s.queue)) + 1)
-		clear(s.queue)
-		s.queue, s.spare, s.queueBytes = nil, nil, 0
+		clear(s.takeQueue())
 		s.markSlow()
 		return false
 	}
@@ -857,7 +871,7 @@ func (s *subscriber) write() {
 		s.mu.Lock()
 		batch, ping, slow, closed := s.queue, s.ping, s.slow, s.closed
 		s.queue, s.spare, s.queueBytes, s.ping = s.spare[:0], nil, 0, false
-		s.fullSince = time.Time{}
+		s.handed, s.handedBytes, s.fullSince = 0, 0, time.Time{}
 		if closed || slow || (len(batch) == 0 && !ping) {
 			s.writing = false
 			clear(batch)
@@ -907,8 +921,7 @@ func (s *subscriber) writeFailed(batch [][]byte, sent, tried int, err error) {
 		s.closed = true // the connection is gone: nothing more is for it
 	}
 	s.writing = false
-	unsent := append(batch[tried:], s.queue...)
-	s.queue, s.spare, s.queueBytes = nil, nil, 0
+	unsent := append(batch[tried:], s.takeQueue()...)
 	s.mu.Unlock()
 	s.b.dropped.Add(int64(tried - sent))
 	s.b.rehome(s.topic, s.group, unsent)

@@ -728,6 +728,7 @@ func TestPubSubStuckMemberAcrossSidecars(t *testing.T) {
 		s.broker.queueLen = 512
 		s.broker.stuckAfter = 20 * time.Millisecond
 		s.broker.writeTimeout = 2 * time.Minute // the stuck member reads again at the end
+		s.broker.pingInterval = time.Hour       // and, not reading, answers no ping
 	}
 	const path = "/broker?topic=jobs&queue=workers"
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -919,6 +919,9 @@ func TestBrokerStuckSubscriber(t *testing.T) {
 				s.broker.queueLen = 1024
 				s.broker.stuckAfter = tt.stuckAfter
 				s.broker.writeTimeout = tt.writeTimeout
+				// A client that does not read answers no ping: the stuck
+				// one must not be dropped as dead before it reads again.
+				s.broker.pingInterval = time.Hour
 			})
 			if tt.nats {
 				waitConnected(t, s)
