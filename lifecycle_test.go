@@ -122,9 +122,10 @@ func TestLifecycle(t *testing.T) {
 		{"stats", []string{"(*stats).sampleLoop("}, func(t *testing.T) component {
 			return newStats(statsConfig(), logger)
 		}},
-		{"app checker", []string{"(*appChecker).loop("}, func(t *testing.T) component {
+		{"app checker", []string{"(*appChecker).loop(", "(*appChecker).checkLoop("}, func(t *testing.T) component {
 			cfg := testConfig()
 			cfg.ServerName, cfg.ServerAddress = "go.micro.srv.app", "127.0.0.1:9"
+			cfg.HealthcheckURL = "http://127.0.0.1:9/health"
 			reg := newMemoryRegistry(time.Second, time.Now, logger)
 			t.Cleanup(func() { reg.Close() })
 			a, err := newAppChecker(cfg, reg, logger)
