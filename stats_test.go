@@ -626,3 +626,67 @@ func BenchmarkStatsWrap(b *testing.B) {
 		})
 	}
 }
+
+// TestStatsRefusedByAuth: a request refused with 401 counts under the
+// route it asked for, not as unmatched, and the refusal says whether the
+// token was missing or refused (RFC 6750's invalid_token).
+func TestStatsRefusedByAuth(t *testing.T) {
+	t.Parallel()
+	cfg := statsConfig()
+	cfg.AuthToken = "s3cret"
+	_, ts := newTestServer(t, cfg)
+	send := func(method, path, auth string) (*http.Response, apiError) {
+		t.Helper()
+		req, _ := http.NewRequest(method, ts.URL+path, nil)
+		if auth != "" {
+			req.Header.Set("Authorization", auth)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp, wantError(t, method+" "+path+" with "+auth, resp.StatusCode, body, http.StatusUnauthorized)
+	}
+	resp, missing := send("GET", "/registry", "")
+	if h := resp.Header.Get("WWW-Authenticate"); h != `Bearer realm="sidecar"` {
+		t.Errorf("no token: WWW-Authenticate %q, want a bare challenge", h)
+	}
+	resp, wrong := send("GET", "/registry", "Bearer nope")
+	if h := resp.Header.Get("WWW-Authenticate"); !strings.Contains(h, `error="invalid_token"`) {
+		t.Errorf("wrong token: WWW-Authenticate %q, want error=\"invalid_token\"", h)
+	}
+	if !strings.Contains(missing.Detail, "no bearer token") || !strings.Contains(wrong.Detail, "refused") || missing.Detail == wrong.Detail {
+		t.Errorf("details: no token %q, wrong token %q; want them to say which", missing.Detail, wrong.Detail)
+	}
+	send("GET", "/stats?format=json", "Bearer nope")
+	send("POST", "/foo/bar", "")
+	send("PUT", "/registry", "")
+
+	code, body := do(t, "GET", ts.URL+"/metrics", "", "Authorization", "Bearer s3cret")
+	if code != http.StatusOK {
+		t.Fatalf("GET /metrics = %d %s", code, body)
+	}
+	m := parseMetrics(t, body)
+	for _, tt := range []struct {
+		series string
+		want   float64
+	}{
+		{`sidecar_http_requests_total{route="GET /registry",class="4xx"}`, 2},
+		{`sidecar_http_requests_total{route="GET /stats",class="4xx"}`, 1},
+		{`sidecar_http_requests_total{route="/",class="4xx"}`, 1},
+		{`sidecar_http_requests_total{route="/registry",class="4xx"}`, 1}, // the 405 row
+		{`sidecar_auth_refused_total{reason="missing_token"}`, 3},
+		{`sidecar_auth_refused_total{reason="wrong_token"}`, 2},
+	} {
+		if got, ok := m[tt.series]; !ok || got != tt.want {
+			t.Errorf("/metrics %s = %v (present %v), want %v", tt.series, got, ok, tt.want)
+		}
+	}
+	for key, v := range m {
+		if strings.HasPrefix(key, `sidecar_http_requests_total{route="`+unmatchedRoute+`"`) && v != 0 {
+			t.Errorf("/metrics %s = %v: refused requests counted as unmatched", key, v)
+		}
+	}
+}
