@@ -446,7 +446,8 @@ type server struct {
 	auth     *auth
 	streams  *streams
 	cors     corsPolicy
-	via      *via // this sidecar in the Via of what it forwards (client.go)
+	via      *via           // this sidecar in the Via of what it forwards (client.go)
+	mux      *http.ServeMux // the route table's (routes), for routePattern
 	handler  http.Handler
 
 	// draining is set when shutdown begins: /health fails readiness.
@@ -545,6 +546,7 @@ func (s *server) routes() http.Handler {
 		{"/", s.handleRoot},
 	}
 	mux := http.NewServeMux()
+	s.mux = mux
 	allow := map[string][]string{}
 	var root route
 	for _, rt := range table {
@@ -585,6 +587,17 @@ func cleanFront(mux *http.ServeMux, root route) http.Handler {
 		}
 		mux.ServeHTTP(w, r)
 	})
+}
+
+// routePattern is the route template the route table serves r with (as
+// cleanFront and the mux choose it), for the stats of a request the
+// middleware answers itself: it counts under the route it asked for.
+func (s *server) routePattern(r *http.Request) string {
+	if p := r.URL.EscapedPath(); r.Method != http.MethodConnect && canonicalPath(p) != p {
+		return "/"
+	}
+	_, pattern := s.mux.Handler(r)
+	return pattern
 }
 
 // canonicalPath is the path http.ServeMux matches in place of p: without
@@ -638,8 +651,15 @@ func (s *server) middleware(next http.Handler) http.Handler {
 			return
 		}
 		if !publicPath(r) && !s.auth.allow(r) {
+			// Counted under the route it asked for, not as unmatched.
+			r.Pattern = s.routePattern(r)
+			if _, ok := bearerToken(r.Header); ok {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="sidecar", error="invalid_token"`) // RFC 6750, section 3.1
+				writeError(w, http.StatusUnauthorized, "bearer token refused: it is not one the sidecar accepts")
+				return
+			}
 			w.Header().Set("WWW-Authenticate", `Bearer realm="sidecar"`)
-			writeError(w, http.StatusUnauthorized, "missing or invalid bearer token")
+			writeError(w, http.StatusUnauthorized, "no bearer token: send Authorization: Bearer TOKEN")
 			return
 		}
 		next.ServeHTTP(w, r)
