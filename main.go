@@ -154,6 +154,11 @@ type Config struct {
 
 	AccessLog     bool          // one log line per request
 	StatsInterval time.Duration // between two samples of the /stats page's counters
+	// Upstream services with counters of their own, per handler (later
+	// ones count as "other"), and per-node series in /metrics
+	// (stats_upstream.go).
+	StatsMaxServices  int
+	MetricsNodeLabels bool
 
 	EnableTLS       bool
 	TLSCertFile     string
@@ -202,6 +207,7 @@ func defaultConfig() *Config {
 		RegistryStale:        defaultRegistryStale,
 		RegistryWatchIdle:    defaultRegistryIdle,
 		StatsInterval:        time.Second,
+		StatsMaxServices:     defaultStatsMaxServices,
 		ClientRetries:        1,
 		ClientRequestTimeout: 5 * time.Second,
 		ProxyIdleTimeout:     defaultProxyIdleTimeout,
@@ -262,6 +268,8 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.BoolVar(&cfg.RPCAllowAddress, "rpc_allow_address", false, "let /rpc call an explicit address (makes the sidecar an open proxy)")
 	fs.BoolVar(&cfg.EnableStats, "enable_stats", false, "serve the stats page at /stats")
 	fs.BoolVar(&cfg.AccessLog, "access_log", false, "log one line per request")
+	fs.IntVar(&cfg.StatsMaxServices, "stats_max_services", cfg.StatsMaxServices, "upstream services with metrics of their own, per handler; later ones are counted as \"other\"")
+	fs.BoolVar(&cfg.MetricsNodeLabels, "metrics_node_labels", false, "add per-node series (calls in flight, latency estimate, ejection) to /metrics, labelled by node id, at most 50 nodes a service")
 	fs.BoolVar(&cfg.EnableTLS, "enable_tls", false, "serve TLS with --tls_cert_file and --tls_key_file")
 	fs.StringVar(&cfg.TLSCertFile, "tls_cert_file", "", "TLS certificate `file` (PEM)")
 	fs.StringVar(&cfg.TLSKeyFile, "tls_key_file", "", "TLS key `file` (PEM)")
@@ -372,6 +380,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %d for flag --registry_connections: want 4 to 10000", c.RegistryConnections)
 	case c.ShutdownDelay < 0:
 		return fmt.Errorf("invalid value %s for flag --shutdown_delay: must not be negative", c.ShutdownDelay)
+	case c.StatsMaxServices < 1 || c.StatsMaxServices > 10_000:
+		return fmt.Errorf("invalid value %d for flag --stats_max_services: want 1 to 10000", c.StatsMaxServices)
 	case c.MaxBodyBytes <= 0:
 		return fmt.Errorf("invalid value %d for flag --max_body_bytes: must be positive", c.MaxBodyBytes)
 	case c.RegisterInterval >= c.RegisterTTL:
@@ -503,6 +513,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	}
 	s.stats.addSource(s.rpc.metrics)
 	s.stats.addSource(s.proxy.metrics)
+	s.stats.addUpstreams(s.rpc.upstreams, s.proxy.upstreams)
 	s.stats.addSource(s.via.metrics)
 	s.stats.addSource(s.auth.metrics)
 	s.stats.addSource(s.tls.metrics)
