@@ -1157,7 +1157,7 @@ func TestRPCMetrics(t *testing.T) {
 	for k, want := range map[string]float64{
 		`sidecar_rpc_calls_total{service="go.micro.srv.foo",class="2xx"}`: 3,
 		`sidecar_rpc_calls_total{service="go.micro.srv.foo",class="5xx"}`: 0,
-		`sidecar_rpc_unknown_service_total`:                                1,
+		`sidecar_rpc_unknown_service_total`:                               1,
 	} {
 		if v, ok := m[k]; !ok || v != want {
 			t.Errorf("metric %s = %v (present %v), want %v", k, v, ok, want)
