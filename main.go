@@ -507,6 +507,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	s.stats = newStats(cfg, logger.With("component", "stats"))
 	s.stats.addSource(registrySizeSource(reg))
 	s.stats.addSource(s.broker.metrics)
+	s.stats.setTopics(s.broker.topicsJSON)
 	s.stats.addSource(s.peers.metrics)
 	if s.nats != nil {
 		s.stats.addSource(s.nats.metrics)
