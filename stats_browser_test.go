@@ -322,57 +322,80 @@ func startDevtools(t *testing.T, url string, width, height int) *devtools {
 	return &devtools{t: t, conn: conn}
 }
 
-// eval evaluates the JavaScript expression expr in the page (awaiting it if
-// it is a promise) and decodes its value into out.
-func (d *devtools) eval(expr string, out any) {
+// call sends the DevTools method with params and decodes its result into
+// out, skipping the events that arrive meanwhile.
+func (d *devtools) call(method string, params, out any) {
 	d.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	d.nextID++
 	id := d.nextID
-	req, _ := json.Marshal(map[string]any{"id": id, "method": "Runtime.evaluate", "params": map[string]any{
-		"expression": expr, "returnByValue": true, "awaitPromise": true,
-	}})
+	req, _ := json.Marshal(map[string]any{"id": id, "method": method, "params": params})
 	if err := d.conn.Write(ctx, websocket.MessageText, req); err != nil {
-		d.t.Fatalf("devtools: send: %v", err)
+		d.t.Fatalf("devtools: send %s: %v", method, err)
 	}
 	for {
 		_, msg, err := d.conn.Read(ctx)
 		if err != nil {
-			d.t.Fatalf("devtools: evaluate %.80q: %v", expr, err)
+			d.t.Fatalf("devtools: %s: %v", method, err)
 		}
 		var resp struct {
-			ID     int `json:"id"`
-			Result struct {
-				Result struct {
-					Value json.RawMessage `json:"value"`
-				} `json:"result"`
-				Exception *struct {
-					Text      string `json:"text"`
-					Exception struct {
-						Description string `json:"description"`
-					} `json:"exception"`
-				} `json:"exceptionDetails"`
-			} `json:"result"`
-			Error *struct {
+			ID     int             `json:"id"`
+			Result json.RawMessage `json:"result"`
+			Error  *struct {
 				Message string `json:"message"`
 			} `json:"error"`
 		}
 		if json.Unmarshal(msg, &resp) != nil || resp.ID != id {
 			continue // an event, or not ours
 		}
-		switch {
-		case resp.Error != nil:
-			d.t.Fatalf("devtools: evaluate %.80q: %s", expr, resp.Error.Message)
-		case resp.Result.Exception != nil:
-			d.t.Fatalf("devtools: evaluate %.80q: %s %s", expr, resp.Result.Exception.Text, resp.Result.Exception.Exception.Description)
+		if resp.Error != nil {
+			d.t.Fatalf("devtools: %s: %s", method, resp.Error.Message)
 		}
 		if out != nil {
-			if err := json.Unmarshal(resp.Result.Result.Value, out); err != nil {
-				d.t.Fatalf("devtools: evaluate %.80q = %s: %v", expr, resp.Result.Result.Value, err)
+			if err := json.Unmarshal(resp.Result, out); err != nil {
+				d.t.Fatalf("devtools: %s = %.200s: %v", method, resp.Result, err)
 			}
 		}
 		return
+	}
+}
+
+// eval evaluates the JavaScript expression expr in the page (awaiting it if
+// it is a promise) and decodes its value into out.
+func (d *devtools) eval(expr string, out any) {
+	d.t.Helper()
+	var res struct {
+		Result struct {
+			Value json.RawMessage `json:"value"`
+		} `json:"result"`
+		Exception *struct {
+			Text      string `json:"text"`
+			Exception struct {
+				Description string `json:"description"`
+			} `json:"exception"`
+		} `json:"exceptionDetails"`
+	}
+	d.call("Runtime.evaluate", map[string]any{"expression": expr, "returnByValue": true, "awaitPromise": true}, &res)
+	if res.Exception != nil {
+		d.t.Fatalf("devtools: evaluate %.80q: %s %s", expr, res.Exception.Text, res.Exception.Exception.Description)
+	}
+	if out != nil {
+		if err := json.Unmarshal(res.Result.Value, out); err != nil {
+			d.t.Fatalf("devtools: evaluate %.80q = %s: %v", expr, res.Result.Value, err)
+		}
+	}
+}
+
+// screenshot saves the whole page, beyond the window, as a PNG at path.
+func (d *devtools) screenshot(path string) {
+	d.t.Helper()
+	var res struct {
+		Data []byte `json:"data"` // base64 in JSON
+	}
+	d.call("Page.captureScreenshot", map[string]any{"format": "png", "captureBeyondViewport": true}, &res)
+	if err := os.WriteFile(path, res.Data, 0o644); err != nil {
+		d.t.Fatal(err)
 	}
 }
 
@@ -578,6 +601,16 @@ func TestStatsBrowserServices(t *testing.T) {
 	}
 
 	checkNoOverflow(t, d, width)
+
+	dir := os.Getenv("SIDECAR_SCREENSHOT_DIR")
+	if dir == "" {
+		dir = t.TempDir()
+	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	shot := filepath.Join(dir, "stats-services.png")
+	d.screenshot(shot)
+	t.Logf("screenshot: %s", shot)
 }
 
 // TestStatsBrowserOverflow is the page at 1280 px with the component
@@ -656,6 +689,10 @@ func TestStatsBrowserWrongToken(t *testing.T) {
 	if n := refusals(); n != 1 {
 		t.Errorf("wrong-token refusals 3 s later = %v, want still 1 (no retries)", n)
 	}
+
+	// The right token in the address starts it again.
+	d.eval(`location.hash = "#token=s3cret"`, nil)
+	d.waitFor(30*time.Second, "the page shows data with the right token", `document.body.dataset.state === "live" && Number(document.body.dataset.polls) >= 1`)
 
 	// With no token at all, the page says one is needed.
 	d2 := startDevtools(t, ts.URL+"/stats", 1280, 900)
