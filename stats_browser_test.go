@@ -10,7 +10,6 @@ import (
 	"image/png"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -449,26 +448,6 @@ func checkNoOverflow(t *testing.T, d *devtools, width int) {
 	for _, o := range l.Over {
 		t.Errorf("at %d px a card overflows: %s", width, o)
 	}
-}
-
-// slowRPCBackend is a JSON-RPC node that answers after delay.
-func slowRPCBackend(t *testing.T, delay time.Duration) *httptest.Server {
-	t.Helper()
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			ID json.RawMessage `json:"id"`
-		}
-		json.NewDecoder(r.Body).Decode(&req)
-		select {
-		case <-time.After(delay): // the node's latency, which the test measures
-		case <-r.Context().Done():
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		fmt.Fprintf(w, `{"id":%s,"result":{"slow":true},"error":null}`, req.ID)
-	}))
-	t.Cleanup(srv.Close)
-	return srv
 }
 
 // trafficUntilDone calls each URL in turn until the test ends, so rates
