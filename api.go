@@ -6,6 +6,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -18,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -246,6 +249,12 @@ func isWebsocket(r *http.Request) bool {
 // called when the handler returns. On failure accept has written the JSON
 // error and returns a nil conn.
 func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64) (*websocket.Conn, context.Context, func()) {
+	// The library answers a handshake it refuses in plain text: check
+	// the request first, so the refusal is the JSON error.
+	if err := checkHandshake(w.Header(), r); err != nil {
+		writeHTTPError(w, err)
+		return nil, nil, nil
+	}
 	g.mu.Lock()
 	if g.closed {
 		g.mu.Unlock()
@@ -258,7 +267,10 @@ func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64
 	// The middleware checked the origin against the same policy as CORS.
 	conn, err := websocket.Accept(w, r, &websocket.AcceptOptions{InsecureSkipVerify: true})
 	if err != nil {
-		g.wg.Done() // Accept has answered the handshake failure
+		// Accept has answered, in plain text: checkHandshake leaves it
+		// only a connection that cannot be hijacked, which HTTP/1.1
+		// connections always can.
+		g.wg.Done()
 		return nil, nil, nil
 	}
 	conn.SetReadLimit(readLimit)
@@ -269,6 +281,42 @@ func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64
 		cancel()
 		g.wg.Done()
 	}
+}
+
+// checkHandshake checks r as the opening handshake of a websocket (RFC
+// 6455 section 4.2.1) with the same rules as websocket.Accept, which
+// answers a refusal in plain text. A refusal is an *httpError; the headers
+// RFC 6455 asks for with it are set on h.
+func checkHandshake(h http.Header, r *http.Request) error {
+	upgrade := func(format string, args ...any) error {
+		h.Set("Connection", "Upgrade")
+		h.Set("Upgrade", "websocket")
+		return errorf(http.StatusUpgradeRequired, "websocket: "+format, args...)
+	}
+	switch {
+	case !r.ProtoAtLeast(1, 1):
+		return upgrade("the handshake needs HTTP/1.1, not %s", r.Proto)
+	case !hasToken(r.Header["Connection"], "upgrade"):
+		return upgrade("the Connection header must contain Upgrade, not %q", r.Header.Get("Connection"))
+	case !hasToken(r.Header["Upgrade"], "websocket"):
+		return upgrade("the Upgrade header must contain websocket, not %q", r.Header.Get("Upgrade"))
+	case r.Method != http.MethodGet:
+		return errorf(http.StatusMethodNotAllowed, "websocket: the handshake is a GET, not a %s", r.Method)
+	case r.Header.Get("Sec-WebSocket-Version") != "13":
+		h.Set("Sec-WebSocket-Version", "13") // section 4.4: the versions the server speaks
+		return errorf(http.StatusBadRequest, "websocket: Sec-WebSocket-Version %q is not supported; want 13", r.Header.Get("Sec-WebSocket-Version"))
+	}
+	keys := r.Header.Values("Sec-WebSocket-Key")
+	switch {
+	case len(keys) == 0:
+		return errorf(http.StatusBadRequest, "websocket: missing Sec-WebSocket-Key header")
+	case len(keys) > 1:
+		return errorf(http.StatusBadRequest, "websocket: %d Sec-WebSocket-Key headers; want one", len(keys))
+	}
+	if b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(keys[0])); err != nil || len(b) != 16 {
+		return errorf(http.StatusBadRequest, "websocket: Sec-WebSocket-Key %q must be 16 bytes in base64", keys[0])
+	}
+	return nil
 }
 
 // join registers a stream that the caller serves itself, such as a proxied
@@ -378,4 +426,161 @@ func checkHTTPURL(s string) error {
 		return errors.New("want an absolute http:// or https:// URL")
 	}
 	return nil
+}
+
+// jsonServerErrors makes the answers that net/http writes itself, before
+// any handler runs, the JSON error too: a malformed request line or
+// header, a bad or missing Host, headers over MaxHeaderBytes (431), an
+// unsupported protocol version (505), Transfer-Encoding (501) or Expect
+// (417). net/http writes them in plain text straight to the connection,
+// so the connections of ln are wrapped (errorConn) to rewrite them. Call
+// it once hs is configured and before hs serves ln; it chains hs's
+// ConnContext, ConnState and Handler.
+//
+// What cannot be made JSON: these answers inside TLS (net/http needs the
+// *tls.Conn itself, so TLS connections are not wrapped; plain HTTP sent to
+// the TLS port is answered by tls.go), and a request whose headers do not
+// arrive within ReadHeaderTimeout, which net/http closes without an
+// answer.
+func jsonServerErrors(hs *http.Server, ln net.Listener) net.Listener {
+	maxHeader := hs.MaxHeaderBytes
+	if maxHeader <= 0 {
+		maxHeader = http.DefaultMaxHeaderBytes
+	}
+	connCtx, connState, next := hs.ConnContext, hs.ConnState, hs.Handler
+	if next == nil {
+		next = http.DefaultServeMux
+	}
+	hs.ConnContext = func(ctx context.Context, c net.Conn) context.Context {
+		if connCtx != nil {
+			ctx = connCtx(ctx, c)
+		}
+		if ec, ok := c.(*errorConn); ok {
+			ctx = context.WithValue(ctx, errorConnKey{}, ec)
+		}
+		return ctx
+	}
+	hs.ConnState = func(c net.Conn, st http.ConnState) {
+		if ec, ok := c.(*errorConn); ok && st == http.StateIdle {
+			ec.handling.Store(false) // the answer is written; what comes next is net/http's again
+		}
+		if connState != nil {
+			connState(c, st)
+		}
+	}
+	hs.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if ec, ok := r.Context().Value(errorConnKey{}).(*errorConn); ok {
+			ec.handling.Store(true)
+		}
+		next.ServeHTTP(w, r)
+	})
+	return &errorListener{Listener: ln, maxHeader: maxHeader}
+}
+
+// errorConnKey is the request context key of the request's *errorConn.
+type errorConnKey struct{}
+
+// errorListener wraps the plain connections it accepts in errorConn.
+type errorListener struct {
+	net.Listener
+	maxHeader int // the server's MaxHeaderBytes, for the 431's detail
+}
+
+func (l *errorListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	if _, ok := c.(*tls.Conn); ok {
+		return c, nil // net/http needs the *tls.Conn; see jsonServerErrors
+	}
+	return &errorConn{Conn: c, maxHeader: l.maxHeader}, nil
+}
+
+// errorConn is a server connection that rewrites the error answers net/http
+// writes itself into the JSON error. Between two requests the connection
+// is net/http's: from the moment a handler begins (handling) until
+// http.Server reports the connection idle again, or for good once it is
+// hijacked, every byte written is the handler's and passes untouched.
+// Otherwise a write that is an HTTP answer with a status of 400 or more
+// is net/http's own, always written whole in one call, and is replaced.
+type errorConn struct {
+	net.Conn
+	maxHeader int
+	handling  atomic.Bool // a handler answers the current request, or has hijacked the connection
+	replaced  bool        // an answer was rewritten: drop the rest of it; net/http's goroutine only
+}
+
+func (c *errorConn) Write(p []byte) (int, error) {
+	if c.handling.Load() {
+		return c.Conn.Write(p)
+	}
+	if c.replaced {
+		return len(p), nil // net/http closes the connection after such an answer
+	}
+	code, detail, ok := parseServerAnswer(p)
+	if !ok || code < 400 {
+		return c.Conn.Write(p)
+	}
+	c.replaced = true
+	if code == http.StatusRequestHeaderFieldsTooLarge {
+		detail = fmt.Sprintf("the request line and headers exceed %d KiB", c.maxHeader>>10)
+	}
+	b, _ := json.Marshal(apiError{ID: errorID, Code: code, Detail: detail, Status: http.StatusText(code)})
+	answer := fmt.Sprintf("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n%s\n",
+		code, http.StatusText(code), len(b)+1, b)
+	if _, err := io.WriteString(c.Conn, answer); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// CloseWrite half-closes the connection, as net/http does after a 431 so
+// the client reads the answer before the connection resets.
+func (c *errorConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// ReadFrom keeps the connection's sendfile and splice for response
+// bodies, which only handlers write.
+func (c *errorConn) ReadFrom(r io.Reader) (int64, error) {
+	if rf, ok := c.Conn.(io.ReaderFrom); ok && c.handling.Load() {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(struct{ io.Writer }{c}, r)
+}
+
+// parseServerAnswer reads the status of an answer net/http writes itself
+// ("HTTP/1.1 400 Bad Request: malformed Host header\r\n...") and says
+// what was wrong: the text after the status, or what the status means
+// for a request net/http refused.
+func parseServerAnswer(p []byte) (code int, detail string, ok bool) {
+	line, rest, found := strings.Cut(string(p), "\r\n")
+	proto, status, _ := strings.Cut(line, " ")
+	if !found || !strings.HasPrefix(proto, "HTTP/1.") || len(status) < 3 {
+		return 0, "", false
+	}
+	code, err := strconv.Atoi(status[:3])
+	if err != nil || code < 100 || code > 999 {
+		return 0, "", false
+	}
+	if _, text, ok := strings.Cut(status, ": "); ok && text != "" {
+		detail = text // "malformed Host header", "unsupported protocol version"
+	}
+	switch {
+	case code == http.StatusNotImplemented && strings.HasSuffix(rest, "Unsupported transfer encoding"):
+		detail = "unsupported Transfer-Encoding: the sidecar reads chunked and identity bodies"
+	case code == http.StatusExpectationFailed:
+		detail = "unsupported Expect header: only 100-continue is understood"
+	case code == http.StatusHTTPVersionNotSupported:
+		detail += "; the sidecar speaks HTTP/1.0 and HTTP/1.1"
+	case detail == "" && code == http.StatusBadRequest:
+		detail = "malformed HTTP request: the request line or a header does not parse"
+	case detail == "":
+		detail = http.StatusText(code)
+	}
+	return code, detail, true
 }

@@ -457,7 +457,7 @@ func (p *peerBroker) watchPeers() {
 	ctx, cancel := context.WithCancel(p.ctx)
 	defer cancel() // unregisters the watch once shared
 	for ctx.Err() == nil {
-		events, err := p.reg.Watch(ctx)
+		events, err := p.reg.Watch(ctx, watchOptions{})
 		if err != nil {
 			return
 		}
@@ -465,7 +465,7 @@ func (p *peerBroker) watchPeers() {
 			p.setShared()
 			return
 		}
-		for ev := range events {
+		for ev := range events.events() {
 			if ev.Service != nil && ev.Service.Name == brokerService && ev.Action != "delete" && p.hasOther(ev.Service.Nodes) {
 				p.setShared()
 				return

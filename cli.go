@@ -28,6 +28,7 @@ import (
 	"sync"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 
 	"github.com/coder/websocket"
 )
@@ -60,7 +61,7 @@ func cliCommands() []*cliCommand {
 	return []*cliCommand{
 		{name: "list", args: "services", noun: "services", min: 1, max: 1, run: (*cli).listServices,
 			summary:  "list the registered services",
-			detail:   "Prints the name of every service with at least one node, one per line (GET /registry).",
+			detail:   "Prints the name of every service with at least one node, one per line (GET /registry). An empty registry prints nothing on stdout and says so on stderr.",
 			examples: []string{"sidecar list services", "sidecar --proxy_address 10.0.0.5:8081 list services"}},
 		{name: "get", args: "service NAME", noun: "service", min: 2, max: 2, run: (*cli).getService,
 			summary:  "show a service's nodes and endpoints",
@@ -84,7 +85,7 @@ func cliCommands() []*cliCommand {
 			examples: []string{"sidecar publish events 'hello world'", "sidecar publish events < message.json"}},
 		{name: "subscribe", args: "TOPIC", min: 1, max: 1, run: (*cli).subscribe,
 			summary:  "print the messages of a topic as they arrive",
-			detail:   "Subscribes over a websocket to /broker?topic=TOPIC and prints each message body, one per line, until interrupted (Ctrl-C exits with status 0). With --queue, each message of the topic goes to one subscriber of the queue group. With --json, each line is the message as the sidecar sends it, headers and base64 body.",
+			detail:   "Subscribes over a websocket to /broker?topic=TOPIC and prints each message body, one per line, until interrupted (Ctrl-C exits with status 0). A body that is not one line of printable text (a newline inside, a control character, invalid UTF-8, a leading double quote) is printed as a quoted Go string literal, \"two\\nlines\", so one message never looks like two; one trailing newline is the line's own end. With --queue, each message of the topic goes to one subscriber of the queue group. With --json, each line is the message as the sidecar sends it, headers and base64 body.",
 			examples: []string{"sidecar subscribe events", "sidecar subscribe events --queue workers --json"}},
 		{name: "health", args: "SERVICE", min: 1, max: 1, run: (*cli).health,
 			summary:  "check that each node of a service answers",
@@ -92,7 +93,7 @@ func cliCommands() []*cliCommand {
 			examples: []string{"sidecar health go.micro.srv.greeter"}},
 		{name: "stats", args: "", min: 0, max: 0, run: (*cli).stats,
 			summary:  "show the sidecar's request counters",
-			detail:   "Prints uptime, memory, requests by status class and latency from GET /stats (sidecars started with --enable_stats), or else a summary of GET /metrics.",
+			detail:   "Prints uptime, memory, requests by status class, latency, a row per route and the counters that are not zero, from GET /stats (sidecars started with --enable_stats), or else the same summary from GET /metrics. With --json, the /stats JSON, or every sample of /metrics.",
 			examples: []string{"sidecar stats", "sidecar stats --json"}},
 		{name: "version", min: 0, max: 0, local: true, run: (*cli).version,
 			summary:  "show the version of this binary",
@@ -259,6 +260,12 @@ func (c *cli) run(ctx context.Context, args []string) error {
 		return flag.ErrHelp
 	}
 	if err != nil {
+		err = flagError(fs, err)
+		if strings.HasPrefix(err.Error(), "unknown flag --address") {
+			// The sidecar's flag, used where the client's was meant.
+			v := flagArg(rest, "address")
+			return fmt.Errorf("%s: unknown flag --address: to talk to the sidecar at %s, use --proxy_address %s (--address is where a sidecar listens)", cmd.name, v, v)
+		}
 		return fmt.Errorf("%s: %v (see sidecar %s --help)", cmd.name, err, cmd.name)
 	}
 	if err := c.applyEnv(fs); err != nil {
@@ -278,6 +285,24 @@ func (c *cli) run(ctx context.Context, args []string) error {
 		return err
 	}
 	return cmd.run(c, ctx, pos)
+}
+
+// flagArg returns the value given to flag name in args (-name V, --name V
+// or --name=V), or "ADDRESS" when there is none.
+func flagArg(args []string, name string) string {
+	for i, a := range args {
+		n, v, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !strings.HasPrefix(a, "-") || n != name {
+			continue
+		}
+		if hasValue {
+			return v
+		}
+		if i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	return "ADDRESS"
 }
 
 // parseInterleaved parses flags placed before, between and after the
@@ -315,7 +340,7 @@ func (c *cli) applyEnv(fs *flag.FlagSet) error {
 			continue // given, unset, or not a flag of this command (version)
 		}
 		if err := fs.Set(name, v); err != nil {
-			return fmt.Errorf("invalid value %q for flag --%s (from %s): %v", v, name, env, err)
+			return fmt.Errorf("invalid value %q for flag --%s (from %s): %s", v, name, env, valueHint(fs.Lookup(name), err))
 		}
 	}
 	return nil
@@ -600,6 +625,11 @@ func (c *cli) listServices(ctx context.Context, _ []string) error {
 	if err := json.Unmarshal(b, &names); err != nil {
 		return fmt.Errorf("list services: unexpected answer from the sidecar: %v", err)
 	}
+	if len(names) == 0 {
+		// On stderr: a script reading names from stdout reads none.
+		_, err = fmt.Fprintf(c.stderr, "no services are registered at %s\n", c.base)
+		return err
+	}
 	var out bytes.Buffer
 	for _, n := range names {
 		out.WriteString(n.Name + "\n")
@@ -879,13 +909,32 @@ func (c *cli) subscribe(ctx context.Context, args []string) error {
 		if err := json.Unmarshal(frame, &m); err != nil {
 			return fmt.Errorf("%s: unexpected message from the sidecar: %v", what, err)
 		}
-		if !bytes.HasSuffix(m.Body, []byte("\n")) {
-			m.Body = append(m.Body, '\n')
-		}
-		if _, err := c.stdout.Write(m.Body); err != nil {
+		if _, err := io.WriteString(c.stdout, messageLine(m.Body)+"\n"); err != nil {
 			return err
 		}
 	}
+}
+
+// messageLine is how subscribe prints a message body: as it is when it is
+// one line of printable text (one trailing newline, as echo sends, is the
+// line's own end), else as a Go string literal (strconv.Quote: for text it
+// is also a JSON string, and it keeps invalid UTF-8 byte for byte), so
+// that a message holding a newline cannot pass for two. A body that
+// begins with a double quote is quoted too, or it would read as quoted.
+func messageLine(body []byte) string {
+	line := string(body)
+	if l, ok := strings.CutSuffix(line, "\n"); ok && l != "" {
+		line = l
+	}
+	if !utf8.ValidString(line) || strings.HasPrefix(line, `"`) {
+		return strconv.Quote(string(body))
+	}
+	for _, r := range line {
+		if r != '\t' && !strconv.IsPrint(r) {
+			return strconv.Quote(string(body))
+		}
+	}
+	return line
 }
 
 // nodeHealth is one row of the health command.
@@ -1097,27 +1146,169 @@ func (c *cli) stats(ctx context.Context, _ []string) error {
 	case code != http.StatusNotFound:
 		return fmt.Errorf("stats: %w", responseError(code, b))
 	}
-	// Without --enable_stats: the Prometheus metrics, always served.
+	// Without --enable_stats: the same summary, from the Prometheus
+	// metrics, always served (no per-interval history there).
 	b, err = c.do(ctx, http.MethodGet, "/metrics", nil, nil, nil)
 	if err != nil {
 		return fmt.Errorf("stats: %w", err)
 	}
-	samples := parseMetricLines(b)
 	if c.opts.json {
-		out, err := json.Marshal(samples)
+		out, err := json.Marshal(parseMetricLines(b))
 		if err != nil {
 			return err
 		}
 		return c.printJSON(out)
 	}
 	var out bytes.Buffer
-	tw := tabwriter.NewWriter(&out, 0, 8, 2, ' ', 0)
-	for _, s := range samples {
-		fmt.Fprintf(tw, "%s\t%s\n", s.Name, formatFloat(s.Value))
-	}
-	tw.Flush()
+	printStats(&out, statsFromMetrics(b))
 	_, err = c.stdout.Write(out.Bytes())
 	return err
+}
+
+// statsFromMetrics reads the summary that printStats prints from the
+// Prometheus text of /metrics: process state, requests by status class,
+// latency estimated from the histogram buckets (when they are this
+// build's, latencyBounds), a row per route, and the components' samples.
+func statsFromMetrics(b []byte) *statsJSON {
+	type routeSums struct {
+		classes map[string]int64
+		cum     [numBuckets]int64 // cumulative, as /metrics writes them
+		known   bool              // every bucket bound is one of latencyBounds
+		sum     float64           // seconds
+		n       int64
+	}
+	bucket := map[string]int{"+Inf": len(latencyBounds)}
+	for i, bound := range latencyBounds {
+		bucket[formatFloat(float64(bound)/1e9)] = i
+	}
+	st := &statsJSON{StatusCodes: map[string]int64{}, Routes: []routeJSON{}}
+	var order []string
+	routes := map[string]*routeSums{}
+	route := func(name string) *routeSums {
+		r := routes[name]
+		if r == nil {
+			r = &routeSums{classes: map[string]int64{}, known: true}
+			routes[name] = r
+			order = append(order, name)
+		}
+		return r
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		name, labels, v, ok := parseSample(line)
+		if !ok {
+			continue
+		}
+		switch name {
+		case "sidecar_http_requests_total":
+			route(labels["route"]).classes[labels["class"]] += int64(v)
+			st.StatusCodes[labels["class"]] += int64(v)
+			st.TotalReqs += int64(v)
+		case "sidecar_http_request_duration_seconds_bucket":
+			r := route(labels["route"])
+			if i, ok := bucket[labels["le"]]; ok {
+				r.cum[i] = int64(v)
+			} else {
+				r.known = false
+			}
+		case "sidecar_http_request_duration_seconds_sum":
+			route(labels["route"]).sum = v
+		case "sidecar_http_request_duration_seconds_count":
+			route(labels["route"]).n = int64(v)
+		case "sidecar_http_requests_in_flight":
+			st.InFlight = int64(v)
+		case "sidecar_uptime_seconds":
+			st.UptimeSeconds = v
+		case "go_goroutines":
+			st.Threads = int(v)
+		case "go_memstats_heap_alloc_bytes":
+			st.MemoryBytes, st.Memory = uint64(v), formatBytes(uint64(v))
+		case "sidecar_http_response_bytes_total", "process_start_time_seconds", "go_memstats_sys_bytes",
+			"go_gc_cycles_total", "go_gc_pause_seconds_total", "go_gc_last_pause_seconds":
+			// Not in the summary.
+		default:
+			st.Metrics = append(st.Metrics, metric{Name: name, Labels: labels, Value: v})
+		}
+	}
+	var all [numBuckets]int64
+	var allN int64
+	var allSum float64
+	allKnown := true
+	for _, name := range order {
+		r := routes[name]
+		var counts [numBuckets]int64
+		for i := range counts {
+			counts[i] = r.cum[i]
+			if i > 0 {
+				counts[i] -= r.cum[i-1]
+			}
+			all[i] += counts[i]
+		}
+		allN, allSum, allKnown = allN+r.n, allSum+r.sum, allKnown && r.known
+		rj := routeJSON{Route: name, StatusCodes: r.classes}
+		for _, v := range r.classes {
+			rj.TotalReqs += v
+		}
+		if r.known {
+			rj.LatencyMs = summarize(counts, r.n, int64(r.sum*1e9))
+		}
+		st.Routes = append(st.Routes, rj)
+	}
+	if allKnown {
+		st.LatencyMs = summarize(all, allN, int64(allSum*1e9))
+	}
+	return st
+}
+
+// parseSample reads one sample line of the Prometheus text format:
+// name{label="value",...} value. Comments and malformed lines are not ok.
+func parseSample(line string) (name string, labels map[string]string, v float64, ok bool) {
+	line = strings.TrimSpace(line)
+	if line == "" || line[0] == '#' {
+		return "", nil, 0, false
+	}
+	i := strings.IndexAny(line, "{ ")
+	if i <= 0 {
+		return "", nil, 0, false
+	}
+	name, rest := line[:i], line[i:]
+	if rest[0] == '{' {
+		labels = map[string]string{}
+		rest = rest[1:]
+		for {
+			rest = strings.TrimLeft(rest, " ,")
+			if strings.HasPrefix(rest, "}") {
+				rest = rest[1:]
+				break
+			}
+			key, after, found := strings.Cut(rest, "=")
+			if !found || !strings.HasPrefix(after, `"`) {
+				return "", nil, 0, false
+			}
+			var val strings.Builder
+			j := 1
+			for ; j < len(after) && after[j] != '"'; j++ {
+				if after[j] == '\\' && j+1 < len(after) {
+					j++
+					if after[j] == 'n' {
+						val.WriteByte('\n')
+						continue
+					}
+				}
+				val.WriteByte(after[j])
+			}
+			if j >= len(after) {
+				return "", nil, 0, false
+			}
+			labels[strings.TrimSpace(key)] = val.String()
+			rest = after[j+1:]
+		}
+	}
+	fields := strings.Fields(rest)
+	if len(fields) == 0 {
+		return "", nil, 0, false
+	}
+	v, err := strconv.ParseFloat(fields[0], 64)
+	return name, labels, v, err == nil
 }
 
 // metricSample is one line of /metrics, histogram buckets left out.
@@ -1190,10 +1381,18 @@ func printStats(w io.Writer, st *statsJSON) {
 		}
 		tw.Flush()
 	}
-	if len(st.Metrics) > 0 {
+	// The components' samples that are not zero: most counters of a
+	// sidecar are, and --json prints every one.
+	var nonzero []metric
+	for _, m := range st.Metrics {
+		if m.Value != 0 {
+			nonzero = append(nonzero, m)
+		}
+	}
+	if len(nonzero) > 0 {
 		fmt.Fprintln(w)
 		tw = tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-		for _, m := range st.Metrics {
+		for _, m := range nonzero {
 			fmt.Fprintf(tw, "%s%s\t%s\n", m.Name, formatLabels(m.Labels), formatFloat(m.Value))
 		}
 		tw.Flush()

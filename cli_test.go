@@ -602,6 +602,7 @@ func TestCLIFailures(t *testing.T) {
 		{"flag of another command", []string{"list", "services", "--queue", "q"}, "-queue"},
 		{"bad proxy address", []string{"list", "services", "--proxy_address", "ftp://x"}, "--proxy_address"},
 		{"bad timeout", []string{"list", "services", "--timeout", "0s"}, "--timeout"},
+		{"unparsable timeout", []string{"list", "services", "--timeout", "soon"}, `list: invalid value "soon" for flag --timeout: want a duration such as 10s`},
 		{"client flag without a command", []string{"--proxy_address", url}, "client flags without a command"},
 		{"missing token file", []string{"list", "services", "--auth_token_file", "/nonexistent/token"}, "--auth_token_file"},
 	}
@@ -621,13 +622,35 @@ func TestCLIStats(t *testing.T) {
 	t.Parallel()
 	_, plainURL, _ := startBinary(t)
 	_, statsURL, _ := startBinary(t, "--enable_stats")
-	// Without --enable_stats: a summary of /metrics.
+	// Without --enable_stats: the same summary, read from /metrics, not
+	// its raw series. Traffic on several routes first, as a sidecar in
+	// use has.
+	for _, args := range [][]string{{"list", "services"}, {"publish", "events", "x"}, {"get", "service", "nope"}, {"call", "go.micro.srv.nope", "X.Y"}} {
+		runClient(t, "", nil, append(args, "--proxy_address", plainURL)...)
+	}
 	r := runClient(t, "", nil, "stats", "--proxy_address", plainURL)
 	wantOK(t, r, "stats")
-	if !regexpLine(r.stdout, "sidecar_broker_subscribers", "0") || strings.Contains(r.stdout, "_bucket") {
-		t.Errorf("stats from /metrics:\n%s", r.stdout)
+	// Five requests: the four, and the GET /stats that found stats off.
+	if !regexpLine(r.stdout, "uptime") || !regexpLine(r.stdout, "requests", "5", "(2xx", "2,", "4xx", "3),", "1", "in", "flight") ||
+		!regexpLine(r.stdout, "POST", "/broker", "1", "2xx", "1") || !regexpLine(r.stdout, "GET", "/registry", "2", "2xx", "1,", "4xx", "1") ||
+		!regexpLine(r.stdout, "sidecar_broker_published_total", "1") {
+		t.Errorf("stats from /metrics, want the summary table:\n%s", r.stdout)
 	}
-	wantOK(t, runClient(t, "", nil, "list", "services", "--proxy_address", statsURL), "list")
+	if strings.Contains(r.stdout, "sidecar_http_") || strings.Contains(r.stdout, "sidecar_broker_dropped_total") {
+		t.Errorf("stats from /metrics prints raw request series or zero counters:\n%s", r.stdout)
+	}
+	if n := strings.Count(r.stdout, "\n"); n > 20 {
+		t.Errorf("stats from /metrics prints %d lines, want a summary:\n%s", n, r.stdout)
+	}
+	r = runClient(t, "", nil, "stats", "--json", "--proxy_address", plainURL)
+	var samples []metricSample
+	if err := json.Unmarshal([]byte(r.stdout), &samples); r.code != 0 || err != nil || len(samples) == 0 {
+		t.Errorf("stats --json from /metrics = %d %q (%v), want every sample", r.code, r.stdout, err)
+	}
+
+	if r := runClient(t, "", nil, "list", "services", "--proxy_address", statsURL); r.code != 0 {
+		t.Fatalf("list services: exit %d, stderr %q", r.code, r.stderr)
+	}
 	r = runClient(t, "", nil, "stats", "--proxy_address", statsURL)
 	wantOK(t, r, "stats")
 	if !regexpLine(r.stdout, "requests", "1", "(2xx", "1),") || !regexpLine(r.stdout, "uptime") || !regexpLine(r.stdout, "GET", "/registry", "1", "2xx", "1") {
@@ -640,6 +663,78 @@ func TestCLIStats(t *testing.T) {
 	}
 }
 
+// TestCLIListNoServices: an empty registry is said so, on stderr, so that
+// a script reading the names from stdout reads none.
+func TestCLIListNoServices(t *testing.T) {
+	t.Parallel()
+	_, url, _ := startBinary(t)
+	r := runClient(t, "", nil, "list", "services", "--proxy_address", url)
+	if r.code != 0 || r.stdout != "" || r.stderr != "no services are registered at "+url+"\n" {
+		t.Errorf("list services on an empty registry: exit %d, stdout %q, stderr %q; want status 0, nothing on stdout and one line saying so", r.code, r.stdout, r.stderr)
+	}
+	r = runClient(t, "", nil, "list", "services", "--json", "--proxy_address", url)
+	if r.code != 0 || r.stdout != "[]\n" || r.stderr != "" {
+		t.Errorf("list services --json on an empty registry: exit %d, stdout %q, stderr %q; want []", r.code, r.stdout, r.stderr)
+	}
+}
+
+// TestCLISubscribeQuotes: a message that is not one line of printable
+// text is printed as a quoted string, so a message with a newline cannot
+// pass for two messages.
+func TestCLISubscribeQuotes(t *testing.T) {
+	t.Parallel()
+	_, url, _ := startBinary(t)
+	sub := startSubscriber(t, nil, "events", "--proxy_address", url)
+	waitMetricSubscribers(t, url, 1)
+	tests := []struct{ msg, want string }{
+		{"one line", "one line"},
+		{"two\nlines", `"two\nlines"`},
+		{"ends in a newline\n", "ends in a newline"}, // the line's own end, as echo sends it
+		{"two\nlines\n", `"two\nlines\n"`},
+		{"\n", `"\n"`},
+		{`"quoted"`, `"\"quoted\""`}, // else it would read as a quoted message
+		{"tab\tseparated", "tab\tseparated"},
+		{"carriage\rreturn", `"carriage\rreturn"`},
+		{"bell\a", `"bell\a"`},
+		{"caf\xc3\xa9", "caf\u00e9"},
+		{"\xff\xfe", `"\xff\xfe"`},
+	}
+	for _, tt := range tests {
+		args := []string{"publish", "events", "-", "--proxy_address", url}
+		wantOK(t, runClient(t, tt.msg, nil, args...), args...)
+		if got := sub.next(t); got != tt.want {
+			t.Errorf("message %q printed as %q, want %q", tt.msg, got, tt.want)
+		}
+	}
+	sub.interrupt(t)
+}
+
+func TestParseSample(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		line   string
+		name   string
+		labels map[string]string
+		v      float64
+		ok     bool
+	}{
+		{"go_goroutines 10", "go_goroutines", nil, 10, true},
+		{`sidecar_http_requests_total{route="GET /registry",class="2xx"} 3`, "sidecar_http_requests_total", map[string]string{"route": "GET /registry", "class": "2xx"}, 3, true},
+		{`m{a="x\"y\\z\nw"} 1.5`, "m", map[string]string{"a": "x\"y\\z\nw"}, 1.5, true},
+		{`m{le="+Inf"} 2`, "m", map[string]string{"le": "+Inf"}, 2, true},
+		{"# HELP m help", "", nil, 0, false},
+		{"", "", nil, 0, false},
+		{`m{a="unterminated} 1`, "", nil, 0, false},
+		{"m notanumber", "", nil, 0, false},
+	}
+	for _, tt := range tests {
+		name, labels, v, ok := parseSample(tt.line)
+		if ok != tt.ok || (ok && (name != tt.name || v != tt.v || fmt.Sprint(labels) != fmt.Sprint(tt.labels))) {
+			t.Errorf("parseSample(%q) = %q %v %v %v, want %q %v %v %v", tt.line, name, labels, v, ok, tt.name, tt.labels, tt.v, tt.ok)
+		}
+	}
+}
+
 func TestCLIAuthToken(t *testing.T) {
 	t.Parallel()
 	_, url, _ := startBinary(t, "--auth_token", "s3cret")
@@ -647,7 +742,8 @@ func TestCLIAuthToken(t *testing.T) {
 	if err := os.WriteFile(tokenFile, []byte("s3cret\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	args := []string{"list", "services", "--proxy_address", url}
+	// --json: an empty registry prints [] and nothing on stderr.
+	args := []string{"list", "services", "--json", "--proxy_address", url}
 	wantFailure(t, runClient(t, "", nil, args...), "no bearer token: send Authorization: Bearer TOKEN (401 Unauthorized; pass --auth_token", args...)
 	wantFailure(t, runClient(t, "", nil, append(args, "--auth_token", "wrong")...), "bearer token refused", args...)
 	wantOK(t, runClient(t, "", nil, append(args, "--auth_token", "s3cret")...), args...)
@@ -693,7 +789,7 @@ func TestCLIMutualTLS(t *testing.T) {
 
 	url := "https://" + addr
 	full := []string{"--proxy_address", url, "--tls_ca_file", caFile, "--tls_client_cert_file", certFile, "--tls_client_key_file", keyFile}
-	args := append([]string{"list", "services"}, full...)
+	args := append([]string{"list", "services", "--json"}, full...)
 	wantOK(t, runClient(t, "", nil, args...), args...)
 
 	args = []string{"list", "services", "--proxy_address", url, "--tls_client_cert_file", certFile, "--tls_client_key_file", keyFile}

@@ -38,7 +38,10 @@ type appState struct {
 }
 
 // appChecker registers the app, heartbeats its registration and checks its
-// health. Safe for concurrent use; Close stops the loop and waits for it.
+// health, in two goroutines so that a slow check never delays the
+// heartbeat (a check may take longer than the TTL: --healthcheck_timeout
+// is not bounded by the other durations). Safe for concurrent use; Close
+// stops both loops and waits for them.
 type appChecker struct {
 	cfg    *Config
 	reg    Registry
@@ -50,8 +53,14 @@ type appChecker struct {
 	st    appState
 	rises int
 
+	// regMu serializes the app's registry writes and is held across the
+	// call, by design: the heartbeat's renewal and the checks' deregister
+	// must not cross, or a renewal that began before a failed check
+	// would register an unhealthy app after its deregistration.
+	regMu sync.Mutex
+
 	cancel    context.CancelFunc
-	done      chan struct{}
+	wg        sync.WaitGroup // the heartbeat and check loops
 	startOnce sync.Once
 	closeOnce sync.Once
 }
@@ -70,7 +79,6 @@ func newAppChecker(cfg *Config, reg Registry, logger *slog.Logger) (*appChecker,
 		log:    logger,
 		client: &http.Client{Timeout: cfg.HealthcheckTimeout},
 		svc:    &Service{Name: cfg.ServerName, Nodes: []*Node{node}},
-		done:   make(chan struct{}),
 	}
 	a.st = appState{
 		Name:           cfg.ServerName,
@@ -84,39 +92,55 @@ func newAppChecker(cfg *Config, reg Registry, logger *slog.Logger) (*appChecker,
 }
 
 // start registers the app (at once without a health URL, after its first
-// passed check with one) and runs the heartbeat and check loop.
+// passed check with one) and runs the heartbeat and the checks.
 func (a *appChecker) start(ctx context.Context) {
 	a.startOnce.Do(func() {
 		ctx, a.cancel = context.WithCancel(ctx)
+		a.wg.Add(1)
 		go a.loop(ctx)
+		if a.cfg.HealthcheckURL != "" {
+			a.wg.Add(1)
+			go a.checkLoop(ctx)
+		}
 	})
 }
 
+// loop is the heartbeat: it renews the registration of a healthy app, or
+// retries one the registry refused.
 func (a *appChecker) loop(ctx context.Context) {
-	defer close(a.done)
+	defer a.wg.Done()
 	heartbeat := time.NewTicker(a.cfg.RegisterInterval)
 	defer heartbeat.Stop()
-	var check <-chan time.Time
-	if a.cfg.HealthcheckURL != "" {
-		t := time.NewTicker(a.cfg.HealthcheckInterval)
-		defer t.Stop()
-		check = t.C
-		a.check(ctx)
-	} else {
-		a.register(ctx)
+	if a.cfg.HealthcheckURL == "" {
+		a.sync(ctx)
 	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-heartbeat.C:
-			// Renew, or retry a registration the registry refused.
-			if a.state().Healthy {
-				a.register(ctx)
-			}
-		case <-check:
-			a.check(ctx)
+			a.sync(ctx)
 		}
+	}
+}
+
+// checkLoop checks the app, one check at a time: the next check begins
+// --healthcheck_interval after the previous one began, or as soon as it
+// ends if it took longer. Checks never overlap, so a slow app is not sent
+// a pile of them, as Docker, Kubernetes and Consul also do.
+func (a *appChecker) checkLoop(ctx context.Context) {
+	defer a.wg.Done()
+	next := time.NewTimer(0)
+	defer next.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-next.C:
+		}
+		began := time.Now()
+		a.check(ctx)
+		next.Reset(max(0, a.cfg.HealthcheckInterval-time.Since(began)))
 	}
 }
 
@@ -130,14 +154,14 @@ func (a *appChecker) check(ctx context.Context) {
 	a.mu.Lock()
 	a.st.LastCheck = time.Now()
 	first := a.st.LastError == "" && a.st.ConsecutiveFailures == 0 && !a.st.Registered
-	var register, deregister bool
+	var changed bool
 	if err != nil {
 		a.st.LastError = err.Error()
 		a.st.ConsecutiveFailures++
 		a.rises = 0
 		if a.st.ConsecutiveFailures >= healthFailures && a.st.Healthy {
 			a.st.Healthy = false
-			deregister = a.st.Registered
+			changed = true
 		}
 	} else {
 		a.st.LastError = ""
@@ -146,19 +170,32 @@ func (a *appChecker) check(ctx context.Context) {
 		if !a.st.Healthy && (first || a.rises >= healthRises) {
 			a.st.Healthy = true
 		}
-		register = a.st.Healthy && !a.st.Registered
+		changed = a.st.Healthy && !a.st.Registered
 	}
 	a.mu.Unlock()
 
 	if err != nil {
 		a.log.Warn("app health check failed", "url", a.cfg.HealthcheckURL, "err", err)
 	}
-	if deregister {
-		a.log.Warn("app unhealthy; deregistering", "service", a.svc.Name, "failures", healthFailures)
-		a.deregister(ctx)
+	if changed {
+		a.sync(ctx)
 	}
-	if register {
+}
+
+// sync makes the registry agree with the app's health: a healthy app is
+// registered (or its TTL renewed), an unhealthy one deregistered. The
+// health is read under regMu, so writes happen in the order of the
+// health changes.
+func (a *appChecker) sync(ctx context.Context) {
+	a.regMu.Lock()
+	defer a.regMu.Unlock()
+	st := a.state()
+	switch {
+	case st.Healthy:
 		a.register(ctx)
+	case st.Registered:
+		a.log.Warn("app unhealthy; deregistering", "service", a.svc.Name, "failures", healthFailures)
+		a.deregisterLocked(ctx)
 	}
 }
 
@@ -180,7 +217,8 @@ func (a *appChecker) probe(ctx context.Context) error {
 	return nil
 }
 
-// register registers (or renews) the app's node with the TTL.
+// register registers (or renews) the app's node with the TTL. The caller
+// holds regMu.
 func (a *appChecker) register(ctx context.Context) {
 	err := a.reg.Register(ctx, a.svc, a.cfg.RegisterTTL)
 	a.mu.Lock()
@@ -198,6 +236,13 @@ func (a *appChecker) register(ctx context.Context) {
 // deregister removes the app's node. The server calls it on shutdown
 // before draining, so no new traffic is routed to a stopping app.
 func (a *appChecker) deregister(ctx context.Context) {
+	a.regMu.Lock()
+	defer a.regMu.Unlock()
+	a.deregisterLocked(ctx)
+}
+
+// deregisterLocked is deregister with regMu held.
+func (a *appChecker) deregisterLocked(ctx context.Context) {
 	a.mu.Lock()
 	was := a.st.Registered
 	a.st.Registered = false
@@ -229,7 +274,7 @@ func (a *appChecker) Close() error {
 		a.startOnce.Do(func() { started = false })
 		if started {
 			a.cancel()
-			<-a.done
+			a.wg.Wait()
 		}
 	})
 	return nil

@@ -44,6 +44,7 @@ import (
 	"os"
 	"os/signal"
 	"path"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -87,9 +88,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		s.Close()
 		return err
 	}
+	if err := s.setAdvertise(ln.Addr()); err != nil {
+		ln.Close()
+		s.Close()
+		return err
+	}
 	fmt.Fprintf(stdout, "sidecar listening on %s://%s\n", s.tls.scheme(), ln.Addr())
 	warnIfExposed(cfg, ln.Addr(), logger)
-	s.setAdvertise(ln.Addr())
 	return s.serve(ctx, ln)
 }
 
@@ -138,6 +143,10 @@ type Config struct {
 	RegistryConnections int
 	RegistryStale       time.Duration
 	RegistryWatchIdle   time.Duration
+
+	RegistryHistory     int // recent watch events kept for ?since= (registry_watch.go)
+	RegistryMaxWatchers int // open registry watches; beyond it a watch is a 503
+	RegistryMaxNodes    int // nodes in one registration request; beyond it a 413
 
 	Broker        string      // "memory" (default: here, and across sidecars sharing the registry) or "nats"
 	BrokerAddress string      // memory: host:port other sidecars deliver to, empty: the bound address; nats: the servers
@@ -206,6 +215,9 @@ func defaultConfig() *Config {
 		RegistryConnections:  defaultRegistryConns,
 		RegistryStale:        defaultRegistryStale,
 		RegistryWatchIdle:    defaultRegistryIdle,
+		RegistryHistory:      defaultWatchHistory,
+		RegistryMaxWatchers:  10_000,
+		RegistryMaxNodes:     10_000,
 		StatsInterval:        time.Second,
 		StatsMaxServices:     defaultStatsMaxServices,
 		ClientRetries:        1,
@@ -224,10 +236,16 @@ var errShowVersion = errors.New("show version")
 
 // parseConfig reads flags from args, then MICRO_* environment variables for
 // the flags not given, and validates the result in one place.
-func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*Config, error) {
+// Every error is one line that ends saying where help is.
+func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (_ *Config, err error) {
+	defer func() {
+		if err != nil && !errors.Is(err, flag.ErrHelp) && !errors.Is(err, errShowVersion) && !strings.HasSuffix(err.Error(), "; see sidecar help") {
+			err = fmt.Errorf("%w; see sidecar --help", err)
+		}
+	}()
 	cfg := defaultConfig()
 	fs := flag.NewFlagSet("sidecar", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs.SetOutput(io.Discard) // errors are returned as one line; --help prints below
 	var cors, acmeHosts, authTokenFile, logLevel string
 	var version bool
 	fs.StringVar(&cfg.Address, "address", cfg.Address, "listen `host:port` (\":8081\" to listen on every interface)")
@@ -243,6 +261,9 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", cfg.RegisterInterval, "interval of the app's registration heartbeat")
 	fs.StringVar(&cfg.Registry, "registry", cfg.Registry, "registry backend: memory, consul or sidecar (another sidecar's /registry)")
 	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "`address` of the registry backend (consul: host:port, default $CONSUL_HTTP_ADDR or 127.0.0.1:8500; sidecar: http://host:port)")
+	fs.IntVar(&cfg.RegistryHistory, "registry_history", cfg.RegistryHistory, "recent registry events kept so a watch can resume with ?since= (0: none)")
+	fs.IntVar(&cfg.RegistryMaxWatchers, "registry_max_watchers", cfg.RegistryMaxWatchers, "most registry watches open at once")
+	fs.IntVar(&cfg.RegistryMaxNodes, "registry_max_nodes", cfg.RegistryMaxNodes, "most nodes in one registration request")
 	fs.IntVar(&cfg.RegistryConnections, "registry_connections", cfg.RegistryConnections, "connections to a remote registry, every call included; blocking queries (watches) use at most 7/8 of them (Consul allows 200 per client address)")
 	fs.DurationVar(&cfg.RegistryStale, "registry_stale", cfg.RegistryStale, "a remote service looked up but not watched is fetched again on lookup once its copy is this old")
 	fs.DurationVar(&cfg.RegistryWatchIdle, "registry_watch_idle", cfg.RegistryWatchIdle, "a remote service not looked up for this long is no longer watched")
@@ -291,18 +312,23 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", cfg.ShutdownTimeout, "time to drain requests on SIGTERM (after --shutdown_delay)")
 	fs.StringVar(&logLevel, "log_level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&version, "version", false, "print the version and exit (sidecar version --json prints it as JSON)")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: sidecar [flags]\n       sidecar COMMAND [ARGS] (commands of the client: sidecar help)\n\nEvery flag also reads MICRO_<NAME> from the environment (MICRO_ADDRESS for --address).\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
+	// The flag package prints the usage after every error; a mistyped
+	// value gets one line (flagError) and only --help the whole usage.
+	fs.Usage = func() {}
 	if err := fs.Parse(args); err != nil {
-		return nil, err
+		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(stderr)
+			fmt.Fprintf(fs.Output(), "Usage: sidecar [flags]\n       sidecar COMMAND [ARGS] (commands of the client: sidecar help)\n\nEvery flag also reads MICRO_<NAME> from the environment (MICRO_ADDRESS for --address).\n\nFlags:\n")
+			fs.PrintDefaults()
+			return nil, err
+		}
+		return nil, flagError(fs, err)
 	}
 	if version {
 		return nil, errShowVersion // before the environment: MICRO_* settings cannot stop it
 	}
 	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected argument %q (see --help)", fs.Arg(0))
+		return nil, strayArgument(fs)
 	}
 	if err := applyEnv(fs, getenv); err != nil {
 		return nil, err
@@ -342,10 +368,97 @@ func applyEnv(fs *flag.FlagSet, getenv func(string) string) error {
 			return // MICRO_VERSION often names an app's version, not this flag
 		}
 		if e := fs.Set(f.Name, v); e != nil {
-			err = fmt.Errorf("invalid value %q for flag --%s (from %s): %v", v, f.Name, env, e)
+			err = fmt.Errorf("invalid value %q for flag --%s (from %s): %s", v, f.Name, env, valueHint(f, e))
 		}
 	})
 	return err
+}
+
+// flagError rewrites an error of flag.FlagSet.Parse as one line that names
+// the flag as users type it (--name) and says what value it wants. It
+// reads the flag package's messages by their fixed formats (the failf
+// calls of flag.go); TestBinaryBadFlagOneLine pins each of them.
+func flagError(fs *flag.FlagSet, err error) error {
+	msg := err.Error()
+	if name, ok := strings.CutPrefix(msg, "flag provided but not defined: -"); ok {
+		return fmt.Errorf("unknown flag --%s", name)
+	}
+	if name, ok := strings.CutPrefix(msg, "flag needs an argument: -"); ok {
+		return fmt.Errorf("flag --%s needs a value", name)
+	}
+	// invalid value "V" for flag -NAME: ERR, and for booleans
+	// invalid boolean value "V" for -NAME: ERR.
+	rest, ok := strings.CutPrefix(msg, "invalid value ")
+	if !ok {
+		rest, ok = strings.CutPrefix(msg, "invalid boolean value ")
+	}
+	if !ok {
+		return err
+	}
+	quoted, qerr := strconv.QuotedPrefix(rest)
+	if qerr != nil {
+		return err
+	}
+	rest = strings.TrimPrefix(strings.TrimPrefix(rest[len(quoted):], " for flag -"), " for -")
+	name, cause, ok := strings.Cut(rest, ": ")
+	f := fs.Lookup(name)
+	if !ok || f == nil {
+		return err
+	}
+	return fmt.Errorf("invalid value %s for flag --%s: %s", quoted, name, valueHint(f, errors.New(cause)))
+}
+
+// valueHint says what value flag f wants, given the error of its Set: the
+// flag package's own errors say only "parse error".
+func valueHint(f *flag.Flag, err error) string {
+	if err.Error() == "value out of range" {
+		return "out of range"
+	}
+	g, ok := f.Value.(flag.Getter)
+	if !ok {
+		return err.Error()
+	}
+	switch g.Get().(type) {
+	case time.Duration:
+		return "want a duration such as 10s, 1m30s or 500ms"
+	case bool:
+		return "want true or false"
+	case int, int64, uint, uint64:
+		return "want an integer"
+	}
+	return err.Error()
+}
+
+// strayArgument explains the first argument that is not a flag. A client
+// command there means client and sidecar flags were mixed up, most often
+// --address (where a sidecar listens) for --proxy_address (the sidecar a
+// command talks to).
+func strayArgument(fs *flag.FlagSet) error {
+	arg := fs.Arg(0)
+	if findCommand(arg) == nil && arg != "help" {
+		return fmt.Errorf("unexpected argument %q", arg)
+	}
+	if f := fs.Lookup("address"); f != nil && isFlagSet(fs, "address") {
+		v := f.Value.String()
+		return fmt.Errorf("%q is a command of the client: to talk to the sidecar at %s, use --proxy_address %s (--address is where a sidecar listens); see sidecar help", arg, v, v)
+	}
+	var server string
+	fs.Visit(func(f *flag.Flag) {
+		if server == "" && f.Name != "auth_token" && f.Name != "auth_token_file" { // the client's too
+			server = f.Name
+		}
+	})
+	if server == "" {
+		return fmt.Errorf("unexpected argument %q", arg)
+	}
+	return fmt.Errorf("%q is a command of the client, and --%s is a flag of the sidecar, not of the client; see sidecar help", arg, server)
+}
+
+// isFlagSet reports whether flag name was given on the command line.
+func isFlagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
 }
 
 // validate checks values that parse but make no sense together.
@@ -376,6 +489,12 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %d for flag --client_retries: want 0 to 10", c.ClientRetries)
 	case !validStrategy(c.Balancer):
 		return fmt.Errorf("invalid value %q for flag --balancer: want p2c, random or roundrobin", c.Balancer)
+	case c.RegistryHistory < 0:
+		return fmt.Errorf("invalid value %d for flag --registry_history: must not be negative", c.RegistryHistory)
+	case c.RegistryMaxWatchers <= 0:
+		return fmt.Errorf("invalid value %d for flag --registry_max_watchers: must be positive", c.RegistryMaxWatchers)
+	case c.RegistryMaxNodes <= 0:
+		return fmt.Errorf("invalid value %d for flag --registry_max_nodes: must be positive", c.RegistryMaxNodes)
 	case c.RegistryConnections < 4 || c.RegistryConnections > 10_000:
 		return fmt.Errorf("invalid value %d for flag --registry_connections: want 4 to 10000", c.RegistryConnections)
 	case c.ShutdownDelay < 0:
@@ -386,8 +505,6 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %d for flag --max_body_bytes: must be positive", c.MaxBodyBytes)
 	case c.RegisterInterval >= c.RegisterTTL:
 		return fmt.Errorf("invalid value %s for flag --register_interval: must be shorter than --register_ttl (%s)", c.RegisterInterval, c.RegisterTTL)
-	case c.HealthcheckTimeout > c.HealthcheckInterval:
-		return fmt.Errorf("invalid value %s for flag --healthcheck_timeout: must not exceed --healthcheck_interval (%s)", c.HealthcheckTimeout, c.HealthcheckInterval)
 	case (c.ServerName == "") != (c.ServerAddress == ""):
 		return errors.New("flags --server_name and --server_address go together")
 	case c.HealthcheckURL != "" && c.ServerName == "":
@@ -485,7 +602,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.registry = newRegistryAPI(reg, s.streams, cfg.MaxBodyBytes, logger.With("component", "registry"))
+	s.registry = newRegistryAPI(reg, s.streams, cfg, logger.With("component", "registry"))
 	clientTLS, err := clientTLSConfig(cfg)
 	if err != nil {
 		return nil, err
@@ -506,6 +623,7 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	}
 	s.stats = newStats(cfg, logger.With("component", "stats"))
 	s.stats.addSource(registrySizeSource(reg))
+	s.stats.addSource(s.registry.metrics)
 	s.stats.addSource(s.broker.metrics)
 	s.stats.setTopics(s.broker.topicsJSON)
 	s.stats.addSource(s.peers.metrics)
@@ -727,6 +845,7 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	// Streams end as the drain begins: Shutdown would wait for proxied
 	// event streams until the drain timeout. Close is idempotent.
 	hs.RegisterOnShutdown(s.streams.Close)
+	ln = jsonServerErrors(hs, ln) // net/http's own answers too (api.go)
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 
@@ -785,11 +904,22 @@ func (s *server) Close() error {
 
 // setAdvertise makes this sidecar reachable by the others at
 // --broker_address, or at the address its listener is bound to; the peer
-// broker registers it from start on. Call it once the listener is bound
-// (run does, before serve starts the components).
-func (s *server) setAdvertise(bound net.Addr) {
+// broker registers it from start on. The registry refuses nodes at those
+// addresses from then on. Call it once the listener is bound (run does,
+// before serve starts the components). It fails, changing nothing, when
+// --server_address is one of them: the app would be the sidecar itself,
+// and every call to it a loop.
+func (s *server) setAdvertise(bound net.Addr) error {
+	advertised := s.cfg.BrokerAddress
 	if s.nats != nil {
-		return // NATS carries messages between sidecars
+		advertised = "" // the NATS servers, not this sidecar
+	}
+	s.registry.setSelf(bound, advertised)
+	if h, p, err := splitHostPort(s.cfg.ServerAddress); err == nil && s.registry.self.holds(h, p) {
+		return fmt.Errorf("flag --server_address %s is this sidecar's own address (bound to %s): the app would be the sidecar, and calls to it would loop", s.cfg.ServerAddress, bound)
+	}
+	if s.nats != nil {
+		return nil // NATS carries messages between sidecars
 	}
 	host, port := "", 0
 	if s.cfg.BrokerAddress != "" {
@@ -798,4 +928,5 @@ func (s *server) setAdvertise(bound net.Addr) {
 		host, port = advertiseHost(a.IP), a.Port
 	}
 	s.peers.setAdvertise(host, port, s.tls.scheme() == "https")
+	return nil
 }

@@ -11,15 +11,16 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"slices"
 	"sort"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
-	"unicode"
-
-	"github.com/coder/websocket"
 )
 
 // Service is a named service and its nodes, in the JSON shape of the seeds.
@@ -50,15 +51,17 @@ type Node struct {
 	Address  string            `json:"address"`
 	Port     int               `json:"port"`
 	Metadata map[string]string `json:"metadata"`
-	Version  string            `json:"version,omitempty"`
+	Version  string            `json:"version"`
 }
 
 // Event is one change seen by a watcher: "create" when a service gets its
 // first node, "update" when nodes are added to or changed in a service,
 // "delete" when nodes leave (deregistered or expired). Service holds only
-// the nodes the event is about.
+// the nodes the event is about. Index increases by one with each event of
+// the registry (registry_watch.go).
 type Event struct {
 	Action  string   `json:"action"`
+	Index   uint64   `json:"index"`
 	Service *Service `json:"service"`
 }
 
@@ -76,10 +79,16 @@ type Registry interface {
 	GetService(ctx context.Context, name string) (*Service, error)
 	// ListServices returns the names of services that have nodes, sorted.
 	ListServices(ctx context.Context) ([]string, error)
-	// Watch returns events until ctx ends. The channel is closed when ctx
-	// ends or when the watcher falls too far behind (it never blocks the
-	// registry).
-	Watch(ctx context.Context) (<-chan Event, error)
+	// Watch opens a watch of the registry's events (of one service, and
+	// from a resume point, as opts say) until ctx ends, the registry
+	// closes, or the watch falls too far behind: it never blocks the
+	// registry.
+	Watch(ctx context.Context, opts watchOptions) (*watcher, error)
+	// index returns the index of the latest event.
+	index() uint64
+	// setHistory sets how many recent events are kept for watches that
+	// resume; call it before start.
+	setHistory(events int)
 	// size counts the services and nodes known here, for metrics.
 	size() (services, nodes int)
 	start(ctx context.Context)
@@ -92,70 +101,10 @@ var (
 )
 
 const (
-	maxNameLen     = 255
 	maxNodes       = 100_000 // across all services: a bound on memory
-	watchBuffer    = 256     // events a watcher may lag before it is dropped
 	wsPingInterval = 30 * time.Second
 	wsWriteTimeout = 10 * time.Second
 )
-
-// validate checks s as a registration (or, with needAddr false, as a
-// deregistration, which only needs node IDs).
-func (s *Service) validate(needAddr bool) error {
-	if err := checkName("name", s.Name); err != nil {
-		return err
-	}
-	if len(s.Nodes) == 0 {
-		return errors.New(`field "nodes" must list at least one node`)
-	}
-	seen := make(map[string]bool, len(s.Nodes))
-	for i, n := range s.Nodes {
-		if err := checkNode(i, n, needAddr); err != nil {
-			return err
-		}
-		if seen[n.ID] {
-			return fmt.Errorf("nodes[%d].id %q appears twice", i, n.ID)
-		}
-		seen[n.ID] = true
-	}
-	return nil
-}
-
-// checkNode checks node i of a registration (needAddr) or deregistration.
-func checkNode(i int, n *Node, needAddr bool) error {
-	if n == nil {
-		return fmt.Errorf("nodes[%d] is null", i)
-	}
-	if err := checkName(fmt.Sprintf("nodes[%d].id", i), n.ID); err != nil {
-		return err
-	}
-	if !needAddr {
-		return nil
-	}
-	if n.Address == "" || len(n.Address) > maxNameLen {
-		return fmt.Errorf("nodes[%d].address is required (at most %d bytes)", i, maxNameLen)
-	}
-	if n.Port < 0 || n.Port > 65535 {
-		return fmt.Errorf("nodes[%d].port %d is out of range 0-65535", i, n.Port)
-	}
-	return nil
-}
-
-// checkName accepts 1 to 255 printable characters without spaces.
-func checkName(field, v string) error {
-	if v == "" {
-		return fmt.Errorf("field %q is required", field)
-	}
-	if len(v) > maxNameLen {
-		return fmt.Errorf("field %q is longer than %d bytes", field, maxNameLen)
-	}
-	for _, r := range v {
-		if !unicode.IsPrint(r) || unicode.IsSpace(r) {
-			return fmt.Errorf("field %q holds a space or control character", field)
-		}
-	}
-	return nil
-}
 
 // parseTTL reads the ?ttl= of a registration: empty or zero means no
 // expiry; otherwise a positive Go duration such as 10s or 500ms.
@@ -398,6 +347,12 @@ func (m *memoryRegistry) GetService(ctx context.Context, name string) (*Service,
 	if svc == nil {
 		return nil, errNotFound
 	}
+	return svc.current(name), nil
+}
+
+// current returns the snapshot of svc, rebuilt if it changed.
+// memoryRegistry.mu is held.
+func (svc *memService) current(name string) *Service {
 	if svc.snapshot == nil {
 		nodes := make([]*Node, len(svc.nodes))
 		for i, n := range svc.nodes {
@@ -405,7 +360,7 @@ func (m *memoryRegistry) GetService(ctx context.Context, name string) (*Service,
 		}
 		svc.snapshot = svc.view(name, nodes)
 	}
-	return svc.snapshot, nil
+	return svc.snapshot
 }
 
 // view is the Service of svc with the given nodes.
@@ -430,7 +385,7 @@ func (m *memoryRegistry) ListServices(ctx context.Context) ([]string, error) {
 	return names, nil
 }
 
-func (m *memoryRegistry) Watch(ctx context.Context) (<-chan Event, error) {
+func (m *memoryRegistry) Watch(ctx context.Context, opts watchOptions) (*watcher, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	select {
@@ -438,7 +393,40 @@ func (m *memoryRegistry) Watch(ctx context.Context) (<-chan Event, error) {
 		return nil, errors.New("registry: closed")
 	default:
 	}
-	return m.watchers.add(ctx, &m.mu), nil
+	return m.watchers.add(ctx, &m.mu, opts, m.snapshotLocked), nil
+}
+
+// snapshotLocked returns every service, sorted by name, or the one named
+// service (none if it has no nodes). m.mu is held.
+func (m *memoryRegistry) snapshotLocked(service string) []*Service {
+	if service != "" {
+		if svc := m.services[service]; svc != nil {
+			return []*Service{svc.current(service)}
+		}
+		return nil
+	}
+	names := make([]string, 0, len(m.services))
+	for name := range m.services {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	out := make([]*Service, len(names))
+	for i, name := range names {
+		out[i] = m.services[name].current(name)
+	}
+	return out
+}
+
+func (m *memoryRegistry) index() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.watchers.index()
+}
+
+func (m *memoryRegistry) setHistory(events int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.watchers.setHistory(events)
 }
 
 // notifyLocked tells watchers that nodes of a service changed.
@@ -447,61 +435,6 @@ func (m *memoryRegistry) notifyLocked(action, name string, svc *memService, node
 		return
 	}
 	m.watchers.send(Event{Action: action, Service: svc.view(name, nodes)})
-}
-
-// watchers are the channels of a registry's Watch calls. The registry's
-// mutex guards them: it is held for every method, and add is given it for
-// the removal when a watch's context ends. Sending under that lock keeps
-// events in the order the changes happened.
-type watchers struct {
-	chans map[chan Event]struct{}
-	log   *slog.Logger
-}
-
-func newWatchers(logger *slog.Logger) watchers {
-	return watchers{chans: map[chan Event]struct{}{}, log: logger}
-}
-
-func (w *watchers) empty() bool { return len(w.chans) == 0 }
-
-// add registers a watcher until ctx ends; mu is the owner's lock, held by
-// the caller now and taken again for the removal.
-func (w *watchers) add(ctx context.Context, mu *sync.Mutex) <-chan Event {
-	ch := make(chan Event, watchBuffer)
-	w.chans[ch] = struct{}{}
-	context.AfterFunc(ctx, func() {
-		mu.Lock()
-		defer mu.Unlock()
-		w.remove(ch)
-	})
-	return ch
-}
-
-// send gives ev to every watcher without blocking; a watcher whose buffer
-// is full is dropped and its channel closed.
-func (w *watchers) send(ev Event) {
-	for ch := range w.chans {
-		select {
-		case ch <- ev:
-		default:
-			w.remove(ch)
-			w.log.Warn("watcher fell behind; dropped")
-		}
-	}
-}
-
-func (w *watchers) remove(ch chan Event) {
-	if _, ok := w.chans[ch]; ok {
-		delete(w.chans, ch)
-		close(ch)
-	}
-}
-
-// closeAll ends every watch.
-func (w *watchers) closeAll() {
-	for ch := range w.chans {
-		w.remove(ch)
-	}
 }
 
 // size returns the number of services and nodes.
@@ -572,16 +505,47 @@ func orEmptySlice(e []*Endpoint) []*Endpoint {
 	return e
 }
 
-// registryAPI serves /registry over any Registry.
+// registryAPI serves /registry over any Registry. Safe for concurrent use;
+// its counters are read by /metrics.
 type registryAPI struct {
-	reg     Registry
-	streams *streams
-	limit   int64
-	log     *slog.Logger
+	reg         Registry
+	streams     *streams
+	limit       int64 // bytes of a registration body (--max_body_bytes)
+	maxNodes    int   // nodes of one registration (--registry_max_nodes)
+	maxWatchers int   // open watches (--registry_max_watchers)
+	self        selfAddrs
+	log         *slog.Logger
+
+	watching  atomic.Int64 // open watches, and those being opened
+	refused   atomic.Int64 // watches refused beyond maxWatchers
+	slow      atomic.Int64 // watches closed for falling behind
+	resumes   atomic.Int64 // watches resumed from the history
+	snapshots atomic.Int64 // watches that resumed with a snapshot
+	selfRegs  atomic.Int64 // registrations refused at the sidecar's own address
 }
 
-func newRegistryAPI(reg Registry, st *streams, limit int64, logger *slog.Logger) *registryAPI {
-	return &registryAPI{reg: reg, streams: st, limit: limit, log: logger}
+func newRegistryAPI(reg Registry, st *streams, cfg *Config, logger *slog.Logger) *registryAPI {
+	reg.setHistory(cfg.RegistryHistory)
+	return &registryAPI{
+		reg:         reg,
+		streams:     st,
+		limit:       cfg.MaxBodyBytes,
+		maxNodes:    cfg.RegistryMaxNodes,
+		maxWatchers: cfg.RegistryMaxWatchers,
+		log:         logger,
+	}
+}
+
+// setSelf records where this sidecar listens (bound) and where others
+// reach it (advertised, --broker_address: optional), so that no node is
+// registered there. Call it once the listener is bound (setAdvertise does).
+func (a *registryAPI) setSelf(bound net.Addr, advertised string) {
+	if t, ok := bound.(*net.TCPAddr); ok {
+		a.self.add(t.IP, t.Port)
+	}
+	if host, port, err := splitHostPort(advertised); err == nil {
+		a.self.addHostPort(host, port)
+	}
 }
 
 // serviceName is one row of GET /registry.
@@ -590,15 +554,40 @@ type serviceName struct {
 }
 
 // handleGet lists services, returns one with ?service=NAME, or streams
-// watch events over a websocket upgrade.
+// watch events over a websocket upgrade (of one service with ?service=,
+// resumed after an index with ?since=). Each answer carries the index of
+// the latest event in X-Registry-Index, read before the registry: the
+// answer holds at least every change up to it, so a watch resumed from it
+// misses nothing.
 func (a *registryAPI) handleGet(w http.ResponseWriter, r *http.Request) {
-	if isWebsocket(r) {
-		a.watch(w, r)
+	q, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "invalid query %q: %v", r.URL.RawQuery, err)
 		return
 	}
-	q := r.URL.Query()
-	if q.Has("service") {
-		name := q.Get("service")
+	name, one := "", false
+	if v, ok := q["service"]; ok {
+		name, one = v[0], true
+		if err := checkName("service", name); err != nil {
+			writeError(w, http.StatusBadRequest, "invalid query: %v", err)
+			return
+		}
+	}
+	if isWebsocket(r) {
+		opts, err := parseWatch(name, q)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, "invalid query: %v", err)
+			return
+		}
+		a.watch(w, r, opts)
+		return
+	}
+	if q.Has("since") {
+		writeError(w, http.StatusBadRequest, "since is for watches: GET /registry?since=N with a websocket upgrade")
+		return
+	}
+	w.Header().Set(indexHeader, strconv.FormatUint(a.reg.index(), 10))
+	if one {
 		svc, err := a.reg.GetService(r.Context(), name)
 		if errors.Is(err, errNotFound) {
 			writeError(w, http.StatusNotFound, "service %q not found", name)
@@ -623,18 +612,36 @@ func (a *registryAPI) handleGet(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-// readService reads and validates the Service in the request body.
+// readService reads and validates the Service in the request body: a
+// registration (needAddr) or a deregistration.
 func (a *registryAPI) readService(w http.ResponseWriter, r *http.Request, needAddr bool) (*Service, error) {
 	body, err := readBody(w, r, a.limit)
 	if err != nil {
+		var he *httpError
+		if errors.As(err, &he) && he.code == http.StatusRequestEntityTooLarge {
+			return nil, errorf(he.code, "registration body exceeds %d bytes (--max_body_bytes)", a.limit)
+		}
 		return nil, err
 	}
 	var s Service
 	if err := decodeJSON(body, &s); err != nil {
 		return nil, err
 	}
+	if len(s.Nodes) > a.maxNodes {
+		return nil, errorf(http.StatusRequestEntityTooLarge, "%d nodes in one request; at most %d (--registry_max_nodes): register them in several requests", len(s.Nodes), a.maxNodes)
+	}
 	if err := s.validate(needAddr); err != nil {
 		return nil, errorf(http.StatusBadRequest, "invalid service: %v", err)
+	}
+	if !needAddr {
+		return &s, nil
+	}
+	if err := a.self.check(&s); err != nil {
+		a.selfRegs.Add(1)
+		return nil, errorf(http.StatusBadRequest, "invalid service: %v", err)
+	}
+	for _, n := range s.Nodes {
+		normalizeAddress(n)
 	}
 	return &s, nil
 }
@@ -678,76 +685,19 @@ func (a *registryAPI) handleDeregister(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, struct{}{})
 }
 
-// watch streams registry events to a websocket client, one text frame each,
-// until the client leaves, falls behind, or the sidecar shuts down.
-func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request) {
-	// Watch before the handshake completes, so a client that is connected
-	// sees every change made after that.
-	wctx, stopWatch := context.WithCancel(context.Background())
-	defer stopWatch()
-	events, err := a.reg.Watch(wctx)
-	if err != nil {
-		writeError(w, http.StatusServiceUnavailable, "watch: %v", err)
-		return
+// metrics emits the watch counters and the registry's index.
+func (a *registryAPI) metrics(emit emitFunc) {
+	emit("sidecar_registry_index", "Index of the latest registry event.", "gauge", float64(a.reg.index()))
+	emit("sidecar_registry_watchers", "Open registry watches.", "gauge", float64(a.watching.Load()))
+	emit("sidecar_registry_watchers_refused_total", "Registry watches refused beyond --registry_max_watchers.", "counter", float64(a.refused.Load()))
+	emit("sidecar_registry_watchers_slow_total", "Registry watches closed for falling behind (1013) or a write timing out.", "counter", float64(a.slow.Load()))
+	const resumed = "Registry watches resumed with ?since=, by how: replayed from the history, or a snapshot."
+	emit("sidecar_registry_watch_resumes_total", resumed, "counter", float64(a.resumes.Load()), "from", "history")
+	emit("sidecar_registry_watch_resumes_total", resumed, "counter", float64(a.snapshots.Load()), "from", "snapshot")
+	emit("sidecar_registry_self_refused_total", "Registrations refused for a node at the sidecar's own address.", "counter", float64(a.selfRegs.Load()))
+	if c, ok := a.reg.(interface{ invalidRemoteNodes() int64 }); ok {
+		emit("sidecar_registry_remote_invalid_total", "Nodes (or services) from the remote registry dropped because they fail validation.", "counter", float64(c.invalidRemoteNodes()))
 	}
-	conn, ctx, done := a.streams.accept(w, r, 1024)
-	if conn == nil {
-		return
-	}
-	defer done()
-	// Watchers only listen: CloseRead answers control frames, closes the
-	// connection on any data frame, and its context ends when the client
-	// leaves. It gets its own context because cancelling the one it is
-	// given drops the connection without a close frame.
-	gone := conn.CloseRead(context.Background())
-	ping := time.NewTicker(wsPingInterval)
-	defer ping.Stop()
-	for {
-		select {
-		case ev, ok := <-events:
-			if !ok {
-				code, reason := websocket.StatusTryAgainLater, "watcher fell behind"
-				if ctx.Err() != nil {
-					code, reason = a.streams.closeStatus()
-				}
-				conn.Close(code, reason)
-				return
-			}
-			b, err := json.Marshal(ev)
-			if err == nil {
-				err = writeTimeout(conn, b)
-			}
-			if err != nil {
-				conn.CloseNow()
-				return
-			}
-		case <-ping.C:
-			pctx, cancel := context.WithTimeout(context.Background(), wsWriteTimeout)
-			err := conn.Ping(pctx)
-			cancel()
-			if err != nil {
-				conn.CloseNow()
-				return
-			}
-		case <-gone.Done():
-			conn.CloseNow()
-			return
-		case <-ctx.Done():
-			code, reason := a.streams.closeStatus()
-			conn.Close(code, reason)
-			return
-		}
-	}
-}
-
-// writeTimeout writes one text frame, giving up after wsWriteTimeout so a
-// client that stopped reading cannot hold a handler forever. It does not
-// take the stream's context: cancelling a write midway drops the
-// connection, and shutdown wants to finish the frame, then say goodbye.
-func writeTimeout(conn *websocket.Conn, b []byte) error {
-	ctx, cancel := context.WithTimeout(context.Background(), wsWriteTimeout)
-	defer cancel()
-	return conn.Write(ctx, websocket.MessageText, b)
 }
 
 // validateRegistry checks --registry and --registry_address; Config.validate

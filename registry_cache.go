@@ -250,6 +250,9 @@ type cachedRegistry struct {
 	startOnce sync.Once
 	closeOnce sync.Once
 	wg        sync.WaitGroup
+
+	invalid       atomic.Int64 // nodes and services from the backend that failed validation
+	invalidLogged atomic.Int64 // unix time of the last log line about them
 }
 
 func newCachedRegistry(b remoteBackend, t remoteTiming, sweep time.Duration, logger *slog.Logger) *cachedRegistry {
@@ -587,7 +590,7 @@ func (c *cachedRegistry) fetchRetry(name string) (*Service, uint64, error) {
 
 // setLocked stores a fresh state of held service h and tells watchers.
 func (c *cachedRegistry) setLocked(name string, h *heldService, svc *Service, now time.Time) {
-	h.svc, h.ok, h.err, h.failures = sanitizeRemote(name, svc), true, nil, 0
+	h.svc, h.ok, h.err, h.failures = c.sanitizeRemote(name, svc), true, nil, 0
 	h.fresh = now.Add(c.timing.stale)
 	c.refreshLocked(name)
 }
@@ -699,13 +702,42 @@ func (c *cachedRegistry) awaitSync(ctx context.Context) error {
 	return errors.New("registry: backend unreachable and nothing cached yet")
 }
 
-func (c *cachedRegistry) Watch(ctx context.Context) (<-chan Event, error) {
+func (c *cachedRegistry) Watch(ctx context.Context, opts watchOptions) (*watcher, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
 		return nil, errors.New("registry: closed")
 	}
-	return c.watchers.add(ctx, &c.mu), nil
+	return c.watchers.add(ctx, &c.mu, opts, c.snapshotLocked), nil
+}
+
+// snapshotLocked returns what lookups see, sorted by name, or the one
+// named service. c.mu is held.
+func (c *cachedRegistry) snapshotLocked(service string) []*Service {
+	if service != "" {
+		if svc := c.view[service]; svc != nil {
+			return []*Service{svc}
+		}
+		return nil
+	}
+	out := make([]*Service, 0, len(c.view))
+	for _, svc := range c.view {
+		out = append(out, svc)
+	}
+	slices.SortFunc(out, func(a, b *Service) int { return strings.Compare(a.Name, b.Name) })
+	return out
+}
+
+func (c *cachedRegistry) index() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.watchers.index()
+}
+
+func (c *cachedRegistry) setHistory(events int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.watchers.setHistory(events)
 }
 
 // size returns the number of services known (every name the backend lists,
@@ -798,19 +830,64 @@ func (c *cachedRegistry) heldNames() []string {
 	return names
 }
 
-// costs entries, never a crash.
-func sanitizeRemote(name string, svc *Service) *Service {
-	if svc == nil || checkName("name", name) != nil {
-		return nil
+// sanitizeRemote is where a backend's data enters the cache, so the rest
+// of the sidecar can trust it as it trusts its own registrations: it keeps
+// the nodes that pass the validation of a registration (validateNode),
+// each ID once, fills empty maps, and returns nil for a bad service or one
+// left without nodes. Every node (or service) dropped is counted and
+// logged, at most once a minute. A hostile or broken registry then costs
+// entries, never a crash or a call to an address that cannot be called.
+func (c *cachedRegistry) sanitizeRemote(name string, svc *Service) *Service {
+	out, dropped, err := sanitizeService(name, svc)
+	if dropped > 0 {
+		c.invalid.Add(int64(dropped))
+		now := c.now().Unix()
+		if last := c.invalidLogged.Load(); now-last >= 60 && c.invalidLogged.CompareAndSwap(last, now) {
+			c.log.Warn("registry backend sent invalid data; dropped", "service", name, "dropped", dropped, "err", err)
+		}
+	}
+	return out
+}
+
+// sanitizeService returns svc with only its valid nodes, how many it
+// dropped (a bad service counts as one) and why the first was dropped.
+func sanitizeService(name string, svc *Service) (*Service, int, error) {
+	if svc == nil {
+		return nil, 0, nil
+	}
+	if err := checkName("name", name); err != nil {
+		return nil, 1, err
+	}
+	if err := checkVersion("version", svc.Version); err != nil {
+		return nil, 1, err
+	}
+	if err := checkMetadata("metadata", svc.Metadata); err != nil {
+		return nil, 1, err
 	}
 	out := *svc
 	out.Name = name
 	out.Metadata = orEmpty(svc.Metadata)
 	out.Endpoints = orEmptySlice(slices.DeleteFunc(slices.Clone(svc.Endpoints), func(e *Endpoint) bool { return e == nil }))
+	if err := checkEndpoints(out.Endpoints); err != nil {
+		out.Endpoints = []*Endpoint{} // they describe; the nodes still serve
+	}
 	out.Nodes = make([]*Node, 0, len(svc.Nodes))
 	seen := make(map[string]bool, len(svc.Nodes))
+	dropped := 0
+	var first error
 	for i, n := range svc.Nodes {
-		if checkNode(i, n, true) != nil || seen[n.ID] {
+		err := validateNode(n, true)
+		if err == nil && seen[n.ID] {
+			err = bad("id", "%q appears twice", n.ID)
+		}
+		if err != nil {
+			err = under(nodeField(i), err)
+		}
+		if err != nil {
+			dropped++
+			if first == nil {
+				first = err
+			}
 			continue
 		}
 		seen[n.ID] = true
@@ -822,10 +899,14 @@ func sanitizeRemote(name string, svc *Service) *Service {
 		out.Nodes = append(out.Nodes, n)
 	}
 	if len(out.Nodes) == 0 {
-		return nil
+		return nil, dropped, first
 	}
-	return &out
+	return &out, dropped, first
 }
+
+// invalidRemoteNodes counts the nodes (and services) sanitizeRemote
+// dropped, for /metrics.
+func (c *cachedRegistry) invalidRemoteNodes() int64 { return c.invalid.Load() }
 
 func (c *cachedRegistry) markSyncedLocked() {
 	if !c.synced {

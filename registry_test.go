@@ -6,8 +6,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -283,23 +286,134 @@ func TestRegistryWatch(t *testing.T) {
 	}
 }
 
-func TestRegistryWatchSlowWatcherDropped(t *testing.T) {
+// TestRegistryWatchQueueBounds: a watch whose reader takes nothing is
+// dropped once it lags watchBuffer events or watchBufferBytes, whichever
+// comes first, and its queue is freed; a reader that keeps taking is never
+// dropped.
+func TestRegistryWatchQueueBounds(t *testing.T) {
 	t.Parallel()
-	m := newMemoryRegistry(time.Hour, time.Now, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	defer m.Close()
-	ch, err := m.Watch(context.Background())
-	if err != nil {
-		t.Fatal(err)
+	big := map[string]string{}
+	for i := range maxMetadataEntries {
+		big[fmt.Sprint("k", i)] = strings.Repeat("v", maxMetadataValueLen)
 	}
-	for i := range watchBuffer + 1 {
-		m.Register(context.Background(), &Service{Name: "s", Nodes: []*Node{{ID: fmt.Sprint(i), Address: "h"}}}, 0)
+	tests := []struct {
+		name     string
+		metadata map[string]string
+		fits     int // events queued before the watch is dropped
+	}{
+		{"events", nil, watchBuffer},
+		{"bytes", big, 15}, // 15 events of 266 KB fit in 4 MiB
 	}
-	n := 0
-	for range ch {
-		n++
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			m := newMemoryRegistry(time.Hour, time.Now, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			defer m.Close()
+			x, err := m.Watch(context.Background(), watchOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			register := func(i int) {
+				t.Helper()
+				s := &Service{Name: "s", Nodes: []*Node{{ID: fmt.Sprint(i), Address: "h", Port: 1, Metadata: tt.metadata}}}
+				if err := m.Register(context.Background(), s, 0); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for i := range tt.fits {
+				register(i)
+			}
+			if x.fellBehind() || x.ctx.Err() != nil {
+				t.Fatalf("watch dropped after %d events, want it to hold them", tt.fits)
+			}
+			x.mu.Lock()
+			queued := len(x.queue)
+			x.mu.Unlock()
+			if queued != tt.fits {
+				t.Fatalf("%d events queued, want %d", queued, tt.fits)
+			}
+			register(tt.fits)
+			evs, ok := x.take(nil)
+			if ok || len(evs) != 0 || !x.fellBehind() {
+				t.Fatalf("after %d events: take = %d events, open %v, behind %v; want the watch dropped with its queue freed", tt.fits+1, len(evs), ok, x.fellBehind())
+			}
+		})
 	}
-	if n != watchBuffer {
-		t.Errorf("slow watcher got %d events before its channel closed, want %d", n, watchBuffer)
+	t.Run("reader keeps up", func(t *testing.T) {
+		t.Parallel()
+		m := newMemoryRegistry(time.Hour, time.Now, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		defer m.Close()
+		x, _ := m.Watch(context.Background(), watchOptions{})
+		var buf []*watchEvent
+		last := m.index()
+		for i := range 3 * watchBuffer {
+			m.Register(context.Background(), &Service{Name: "s", Nodes: []*Node{{ID: fmt.Sprint(i), Address: "h", Port: 1}}}, 0)
+			if i%100 != 99 {
+				continue
+			}
+			evs, ok := x.take(buf)
+			if !ok || len(evs) != 100 {
+				t.Fatalf("take after %d events = %d events, open %v; want 100, open", i+1, len(evs), ok)
+			}
+			for _, e := range evs {
+				if e.Index != last+1 {
+					t.Fatalf("event index %d after %d, want consecutive", e.Index, last)
+				}
+				last = e.Index
+			}
+			clear(evs)
+			buf = evs
+		}
+	})
+}
+
+// TestRegistryWatchHistoryBounds: the history keeps at most
+// --registry_history events and watchHistoryBytes, and a resume point it
+// no longer covers gets a snapshot.
+func TestRegistryWatchHistoryBounds(t *testing.T) {
+	t.Parallel()
+	var h history
+	h.max = 3
+	ev := func(i uint64, size int) *watchEvent {
+		return &watchEvent{Event: Event{Index: i, Service: &Service{Name: fmt.Sprint("s", i%2)}}, size: size}
+	}
+	for i := uint64(1); i <= 5; i++ {
+		h.push(ev(i, 10))
+	}
+	if h.n != 3 || h.at(0).Index != 3 || h.bytes != 30 {
+		t.Fatalf("history of 3 after 5 events: n=%d oldest=%d bytes=%d, want 3, 3, 30", h.n, h.at(0).Index, h.bytes)
+	}
+	tests := []struct {
+		since   uint64
+		service string
+		want    []uint64
+		ok      bool
+	}{
+		{5, "", nil, true},
+		{2, "", []uint64{3, 4, 5}, true},
+		{3, "", []uint64{4, 5}, true},
+		{2, "s1", []uint64{3, 5}, true},
+		{1, "", nil, false},
+		{6, "", nil, false},
+	}
+	for _, tt := range tests {
+		evs, ok := h.after(tt.since, 5, tt.service)
+		var got []uint64
+		for _, e := range evs {
+			got = append(got, e.Index)
+		}
+		if ok != tt.ok || !slices.Equal(got, tt.want) {
+			t.Errorf("after(%d, %q) = %v, %v; want %v, %v", tt.since, tt.service, got, ok, tt.want, tt.ok)
+		}
+	}
+	h.push(ev(6, watchHistoryBytes))
+	if h.n != 1 || h.at(0).Index != 6 {
+		t.Errorf("after an event of watchHistoryBytes: n=%d oldest=%d, want only it", h.n, h.at(0).Index)
+	}
+	var none history
+	none.push(ev(1, 10))
+	if _, ok := none.after(0, 1, ""); ok || none.n != 0 {
+		t.Errorf("history of 0 events holds %d and covers index 0", none.n)
 	}
 }
 
@@ -360,6 +474,25 @@ func FuzzRegistryJSON(f *testing.F) {
 		var s Service
 		if decodeJSON(body, &s) != nil || s.validate(true) != nil {
 			return
+		}
+		// A valid node is callable: the address the balancer dials splits
+		// back into a host and the node's port, and its strings survive a
+		// JSON round trip unchanged (no two ids collapse into one).
+		for _, n := range s.Nodes {
+			normalizeAddress(n)
+			host, port, err := nodeTarget(n)
+			if err != nil {
+				t.Fatalf("node %+v valid, then nodeTarget: %v", n, err)
+			}
+			h, p, err := net.SplitHostPort(nodeHostPort(n))
+			if err != nil || h != host || p != strconv.Itoa(port) || port < 1 || port > 65535 {
+				t.Fatalf("node %+v dials %q (%v), want host %q port %d", n, nodeHostPort(n), err, host, port)
+			}
+			b, _ := json.Marshal(n.ID)
+			var id string
+			if json.Unmarshal(b, &id); id != n.ID {
+				t.Fatalf("id %q round-trips to %q", n.ID, id)
+			}
 		}
 		ctx := context.Background()
 		if err := m.Register(ctx, &s, d); err != nil {

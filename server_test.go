@@ -75,6 +75,16 @@ func TestParseConfig(t *testing.T) {
 		{name: "--registry_connections 3", args: []string{"--registry_connections", "3"}, wantErr: "--registry_connections"},
 		{name: "--registry_stale 0s", args: []string{"--registry_stale", "0s"}, wantErr: "--registry_stale"},
 		{name: "--registry_watch_idle -1m", args: []string{"--registry_watch_idle", "-1m"}, wantErr: "--registry_watch_idle"},
+		{name: "--registry_history 0 --registry_max_watchers 5 --registry_max_nodes 100", args: []string{"--registry_history", "0", "--registry_max_watchers", "5", "--registry_max_nodes", "100"},
+			check: func(c *Config) bool {
+				return c.RegistryHistory == 0 && c.RegistryMaxWatchers == 5 && c.RegistryMaxNodes == 100
+			}},
+		{name: "registry limits' defaults", check: func(c *Config) bool {
+			return c.RegistryHistory == 1000 && c.RegistryMaxWatchers == 10_000 && c.RegistryMaxNodes == 10_000
+		}},
+		{name: "--registry_history -1", args: []string{"--registry_history", "-1"}, wantErr: "--registry_history"},
+		{name: "--registry_max_watchers 0", args: []string{"--registry_max_watchers", "0"}, wantErr: "--registry_max_watchers"},
+		{name: "--registry_max_nodes 0", args: []string{"--registry_max_nodes", "0"}, wantErr: "--registry_max_nodes"},
 		{name: "--broker_address 10.0.0.5:8081", args: []string{"--broker_address", "10.0.0.5:8081"}},
 		{name: "--broker_address sidecar-a.internal:8081 --broker_secret s", args: []string{"--broker_address", "sidecar-a.internal:8081", "--broker_secret", "s"}},
 		{name: "--shutdown_delay 5s", args: []string{"--shutdown_delay", "5s"}, check: func(c *Config) bool { return c.ShutdownDelay == 5*time.Second }},
@@ -165,6 +175,135 @@ func TestErrorsAreJSON(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	wantError(t, "CONNECT example.com:443", resp.StatusCode, body, http.StatusMethodNotAllowed)
+}
+
+// TestRawRequestErrorsAreJSON sends requests that fail before any
+// handler of the sidecar runs (websocket handshakes that the library would
+// refuse in plain text, and requests net/http refuses itself while reading
+// them) on a raw connection to the server as run serves it: every answer
+// is the JSON error, with the status net/http chose.
+func TestRawRequestErrorsAreJSON(t *testing.T) {
+	t.Parallel()
+	_, addr := serveTestServer(t, testConfig())
+	const ws = "Host: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+	const key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+	tests := []struct {
+		name   string
+		req    string
+		code   int
+		detail string      // substring of the JSON detail
+		header http.Header // headers the answer must carry
+	}{
+		{"registry watch without a key", "GET /registry HTTP/1.1\r\n" + ws + "Sec-WebSocket-Version: 13\r\n\r\n",
+			400, "Sec-WebSocket-Key", nil},
+		{"registry watch with version 8", "GET /registry HTTP/1.1\r\n" + ws + key + "Sec-WebSocket-Version: 8\r\n\r\n",
+			400, "Sec-WebSocket-Version", http.Header{"Sec-Websocket-Version": {"13"}}},
+		{"registry watch with a short key", "GET /registry HTTP/1.1\r\n" + ws + "Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n\r\n",
+			400, "16 bytes", nil},
+		{"registry watch with two keys", "GET /registry HTTP/1.1\r\n" + ws + key + key + "Sec-WebSocket-Version: 13\r\n\r\n",
+			400, "Sec-WebSocket-Key", nil},
+		{"registry watch over HTTP/1.0", "GET /registry HTTP/1.0\r\n" + ws + key + "Sec-WebSocket-Version: 13\r\n\r\n",
+			426, "HTTP/1.1", http.Header{"Upgrade": {"websocket"}}},
+		{"broker subscription without a key", "GET /broker?topic=t HTTP/1.1\r\n" + ws + "Sec-WebSocket-Version: 13\r\n\r\n",
+			400, "Sec-WebSocket-Key", nil},
+		{"broker subscription without a version", "GET /broker?topic=t HTTP/1.1\r\n" + ws + key + "\r\n",
+			400, "Sec-WebSocket-Version", http.Header{"Sec-Websocket-Version": {"13"}}},
+		{"broker subscription without Upgrade in Connection", "GET /broker?topic=t HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\nUpgrade: websocket\r\n" + key + "Sec-WebSocket-Version: 13\r\n\r\n",
+			426, "websocket", http.Header{"Upgrade": {"websocket"}}},
+		// net/http's own answers, written before any handler.
+		{"malformed request line", "GARBAGE\r\n\r\n", 400, "malformed", nil},
+		{"malformed header line", "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nno colon here\r\n\r\n", 400, "malformed", nil},
+		{"malformed Host", "GET /health HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "malformed Host header", nil},
+		{"missing Host", "GET /health HTTP/1.1\r\n\r\n", 400, "missing required Host header", nil},
+		{"two Hosts", "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "malformed", nil},
+		{"invalid header value", "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x01b\r\n\r\n", 400, "malformed", nil},
+		{"unsupported protocol", "GET /health HTTP/3.0\r\nHost: 127.0.0.1\r\n\r\n", 505, "unsupported protocol version", nil},
+		{"unsupported transfer encoding", "POST /registry HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "Transfer-Encoding", nil},
+		{"unsupported Expect", "POST /registry HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 200-ok\r\nContent-Length: 2\r\n\r\n{}", 417, "Expect", nil},
+		{"headers too large", "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + strings.Repeat("a", 80<<10) + "\r\n\r\n", 431, "64 KiB", nil},
+		{"malformed second request on a kept-alive connection", "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGARBAGE\r\n\r\n", 400, "malformed", nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			// The server may answer and close before it has read all
+			// (431): write on the side, read the answer here.
+			go io.WriteString(c, tt.req)
+			br := bufio.NewReader(c)
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatalf("%q: no answer: %v", tt.name, err)
+			}
+			if strings.HasPrefix(tt.name, "malformed second") { // the first answer is /health's
+				io.Copy(io.Discard, resp.Body)
+				if resp, err = http.ReadResponse(br, nil); err != nil {
+					t.Fatalf("%q: no second answer: %v", tt.name, err)
+				}
+			}
+			body, _ := io.ReadAll(resp.Body)
+			if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
+				t.Errorf("%q: Content-Type %q, body %q; want application/json", tt.name, ct, body)
+			}
+			e := wantError(t, tt.name, resp.StatusCode, body, tt.code)
+			if !strings.Contains(e.Detail, tt.detail) {
+				t.Errorf("%q: detail %q, want it to contain %q", tt.name, e.Detail, tt.detail)
+			}
+			for k, v := range tt.header {
+				if got := resp.Header.Values(k); strings.Join(got, ",") != strings.Join(v, ",") {
+					t.Errorf("%q: header %s = %q, want %q", tt.name, k, got, v)
+				}
+			}
+		})
+	}
+}
+
+// TestServerAnswerLookalikePasses: bytes a backend sends through an
+// upgraded (hijacked) connection pass untouched, even when they read
+// exactly like one of net/http's own answers, which the server rewrites
+// into JSON only before a handler runs.
+func TestServerAnswerLookalikePasses(t *testing.T) {
+	t.Parallel()
+	const lookalike = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request"
+	node := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: raw\r\nConnection: Upgrade\r\n\r\n")
+		if _, err := brw.ReadByte(); err != nil { // the client's go-ahead: the lookalike is a write of its own
+			return
+		}
+		io.WriteString(c, lookalike)
+		brw.ReadByte() // until the client leaves
+	}))
+	t.Cleanup(node.Close)
+	_, addr := serveTestServer(t, proxyTestConfig())
+	registerURLs(t, "http://"+addr, "go.micro.srv.raw", node.URL)
+
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, "GET /raw/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: raw\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade through the proxy: %v, %v; want 101", resp, err)
+	}
+	io.WriteString(c, "g")
+	got := make([]byte, len(lookalike))
+	if _, err := io.ReadFull(br, got); err != nil || string(got) != lookalike {
+		t.Errorf("the backend's bytes arrived as %q (%v), want %q", got, err, lookalike)
+	}
 }
 
 func TestAuthToken(t *testing.T) {
@@ -379,6 +518,101 @@ func TestAppHealthCheck(t *testing.T) {
 	eventually(t, 5*time.Second, "re-registration after the hang", registered)
 }
 
+// slowApp is a health endpoint whose checks after the first take hold,
+// as an app under load answers. It records when each check began and
+// ended (on its own clock: causality orders a check's end before the next
+// one's beginning), and the most checks it ever served at once.
+type slowApp struct {
+	hold  time.Duration
+	check func() // runs at the end of every slow check, before the answer
+
+	mu       sync.Mutex // guards the fields below
+	inFlight int
+	most     int
+	starts   []time.Time
+	ends     []time.Time
+	done     chan int // receives the number of checks ended so far
+}
+
+func (a *slowApp) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	a.mu.Lock()
+	a.inFlight++
+	a.most = max(a.most, a.inFlight)
+	a.starts = append(a.starts, time.Now())
+	first := len(a.starts) == 1
+	a.mu.Unlock()
+	if !first {
+		select {
+		case <-time.After(a.hold): // the app is slow, not the test waiting
+			a.check()
+		case <-r.Context().Done():
+		}
+	}
+	a.mu.Lock()
+	a.inFlight--
+	a.ends = append(a.ends, time.Now())
+	n := len(a.ends)
+	a.mu.Unlock()
+	w.WriteHeader(http.StatusOK)
+	select {
+	case a.done <- n:
+	default:
+	}
+}
+
+// TestAppSlowHealthCheck: a --healthcheck_timeout longer than
+// --healthcheck_interval is accepted (as Docker, Kubernetes and Consul
+// accept it). Checks never overlap: the next begins when the previous
+// ended or an interval after it began, whichever is later; and a slow
+// check does not hold up the registration's heartbeat.
+func TestAppSlowHealthCheck(t *testing.T) {
+	t.Parallel()
+	const name = "go.micro.srv.slow"
+	app := &slowApp{hold: 1500 * time.Millisecond, done: make(chan int, 1)}
+	backend := httptest.NewServer(app)
+	t.Cleanup(backend.Close)
+	cfg, err := parseConfig([]string{
+		"--server_name", name, "--server_address", strings.TrimPrefix(backend.URL, "http://"),
+		"--healthcheck_url", backend.URL + "/health",
+		"--healthcheck_interval", "20ms", "--healthcheck_timeout", "10s",
+		"--register_ttl", "500ms", "--register_interval", "50ms",
+	}, func(string) string { return "" }, io.Discard)
+	if err != nil {
+		t.Fatalf("parseConfig with --healthcheck_timeout above --healthcheck_interval: %v", err)
+	}
+	cfg.RegistrySweep = 20 * time.Millisecond
+	var expired atomic.Int32
+	var reg atomic.Pointer[registryAPI]
+	app.check = func() {
+		// Three TTLs into a slow check: the heartbeat kept the app registered.
+		if _, err := reg.Load().reg.GetService(context.Background(), name); err != nil {
+			expired.Add(1)
+		}
+	}
+	newTestServer(t, cfg, func(s *server) { reg.Store(s.registry) })
+
+	for n := 0; n < 3; {
+		select {
+		case n = <-app.done:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("%d health checks ended after 30s, want 3", n)
+		}
+	}
+	app.mu.Lock()
+	defer app.mu.Unlock()
+	if app.most != 1 {
+		t.Errorf("the app served %d health checks at once, want 1", app.most)
+	}
+	for i := 1; i < len(app.starts) && i < len(app.ends); i++ {
+		if app.starts[i].Before(app.ends[i-1]) {
+			t.Errorf("check %d began %s before check %d ended", i+1, app.ends[i-1].Sub(app.starts[i]), i)
+		}
+	}
+	if n := expired.Load(); n > 0 {
+		t.Errorf("the app's registration expired during %d slow checks: the heartbeat waited for the check", n)
+	}
+}
+
 func TestAppWithoutHealthcheckHeartbeats(t *testing.T) {
 	t.Parallel()
 	cfg := testConfig()
@@ -499,15 +733,61 @@ func TestBinarySIGTERMDeregistersAndExits(t *testing.T) {
 	}
 }
 
+// TestBinaryBadFlagOneLine: a flag the sidecar cannot use stops it with
+// one line on stderr that names the flag and says where help is, not the
+// flag package's usage dump; --help still prints the whole usage.
 func TestBinaryBadFlagOneLine(t *testing.T) {
 	t.Parallel()
-	out, err := exec.Command(sidecarBinary(t), "--register_ttl=soon").CombinedOutput()
-	if err == nil {
-		t.Fatal("bad flag: exit status 0, want failure")
+	tests := []struct {
+		name string
+		env  []string
+		args []string
+		want []string // substrings of the one line
+	}{
+		{"bad duration", nil, []string{"--register_ttl=soon"}, []string{`sidecar: invalid value "soon" for flag --register_ttl: want a duration such as 10s, 1m30s or 500ms; see sidecar --help`}},
+		{"bad integer", nil, []string{"--client_retries", "many"}, []string{`invalid value "many" for flag --client_retries: want an integer`, "see sidecar --help"}},
+		{"bad boolean", nil, []string{"--enable_stats=maybe"}, []string{`invalid value "maybe" for flag --enable_stats: want true or false`, "see sidecar --help"}},
+		{"integer out of range", nil, []string{"--max_body_bytes", "99999999999999999999"}, []string{"flag --max_body_bytes", "out of range", "see sidecar --help"}},
+		{"unknown flag", nil, []string{"--nope"}, []string{"sidecar: unknown flag --nope; see sidecar --help"}},
+		{"missing value", nil, []string{"--address"}, []string{"sidecar: flag --address needs a value; see sidecar --help"}},
+		{"bad env", []string{"MICRO_REGISTER_TTL=soon"}, nil, []string{`invalid value "soon" for flag --register_ttl (from MICRO_REGISTER_TTL): want a duration`, "see sidecar --help"}},
+		{"invalid combination", nil, []string{"--register_ttl=5s", "--register_interval=5s"}, []string{"flag --register_interval", "see sidecar --help"}},
+		{"stray argument", nil, []string{"--enable_stats", "extra"}, []string{`unexpected argument "extra"`, "see sidecar --help"}},
+		// The server's --address used with a client command, in either order.
+		{"--address before a command", nil, []string{"--address", "127.0.0.1:9", "list", "services"},
+			[]string{`"list" is a command of the client`, "--proxy_address 127.0.0.1:9", "--address is where a sidecar listens"}},
+		{"--address after a command", nil, []string{"list", "services", "--address", "127.0.0.1:9"},
+			[]string{"list: unknown flag --address", "--proxy_address 127.0.0.1:9", "--address is where a sidecar listens"}},
+		{"--address= after a command", nil, []string{"get", "service", "x", "--address=h:1"},
+			[]string{"--proxy_address h:1"}},
+		{"another server flag before a command", nil, []string{"--enable_stats", "stats"},
+			[]string{`"stats" is a command of the client`, "--enable_stats is a flag of the sidecar", "sidecar help"}},
 	}
-	if !strings.Contains(string(out), "register_ttl") {
-		t.Errorf("bad flag output %q does not name the flag", out)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			r := runClient(t, "", tt.env, tt.args...)
+			lines := strings.Split(strings.TrimRight(r.stderr, "\n"), "\n")
+			if r.code == 0 || len(lines) != 1 {
+				t.Fatalf("sidecar %q: exit %d, stderr (%d lines) %q; want failure with one line", tt.args, r.code, len(lines), r.stderr)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(lines[0], w) {
+					t.Errorf("sidecar %q: stderr %q, want it to contain %q", tt.args, lines[0], w)
+				}
+			}
+			if r.stdout != "" {
+				t.Errorf("sidecar %q: stdout %q, want nothing", tt.args, r.stdout)
+			}
+		})
 	}
+	t.Run("--help", func(t *testing.T) {
+		t.Parallel()
+		r := runClient(t, "", nil, "--help")
+		if r.code != 0 || strings.Count(r.stderr+r.stdout, "\n") < 40 || !strings.Contains(r.stderr+r.stdout, "-healthcheck_timeout") {
+			t.Errorf("sidecar --help: exit %d, output %q; want the whole usage and status 0", r.code, r.stderr+r.stdout)
+		}
+	})
 }
 
 // exposedWarning is a phrase of the start-up warning of a sidecar that
