@@ -766,12 +766,16 @@ func (s *server) middleware(next http.Handler) http.Handler {
 	// DNS name rebinds to 127.0.0.1 is then refused, as is its origin.
 	// Over TLS the certificate already refuses a rebound name.
 	loopback := listensOnLoopback(s.cfg.Address) && !s.cfg.EnableTLS && !s.cfg.EnableACME
+	// What it answers itself is counted under the route asked for
+	// (routePattern), not as unmatched.
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if loopback && !loopbackHost(r.Host) {
+			r.Pattern = s.routePattern(r)
 			writeError(w, http.StatusForbidden, "host %q is not this sidecar's: it listens on loopback (see --address)", r.Host)
 			return
 		}
 		if s.cors.handle(w, r) {
+			r.Pattern = s.routePattern(r)
 			return // preflight answered, or a foreign page refused
 		}
 		if !strings.HasPrefix(r.URL.Path, "/") {
@@ -781,7 +785,6 @@ func (s *server) middleware(next http.Handler) http.Handler {
 			return
 		}
 		if !publicPath(r) && !s.auth.allow(r) {
-			// Counted under the route it asked for, not as unmatched.
 			r.Pattern = s.routePattern(r)
 			if _, ok := bearerToken(r.Header); ok {
 				w.Header().Set("WWW-Authenticate", `Bearer realm="sidecar", error="invalid_token"`) // RFC 6750, section 3.1

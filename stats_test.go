@@ -877,6 +877,14 @@ func TestStatsRefusedByAuth(t *testing.T) {
 		t.Errorf("details: no token %q, wrong token %q; want them to say which", missing.Detail, wrong.Detail)
 	}
 	send("GET", "/stats?format=json", "Bearer nope")
+	// A foreign Host (DNS rebinding) is refused before the token is looked at.
+	req, _ := http.NewRequest("GET", ts.URL+"/registry", nil)
+	req.Host = "rebound.example"
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusForbidden {
+		t.Fatalf("GET /registry with Host rebound.example = %v %v, want 403", resp, err)
+	} else {
+		resp.Body.Close()
+	}
 	send("POST", "/foo/bar", "")
 	send("PUT", "/registry", "")
 
@@ -889,7 +897,7 @@ func TestStatsRefusedByAuth(t *testing.T) {
 		series string
 		want   float64
 	}{
-		{`sidecar_http_requests_total{route="GET /registry",class="4xx"}`, 2},
+		{`sidecar_http_requests_total{route="GET /registry",class="4xx"}`, 3},
 		{`sidecar_http_requests_total{route="GET /stats",class="4xx"}`, 1},
 		{`sidecar_http_requests_total{route="/",class="4xx"}`, 1},
 		{`sidecar_http_requests_total{route="/registry",class="4xx"}`, 1}, // the 405 row
