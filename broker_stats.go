@@ -52,6 +52,7 @@ type topicStats struct {
 	other topicCounters // topics evicted, or without room
 }
 
+// newTopicStats returns an empty table with room for max topics.
 func newTopicStats(max int) *topicStats {
 	return &topicStats{max: max, m: map[string]*topicCounters{}}
 }

@@ -31,8 +31,9 @@ const (
 	defaultStatsMaxServices = 100
 	// otherService labels the calls of services past the cap.
 	otherService = "other"
-	// upstreamWindow is how many sampler intervals the recent window of
-	// /stats spans: 10 s at the default one-second interval.
+	// upstreamWindow is how many of the sampler's samples the recent
+	// window of /stats reaches back: 10 s at the default one-second
+	// interval. Each service keeps them: about 2 KiB a service.
 	upstreamWindow = 10
 	// maxNodesShown bounds the nodes of one service in /stats and, with
 	// --metrics_node_labels, in /metrics.
@@ -127,6 +128,8 @@ type upstreams struct {
 	mu sync.Mutex                                // serializes writers of m
 }
 
+// newUpstreams returns the empty table of handler ("rpc" or "proxy") with
+// room for max services (defaultStatsMaxServices when max is not positive).
 func newUpstreams(handler string, max int) *upstreams {
 	if max <= 0 {
 		max = defaultStatsMaxServices
@@ -276,6 +279,7 @@ func (t *upstreams) writeMetrics(pw *promWriter, nodeLabels bool, now time.Time)
 	}
 }
 
+// ejectedCount is how many of nodes are ejected.
 func ejectedCount(nodes []nodeSnapshot) int {
 	n := 0
 	for i := range nodes {
@@ -431,6 +435,7 @@ func ejectedFirst(a, b nodeSnapshot) int {
 	return 0
 }
 
+// bucketTotal is the number of samples in the non-cumulative buckets b.
 func bucketTotal(b [numBuckets]int64) int64 {
 	var n int64
 	for _, c := range b {
