@@ -227,12 +227,22 @@ type devtools struct {
 	nextID int
 }
 
-// startDevtools starts Chromium on url in a window of width x height and
+// devtoolsChromium is the Chromium the DevTools tests drive; they skip
+// without one (scripts/install-chromium.sh installs it).
+func devtoolsChromium(t *testing.T) string {
+	t.Helper()
+	if _, err := os.Stat(chromiumPath); err != nil {
+		t.Skipf("headless browser test skipped: %s not found (run scripts/install-chromium.sh)", chromiumPath)
+	}
+	return chromiumPath
+}
+
+// startDevtools starts chromium on url in a window of width x height and
 // attaches to its page.
-func startDevtools(t *testing.T, url string, width, height int) *devtools {
+func startDevtools(t *testing.T, chromium, url string, width, height int) *devtools {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, chromiumPath,
+	cmd := exec.CommandContext(ctx, chromium,
 		"--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
 		"--no-first-run", "--disable-component-update", "--disable-sync", "--disable-quic",
 		"--disable-extensions", "--mute-audio", "--hide-scrollbars",
@@ -483,9 +493,8 @@ func trafficUntilDone(t *testing.T, urls ...string) {
 // shows both with their rates and their nodes on expand, the Topics table
 // both topics, and nothing is wider than its card or the window.
 func TestStatsBrowserServices(t *testing.T) {
-	if _, err := os.Stat(chromiumPath); err != nil {
-		t.Skipf("headless browser test skipped: %s not found (run scripts/install-chromium.sh)", chromiumPath)
-	}
+	t.Parallel()
+	chromium := devtoolsChromium(t)
 	cfg := statsConfig()
 	cfg.StatsInterval = 100 * time.Millisecond
 	cfg.Balancer = strategyRoundRobin
@@ -518,7 +527,7 @@ func TestStatsBrowserServices(t *testing.T) {
 	trafficUntilDone(t, ts.URL+"/alpha/call", ts.URL+"/beta-with-a-rather-long-service-name/call")
 
 	const width = 1280
-	d := startDevtools(t, ts.URL+"/stats", width, 900)
+	d := startDevtools(t, chromium, ts.URL+"/stats", width, 900)
 	d.waitFor(30*time.Second, "the page shows two services with recent calls", `(() => {
 	  const rows = document.querySelectorAll("#services tr.svc");
 	  return rows.length >= 2 && Array.from(rows).every((r) => Number(r.dataset.rps) > 0);
@@ -596,9 +605,8 @@ func TestStatsBrowserServices(t *testing.T) {
 // metrics a sidecar with a token and traffic has: no card is wider than
 // the window, and no table wider than its card.
 func TestStatsBrowserOverflow(t *testing.T) {
-	if _, err := os.Stat(chromiumPath); err != nil {
-		t.Skipf("headless browser test skipped: %s not found (run scripts/install-chromium.sh)", chromiumPath)
-	}
+	t.Parallel()
+	chromium := devtoolsChromium(t)
 	cfg := statsConfig()
 	cfg.StatsInterval = 100 * time.Millisecond
 	cfg.AuthToken = "s3cret"
@@ -631,7 +639,7 @@ func TestStatsBrowserOverflow(t *testing.T) {
 	waitSubscribers(t, s, 1)
 	do(t, "POST", ts.URL+"/broker?topic="+topic, "m", auth...)
 	const width = 1280
-	d := startDevtools(t, ts.URL+"/stats#token=s3cret", width, 900)
+	d := startDevtools(t, chromium, ts.URL+"/stats#token=s3cret", width, 900)
 	d.waitFor(30*time.Second, "the page refreshes twice", `Number(document.body.dataset.polls) >= 2`)
 	checkNoOverflow(t, d, width)
 }
@@ -639,13 +647,12 @@ func TestStatsBrowserOverflow(t *testing.T) {
 // TestStatsBrowserWrongToken: a token the sidecar refuses is reported as
 // refused, not as missing, and the page stops asking with it.
 func TestStatsBrowserWrongToken(t *testing.T) {
-	if _, err := os.Stat(chromiumPath); err != nil {
-		t.Skipf("headless browser test skipped: %s not found (run scripts/install-chromium.sh)", chromiumPath)
-	}
+	t.Parallel()
+	chromium := devtoolsChromium(t)
 	cfg := statsConfig()
 	cfg.AuthToken = "s3cret"
 	_, ts := newTestServer(t, cfg)
-	d := startDevtools(t, ts.URL+"/stats#token=wrong", 1280, 900)
+	d := startDevtools(t, chromium, ts.URL+"/stats#token=wrong", 1280, 900)
 	d.waitFor(30*time.Second, "the page reports the refusal", `document.getElementById("status-text").textContent.includes("refused")`)
 	var text string
 	d.eval(`document.getElementById("status-text").textContent`, &text)
@@ -674,6 +681,6 @@ func TestStatsBrowserWrongToken(t *testing.T) {
 	d.waitFor(30*time.Second, "the page shows data with the right token", `document.body.dataset.state === "live" && Number(document.body.dataset.polls) >= 1`)
 
 	// With no token at all, the page says one is needed.
-	d2 := startDevtools(t, ts.URL+"/stats", 1280, 900)
+	d2 := startDevtools(t, chromium, ts.URL+"/stats", 1280, 900)
 	d2.waitFor(30*time.Second, "the page asks for a token", `document.getElementById("status-text").textContent.includes("needs a token")`)
 }
