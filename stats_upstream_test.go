@@ -10,23 +10,36 @@ import (
 	"time"
 )
 
-// slowRPCBackend is a JSON-RPC node that answers after delay.
+// slowRPCBackend is a JSON-RPC node that answers after delay, or, to a
+// request with the header X-Test-Hang (the sidecar passes the caller's
+// headers on), never: its caller's deadline ends the call whatever the
+// machine's load.
 func slowRPCBackend(t *testing.T, delay time.Duration) *httptest.Server {
 	t.Helper()
+	release := make(chan struct{})
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		var req struct {
 			ID json.RawMessage `json:"id"`
 		}
 		json.NewDecoder(r.Body).Decode(&req)
+		wait := time.After(delay) // the node's latency, which the tests measure
+		if r.Header.Get("X-Test-Hang") != "" {
+			wait = nil
+		}
 		select {
-		case <-time.After(delay): // the node's latency, which the test measures
+		case <-wait:
 		case <-r.Context().Done():
 			return
+		case <-release:
+			return
+		}
+		if len(req.ID) == 0 {
+			req.ID = []byte("null")
 		}
 		w.Header().Set("Content-Type", "application/json")
 		fmt.Fprintf(w, `{"id":%s,"result":{"slow":true},"error":null}`, req.ID)
 	}))
-	t.Cleanup(srv.Close)
+	t.Cleanup(func() { close(release); srv.Close() })
 	return srv
 }
 
@@ -83,7 +96,7 @@ func TestStatsServices(t *testing.T) {
 		}
 	}
 	for range 2 {
-		code, body := do(t, "POST", ts.URL+"/beta/call", `{}`, "Timeout", "30ms")
+		code, body := do(t, "POST", ts.URL+"/beta/call", `{}`, "Timeout", "30ms", "X-Test-Hang", "1")
 		wantError(t, "beta call with Timeout: 30ms", code, body, http.StatusGatewayTimeout)
 	}
 	for _, name := range []string{"gamma", "delta"} { // past the cap of 2
@@ -227,7 +240,7 @@ func TestStatsServicesProxy(t *testing.T) {
 		do(t, "GET", ts.URL+path, "")
 	}
 	for range 2 {
-		code, body := do(t, "GET", ts.URL+"/slow/x", "", "Timeout", "30ms")
+		code, body := do(t, "GET", ts.URL+"/slow/x", "", "Timeout", "30ms", "X-Test-Hang", "1")
 		wantError(t, "GET /slow/x with Timeout: 30ms", code, body, http.StatusGatewayTimeout)
 	}
 
