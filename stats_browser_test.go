@@ -396,9 +396,18 @@ func (d *devtools) eval(expr string, out any) {
 	}
 }
 
-// screenshot saves the whole page, beyond the window, as a PNG at path.
-func (d *devtools) screenshot(path string) {
+// screenshot saves the whole page, beyond the window, as a PNG named name
+// in $SIDECAR_SCREENSHOT_DIR (or a temporary directory), for a person to see.
+func (d *devtools) screenshot(name string) {
 	d.t.Helper()
+	dir := os.Getenv("SIDECAR_SCREENSHOT_DIR")
+	if dir == "" {
+		dir = d.t.TempDir()
+	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+		d.t.Fatal(err)
+	}
+	path := filepath.Join(dir, name)
+	defer d.t.Logf("screenshot: %s", path)
 	var res struct {
 		Data []byte `json:"data"` // base64 in JSON
 	}
@@ -589,16 +598,7 @@ func TestStatsBrowserServices(t *testing.T) {
 	}
 
 	checkNoOverflow(t, d, width)
-
-	dir := os.Getenv("SIDECAR_SCREENSHOT_DIR")
-	if dir == "" {
-		dir = t.TempDir()
-	} else if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	shot := filepath.Join(dir, "stats-services.png")
-	d.screenshot(shot)
-	t.Logf("screenshot: %s", shot)
+	d.screenshot("stats-services.png")
 }
 
 // TestStatsBrowserOverflow is the page at 1280 px with the component
@@ -641,7 +641,10 @@ func TestStatsBrowserOverflow(t *testing.T) {
 	const width = 1280
 	d := startDevtools(t, chromium, ts.URL+"/stats#token=s3cret", width, 900)
 	d.waitFor(30*time.Second, "the page refreshes twice", `Number(document.body.dataset.polls) >= 2`)
+	d.eval(`document.querySelector("#services button.expand").click()`, nil) // the long node id too
+	d.waitFor(10*time.Second, "the nodes shown", `document.querySelectorAll("#services tr.node").length > 0`)
 	checkNoOverflow(t, d, width)
+	d.screenshot("stats-long-names.png")
 }
 
 // TestStatsBrowserWrongToken: a token the sidecar refuses is reported as
