@@ -225,14 +225,11 @@ type devtools struct {
 	nextID int
 }
 
-// devtoolsChromium is the Chromium the DevTools tests drive; they skip
-// without one (scripts/install-chromium.sh installs it).
+// devtoolsChromium is the Chromium the DevTools tests drive (requireTool:
+// they skip without one, or fail in CI).
 func devtoolsChromium(t *testing.T) string {
 	t.Helper()
-	if _, err := os.Stat(chromiumPath); err != nil {
-		t.Skipf("headless browser test skipped: %s not found (run scripts/install-chromium.sh)", chromiumPath)
-	}
-	return chromiumPath
+	return requireTool(t, "chromium", "chromium-browser", "google-chrome")
 }
 
 // startDevtools starts chromium on url in a window of width x height and
