@@ -97,8 +97,11 @@ type broker struct {
 	streams *streams
 	log     *slog.Logger
 	topics  *topicTable
-	forward Forwarder // nil: this host only; set before serving
-	relay   Relay     // nil: deliver here; else every publish goes through it; set before serving
+	// topicStats counts traffic by topic (broker_stats.go); the counters
+	// below are the totals.
+	topicStats *topicStats
+	forward    Forwarder // nil: this host only; set before serving
+	relay      Relay     // nil: deliver here; else every publish goes through it; set before serving
 
 	maxMessage   int64         // largest body of a published message
 	queueLen     int           // messages a subscriber may lag
@@ -128,6 +131,7 @@ func newBroker(cfg *Config, st *streams, logger *slog.Logger) *broker {
 		streams:      st,
 		log:          logger,
 		topics:       newTopicTable(),
+		topicStats:   newTopicStats(maxTopicStats),
 		maxMessage:   min(cfg.MaxBodyBytes, brokerMaxMessage),
 		queueLen:     brokerQueueLen,
 		queueBytes:   brokerQueueBytes,
@@ -168,10 +172,10 @@ func (b *broker) publish(topic string, m *Message) error {
 		if err := b.relay.Publish(topic, m); err != nil {
 			return err
 		}
-		b.published.Add(1)
+		b.countPublished(topic)
 		return nil
 	}
-	b.published.Add(1)
+	b.countPublished(topic)
 	subs := b.topics.get(topic)
 	if b.forward == nil {
 		b.deliverTo(topic, subs, m, nil)
@@ -266,7 +270,7 @@ func (b *broker) lose(n int, topic, queue, why string) {
 	if n <= 0 {
 		return
 	}
-	total := b.dropped.Add(int64(n))
+	total := b.countDropped(topic, n)
 	now := time.Now().UnixNano()
 	last := b.lastDropLog.Load()
 	if now-last < int64(brokerDropLogEvery) || !b.lastDropLog.CompareAndSwap(last, now) {
@@ -288,7 +292,7 @@ func (b *broker) rehome(topic, queue string, frames [][]byte) {
 		return
 	}
 	if queue == "" {
-		b.dropped.Add(int64(len(frames)))
+		b.countDropped(topic, len(frames))
 		return
 	}
 	g := b.topics.get(topic).group(queue)
@@ -356,9 +360,10 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	// Subscribe before the handshake completes, so a client that is
 	// connected gets every message published after that. Until the
 	// connection exists, messages queue and no writer starts (writing).
-	s := &subscriber{b: b, topic: topic, group: queue, writing: true}
+	s := &subscriber{b: b, topic: topic, group: queue, stats: b.topicStats.subscribe(topic), writing: true}
 	ready, ok := b.add(topic, queue, s)
 	if !ok {
+		b.topicStats.release(s.stats)
 		writeError(w, http.StatusServiceUnavailable, "broker: sidecar is shutting down")
 		return
 	}
@@ -369,6 +374,7 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	conn, _, done := b.streams.accept(hj, r, b.maxMessage)
 	if conn == nil || hj.conn == nil { // hj.conn: cannot happen, accept hijacks through hj
 		b.remove(topic, queue, s)
+		b.topicStats.release(s.stats) // no writer started: nothing was queued to write
 		if conn != nil {
 			conn.Close(websocket.StatusInternalError, "broker: no connection")
 			done()
@@ -409,6 +415,7 @@ func (b *broker) serve(s *subscriber, topic, queue string, done func()) {
 		<-closing
 	}
 	s.wg.Wait() // the writer, if one runs, ends: remove stopped new ones
+	b.topicStats.release(s.stats)
 	s.conn.CloseNow()
 	b.log.Debug("unsubscribed", "topic", topic, "queue", queue, "err", err)
 }
@@ -732,7 +739,8 @@ func (g *queueGroup) place(b *broker, frame []byte, orphans *[][]byte) bool {
 type subscriber struct {
 	b     *broker
 	topic string
-	group string // queue group; "" for a plain subscriber
+	group string         // queue group; "" for a plain subscriber
+	stats *topicCounters // its topic's, held until its writer has ended (broker_stats.go)
 	conn  *websocket.Conn
 	wc    *wsConn
 
@@ -814,7 +822,7 @@ func (s *subscriber) enqueue(frame []byte, ping bool) bool {
 		return false
 	case s.slow:
 		if !ping {
-			s.b.dropped.Add(1)
+			s.countDropped(1)
 		}
 		return false
 	case ping:
@@ -822,7 +830,7 @@ func (s *subscriber) enqueue(frame []byte, ping bool) bool {
 		s.startWriter()
 		return true
 	case len(s.queue) >= s.b.queueLen || s.queueBytes+len(frame) > s.b.queueBytes:
-		s.b.dropped.Add(int64(len(s.queue)) + 1)
+		s.countDropped(len(s.queue) + 1)
 		clear(s.takeQueue())
 		s.markSlow()
 		return false
@@ -836,7 +844,7 @@ func (s *subscriber) enqueue(frame []byte, ping bool) bool {
 // the connection with 1008. s.mu is held.
 func (s *subscriber) markSlow() {
 	s.slow = true
-	s.b.slowDisconnects.Add(1)
+	s.countSlowDisconnect()
 	if s.wc != nil {
 		// As stopData, without waiting for the write in progress: the
 		// writer stops at its next write and sends the close frame.
@@ -887,7 +895,7 @@ func (s *subscriber) write() {
 		s.mu.Unlock()
 
 		sent, tried, err := s.wc.writeFrames(batch, ping)
-		s.b.delivered.Add(int64(sent))
+		s.countDelivered(sent)
 		if err != nil {
 			s.writeFailed(batch, sent, tried, err)
 			return
@@ -915,7 +923,7 @@ func (s *subscriber) writeFailed(batch [][]byte, sent, tried int, err error) {
 	wasSlow := s.slow
 	if timedOut && !wasSlow {
 		s.slow = true // messages for it are counted as dropped until it is removed
-		s.b.slowDisconnects.Add(1)
+		s.countSlowDisconnect()
 	}
 	if !s.slow {
 		s.closed = true // the connection is gone: nothing more is for it
@@ -923,7 +931,7 @@ func (s *subscriber) writeFailed(batch [][]byte, sent, tried int, err error) {
 	s.writing = false
 	unsent := append(batch[tried:], s.takeQueue()...)
 	s.mu.Unlock()
-	s.b.dropped.Add(int64(tried - sent))
+	s.countDropped(tried - sent)
 	s.b.rehome(s.topic, s.group, unsent)
 	clear(batch)
 	switch {
