@@ -297,7 +297,7 @@ func TestProxyRetryAndEject(t *testing.T) {
 		t.Errorf("live node got %d requests, want 20", hits.Load())
 	}
 	st := (*s.proxy.bal.services.Load())["go.micro.srv.flaky"]
-	if st == nil || st.ejections.Load() == 0 {
+	if st == nil || st.up.ejections.Load() == 0 {
 		t.Errorf("dead node was not ejected")
 	}
 

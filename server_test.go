@@ -89,6 +89,9 @@ func TestParseConfig(t *testing.T) {
 		{name: "--broker_address sidecar-a.internal:8081 --broker_secret s", args: []string{"--broker_address", "sidecar-a.internal:8081", "--broker_secret", "s"}},
 		{name: "--shutdown_delay 5s", args: []string{"--shutdown_delay", "5s"}, check: func(c *Config) bool { return c.ShutdownDelay == 5*time.Second }},
 		{name: "--shutdown_delay -1s", args: []string{"--shutdown_delay", "-1s"}, wantErr: "--shutdown_delay"},
+		{name: "--stats_max_services 500 --metrics_node_labels", args: []string{"--stats_max_services", "500", "--metrics_node_labels"},
+			check: func(c *Config) bool { return c.StatsMaxServices == 500 && c.MetricsNodeLabels }},
+		{name: "--stats_max_services 0", args: []string{"--stats_max_services", "0"}, wantErr: "--stats_max_services"},
 		{name: "--broker_address 10.0.0.5", args: []string{"--broker_address", "10.0.0.5"}, wantErr: "--broker_address"},
 		{name: "--broker_address 10.0.0.5:0", args: []string{"--broker_address", "10.0.0.5:0"}, wantErr: "--broker_address"},
 	}
