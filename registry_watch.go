@@ -486,6 +486,20 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request, opts watchOp
 			conn.CloseNow()
 			return
 		case <-ctx.Done():
+			// select picks at random among ready cases, so events may
+			// still wait here: shutdown deregisters the app and closes
+			// the streams right after. What was queued before goes out
+			// first, then the goodbye.
+			evs, _ := x.take(batch)
+			for _, e := range evs {
+				if x.ctx.Err() != nil {
+					break
+				}
+				if err := a.writeEvent(conn, x, e); err != nil {
+					conn.CloseNow()
+					return
+				}
+			}
 			code, reason := a.streams.closeStatus()
 			conn.Close(code, reason)
 			return
