@@ -359,10 +359,18 @@ func TestNATSTwoSidecars(t *testing.T) {
 // published while it was down was either buffered and delivered after the
 // reconnect or refused with a JSON 503 (the buffer is small): delivered +
 // refused = published. /health is 503 while the sidecar is cut off.
+//
+// The buffer (8 KiB) holds every message of the phases before and after
+// the outage (40 of about 100 bytes) even if the writer has taken none of
+// them, so no 503 can come there, and only the outage's messages (500
+// bytes each) overflow it. With a 4 KiB buffer the 40th message of a
+// phase was refused whenever a loaded machine had not yet run the writer
+// (40 x 103 bytes > 4096): the test counted the 503 and then waited in
+// vain for that message (4 of 23 full runs).
 func TestNATSRestart(t *testing.T) {
 	ns := startNATS(t, "")
 	cfgA := natsTestConfig(ns.url)
-	cfgA.NATS.BufferBytes = 4 << 10
+	cfgA.NATS.BufferBytes = 8 << 10
 	a, tsA := newTestServer(t, cfgA)
 	b, tsB := newTestServer(t, natsTestConfig(ns.url))
 	waitConnected(t, a, b)
@@ -370,24 +378,37 @@ func TestNATSRestart(t *testing.T) {
 	remote := subscribe(t, tsB.URL, "/broker?topic=stream") // on the other
 
 	published, refused := 0, 0
-	publish := func(phase string, n int) {
+	// publish publishes phase-0 ... phase-(n-1), each padded to pad
+	// bytes; a 503 is refused only while NATS is down (outage).
+	publish := func(phase string, n, pad int, outage bool) {
+		t.Helper()
 		for i := range n {
-			code, body := do(t, "POST", tsA.URL+"/broker?topic=stream", fmt.Sprintf("%s-%d", phase, i))
+			body := fmt.Sprintf("%s-%d", phase, i)
+			body += strings.Repeat(".", max(0, pad-len(body)))
+			code, resp := do(t, "POST", tsA.URL+"/broker?topic=stream", body)
 			published++
-			switch code {
-			case http.StatusOK:
-			case http.StatusServiceUnavailable:
-				wantError(t, "POST /broker while NATS is down", code, body, http.StatusServiceUnavailable)
+			switch {
+			case code == http.StatusOK:
+			case code == http.StatusServiceUnavailable && outage:
+				wantError(t, "POST /broker while NATS is down", code, resp, http.StatusServiceUnavailable)
 				refused++
 			default:
-				t.Fatalf("POST /broker = %d %s, want 200 or 503", code, body)
+				t.Fatalf("POST /broker (%s) = %d %s, want 200%s\n%s", body, code, resp, map[bool]string{true: " or 503"}[outage], natsState(a, b))
 			}
 		}
 	}
-	publish("before", 40)
-	eventually(t, 10*time.Second, "messages before the restart delivered", func() bool {
-		return local.has(bodies("before", 40)) && remote.has(bodies("before", 40))
-	})
+	delivered := func(what string, want []string) {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		for !local.has(want) || !remote.has(want) {
+			if time.Now().After(deadline) {
+				t.Fatalf("after 20s: %s not delivered on both sidecars\n%s", what, natsState(a, b))
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	publish("before", 40, 0, false)
+	delivered("the messages before the restart", bodies("before", 40))
 
 	ns.kill()
 	waitDisconnected(t, a, b)
@@ -395,9 +416,9 @@ func TestNATSRestart(t *testing.T) {
 		code, body := do(t, "GET", tsA.URL+"/health", "")
 		return code == http.StatusServiceUnavailable && strings.Contains(string(body), `"status":"disconnected"`)
 	})
-	publish("during", 100)
+	publish("during", 100, 500, true)
 	if refused == 0 || refused == 100 {
-		t.Fatalf("%d of 100 publishes during the outage refused, want some buffered and some refused (buffer 4 KiB)", refused)
+		t.Fatalf("%d of 100 publishes during the outage refused, want some buffered and some refused (buffer 8 KiB)", refused)
 	}
 	if code, body := do(t, "GET", tsA.URL+"/metrics", ""); !strings.Contains(string(body), fmt.Sprintf(`sidecar_broker_nats_dropped_total{reason="buffer_full"} %d`, refused)) {
 		t.Errorf("GET /metrics = %d, want %d buffer_full drops in\n%s", code, refused, body)
@@ -406,10 +427,13 @@ func TestNATSRestart(t *testing.T) {
 	ns.start()
 	waitConnected(t, a, b)
 	eventually(t, 10*time.Second, "both sidecars resubscribed", func() bool { return ns.subscriptions(t) == 2 })
-	publish("after", 40)
-	eventually(t, 20*time.Second, "messages after the restart delivered on both sidecars", func() bool {
-		return local.has(bodies("after", 40)) && remote.has(bodies("after", 40))
+	// The buffered messages go out first: the buffer is empty again
+	// before the next phase.
+	eventually(t, 10*time.Second, "the buffered publishes written to the new connection", func() bool {
+		return a.nats.published.Load() == int64(published-refused)
 	})
+	publish("after", 40, 0, false)
+	delivered("the messages after the restart", bodies("after", 40))
 	// The last of them arrived after every buffered one (one connection, in
 	// order), so counting now is final.
 	counts, total := local.snapshot()
@@ -430,6 +454,22 @@ func TestNATSRestart(t *testing.T) {
 	if code, _ := do(t, "GET", tsA.URL+"/health", ""); code != http.StatusOK {
 		t.Errorf("GET /health after the reconnect = %d, want 200", code)
 	}
+}
+
+// natsState describes the NATS clients of sidecars A, B, ... for a
+// failure message: what each wrote, received, refused and lost.
+func natsState(servers ...*server) string {
+	var sb strings.Builder
+	for i, s := range servers {
+		n := s.nats
+		n.mu.Lock()
+		buffered, bufBytes, lastErr := n.outMsgs, n.outPub, n.lastErr
+		n.mu.Unlock()
+		fmt.Fprintf(&sb, "%c: connected %v reconnects %d published %d buffered %d (%d bytes) refused %d received %d unconfirmed %d missed %d discarded %d server errors %d last error %q; broker delivered %d dropped %d\n",
+			'A'+i, n.connected.Load(), n.reconnects.Load(), n.published.Load(), buffered, bufBytes, n.refused.Load(), n.received.Load(),
+			n.unconfirmed.Load(), n.missed.Load(), n.discarded.Load(), n.serverErrs.Load(), lastErr, s.broker.delivered.Load(), s.broker.dropped.Load())
+	}
+	return sb.String()
 }
 
 // TestNATSDeadServer: a server that stops answering (SIGSTOP: its sockets
