@@ -510,10 +510,15 @@ func registryGets(t *testing.T, base string) float64 {
 // all after one request, fetches a service only when it is looked up, and
 // its calls share a bounded pool (4 connections here) however many run
 // at once.
+//
+// What the upstream answers is recorded in front of its route table: one
+// list per session of the watch (a session that failed, say a list that
+// outlasted --registry_timeout on a loaded machine, is followed by a new
+// one, and a new list), and no service but the one looked up.
 func TestSidecarRegistryAtScale(t *testing.T) {
 	t.Parallel()
 	const services, conns, concurrent = 1000, 4, 50
-	_, upstream := newTestServer(t, testConfig())
+	up, upstream := newTestServer(t, testConfig())
 	jobs := make(chan int)
 	var wg sync.WaitGroup
 	var failed atomic.Int64
@@ -542,8 +547,30 @@ func TestSidecarRegistryAtScale(t *testing.T) {
 		t.Fatalf("%d of %d registrations on the upstream sidecar failed", n, services)
 	}
 
-	before := registryGets(t, upstream.URL)
-	cfg := remoteConfig("sidecar", upstream.URL)
+	// front records each GET /registry the upstream gets, as it arrives:
+	// "watch" (the websocket), "list", or the name of the service looked up.
+	var (
+		rmu  sync.Mutex // guards gets
+		gets []string
+	)
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet && r.URL.Path == "/registry" {
+			what := "list"
+			switch q := r.URL.Query(); {
+			case isWebsocket(r):
+				what = "watch"
+			case q.Has("service"):
+				what = "service " + q.Get("service")
+			}
+			rmu.Lock()
+			gets = append(gets, what)
+			rmu.Unlock()
+		}
+		up.handler.ServeHTTP(w, r)
+	}))
+	t.Cleanup(front.Close)
+
+	cfg := remoteConfig("sidecar", front.URL)
 	cfg.RegistryConnections = conns
 	s, ts := newTestServer(t, cfg)
 	code, body := do(t, "GET", ts.URL+"/registry", "")
@@ -555,8 +582,27 @@ func TestSidecarRegistryAtScale(t *testing.T) {
 	if got := lookup(t, ts.URL, "svc-0500"); fmt.Sprint(got) != "[svc-0500-1]" {
 		t.Fatalf("GET /registry?service=svc-0500 = %v, want [svc-0500-1]", got)
 	}
-	if n := registryGets(t, upstream.URL) - before; n > 2 {
-		t.Errorf("the upstream answered %v GET /registry for a list and one lookup, want 2 (nothing fetched per service ahead of use)", n)
+	rmu.Lock()
+	seen := slices.Clone(gets)
+	rmu.Unlock()
+	watches, lists, fetched := 0, 0, 0
+	for _, g := range seen {
+		switch g {
+		case "watch":
+			watches++
+		case "list":
+			lists++
+		case "service svc-0500":
+			fetched++
+		default:
+			t.Errorf("the upstream got GET /registry for %s, want no service fetched but the one looked up", g)
+		}
+	}
+	if watches == 0 || lists == 0 || lists > watches || fetched == 0 {
+		t.Errorf("the upstream got %d watches, %d lists and %d lookups of svc-0500, want one list per watch session and the lookup", watches, lists, fetched)
+	}
+	if len(seen) != 3 {
+		t.Logf("GET /registry on the upstream: %q (a watch, a list and a lookup when no call times out)", seen)
 	}
 
 	errs := make(chan error, concurrent)
