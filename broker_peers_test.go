@@ -140,6 +140,19 @@ func publishN(t *testing.T, base, topic, prefix string, n int) {
 	}
 }
 
+// peersState describes the peer brokers of sidecars A, B, ... for a
+// failure message: what each forwarded, received, refused and dropped.
+func peersState(servers ...*server) string {
+	var sb strings.Builder
+	for i, s := range servers {
+		p := s.peers
+		fmt.Fprintf(&sb, "%c: forwarded %d forward errors %d remote dropped %d received %d missed %d full %d rerouted %d refused %d idle %v; broker delivered %d dropped %d\n",
+			'A'+i, p.forwarded.Load(), p.forwardErrors.Load(), p.remoteDropped.Load(), p.received.Load(), p.missed.Load(), p.full.Load(),
+			p.rerouted.Load(), p.refused.Load(), peersIdle(s), s.broker.delivered.Load(), s.broker.dropped.Load())
+	}
+	return sb.String()
+}
+
 func bodies(prefix string, n int) []string {
 	out := make([]string, n)
 	for i := range out {
@@ -189,19 +202,31 @@ func exchange(t *testing.T, a *server, urlA string, b *server, urlB string) {
 	publishN(t, urlB, "orders", "B", n)
 	want := append(bodies("A", n), bodies("B", n)...)
 
-	eventually(t, wait, "every message at every plain subscriber and at the group", func() bool {
-		if !plainA.has(want) || !plainB.has(want) {
-			return false
-		}
+	// missing lists, per subscriber, what has not arrived yet.
+	missing := func() map[string][]string {
+		out := map[string][]string{}
 		ca, _ := groupA.snapshot()
 		cb, _ := groupB.snapshot()
 		for _, w := range want {
+			if !plainA.has([]string{w}) {
+				out["plain on A"] = append(out["plain on A"], w)
+			}
+			if !plainB.has([]string{w}) {
+				out["plain on B"] = append(out["plain on B"], w)
+			}
 			if ca[w]+cb[w] == 0 {
-				return false
+				out["group g"] = append(out["group g"], w)
 			}
 		}
-		return true
-	})
+		return out
+	}
+	deadline := time.Now().Add(wait)
+	for len(missing()) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %s: missing %v\n%s", wait, missing(), peersState(a, b))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 	// Quiet: nothing queued for another sidecar, and every frame written
 	// to a subscriber has been read. Then no duplicate can still come.
 	readAll := func() int {
