@@ -154,3 +154,73 @@ func TestMissingTool(t *testing.T) {
 		})
 	}
 }
+
+// TestInstallConsulConcurrent runs scripts/install-consul.sh three times at
+// once into one directory, with a stand-in for go (the real build takes
+// minutes): each run builds into a file of its own in that directory and
+// renames it, so all three succeed and leave one consul and no temporary
+// file. With the one name consul.tmp they shared, one run moved another's
+// file away under it ("mv: cannot stat consul.tmp").
+func TestInstallConsulConcurrent(t *testing.T) {
+	t.Parallel()
+	// A PATH of the script's commands and the stand-in go only, so that
+	// an installed consul does not end the script early.
+	bin, dest, home := t.TempDir(), t.TempDir(), t.TempDir()
+	for _, tool := range []string{"bash", "mkdir", "mktemp", "rm", "cat", "mv", "chmod", "date", "head", "sleep"} {
+		p, err := exec.LookPath(tool)
+		if err != nil {
+			t.Skipf("%s not found: %v", tool, err)
+		}
+		if err := os.Symlink(p, filepath.Join(bin, tool)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fakeGo := `#!/bin/bash
+# go get does nothing; go build -o OUT writes a consul that prints its version,
+# slowly, and renames it to OUT as go build does.
+case "$1" in
+build)
+	while [ $# -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done
+	sleep 0.3
+	printf '#!/bin/bash\necho "Consul v0.0.0-test"\n' > "$out.build"
+	chmod 0755 "$out.build"
+	mv "$out.build" "$out"
+	;;
+esac
+`
+	if err := os.WriteFile(filepath.Join(bin, "go"), []byte(fakeGo), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	const runs = 3
+	errs := make(chan error, runs)
+	for range runs {
+		go func() {
+			cmd := exec.Command(filepath.Join(bin, "bash"), "scripts/install-consul.sh")
+			cmd.Env = []string{"PATH=" + bin, "HOME=" + home, "CONSUL_INSTALL_DIR=" + dest, "TMPDIR=" + home}
+			out, err := cmd.CombinedOutput()
+			if err != nil {
+				err = &exec.ExitError{ProcessState: cmd.ProcessState, Stderr: out}
+			}
+			errs <- err
+		}()
+	}
+	for range runs {
+		if err := <-errs; err != nil {
+			t.Errorf("install-consul.sh, three at once: %v\n%s", err, err.(*exec.ExitError).Stderr)
+		}
+	}
+	entries, err := os.ReadDir(dest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	if strings.Join(names, " ") != "consul" {
+		t.Errorf("%s holds %q, want only consul", dest, names)
+	}
+	if out, err := exec.Command(filepath.Join(dest, "consul"), "version").Output(); err != nil || !strings.Contains(string(out), "Consul v0.0.0-test") {
+		t.Errorf("the installed consul says %q, %v", out, err)
+	}
+}
