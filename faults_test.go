@@ -1,0 +1,677 @@
+package main
+
+// faults_test.go is the fault battery of issue 13: the sidecar knocked
+// about as an attacker or a careless operator would, through the real
+// server on real loopback ports (and, for SIGTERM, the built binary as a
+// child process), each scenario reporting its figures.
+//
+// Every scenario runs at two sizes. By default it is small and runs beside
+// the other tests, so that every go test runs the battery; with
+// SIDECAR_FAULTS=1 it runs at the issue's size (1,000 slowloris
+// connections, Consul stopped for 30 s, 20,000 messages), one scenario at
+// a time so that its figures are its own. CI runs the full battery under
+// -race as a step of its own (.ci/run):
+//
+//	SIDECAR_FAULTS=1 go test -race -count=1 -v -run '^TestFault' .
+//
+// Figures are log lines in one format, "fault: <test> | <figure> | <value>",
+// and the same lines end the run as a table (faultSummary). They are
+// reported, not asserted: a shared 2-core machine makes any latency figure
+// wander. What is asserted is what a loaded machine cannot break: no
+// failed request where none may fail, JSON errors where errors are due,
+// generous bounds on time and memory, and every goroutine of the sidecar
+// gone once it is closed.
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"runtime/pprof"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// faultsFull reports whether SIDECAR_FAULTS=1 asks for the scenarios at
+// full size.
+func faultsFull() bool { return os.Getenv("SIDECAR_FAULTS") == "1" }
+
+// faultSize is small by default and full under SIDECAR_FAULTS=1.
+func faultSize[T any](small, full T) T {
+	if faultsFull() {
+		return full
+	}
+	return small
+}
+
+// faultScenario begins a scenario: beside the other tests when small,
+// alone at full size.
+func faultScenario(t *testing.T) {
+	t.Helper()
+	if !faultsFull() {
+		t.Parallel()
+	}
+}
+
+// faultFigures holds the figures reported so far, in order, for the
+// summary TestMain prints.
+var faultFigures struct {
+	mu    sync.Mutex
+	lines [][3]string // test, figure, value
+}
+
+// figure reports one figure of the running scenario in the fixed format.
+func figure(t *testing.T, name, format string, args ...any) {
+	t.Helper()
+	value := fmt.Sprintf(format, args...)
+	t.Logf("fault: %s | %s | %s", t.Name(), name, value)
+	faultFigures.mu.Lock()
+	defer faultFigures.mu.Unlock()
+	faultFigures.lines = append(faultFigures.lines, [3]string{t.Name(), name, value})
+}
+
+// TestMain runs the tests, then prints the fault figures as a table. go
+// test shows it with -v, or when a package's tests fail.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	faultSummary(os.Stdout)
+	os.Exit(code)
+}
+
+// faultSummary writes the figures reported as a Markdown table, headed by
+// the size, the date and the machine.
+func faultSummary(w io.Writer) {
+	faultFigures.mu.Lock()
+	defer faultFigures.mu.Unlock()
+	if len(faultFigures.lines) == 0 {
+		return
+	}
+	size := "small (default; SIDECAR_FAULTS=1 for full size)"
+	if faultsFull() {
+		size = "full (SIDECAR_FAULTS=1)"
+	}
+	race := "off"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "-race" && s.Value == "true" {
+				race = "on"
+			}
+		}
+	}
+	load, _ := os.ReadFile("/proc/loadavg")
+	fmt.Fprintf(w, "\nfault summary: %s; %s; %s %s/%s, %d CPUs, -race %s; load average %s\n\n",
+		size, time.Now().UTC().Format("2006-01-02 15:04 MST"), runtime.Version(), runtime.GOOS, runtime.GOARCH,
+		runtime.NumCPU(), race, strings.Join(strings.Fields(string(load))[:min(3, len(strings.Fields(string(load))))], " "))
+	fmt.Fprintln(w, "| scenario | figure | value |")
+	fmt.Fprintln(w, "|---|---|---|")
+	for _, l := range faultFigures.lines {
+		fmt.Fprintf(w, "| %s | %s | %s |\n", strings.TrimPrefix(l[0], "TestFault"), l[1], l[2])
+	}
+}
+
+// faultConfig is what an operator runs with, the defaults, on a free
+// loopback port.
+func faultConfig() *Config {
+	cfg := defaultConfig()
+	cfg.Address = "127.0.0.1:0"
+	return cfg
+}
+
+// faultSidecar is the sidecar of a scenario, run as run runs it: built by
+// newServer, listening on a loopback port and served by serve, with the
+// binary's http.Server (header timeout, limits) and shutdown. Its
+// goroutines carry a pprof label of their own, the goroutine-leak check's
+// (leak_test.go), so that the scenario counts them exactly while other
+// tests run, and stop checks that none outlives it.
+type faultSidecar struct {
+	s      *server
+	url    string
+	port   int
+	label  string      // value of leakLabel on its goroutines
+	logs   *syncBuffer // what it logged, shown when the scenario fails
+	cancel context.CancelFunc
+	done   chan error // serve's result
+	once   sync.Once
+}
+
+// startFaultSidecar starts a sidecar with cfg (faultConfig when nil),
+// tweaks applied to it before it serves. It is stopped at cleanup.
+func startFaultSidecar(t *testing.T, cfg *Config, tweaks ...func(*server)) *faultSidecar {
+	t.Helper()
+	if cfg == nil {
+		cfg = faultConfig()
+	}
+	f := &faultSidecar{label: fmt.Sprintf("%s#%x", t.Name(), rand.Uint64()), logs: &syncBuffer{}, done: make(chan error, 1)}
+	logger := slog.New(slog.NewTextHandler(f.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	var err error
+	pprof.Do(context.Background(), pprof.Labels(leakLabel, f.label), func(context.Context) {
+		if f.s, err = newServer(cfg, logger); err != nil {
+			return
+		}
+		for _, tweak := range tweaks {
+			tweak(f.s)
+		}
+		var ln net.Listener
+		if ln, err = f.s.tls.listen(cfg.Address); err != nil {
+			f.s.Close()
+			return
+		}
+		if err = f.s.setAdvertise(ln.Addr()); err != nil {
+			ln.Close()
+			f.s.Close()
+			return
+		}
+		f.port = ln.Addr().(*net.TCPAddr).Port
+		var ctx context.Context
+		ctx, f.cancel = context.WithCancel(context.Background())
+		go func() { f.done <- f.s.serve(ctx, ln) }()
+	})
+	if err != nil {
+		t.Fatalf("start the sidecar: %v", err)
+	}
+	f.url = "http://127.0.0.1:" + strconv.Itoa(f.port)
+	t.Cleanup(func() { f.stop(t) })
+	return f
+}
+
+// stop shuts the sidecar down as SIGTERM does, waits for serve to return
+// and checks that every goroutine it started has ended. Idempotent.
+func (f *faultSidecar) stop(t *testing.T) {
+	t.Helper()
+	f.once.Do(func() {
+		f.cancel()
+		wait := f.s.cfg.ShutdownDelay + f.s.cfg.ShutdownTimeout + 30*time.Second
+		select {
+		case err := <-f.done:
+			if err != nil {
+				t.Errorf("serve returned %v", err)
+			}
+		case <-time.After(wait):
+			t.Errorf("serve did not return within %s of the shutdown", wait)
+		}
+		awaitLabelled(t, f.label, leakWait)
+		if t.Failed() {
+			logs := f.logs.String()
+			t.Logf("sidecar log (the last 4 kB):\n%s", logs[max(0, len(logs)-4096):])
+		}
+	})
+}
+
+// goroutines counts the sidecar's goroutines.
+func (f *faultSidecar) goroutines() int {
+	n := 0
+	for _, rec := range strings.Split(labelledGoroutines(leakLabel, f.label), "\n\n") {
+		var c int
+		if _, err := fmt.Sscanf(rec, "%d @", &c); err == nil {
+			n += c
+		}
+	}
+	return n
+}
+
+// faultUsage is what a sidecar holds at one moment.
+type faultUsage struct {
+	goroutines int   // the sidecar's own
+	conns      int   // connections it accepted and has not closed
+	heapKB     int64 // live heap of the test process after a collection
+	rssKB      int64 // resident memory of the test process
+}
+
+func (u faultUsage) String() string {
+	return fmt.Sprintf("%d goroutines, %d connections, heap %.1f MB, RSS %.1f MB (test process)",
+		u.goroutines, u.conns, float64(u.heapKB)/1024, float64(u.rssKB)/1024)
+}
+
+// usage measures what the sidecar holds now. Heap and RSS are the whole
+// test process's: its own figures when the scenario runs alone
+// (SIDECAR_FAULTS=1), noisy beside other tests.
+func (f *faultSidecar) usage(t *testing.T) faultUsage {
+	t.Helper()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return faultUsage{
+		goroutines: f.goroutines(),
+		conns:      socketsOn(f.port),
+		heapKB:     int64(ms.HeapAlloc >> 10),
+		rssKB:      int64(procRSS(t, os.Getpid())),
+	}
+}
+
+// peak samples the sidecar's goroutines and connections every 10 ms until
+// the returned function is called, which gives the most of each seen.
+func (f *faultSidecar) peak() func() (goroutines, conns int) {
+	var g, c atomic.Int64
+	sample := func() {
+		if n := int64(f.goroutines()); n > g.Load() {
+			g.Store(n)
+		}
+		if n := int64(socketsOn(f.port)); n > c.Load() {
+			c.Store(n)
+		}
+	}
+	quit, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			sample()
+			select {
+			case <-quit:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	var once sync.Once
+	return func() (int, int) {
+		once.Do(func() { close(quit); <-done; sample() })
+		return int(g.Load()), int(c.Load())
+	}
+}
+
+// Bounds of settle: how far above its baseline a sidecar may stay once a
+// fault is over. Idle connections in its pools and the callers' come and
+// go with the load; the heap bound is asserted at full size only, where
+// nothing else runs.
+const (
+	settleGoroutines = 16
+	settleConns      = 4
+	settleHeapKB     = 16 << 10
+	settleWithin     = 30 * time.Second
+)
+
+// settle waits until the sidecar is back within the bounds above its
+// baseline base, with every client's idle connection closed, and reports
+// where it ended.
+func (f *faultSidecar) settle(t *testing.T, base faultUsage, clients ...*http.Client) faultUsage {
+	t.Helper()
+	deadline := time.Now().Add(settleWithin)
+	var u faultUsage
+	for {
+		for _, c := range append(clients, http.DefaultClient) {
+			c.CloseIdleConnections()
+		}
+		u = f.usage(t)
+		back := u.goroutines <= base.goroutines+settleGoroutines && u.conns <= base.conns+settleConns &&
+			(!faultsFull() || u.heapKB <= base.heapKB+settleHeapKB)
+		if back {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("%s after the fault: %v, want within %d goroutines, %d connections and %d MB of the baseline %v",
+				settleWithin, u, settleGoroutines, settleConns, settleHeapKB>>10, base)
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	figure(t, "baseline", "%v", base)
+	figure(t, "after", "%v", u)
+	return u
+}
+
+// socketsOn counts the open TCP sockets of this process whose local port
+// is port, the listener excluded: connections a sidecar listening there
+// accepted and holds. It reads /proc/net/tcp{,6}; sockets no process
+// holds any more (TIME_WAIT, inode 0) do not count.
+func socketsOn(port int) int {
+	n := 0
+	for _, file := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		data, err := os.ReadFile(file)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(data), "\n") {
+			f := strings.Fields(line)
+			if len(f) < 10 || f[3] == "0A" || f[9] == "0" { // 0A: LISTEN
+				continue
+			}
+			_, local, _ := strings.Cut(f[1], ":")
+			if p, err := strconv.ParseUint(local, 16, 16); err == nil && int(p) == port {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// faultBackend is a node of a scenario: a real HTTP server that answers a
+// JSON-RPC call (POST /) as the RPC handler's nodes do and any other
+// request with 200 "node NAME", as a proxied app does.
+type faultBackend struct {
+	name string
+	srv  *httptest.Server
+	port int
+	hits atomic.Int64
+}
+
+func newFaultBackend(t *testing.T, name string) *faultBackend {
+	t.Helper()
+	b := &faultBackend{name: name}
+	b.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b.hits.Add(1)
+		body, _ := io.ReadAll(r.Body)
+		if r.Method == http.MethodPost && r.URL.Path == "/" {
+			var req struct {
+				ID json.RawMessage `json:"id"`
+			}
+			if err := json.Unmarshal(body, &req); err != nil {
+				http.Error(w, "bad json-rpc request: "+err.Error(), http.StatusBadRequest)
+				return
+			}
+			w.Header().Set("Content-Type", "application/json")
+			fmt.Fprintf(w, `{"id":%s,"result":{"node":%q},"error":null}`, req.ID, name)
+			return
+		}
+		io.WriteString(w, "node "+name)
+	}))
+	t.Cleanup(b.kill)
+	b.port = b.srv.Listener.Addr().(*net.TCPAddr).Port
+	return b
+}
+
+// kill stops the node as a crash would: connections cut, port closed.
+// Idempotent.
+func (b *faultBackend) kill() {
+	b.srv.CloseClientConnections()
+	b.srv.Close()
+}
+
+// registerPorts registers the loopback ports as nodes of service.
+func registerPorts(t *testing.T, base, service string, ports ...int) {
+	t.Helper()
+	var urls []string
+	for _, p := range ports {
+		urls = append(urls, "http://127.0.0.1:"+strconv.Itoa(p))
+	}
+	registerURLs(t, base, service, urls...)
+}
+
+// faultLoad is continuous load: workers send requests until stopped, each
+// outcome counted under the phase in which the request began, so that a
+// scenario can say how many failed before a fault (phase 0), during it (1)
+// and after (2); a request in flight when the fault began counts with the
+// fault.
+type faultLoad struct {
+	phase   atomic.Int32
+	ok      [4]atomic.Int64
+	failed  [4]atomic.Int64
+	latency [4]latencies
+	stopc   chan struct{}
+	wg      sync.WaitGroup
+
+	mu    sync.Mutex // guards first
+	first [4]string  // the first failure of each phase
+}
+
+// latencies collects durations; safe for concurrent use.
+type latencies struct {
+	mu sync.Mutex // guards d
+	d  []time.Duration
+}
+
+func (l *latencies) add(d time.Duration) {
+	l.mu.Lock()
+	l.d = append(l.d, d)
+	l.mu.Unlock()
+}
+
+// quantile returns the q-quantile (nearest rank) of what was added.
+func (l *latencies) quantile(q float64) time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.d) == 0 {
+		return 0
+	}
+	s := slices.Clone(l.d)
+	slices.Sort(s)
+	return s[int(q*float64(len(s)-1)+0.5)]
+}
+
+// startLoad runs workers, each calling send with its own client (keeping
+// connections alive, as services do) until stop. send returns "" for a
+// success, else what went wrong.
+func startLoad(t *testing.T, workers int, send func(c *http.Client) string) *faultLoad {
+	t.Helper()
+	l := &faultLoad{stopc: make(chan struct{})}
+	for range workers {
+		c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			defer c.CloseIdleConnections()
+			for {
+				select {
+				case <-l.stopc:
+					return
+				default:
+				}
+				p := l.phase.Load()
+				start := time.Now()
+				msg := send(c)
+				if p == 0 && l.phase.Load() > 0 {
+					p = 1
+				}
+				if msg != "" {
+					l.failed[p].Add(1)
+					l.mu.Lock()
+					if l.first[p] == "" {
+						l.first[p] = msg
+					}
+					l.mu.Unlock()
+					continue
+				}
+				l.latency[p].add(time.Since(start))
+				l.ok[p].Add(1)
+			}
+		}()
+	}
+	t.Cleanup(l.stop)
+	return l
+}
+
+// stop ends the load and waits for the workers. Idempotent.
+func (l *faultLoad) stop() {
+	select {
+	case <-l.stopc:
+	default:
+		close(l.stopc)
+	}
+	l.wg.Wait()
+}
+
+// waitOK waits until n requests of the current phase have succeeded.
+func (l *faultLoad) waitOK(t *testing.T, n int64, what string) {
+	t.Helper()
+	p := l.phase.Load()
+	eventually(t, time.Minute, what, func() bool { return l.ok[p].Load() >= n })
+}
+
+// sendOutcome is what send returns for a finished request: "" for a 200.
+func sendOutcome(resp *http.Response, err error) string {
+	if err != nil {
+		return err.Error()
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Sprintf("%d %s", resp.StatusCode, body)
+	}
+	return ""
+}
+
+// callFor returns the request a scenario sends to service foo through the
+// handler: an RPC call by path, or a proxied GET.
+func callFor(base, handler string) func(c *http.Client) string {
+	if handler == "proxy" {
+		return func(c *http.Client) string { return sendOutcome(c.Get(base + "/foo/load")) }
+	}
+	return func(c *http.Client) string {
+		return sendOutcome(c.Post(base+"/foo/bar", "application/json", strings.NewReader(`{"n":1}`)))
+	}
+}
+
+// readMetric reads one sample of the sidecar's /metrics (0 when absent).
+func readMetric(t *testing.T, base, key string) float64 {
+	t.Helper()
+	return getMetrics(t, base)[key]
+}
+
+// TestFaultKillBackend: one of three nodes dies under continuous load. The
+// requests it had in flight may fail (a call sent is not sent again);
+// refused connections are retried on the others; once the node is
+// ejected, no request fails.
+func TestFaultKillBackend(t *testing.T) {
+	faultScenario(t)
+	for _, handler := range []string{"rpc", "proxy"} {
+		t.Run(handler, func(t *testing.T) {
+			cfg := faultConfig()
+			cfg.Handler = handler
+			f := startFaultSidecar(t, cfg)
+			nodes := []*faultBackend{newFaultBackend(t, "n1"), newFaultBackend(t, "n2"), newFaultBackend(t, "n3")}
+			registerPorts(t, f.url, "go.micro.srv.foo", nodes[0].port, nodes[1].port, nodes[2].port)
+			workers := faultSize(4, 8)
+			before, after := int64(faultSize(100, 2000)), int64(faultSize(200, 4000))
+
+			load := startLoad(t, workers, callFor(f.url, handler))
+			load.waitOK(t, before, fmt.Sprintf("%d requests before the kill", before))
+			base := f.usage(t)
+			load.phase.Store(1)
+			killed := time.Now()
+			nodes[2].kill()
+			ejections := "sidecar_" + handler + `_ejections_total{service="go.micro.srv.foo"}`
+			eventually(t, time.Minute, "the dead node ejected", func() bool { return readMetric(t, f.url, ejections) >= 1 })
+			ejected := time.Since(killed)
+			load.phase.Store(2)
+			load.waitOK(t, after, fmt.Sprintf("%d requests after the ejection", after))
+			load.stop()
+
+			figure(t, "load", "%d workers, keep-alive; %d requests before the kill", workers, load.ok[0].Load()+load.failed[0].Load())
+			figure(t, "kill to ejection", "%s, %d requests (%d failed)", ejected.Round(time.Millisecond),
+				load.ok[1].Load()+load.failed[1].Load(), load.failed[1].Load())
+			figure(t, "failed after the ejection", "%d of %d", load.failed[2].Load(), load.ok[2].Load()+load.failed[2].Load())
+			figure(t, "latency p50 / p99 after the ejection", "%s / %s", load.latency[2].quantile(0.5).Round(time.Microsecond),
+				load.latency[2].quantile(0.99).Round(time.Microsecond))
+			m := getMetrics(t, f.url)
+			figure(t, "retries, node failures", "%v, %v", m["sidecar_"+handler+`_retries_total{service="go.micro.srv.foo"}`],
+				m["sidecar_"+handler+`_node_failures_total{service="go.micro.srv.foo"}`])
+			if n := load.failed[0].Load(); n > 0 {
+				t.Errorf("%d requests failed before the kill; first: %s", n, load.first[0])
+			}
+			if n := load.failed[2].Load(); n > 0 {
+				t.Errorf("%d requests failed after the dead node was ejected, want 0; first: %s", n, load.first[2])
+			}
+			if n, most := load.failed[1].Load(), int64(workers); n > most {
+				t.Errorf("%d requests failed between the kill and the ejection, want at most %d (one in flight per worker); first: %s", n, most, load.first[1])
+			}
+			f.settle(t, base)
+			f.stop(t)
+		})
+	}
+}
+
+// hangingBackend is a node that reads requests and never answers them,
+// counting the requests it holds: each ends when its caller goes away
+// (net/http sees that only once the body is read).
+func hangingBackend(t *testing.T) (port int, held *atomic.Int64) {
+	t.Helper()
+	held = new(atomic.Int64)
+	release := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		held.Add(1)
+		defer held.Add(-1)
+		io.Copy(io.Discard, r.Body)
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+	}))
+	t.Cleanup(func() { close(release); srv.Close() })
+	return srv.Listener.Addr().(*net.TCPAddr).Port, held
+}
+
+// TestFaultHungBackend: calls to a node that never answers end with a JSON
+// 504 once --client_request_timeout has passed, all of them at once, and
+// the sidecar lets go of the node's connections: nothing of the calls
+// stays behind while the node goes on hanging.
+func TestFaultHungBackend(t *testing.T) {
+	faultScenario(t)
+	for _, handler := range []string{"rpc", "proxy"} {
+		t.Run(handler, func(t *testing.T) {
+			cfg := faultConfig()
+			cfg.Handler = handler
+			cfg.ClientRequestTimeout = faultSize(200*time.Millisecond, time.Second)
+			f := startFaultSidecar(t, cfg)
+			port, held := hangingBackend(t)
+			registerPorts(t, f.url, "go.micro.srv.foo", port)
+			calls := faultSize(8, 200)
+			client := &http.Client{Timeout: time.Minute, Transport: &http.Transport{MaxIdleConnsPerHost: calls}}
+			base := f.usage(t)
+			peak := f.peak()
+
+			var over latencies
+			var wg sync.WaitGroup
+			errs := make(chan string, calls)
+			for range calls {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					req, _ := http.NewRequest("POST", f.url+"/foo/bar", strings.NewReader(`{}`))
+					if handler == "proxy" {
+						req, _ = http.NewRequest("GET", f.url+"/foo/hang", nil)
+					}
+					start := time.Now()
+					resp, err := client.Do(req)
+					if err != nil {
+						errs <- err.Error()
+						return
+					}
+					body, _ := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					took := time.Since(start)
+					over.add(took - cfg.ClientRequestTimeout)
+					var e apiError
+					if json.Unmarshal(body, &e) != nil || resp.StatusCode != http.StatusGatewayTimeout || e.Code != http.StatusGatewayTimeout ||
+						resp.Header.Get("Content-Type") != "application/json" {
+						errs <- fmt.Sprintf("%d %s %s", resp.StatusCode, resp.Header.Get("Content-Type"), body)
+						return
+					}
+					if bound := cfg.ClientRequestTimeout + 2*time.Second; took > bound {
+						errs <- fmt.Sprintf("504 after %s, want within %s", took, bound)
+					}
+				}()
+			}
+			wg.Wait()
+			close(errs)
+			peakG, peakC := peak()
+			failed := 0
+			for e := range errs {
+				if failed++; failed == 1 {
+					t.Errorf("a call to the hung node: %s; want a JSON 504 within the timeout + 2 s", e)
+				}
+			}
+			figure(t, "calls at once, timeout", "%d, %s", calls, cfg.ClientRequestTimeout)
+			figure(t, "504 past the timeout p50 / p99 / max", "%s / %s / %s", over.quantile(0.5).Round(time.Millisecond),
+				over.quantile(0.99).Round(time.Millisecond), over.quantile(1).Round(time.Millisecond))
+			figure(t, "not a JSON 504 in time", "%d of %d", failed, calls)
+			figure(t, "peak", "%d goroutines, %d connections", peakG, peakC)
+			eventually(t, settleWithin, "the hung node's requests released", func() bool { return held.Load() == 0 })
+			f.settle(t, base, client)
+			f.stop(t)
+		})
+	}
+}
