@@ -675,3 +675,232 @@ func TestFaultHungBackend(t *testing.T) {
 		})
 	}
 }
+
+// slowHeaderTimeout is serve's ReadHeaderTimeout: a connection whose
+// request headers have not all arrived by then is closed.
+const slowHeaderTimeout = 10 * time.Second
+
+// TestFaultSlowloris: while many connections send part of a request's
+// headers and hold on (slowloris), normal requests on new connections are
+// all answered, at latencies reported against a baseline without them.
+// The sidecar holds a goroutine and a socket for each such connection and
+// no more, closes them once the header timeout has passed (at full size
+// the test waits for that; small, it closes them itself), and returns to
+// its baseline.
+func TestFaultSlowloris(t *testing.T) {
+	faultScenario(t)
+	f := startFaultSidecar(t, nil)
+	node := newFaultBackend(t, "n1")
+	registerPorts(t, f.url, "go.micro.srv.foo", node.port)
+	slow, requests := faultSize(100, 1000), faultSize(50, 300)
+	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	measure := func(l *latencies) (failed int, first string) {
+		for range requests {
+			start := time.Now()
+			msg := sendOutcome(client.Post(f.url+"/foo/bar", "application/json", strings.NewReader(`{"n":1}`)))
+			if msg != "" {
+				if failed++; failed == 1 {
+					first = msg
+				}
+				continue
+			}
+			l.add(time.Since(start))
+		}
+		return failed, first
+	}
+	var before, during latencies
+	if failed, first := measure(&before); failed > 0 {
+		t.Fatalf("%d of %d requests failed without slowloris; first: %s", failed, requests, first)
+	}
+	base := f.usage(t)
+
+	// The slow connections: a request line and part of the headers, then
+	// a byte of a header value every second, never the end of the headers.
+	peak := f.peak()
+	opened := time.Now()
+	conns := make([]net.Conn, 0, slow)
+	cut := make(chan time.Duration, slow) // when the sidecar closed each
+	for i := range slow {
+		c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(f.port))
+		if err != nil {
+			t.Fatalf("slow connection %d: %v", i, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if _, err := io.WriteString(c, "POST /foo/bar HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nX-Slow: "); err != nil {
+			t.Fatalf("slow connection %d: write: %v", i, err)
+		}
+		conns = append(conns, c)
+		go func() {
+			io.Copy(io.Discard, c) // until the sidecar closes it, or the test
+			cut <- time.Since(opened)
+		}()
+	}
+	dribble := make(chan struct{})
+	dribbled := make(chan struct{})
+	go func() {
+		defer close(dribbled)
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-dribble:
+				return
+			case <-tick.C:
+			}
+			for _, c := range conns {
+				c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+				c.Write([]byte("x"))
+			}
+		}
+	}()
+	defer func() { close(dribble); <-dribbled }()
+	eventually(t, time.Minute, fmt.Sprintf("the sidecar holding %d slow connections", slow), func() bool { return socketsOn(f.port) >= slow })
+	held := f.usage(t)
+
+	failed, first := measure(&during)
+	cutEarly := len(cut)
+	if failed > 0 {
+		t.Errorf("%d of %d requests failed with %d slow connections open; first: %s", failed, requests, slow, first)
+	}
+	figure(t, "slow connections, requests measured", "%d, %d sequential (a new connection each)", slow, requests)
+	figure(t, "latency p50 / p99 without slowloris", "%s / %s", before.quantile(0.5).Round(time.Microsecond), before.quantile(0.99).Round(time.Microsecond))
+	figure(t, "latency p50 / p99 with slowloris", "%s / %s", during.quantile(0.5).Round(time.Microsecond), during.quantile(0.99).Round(time.Microsecond))
+	figure(t, "failed with slowloris", "%d of %d (slow connections cut meanwhile: %d)", failed, requests, cutEarly)
+	figure(t, "held with slowloris", "%v", held)
+	if limit := base.goroutines + slow + 64; held.goroutines > limit {
+		t.Errorf("the sidecar runs %d goroutines with %d slow connections, want at most %d (baseline %d, one each)", held.goroutines, slow, limit, base.goroutines)
+	}
+
+	if faultsFull() {
+		// The sidecar closes them once the header timeout has passed.
+		var last time.Duration
+		for range slow {
+			select {
+			case d := <-cut:
+				last = max(last, d)
+			case <-time.After(slowHeaderTimeout + time.Minute):
+				t.Fatalf("slow connections open %s after they began, want them closed after the header timeout (%s)", time.Since(opened), slowHeaderTimeout)
+			}
+		}
+		figure(t, "slow connections closed by the sidecar", "all %d, the last %s after they opened (header timeout %s)", slow, last.Round(time.Millisecond), slowHeaderTimeout)
+	} else {
+		for _, c := range conns {
+			c.Close()
+		}
+	}
+	peakG, peakC := peak()
+	figure(t, "peak", "%d goroutines, %d connections", peakG, peakC)
+	if limit := base.conns + slow + 64; peakC > limit {
+		t.Errorf("the sidecar held %d connections at most with %d slow ones, want at most %d", peakC, slow, limit)
+	}
+	f.settle(t, base, client)
+	f.stop(t)
+}
+
+// TestFaultLoop: a service whose node leads back to the sidecar, behind a
+// relay (as behind a load balancer) or registered at the sidecar's own
+// address in Consul, where no check at registration sees it. Before Via,
+// one request went round about 6,000 times (12k descriptors, 687 MB);
+// now each is one JSON 508, and the sidecar holds nothing more after them.
+func TestFaultLoop(t *testing.T) {
+	faultScenario(t)
+	for _, route := range []string{"relay", "consul"} {
+		t.Run(route, func(t *testing.T) { testFaultLoop(t, route) })
+	}
+}
+
+func testFaultLoop(t *testing.T, route string) {
+	var consul *consulAgent
+	if route == "consul" {
+		consul = startConsul(t)
+	}
+	for _, handler := range []string{"rpc", "proxy"} {
+		t.Run(handler, func(t *testing.T) {
+			cfg := faultConfig()
+			cfg.Handler = handler
+			if consul != nil {
+				cfg.Registry, cfg.RegistryAddress = "consul", consul.http
+			}
+			f := startFaultSidecar(t, cfg)
+			requests, workers := faultSize(20, 1000), faultSize(2, 8)
+			service := "loop" + handler
+			var relayed *atomic.Int64
+			if route == "relay" {
+				var relay string
+				relay, relayed = loopRelay(t, "127.0.0.1:"+strconv.Itoa(f.port), int64(requests+10))
+				registerURLs(t, f.url, "go.micro.srv."+service, relay)
+			} else {
+				reg := map[string]any{"ID": service + "-self", "Name": "go.micro.srv." + service, "Address": "127.0.0.1", "Port": f.port}
+				if code := consul.api("PUT", "/v1/agent/service/register", reg, nil); code != http.StatusOK {
+					t.Fatalf("consul register %v = %d", reg, code)
+				}
+				t.Cleanup(func() { consul.api("PUT", "/v1/agent/service/deregister/"+service+"-self", nil, nil) })
+				eventually(t, time.Minute, "the sidecar sees its own address in Consul", func() bool {
+					return hasNodes(t, f.url, "go.micro.srv."+service, service+"-self")
+				})
+			}
+			url, method := f.url+"/"+service+"/call", "POST"
+			if handler == "proxy" {
+				method = "GET"
+			}
+			client := &http.Client{Timeout: 30 * time.Second}
+			base := f.usage(t)
+			peak := f.peak()
+
+			var took latencies
+			var next atomic.Int64
+			var wg sync.WaitGroup
+			errs := make(chan string, requests)
+			for range workers {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for next.Add(1) <= int64(requests) {
+						var payload io.Reader
+						if method == "POST" {
+							payload = strings.NewReader(`{}`)
+						}
+						req, _ := http.NewRequest(method, url, payload)
+						start := time.Now()
+						resp, err := client.Do(req)
+						if err != nil {
+							errs <- err.Error()
+							continue
+						}
+						body, _ := io.ReadAll(resp.Body)
+						resp.Body.Close()
+						took.add(time.Since(start))
+						var e apiError
+						if json.Unmarshal(body, &e) != nil || resp.StatusCode != http.StatusLoopDetected || e.Code != http.StatusLoopDetected {
+							errs <- fmt.Sprintf("%d %s", resp.StatusCode, body)
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			close(errs)
+			peakG, peakC := peak()
+			failed := 0
+			for e := range errs {
+				if failed++; failed == 1 {
+					t.Errorf("%s %s through a loop = %s, want a JSON 508", method, url, e)
+				}
+			}
+			refused := readMetric(t, f.url, "sidecar_loops_refused_total")
+			figure(t, "requests through the loop", "%d, %d at a time", requests, workers)
+			figure(t, "not a JSON 508", "%d of %d", failed, requests)
+			figure(t, "508 latency p50 / p99 / max", "%s / %s / %s", took.quantile(0.5).Round(time.Microsecond),
+				took.quantile(0.99).Round(time.Microsecond), took.quantile(1).Round(time.Microsecond))
+			figure(t, "loops refused (metrics)", "%v", refused)
+			if relayed != nil {
+				figure(t, "connections through the relay", "%d", relayed.Load())
+			}
+			figure(t, "peak", "%d goroutines, %d connections", peakG, peakC)
+			if refused != float64(requests) {
+				t.Errorf("sidecar_loops_refused_total = %v after %d looping requests, want one refusal each", refused, requests)
+			}
+			f.settle(t, base, client)
+			f.stop(t)
+		})
+	}
+}
