@@ -25,6 +25,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -41,8 +42,11 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/coder/websocket"
 )
 
 // faultsFull reports whether SIDECAR_FAULTS=1 asks for the scenarios at
@@ -407,12 +411,14 @@ func registerPorts(t *testing.T, base, service string, ports ...int) {
 // and after (2); a request in flight when the fault began counts with the
 // fault.
 type faultLoad struct {
-	phase   atomic.Int32
-	ok      [4]atomic.Int64
-	failed  [4]atomic.Int64
-	latency [4]latencies
-	stopc   chan struct{}
-	wg      sync.WaitGroup
+	phase        atomic.Int32
+	ok           [4]atomic.Int64
+	failed       [4]atomic.Int64
+	refused      [4]atomic.Int64 // connections refused (send said refusedOutcome): the worker stopped
+	firstRefused atomic.Int64    // unix ns of the first refusal
+	latency      [4]latencies
+	stopc        chan struct{}
+	wg           sync.WaitGroup
 
 	mu    sync.Mutex // guards first
 	first [4]string  // the first failure of each phase
@@ -442,9 +448,13 @@ func (l *latencies) quantile(q float64) time.Duration {
 	return s[int(q*float64(len(s)-1)+0.5)]
 }
 
+// refusedOutcome is what send returns when the sidecar refused the
+// connection: its listener is closed. The worker stops there.
+const refusedOutcome = "connection refused"
+
 // startLoad runs workers, each calling send with its own client (keeping
 // connections alive, as services do) until stop. send returns "" for a
-// success, else what went wrong.
+// success, refusedOutcome for a refused connection, else what went wrong.
 func startLoad(t *testing.T, workers int, send func(c *http.Client) string) *faultLoad {
 	t.Helper()
 	l := &faultLoad{stopc: make(chan struct{})}
@@ -465,6 +475,11 @@ func startLoad(t *testing.T, workers int, send func(c *http.Client) string) *fau
 				msg := send(c)
 				if p == 0 && l.phase.Load() > 0 {
 					p = 1
+				}
+				if msg == refusedOutcome {
+					l.refused[p].Add(1)
+					l.firstRefused.CompareAndSwap(0, time.Now().UnixNano())
+					return
 				}
 				if msg != "" {
 					l.failed[p].Add(1)
@@ -915,5 +930,157 @@ func testFaultLoop(t *testing.T, route string) {
 			f.settle(t, base, client)
 			f.stop(t)
 		})
+	}
+}
+
+// TestFaultSIGTERM: the built binary gets SIGTERM while its app calls
+// another service through it (the app's calls go out through its sidecar;
+// calls to the app reach it directly). No call in flight fails: those the
+// service holds are answered after the listener has closed, keep-alive
+// calls are answered or, once the listener is closed, refused at connect,
+// never cut. The app is deregistered first: a registry watcher sees it
+// leave before the sidecar ends the watch; and the listener stays open for
+// --shutdown_delay after the signal, calls served meanwhile.
+func TestFaultSIGTERM(t *testing.T) {
+	faultScenario(t)
+	for _, delay := range []time.Duration{0, faultSize(300*time.Millisecond, 2*time.Second)} {
+		t.Run("shutdown_delay="+delay.String(), func(t *testing.T) { testFaultSIGTERM(t, delay) })
+	}
+}
+
+func testFaultSIGTERM(t *testing.T, delay time.Duration) {
+	workers, holds := faultSize(4, 16), faultSize(4, 32)
+	app := newFaultBackend(t, "app") // registered by the sidecar; no calls reach it here
+	entered := make(chan struct{}, holds)
+	release := make(chan struct{})
+	foo := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/foo/hold" {
+			entered <- struct{}{}
+			select {
+			case <-release:
+			case <-r.Context().Done():
+				return
+			}
+			io.WriteString(w, "held")
+			return
+		}
+		time.Sleep(time.Millisecond) // the service's work: calls overlap
+		io.WriteString(w, "foo")
+	}))
+	var releaseOnce sync.Once
+	unblock := func() { releaseOnce.Do(func() { close(release) }) }
+	t.Cleanup(func() { unblock(); foo.Close() })
+	cmd, base, stderr := startBinary(t, "--handler", "proxy", "--shutdown_delay", delay.String(),
+		"--server_name", "go.micro.srv.app", "--server_address", "127.0.0.1:"+strconv.Itoa(app.port))
+	eventually(t, 10*time.Second, "the app registered", func() bool {
+		code, _ := getService(t, base, "go.micro.srv.app")
+		return code == http.StatusOK
+	})
+
+	// The watcher is live once it has seen an event; from then on it
+	// notes when the app leaves, and how the watch ends.
+	watch := dialWatch(t, base)
+	registerURLs(t, base, "go.micro.srv.foo", foo.URL)
+	readEvent(t, watch)
+	type watchEnd struct {
+		deleted time.Time // when the app's delete event arrived; zero: never
+		err     error     // how the watch ended
+	}
+	ended := make(chan watchEnd, 1)
+	go func() {
+		var we watchEnd
+		for {
+			_, b, err := watch.Read(context.Background())
+			if err != nil {
+				we.err = err
+				ended <- we
+				return
+			}
+			var ev Event
+			if json.Unmarshal(b, &ev) == nil && ev.Action == "delete" && ev.Service != nil && ev.Service.Name == "go.micro.srv.app" && we.deleted.IsZero() {
+				we.deleted = time.Now()
+			}
+		}
+	}()
+
+	load := startLoad(t, workers, func(c *http.Client) string {
+		resp, err := c.Get(base + "/foo/load")
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return refusedOutcome
+		}
+		return sendOutcome(resp, err)
+	})
+	load.waitOK(t, 50, "50 calls served before SIGTERM")
+	holdClient := &http.Client{Timeout: time.Minute, Transport: &http.Transport{DisableKeepAlives: true}}
+	var results []<-chan string
+	for range holds {
+		req, _ := http.NewRequest("GET", base+"/foo/hold", nil)
+		results = append(results, inFlight(t, holdClient, req))
+	}
+	for range holds {
+		select {
+		case <-entered:
+		case <-time.After(time.Minute):
+			t.Fatalf("the service holds %d calls of %d after a minute", len(entered), holds)
+		}
+	}
+
+	signalled := time.Now()
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	load.phase.Store(1)
+	eventually(t, time.Minute, "every load worker refused at connect (the listener closed)", func() bool {
+		return load.refused[1].Load()+load.refused[0].Load() == int64(workers)
+	})
+	closedAfter := time.Duration(load.firstRefused.Load() - signalled.UnixNano())
+	unblock()
+	heldFailed := 0
+	for i, r := range results {
+		if got := <-r; got != "200 held" {
+			if heldFailed++; heldFailed == 1 {
+				t.Errorf("call %d held by the service across SIGTERM = %q, want 200 held", i, got)
+			}
+		}
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Errorf("exit after SIGTERM: %v; stderr: %s", err, stderr)
+		}
+	case <-time.After(time.Minute):
+		t.Fatalf("the sidecar did not exit within a minute of SIGTERM; stderr: %s", stderr)
+	}
+	exitedAfter := time.Since(signalled)
+	load.stop()
+	var we watchEnd
+	select {
+	case we = <-ended:
+	case <-time.After(time.Minute):
+		t.Fatal("the registry watch did not end")
+	}
+
+	failed := load.failed[0].Load() + load.failed[1].Load()
+	figure(t, "load", "%d workers (keep-alive) through the proxy, %d calls held by the service at SIGTERM", workers, holds)
+	figure(t, "served before / after SIGTERM", "%d / %d", load.ok[0].Load(), load.ok[1].Load())
+	figure(t, "failed (in flight, cut)", "%d load, %d held of %d", failed, heldFailed, holds)
+	if !we.deleted.IsZero() {
+		figure(t, "SIGTERM to the app's delete event", "%s", we.deleted.Sub(signalled).Round(100*time.Microsecond))
+	}
+	figure(t, "SIGTERM to the listener closed (first refusal)", "%s", closedAfter.Round(100*time.Microsecond))
+	figure(t, "SIGTERM to exit", "%s", exitedAfter.Round(100*time.Microsecond))
+	if failed > 0 {
+		t.Errorf("%d requests failed across SIGTERM, want 0; first: %s %s", failed, load.first[0], load.first[1])
+	}
+	if we.deleted.IsZero() {
+		t.Errorf("the watch ended (%v) without the app's delete event: the app was not deregistered before the sidecar closed", we.err)
+	}
+	if code := websocket.CloseStatus(we.err); code != websocket.StatusGoingAway {
+		t.Errorf("the watch ended with %v, want going away (1001) after the app's delete event", we.err)
+	}
+	if closedAfter < delay {
+		t.Errorf("a connection was refused %s after SIGTERM, within --shutdown_delay %s", closedAfter, delay)
 	}
 }
