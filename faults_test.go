@@ -1084,3 +1084,100 @@ func testFaultSIGTERM(t *testing.T, delay time.Duration) {
 		t.Errorf("a connection was refused %s after SIGTERM, within --shutdown_delay %s", closedAfter, delay)
 	}
 }
+
+// faultConsulOutage is how long TestFaultConsulOutage keeps Consul
+// stopped: SIDECAR_CONSUL_OUTAGE when set (a Go duration), else the
+// issue's 30 s at full size and 1 s by default.
+func faultConsulOutage(t *testing.T) time.Duration {
+	t.Helper()
+	if v := os.Getenv("SIDECAR_CONSUL_OUTAGE"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 {
+			t.Fatalf("SIDECAR_CONSUL_OUTAGE=%q: want a positive duration such as 30s", v)
+		}
+		return d
+	}
+	return faultSize(time.Second, 30*time.Second)
+}
+
+// TestFaultConsulOutage: a real Consul agent stops for a while (the outage
+// length is a setting, see faultConsulOutage) and comes back empty, as a
+// -dev agent does, while the app calls a service through its sidecar and
+// looks it up. Every call and lookup is served from the sidecar's cache
+// meanwhile, and once Consul is back the sidecar registers again what it
+// had registered there, the service registered through it and the app,
+// within a minute: the backoff between attempts is at most 5 s. The
+// blocking queries wait as long as Consul allows (10 minutes), so that a
+// sidecar which reaches Consul again only when one of them ends shows.
+// Before, each query went on with the index of the agent that had
+// stopped; the new agent's index is lower, so the query blocked for the
+// whole wait (30 s by default) before the sidecar saw Consul was back.
+func TestFaultConsulOutage(t *testing.T) {
+	faultScenario(t)
+	outage := faultConsulOutage(t)
+	consul := startConsul(t)
+	foo, app := newFaultBackend(t, "foo"), newFaultBackend(t, "app")
+	cfg := faultConfig()
+	cfg.Registry, cfg.RegistryAddress = "consul", consul.http
+	cfg.RegistryWait = 10 * time.Minute
+	cfg.ServerName, cfg.ServerAddress = "go.micro.srv.app", "127.0.0.1:"+strconv.Itoa(app.port)
+	f := startFaultSidecar(t, cfg)
+	registerPorts(t, f.url, "go.micro.srv.foo", foo.port)
+	inConsul := func(name string) func() bool {
+		return func() bool { return len(consul.passing(name)) == 1 }
+	}
+	eventually(t, time.Minute, "foo in Consul", inConsul("go.micro.srv.foo"))
+	eventually(t, time.Minute, "the app in Consul", inConsul("go.micro.srv.app"))
+
+	calls := startLoad(t, faultSize(2, 4), callFor(f.url, "rpc"))
+	lookups := startLoad(t, 1, func(c *http.Client) string {
+		resp, err := c.Get(f.url + "/registry?service=go.micro.srv.foo")
+		if err != nil {
+			return err.Error()
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		var svc Service
+		if resp.StatusCode != http.StatusOK || json.Unmarshal(body, &svc) != nil || len(svc.Nodes) != 1 {
+			return fmt.Sprintf("%d %s", resp.StatusCode, body)
+		}
+		return ""
+	})
+	calls.waitOK(t, 50, "50 calls before the outage")
+	lookups.waitOK(t, 10, "10 lookups before the outage")
+	base := f.usage(t)
+
+	calls.phase.Store(1)
+	lookups.phase.Store(1)
+	stopped := time.Now()
+	consul.stop()
+	eventually(t, time.Minute, "the sidecar noticing Consul is down", func() bool { return !cacheUp(f.s) })
+	noticed := time.Since(stopped)
+	time.Sleep(time.Until(stopped.Add(outage))) // the outage itself: nothing to wait for
+	calls.phase.Store(2)
+	lookups.phase.Store(2)
+	restarted := time.Now()
+	consul.start() // -dev: an empty agent
+	eventually(t, time.Minute, "the sidecar reaching Consul again", func() bool { return cacheUp(f.s) })
+	reached := time.Since(restarted)
+	eventually(t, time.Minute, "foo registered in Consul again", inConsul("go.micro.srv.foo"))
+	fooBack := time.Since(restarted)
+	eventually(t, time.Minute, "the app registered in Consul again", inConsul("go.micro.srv.app"))
+	appBack := time.Since(restarted)
+	calls.waitOK(t, 50, "50 calls after the outage")
+	calls.stop()
+	lookups.stop()
+
+	figure(t, "Consul stopped for", "%s (noticed after %s)", outage, noticed.Round(time.Millisecond))
+	for i, phase := range []string{"before", "during", "after"} {
+		figure(t, "calls / lookups "+phase+" the outage", "%d / %d, failed %d / %d", calls.ok[i].Load(), lookups.ok[i].Load(),
+			calls.failed[i].Load(), lookups.failed[i].Load())
+		if n := calls.failed[i].Load() + lookups.failed[i].Load(); n > 0 {
+			t.Errorf("%d calls or lookups failed %s the outage, want 0; first: %s %s", n, phase, calls.first[i], lookups.first[i])
+		}
+	}
+	figure(t, "Consul back to: reached, foo registered, app registered", "%s, %s, %s", reached.Round(time.Millisecond),
+		fooBack.Round(time.Millisecond), appBack.Round(time.Millisecond))
+	f.settle(t, base)
+	f.stop(t)
+}
