@@ -34,21 +34,14 @@ type pebble struct {
 // skips the test when Pebble is not installed.
 func startPebble(t *testing.T) *pebble {
 	t.Helper()
-	bin, err := exec.LookPath("pebble")
-	if err != nil {
-		out, _ := exec.Command("go", "env", "GOPATH").Output()
-		bin = filepath.Join(strings.TrimSpace(string(out)), "bin", "pebble")
-		if _, err := os.Stat(bin); err != nil {
-			t.Skipf("pebble not installed (run scripts/install-pebble.sh): %v", err)
-		}
-	}
+	bin := requireTool(t, "pebble")
 	out, err := exec.Command("go", "env", "GOMODCACHE").Output()
 	if err != nil {
-		t.Skipf("go env GOMODCACHE: %v", err)
+		t.Fatalf("go env GOMODCACHE: %v", err)
 	}
 	src := filepath.Join(strings.TrimSpace(string(out)), "github.com/letsencrypt/pebble/v2@"+pebbleVersion, "test/certs")
 	if _, err := os.Stat(filepath.Join(src, "localhost/cert.pem")); err != nil {
-		t.Skipf("pebble %s test certificates not in the module cache (run scripts/install-pebble.sh): %v", pebbleVersion, err)
+		missingTool(t, "pebble %s test certificates not in the module cache: install them with `bash scripts/setup-tests.sh`: %v", pebbleVersion, err)
 	}
 
 	apiPort, mgmtPort := freePort(t), freePort(t)

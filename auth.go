@@ -116,12 +116,12 @@ func (a *auth) allow(r *http.Request) bool {
 	if ts == nil {
 		return true
 	}
-	scheme, got, ok := strings.Cut(r.Header.Get("Authorization"), " ")
-	if !ok || !strings.EqualFold(scheme, "Bearer") {
+	got, ok := bearerToken(r.Header)
+	if !ok {
 		a.refusedMissing.Add(1)
 		return false
 	}
-	d := sha256.Sum256([]byte(strings.TrimSpace(got)))
+	d := sha256.Sum256([]byte(got))
 	match := 0
 	for i := range ts.digests {
 		match |= subtle.ConstantTimeCompare(d[:], ts.digests[i][:])
@@ -131,6 +131,16 @@ func (a *auth) allow(r *http.Request) bool {
 		return false
 	}
 	return true
+}
+
+// bearerToken is the token of "Authorization: Bearer T" in h (the scheme
+// in any case, RFC 6750); false without one.
+func bearerToken(h http.Header) (string, bool) {
+	scheme, token, ok := strings.Cut(h.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	return strings.TrimSpace(token), true
 }
 
 // metrics emits the refusals and, with a token file, its reloads.

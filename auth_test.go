@@ -150,8 +150,8 @@ func TestAuthTokenFileRotation(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	wantError(t, "GET /registry with the removed token", resp.StatusCode, body, http.StatusUnauthorized)
-	if got := resp.Header.Get("WWW-Authenticate"); got != `Bearer realm="sidecar"` {
-		t.Errorf("WWW-Authenticate = %q, want the Bearer challenge", got)
+	if got := resp.Header.Get("WWW-Authenticate"); got != `Bearer realm="sidecar", error="invalid_token"` {
+		t.Errorf("WWW-Authenticate = %q, want the Bearer challenge with invalid_token", got)
 	}
 	if got := status("new-token"); got != http.StatusOK {
 		t.Fatalf("GET /registry with the new token = %d, want 200", got)

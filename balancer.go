@@ -66,6 +66,7 @@ type balancer struct {
 	ejectMax   time.Duration    // cap of the growing ejection period
 	decay      time.Duration    // time constant of the latency estimate (defaultDecay)
 	useTLS     func(*Node) bool // nodes called over https; nil: none
+	upstreams  *upstreams       // the owner's per-service counters (stats_upstream.go); nil: each service its own
 	now        func() time.Time // the clock: time.Now, or a test's
 	log        *slog.Logger
 
@@ -80,14 +81,11 @@ type svcState struct {
 	view   atomic.Pointer[svcView] // nodes of the latest registry snapshot
 	next   atomic.Uint64           // round-robin position
 	budget retryBudget
-
-	// Counters, labelled by this service's name in metrics.
-	calls     atomic.Int64 // calls received for the service
-	errors    atomic.Int64 // calls answered with an error
-	retries   atomic.Int64 // extra attempts made
-	timeouts  atomic.Int64 // calls that ran out of time
-	failures  atomic.Int64 // attempts counted against a node
-	ejections atomic.Int64 // nodes ejected
+	// up counts the service's calls, retries, timeouts, node failures and
+	// ejections: resolved once, when the state is made, so a call counts
+	// without a lookup. It outlives the state (forget) in the owner's
+	// upstreams, and past --stats_max_services is shared ("other").
+	up *upstreamStats
 }
 
 // svcView is the immutable node list of one registry snapshot.
@@ -164,7 +162,7 @@ func (b *balancer) refresh(svc *Service) *svcState {
 	cur := *b.services.Load()
 	st := cur[svc.Name]
 	if st == nil {
-		st = &svcState{name: svc.Name}
+		st = &svcState{name: svc.Name, up: b.upstreams.get(svc.Name)}
 		st.budget.init(b.now())
 		next := make(map[string]*svcState, len(cur)+1)
 		if len(cur) < maxBalancedSvcs {
@@ -428,7 +426,7 @@ func (b *balancer) done(n *nodeState, start time.Time, latency time.Duration, ok
 		}
 		return
 	}
-	n.svc.failures.Add(1)
+	n.svc.up.nodeFailures.Add(1)
 	if n.fails.Add(1) >= b.ejectAfter {
 		b.eject(n, now)
 	}
@@ -485,7 +483,7 @@ func (b *balancer) eject(n *nodeState, now int64) {
 	}
 	n.level.Add(1)
 	n.fails.Store(0)
-	n.svc.ejections.Add(1)
+	n.svc.up.ejections.Add(1)
 	b.log.Info("node ejected", "service", n.svc.name, "node", n.id, "for", d)
 }
 
@@ -538,23 +536,38 @@ func (rb *retryBudget) withdraw(now time.Time) bool {
 	}
 }
 
-// metrics emits the per-service counters with the given name prefix
-// ("sidecar_rpc"), labelled by service name only.
-func (b *balancer) metrics(prefix string, emit emitFunc) {
-	now := b.now().UnixNano()
-	for name, st := range *b.services.Load() {
-		emit(prefix+"_calls_total", "Calls received, by service.", "counter", float64(st.calls.Load()), "service", name)
-		emit(prefix+"_errors_total", "Calls answered with an error, by service.", "counter", float64(st.errors.Load()), "service", name)
-		emit(prefix+"_retries_total", "Extra attempts made, by service.", "counter", float64(st.retries.Load()), "service", name)
-		emit(prefix+"_timeouts_total", "Calls that ran out of time, by service.", "counter", float64(st.timeouts.Load()), "service", name)
-		emit(prefix+"_node_failures_total", "Attempts counted as a node failure, by service.", "counter", float64(st.failures.Load()), "service", name)
-		emit(prefix+"_ejections_total", "Nodes ejected after failures in a row, by service.", "counter", float64(st.ejections.Load()), "service", name)
-		ejected := 0
-		for _, n := range st.view.Load().nodes {
-			if n.ejectUntil.Load() > now {
-				ejected++
-			}
-		}
-		emit(prefix+"_nodes_ejected", "Nodes currently ejected, by service.", "gauge", float64(ejected), "service", name)
+// nodeSnapshot is a copy of what the balancer knows about one node at one
+// time, for /stats and /metrics.
+type nodeSnapshot struct {
+	id, addr     string
+	inFlight     int64         // calls picked and not yet done
+	latency      time.Duration // the estimate at the time (see estimate); 0 before the node is measured
+	measured     bool          // the node has a latency estimate (measured, or seeded from the others)
+	failures     int32         // failures in a row since its last success or ejection
+	ejectedUntil time.Time     // when its ejection ends; zero when not ejected at the time
+}
+
+// nodes returns a snapshot of the nodes of service at now, in the order of
+// the registry's snapshot; nil for a service the balancer does not hold.
+// It only reads: no state changes, and a call in progress is not disturbed.
+func (b *balancer) nodes(service string, now time.Time) []nodeSnapshot {
+	st := (*b.services.Load())[service]
+	if st == nil {
+		return nil
 	}
+	ns := now.UnixNano()
+	view := st.view.Load().nodes
+	out := make([]nodeSnapshot, len(view))
+	for i, n := range view {
+		s := nodeSnapshot{id: n.id, addr: n.addr, inFlight: n.inflight.Load(), failures: n.fails.Load()}
+		if n.at.Load() != 0 {
+			s.measured = true
+			s.latency = time.Duration(n.estimate(ns, float64(b.decay)))
+		}
+		if u := n.ejectUntil.Load(); u > ns {
+			s.ejectedUntil = time.Unix(0, u)
+		}
+		out[i] = s
+	}
+	return out
 }

@@ -416,7 +416,7 @@ func TestBalancerEjection(t *testing.T) {
 		t.Fatalf("ejected after %d failures, want %d", defaultEjectAfter-1, defaultEjectAfter)
 	}
 	callNode(b, clk, bad, time.Millisecond, false)
-	if !b.isEjected(bad) || st.ejections.Load() != 1 {
+	if !b.isEjected(bad) || st.up.ejections.Load() != 1 {
 		t.Fatalf("not ejected after %d failures in a row", defaultEjectAfter)
 	}
 	first := time.Duration(bad.ejectUntil.Load() - clk.now().UnixNano())

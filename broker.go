@@ -89,8 +89,11 @@ type broker struct {
 	streams *streams
 	log     *slog.Logger
 	topics  *topicTable
-	forward Forwarder // nil: this host only; set before serving
-	relay   Relay     // nil: deliver here; else every publish goes through it; set before serving
+	// topicStats counts traffic by topic (broker_stats.go); the counters
+	// below are the totals.
+	topicStats *topicStats
+	forward    Forwarder // nil: this host only; set before serving
+	relay      Relay     // nil: deliver here; else every publish goes through it; set before serving
 
 	maxMessage   int64         // largest body of a published message
 	queueLen     int           // messages a subscriber may lag
@@ -118,6 +121,7 @@ func newBroker(cfg *Config, st *streams, logger *slog.Logger) *broker {
 		streams:      st,
 		log:          logger,
 		topics:       newTopicTable(),
+		topicStats:   newTopicStats(maxTopicStats),
 		maxMessage:   min(cfg.MaxBodyBytes, brokerMaxMessage),
 		queueLen:     brokerQueueLen,
 		queueBytes:   brokerQueueBytes,
@@ -157,10 +161,10 @@ func (b *broker) publish(topic string, m *Message) error {
 		if err := b.relay.Publish(topic, m); err != nil {
 			return err
 		}
-		b.published.Add(1)
+		b.countPublished(topic)
 		return nil
 	}
-	b.published.Add(1)
+	b.countPublished(topic)
 	subs := b.topics.get(topic)
 	if b.forward == nil {
 		b.deliverTo(subs, m, nil)
@@ -274,9 +278,10 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	// Subscribe before the handshake completes, so a client that is
 	// connected gets every message published after that. Until the
 	// connection exists, messages queue and no writer starts (writing).
-	s := &subscriber{b: b, writing: true}
+	s := &subscriber{b: b, stats: b.topicStats.subscribe(topic), writing: true}
 	ready, ok := b.add(topic, queue, s)
 	if !ok {
+		b.topicStats.release(s.stats)
 		writeError(w, http.StatusServiceUnavailable, "broker: sidecar is shutting down")
 		return
 	}
@@ -287,6 +292,7 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	conn, _, done := b.streams.accept(hj, r, b.maxMessage)
 	if conn == nil || hj.conn == nil { // hj.conn: cannot happen, accept hijacks through hj
 		b.remove(topic, queue, s)
+		b.topicStats.release(s.stats) // no writer started: nothing was queued to write
 		if conn != nil {
 			conn.Close(websocket.StatusInternalError, "broker: no connection")
 			done()
@@ -327,6 +333,7 @@ func (b *broker) serve(s *subscriber, topic, queue string, done func()) {
 		<-closing
 	}
 	s.wg.Wait() // the writer, if one runs, ends: remove stopped new ones
+	b.topicStats.release(s.stats)
 	s.conn.CloseNow()
 	b.log.Debug("unsubscribed", "topic", topic, "queue", queue, "err", err)
 }
@@ -623,9 +630,10 @@ func (g *queueGroup) deliver(frame []byte) bool {
 // writes everything queued in one go. An idle subscriber thus holds no
 // writer goroutine and no buffer. The handler waits for the writer (wg).
 type subscriber struct {
-	b    *broker
-	conn *websocket.Conn
-	wc   *wsConn
+	b     *broker
+	stats *topicCounters // its topic's, held until its writer has ended (broker_stats.go)
+	conn  *websocket.Conn
+	wc    *wsConn
 
 	mu         sync.Mutex // guards the fields below
 	queue      [][]byte   // encoded frames waiting for the writer
@@ -659,7 +667,7 @@ func (s *subscriber) enqueue(frame []byte, ping bool) bool {
 		return false
 	case s.slow:
 		if !ping {
-			s.b.dropped.Add(1)
+			s.countDropped(1)
 		}
 		return false
 	case ping:
@@ -668,8 +676,8 @@ func (s *subscriber) enqueue(frame []byte, ping bool) bool {
 		return true
 	case len(s.queue) >= s.b.queueLen || s.queueBytes+len(frame) > s.b.queueBytes:
 		s.slow = true
-		s.b.slowDisconnects.Add(1)
-		s.b.dropped.Add(int64(len(s.queue)) + 1)
+		s.countSlowDisconnect()
+		s.countDropped(len(s.queue) + 1)
 		clear(s.queue)
 		s.queue, s.spare, s.queueBytes = nil, nil, 0
 		s.startWriter()
@@ -732,7 +740,7 @@ func (s *subscriber) write() {
 			}
 			return
 		}
-		s.b.delivered.Add(int64(len(batch)))
+		s.countDelivered(len(batch))
 		s.mu.Lock()
 		if cap(batch) <= 1024 {
 			s.spare = batch[:0]

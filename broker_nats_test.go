@@ -31,23 +31,12 @@ import (
 	"github.com/coder/websocket"
 )
 
-// natsServerPath finds the nats-server binary: on PATH, or in /usr/sbin
-// where the Debian package puts it (scripts/install-nats-server.sh). Without
-// one the test skips, or fails when SIDECAR_REQUIRE_INTEGRATION=1 (CI).
+// natsServerPath finds the nats-server binary (requireTool: on PATH, or in
+// /usr/sbin where the Debian package puts it, scripts/install-nats-server.sh).
+// Without one the test skips, or fails in CI.
 func natsServerPath(t testing.TB) string {
 	t.Helper()
-	if p, err := exec.LookPath("nats-server"); err == nil {
-		return p
-	}
-	if _, err := os.Stat("/usr/sbin/nats-server"); err == nil {
-		return "/usr/sbin/nats-server"
-	}
-	const msg = "no nats-server: run scripts/install-nats-server.sh (Debian package nats-server) to run the NATS tests"
-	if os.Getenv("SIDECAR_REQUIRE_INTEGRATION") == "1" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
-	return ""
+	return requireTool(t, "nats-server")
 }
 
 // natsProc is a nats-server child process on free loopback ports.

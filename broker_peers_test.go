@@ -149,6 +149,7 @@ func TestPubSubAcrossSidecars(t *testing.T) {
 // TestPubSubConsul is TestPubSubAcrossSidecars with both sidecars on a
 // real Consul agent (skipped without a consul binary).
 func TestPubSubConsul(t *testing.T) {
+	t.Parallel()
 	consul := startConsul(t)
 	a, urlA := startSharing(t, remoteConfig("consul", consul.http))
 	b, urlB := startSharing(t, remoteConfig("consul", consul.http))

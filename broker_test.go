@@ -88,10 +88,7 @@ func TestBrokerSeedPublish(t *testing.T) {
 		t.Fatalf("got Body %q Header %v, want Body %q with Timestamp 1499951537", m.Body, m.Header, "Hello World!")
 	}
 
-	curl, err := exec.LookPath("curl")
-	if err != nil {
-		t.Skip("curl not installed: skipping the literal seed command")
-	}
+	curl := requireTool(t, "curl")
 	out, err := exec.Command(curl, "-sS", "-XPOST", "-H", "Timestamp: 1499951538", "-d", "Hello World!", ts.URL+"/broker?topic=foo").CombinedOutput()
 	if err != nil {
 		t.Fatalf("curl: %v: %s", err, out)

@@ -378,8 +378,11 @@ func TestWSLibraryIOThroughWSConn(t *testing.T) {
 	if err := <-closed; err != nil {
 		t.Fatalf("Close: %v", err)
 	}
-	if err := <-readErr; websocket.CloseStatus(err) != websocket.StatusNormalClosure {
-		t.Fatalf("read after close: %v, want a normal closure", err)
+	// The reader sees the close frame, or, when Close took the read lock
+	// between two of its reads and read the close frame itself, the
+	// connection Close then closed.
+	if err := <-readErr; websocket.CloseStatus(err) != websocket.StatusNormalClosure && !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("read after close: %v, want a normal closure or the closed connection", err)
 	}
 
 	rec := p.rec

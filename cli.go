@@ -1184,6 +1184,26 @@ func statsFromMetrics(b []byte) *statsJSON {
 	st := &statsJSON{StatusCodes: map[string]int64{}, Routes: []routeJSON{}}
 	var order []string
 	routes := map[string]*routeSums{}
+	// Calls by upstream service (stats_upstream.go), by handler.
+	type upstreamSums struct {
+		j       upstreamJSON
+		classes [numClasses]int64
+		cum     [numBuckets]int64
+		known   bool
+		sum     float64
+	}
+	var upOrder []string
+	ups := map[string]*upstreamSums{}
+	upstream := func(handler, service string) *upstreamSums {
+		key := handler + " " + service
+		u := ups[key]
+		if u == nil {
+			u = &upstreamSums{j: upstreamJSON{Handler: handler, Service: service}, known: true}
+			ups[key] = u
+			upOrder = append(upOrder, key)
+		}
+		return u
+	}
 	route := func(name string) *routeSums {
 		r := routes[name]
 		if r == nil {
@@ -1197,6 +1217,38 @@ func statsFromMetrics(b []byte) *statsJSON {
 		name, labels, v, ok := parseSample(line)
 		if !ok {
 			continue
+		}
+		if handler, family, ok := upstreamFamily(name); ok && labels["service"] != "" {
+			u := upstream(handler, labels["service"])
+			switch family {
+			case "calls_total":
+				for i, c := range classNames {
+					if c == labels["class"] {
+						u.classes[i] += int64(v)
+					}
+				}
+			case "call_duration_seconds_bucket":
+				if i, ok := bucket[labels["le"]]; ok {
+					u.cum[i] = int64(v)
+				} else {
+					u.known = false
+				}
+			case "call_duration_seconds_sum":
+				u.sum = v
+			case "retries_total":
+				u.j.Retries = int64(v)
+			case "timeouts_total":
+				u.j.Timeouts = int64(v)
+			case "node_failures_total":
+				u.j.NodeFailures = int64(v)
+			case "ejections_total":
+				u.j.Ejections = int64(v)
+			case "nodes":
+				u.j.NodesTotal = int(v)
+			case "nodes_ejected":
+				u.j.NodesEjected = int(v)
+			}
+			continue // the per-node series are not in the summary
 		}
 		switch name {
 		case "sidecar_http_requests_total":
@@ -1256,7 +1308,39 @@ func statsFromMetrics(b []byte) *statsJSON {
 	if allKnown {
 		st.LatencyMs = summarize(all, allN, int64(allSum*1e9))
 	}
+	for _, key := range upOrder {
+		u := ups[key]
+		u.j.StatusCodes, u.j.TotalReqs = classMap(u.classes)
+		u.j.SuccessRate, _ = successRate(u.classes)
+		if u.known {
+			var counts [numBuckets]int64
+			for i := range counts {
+				counts[i] = u.cum[i]
+				if i > 0 {
+					counts[i] -= u.cum[i-1]
+				}
+			}
+			u.j.LatencyMs = summarize(counts, u.j.TotalReqs, int64(u.sum*1e9))
+		}
+		st.Services = append(st.Services, u.j)
+	}
 	return st
+}
+
+// upstreamFamily splits a metric name of stats_upstream.go's families,
+// sidecar_rpc_calls_total, into its handler (rpc) and family (calls_total).
+func upstreamFamily(name string) (handler, family string, ok bool) {
+	for _, h := range []string{"rpc", "proxy"} {
+		if f, ok := strings.CutPrefix(name, "sidecar_"+h+"_"); ok {
+			switch f {
+			case "calls_total", "call_duration_seconds_bucket", "call_duration_seconds_sum", "call_duration_seconds_count",
+				"retries_total", "timeouts_total", "node_failures_total", "ejections_total", "nodes", "nodes_ejected",
+				"node_in_flight", "node_latency_seconds", "node_ejected_until_seconds":
+				return h, f, true
+			}
+		}
+	}
+	return "", "", false
 }
 
 // parseSample reads one sample line of the Prometheus text format:
@@ -1378,6 +1462,41 @@ func printStats(w io.Writer, st *statsJSON) {
 		fmt.Fprintln(tw, "Route\tRequests\tStatus\tp50\tp95")
 		for _, r := range st.Routes {
 			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", r.Route, r.TotalReqs, classes(r.StatusCodes), ms(r.LatencyMs.P50), ms(r.LatencyMs.P95))
+		}
+		tw.Flush()
+	}
+	if len(st.Services) > 0 {
+		fmt.Fprintln(w)
+		tw = tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
+		fmt.Fprintln(tw, "Service\tVia\tCalls\tSuccess\tp50\tp95\tp99\tRetries\tTimeouts\tNodes")
+		for _, sv := range st.Services {
+			success := "-"
+			if sv.SuccessRate != nil {
+				success = strconv.FormatFloat(100**sv.SuccessRate, 'f', -1, 64) + "%"
+			}
+			nodes := strconv.Itoa(sv.NodesTotal)
+			if sv.NodesEjected > 0 {
+				nodes += fmt.Sprintf(" (%d ejected)", sv.NodesEjected)
+			}
+			if sv.Service == otherService {
+				nodes = "-"
+			}
+			l := sv.LatencyMs
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", sv.Service, sv.Handler, sv.TotalReqs, success,
+				ms(l.P50), ms(l.P95), ms(l.P99), sv.Retries, sv.Timeouts, nodes)
+		}
+		tw.Flush()
+	}
+	if len(st.Topics) > 0 {
+		fmt.Fprintln(w)
+		tw = tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
+		fmt.Fprintln(tw, "Topic\tSubscribers\tGroups\tPublished\tDelivered\tDropped\tSlow")
+		for _, tp := range st.Topics {
+			topic := tp.Topic
+			if tp.Other {
+				topic = "(other topics)"
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\n", topic, tp.Subscribers, tp.QueueGroups, tp.Published, tp.Delivered, tp.Dropped, tp.SlowDisconnects)
 		}
 		tw.Flush()
 	}

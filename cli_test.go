@@ -744,8 +744,8 @@ func TestCLIAuthToken(t *testing.T) {
 	}
 	// --json: an empty registry prints [] and nothing on stderr.
 	args := []string{"list", "services", "--json", "--proxy_address", url}
-	wantFailure(t, runClient(t, "", nil, args...), "missing or invalid bearer token (401 Unauthorized; pass --auth_token", args...)
-	wantFailure(t, runClient(t, "", nil, append(args, "--auth_token", "wrong")...), "401", args...)
+	wantFailure(t, runClient(t, "", nil, args...), "no bearer token: send Authorization: Bearer TOKEN (401 Unauthorized; pass --auth_token", args...)
+	wantFailure(t, runClient(t, "", nil, append(args, "--auth_token", "wrong")...), "bearer token refused", args...)
 	wantOK(t, runClient(t, "", nil, append(args, "--auth_token", "s3cret")...), args...)
 	wantOK(t, runClient(t, "", nil, append(args, "--auth_token_file", tokenFile)...), args...)
 	wantOK(t, runClient(t, "", []string{"MICRO_AUTH_TOKEN=s3cret"}, args...), args...)
@@ -921,9 +921,7 @@ func TestCLIVersion(t *testing.T) {
 // worktree or with -buildvcs=false.)
 func TestVersionFromGit(t *testing.T) {
 	t.Parallel()
-	if _, err := exec.LookPath("git"); err != nil {
-		t.Skip("git not on PATH")
-	}
+	requireTool(t, "git")
 	src := t.TempDir()
 	entries, err := os.ReadDir(".")
 	if err != nil {

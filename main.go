@@ -163,6 +163,11 @@ type Config struct {
 
 	AccessLog     bool          // one log line per request
 	StatsInterval time.Duration // between two samples of the /stats page's counters
+	// Upstream services with counters of their own, per handler (later
+	// ones count as "other"), and per-node series in /metrics
+	// (stats_upstream.go).
+	StatsMaxServices  int
+	MetricsNodeLabels bool
 
 	EnableTLS       bool
 	TLSCertFile     string
@@ -191,6 +196,19 @@ type Config struct {
 	ShutdownDelay   time.Duration // on SIGTERM, serve this long with /health at 503 before closing the listener; zero: none
 	ShutdownTimeout time.Duration // drain budget on SIGTERM, after the delay
 	LogLevel        slog.Level
+
+	// now is the registry's clock: registration TTLs, and the ages of what
+	// a remote registry's cache holds. nil means time.Now. Not a flag:
+	// tests set it to move time past a TTL without sleeping.
+	now func() time.Time
+}
+
+// clock returns the registry's clock.
+func (c *Config) clock() func() time.Time {
+	if c.now != nil {
+		return c.now
+	}
+	return time.Now
 }
 
 // defaultConfig returns the defaults that the flags document.
@@ -214,6 +232,7 @@ func defaultConfig() *Config {
 		RegistryMaxWatchers:  10_000,
 		RegistryMaxNodes:     10_000,
 		StatsInterval:        time.Second,
+		StatsMaxServices:     defaultStatsMaxServices,
 		ClientRetries:        1,
 		ClientRequestTimeout: 5 * time.Second,
 		ProxyIdleTimeout:     defaultProxyIdleTimeout,
@@ -283,6 +302,8 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (_
 	fs.BoolVar(&cfg.RPCAllowAddress, "rpc_allow_address", false, "let /rpc call an explicit address (makes the sidecar an open proxy)")
 	fs.BoolVar(&cfg.EnableStats, "enable_stats", false, "serve the stats page at /stats")
 	fs.BoolVar(&cfg.AccessLog, "access_log", false, "log one line per request")
+	fs.IntVar(&cfg.StatsMaxServices, "stats_max_services", cfg.StatsMaxServices, "upstream services with metrics of their own, per handler; later ones are counted as \"other\"")
+	fs.BoolVar(&cfg.MetricsNodeLabels, "metrics_node_labels", false, "add per-node series (calls in flight, latency estimate, ejection) to /metrics, labelled by node id, at most 50 nodes a service")
 	fs.BoolVar(&cfg.EnableTLS, "enable_tls", false, "serve TLS with --tls_cert_file and --tls_key_file")
 	fs.StringVar(&cfg.TLSCertFile, "tls_cert_file", "", "TLS certificate `file` (PEM)")
 	fs.StringVar(&cfg.TLSKeyFile, "tls_key_file", "", "TLS key `file` (PEM)")
@@ -491,6 +512,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("invalid value %d for flag --registry_connections: want 4 to 10000", c.RegistryConnections)
 	case c.ShutdownDelay < 0:
 		return fmt.Errorf("invalid value %s for flag --shutdown_delay: must not be negative", c.ShutdownDelay)
+	case c.StatsMaxServices < 1 || c.StatsMaxServices > 10_000:
+		return fmt.Errorf("invalid value %d for flag --stats_max_services: want 1 to 10000", c.StatsMaxServices)
 	case c.MaxBodyBytes <= 0:
 		return fmt.Errorf("invalid value %d for flag --max_body_bytes: must be positive", c.MaxBodyBytes)
 	case c.RegisterInterval >= c.RegisterTTL:
@@ -563,7 +586,8 @@ type server struct {
 	auth     *auth
 	streams  *streams
 	cors     corsPolicy
-	via      *via // this sidecar in the Via of what it forwards (client.go)
+	via      *via           // this sidecar in the Via of what it forwards (client.go)
+	mux      *http.ServeMux // the route table's (routes), for routePattern
 	handler  http.Handler
 
 	// draining is set when shutdown begins: /health fails readiness.
@@ -614,12 +638,14 @@ func newServer(cfg *Config, logger *slog.Logger) (*server, error) {
 	s.stats.addSource(registrySizeSource(reg))
 	s.stats.addSource(s.registry.metrics)
 	s.stats.addSource(s.broker.metrics)
+	s.stats.setTopics(s.broker.topicsJSON)
 	s.stats.addSource(s.peers.metrics)
 	if s.nats != nil {
 		s.stats.addSource(s.nats.metrics)
 	}
 	s.stats.addSource(s.rpc.metrics)
 	s.stats.addSource(s.proxy.metrics)
+	s.stats.addUpstreams(s.rpc.upstreams, s.proxy.upstreams)
 	s.stats.addSource(s.via.metrics)
 	s.stats.addSource(s.auth.metrics)
 	s.stats.addSource(s.tls.metrics)
@@ -663,6 +689,7 @@ func (s *server) routes() http.Handler {
 		{"/", s.handleRoot},
 	}
 	mux := http.NewServeMux()
+	s.mux = mux
 	allow := map[string][]string{}
 	var root route
 	for _, rt := range table {
@@ -705,6 +732,17 @@ func cleanFront(mux *http.ServeMux, root route) http.Handler {
 	})
 }
 
+// routePattern is the route template the route table serves r with (as
+// cleanFront and the mux choose it), for the stats of a request the
+// middleware answers itself: it counts under the route it asked for.
+func (s *server) routePattern(r *http.Request) string {
+	if p := r.URL.EscapedPath(); r.Method != http.MethodConnect && canonicalPath(p) != p {
+		return "/"
+	}
+	_, pattern := s.mux.Handler(r)
+	return pattern
+}
+
 // canonicalPath is the path http.ServeMux matches in place of p: without
 // empty, "." and ".." segments, a trailing slash kept. It allocates only
 // when p is not canonical.
@@ -741,12 +779,16 @@ func (s *server) middleware(next http.Handler) http.Handler {
 	// DNS name rebinds to 127.0.0.1 is then refused, as is its origin.
 	// Over TLS the certificate already refuses a rebound name.
 	loopback := listensOnLoopback(s.cfg.Address) && !s.cfg.EnableTLS && !s.cfg.EnableACME
+	// What it answers itself is counted under the route asked for
+	// (routePattern), not as unmatched.
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if loopback && !loopbackHost(r.Host) {
+			r.Pattern = s.routePattern(r)
 			writeError(w, http.StatusForbidden, "host %q is not this sidecar's: it listens on loopback (see --address)", r.Host)
 			return
 		}
 		if s.cors.handle(w, r) {
+			r.Pattern = s.routePattern(r)
 			return // preflight answered, or a foreign page refused
 		}
 		if !strings.HasPrefix(r.URL.Path, "/") {
@@ -756,8 +798,14 @@ func (s *server) middleware(next http.Handler) http.Handler {
 			return
 		}
 		if !publicPath(r) && !s.auth.allow(r) {
+			r.Pattern = s.routePattern(r)
+			if _, ok := bearerToken(r.Header); ok {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="sidecar", error="invalid_token"`) // RFC 6750, section 3.1
+				writeError(w, http.StatusUnauthorized, "bearer token refused: it is not one the sidecar accepts")
+				return
+			}
 			w.Header().Set("WWW-Authenticate", `Bearer realm="sidecar"`)
-			writeError(w, http.StatusUnauthorized, "missing or invalid bearer token")
+			writeError(w, http.StatusUnauthorized, "no bearer token: send Authorization: Bearer TOKEN")
 			return
 		}
 		next.ServeHTTP(w, r)

@@ -30,7 +30,8 @@ func testConfig() *Config {
 
 // newTestServer builds the server through the constructor run uses, lets
 // tweaks adjust it (balancer timings), starts it and serves its real route
-// table on a real port.
+// table on a real port. At cleanup it closes both and checks that every
+// goroutine they started has ended (trackGoroutines).
 func newTestServer(t testing.TB, cfg *Config, tweaks ...func(*server)) (*server, *httptest.Server) {
 	t.Helper()
 	if cfg == nil {
@@ -40,22 +41,32 @@ func newTestServer(t testing.TB, cfg *Config, tweaks ...func(*server)) (*server,
 	if testing.Verbose() {
 		logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	s, err := newServer(cfg, logger)
-	if err != nil {
-		t.Fatalf("newServer: %v", err)
-	}
-	for _, tweak := range tweaks {
-		tweak(s)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	s.start(ctx)
-	ts := httptest.NewUnstartedServer(s.handler)
-	ts.Config.ReadHeaderTimeout = 5 * time.Second
-	ts.Start()
+	var (
+		s      *server
+		ts     *httptest.Server
+		cancel context.CancelFunc = func() {}
+	)
+	leaks := trackGoroutines(t, func() {
+		var err error
+		s, err = newServer(cfg, logger)
+		if err != nil {
+			t.Fatalf("newServer: %v", err)
+		}
+		for _, tweak := range tweaks {
+			tweak(s)
+		}
+		var ctx context.Context
+		ctx, cancel = context.WithCancel(context.Background())
+		s.start(ctx)
+		ts = httptest.NewUnstartedServer(s.handler)
+		ts.Config.ReadHeaderTimeout = 5 * time.Second
+		ts.Start()
+	})
 	t.Cleanup(func() {
 		cancel()
 		s.Close()
 		ts.Close()
+		leaks()
 	})
 	return s, ts
 }
@@ -157,4 +168,14 @@ func eventually(t *testing.T, within time.Duration, what string, cond func() boo
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// newTestClock returns a testClock (balancer_test.go), a clock that moves
+// only when the test moves it, set at a fixed instant. Tests give it to TTL
+// logic (Config.now) and step it past or short of a TTL: the answer does not
+// depend on how loaded the machine is.
+func newTestClock() *testClock {
+	c := &testClock{}
+	c.ns.Store(time.Unix(1_000_000_000, 0).UnixNano())
+	return c
 }

@@ -57,12 +57,17 @@ type proxyHandler struct {
 	reg       Registry
 	log       *slog.Logger
 	bal       *balancer
+	upstreams *upstreams      // requests by service (stats_upstream.go)
 	transport *http.Transport // upgrade requests only
 	conns     *connPools      // every other request
 	buffers   *bufferPool
 	streams   *streams
 	via       *via // refuses loops, and stamps what is forwarded
 	rp        *httputil.ReverseProxy
+	// afterFunc starts each call's timer (time.AfterFunc); a test swaps
+	// it for timers that fire when the test says, to drive the idle check
+	// without sleeping.
+	afterFunc func(time.Duration, func()) callTimer
 
 	// Counters without a service label (service names here come from
 	// paths, not the registry).
@@ -80,16 +85,20 @@ func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Confi
 		reg:       reg,
 		log:       logger,
 		bal:       newBalancer(cfg.Balancer, time.Now, logger),
+		upstreams: newUpstreams("proxy", cfg.StatsMaxServices),
 		transport: newBackendTransport(cfg, clientTLS),
 		conns:     newConnPools(cfg, clientTLS),
 		buffers:   &bufferPool{},
 		streams:   g,
 		via:       v,
+		afterFunc: func(d time.Duration, f func()) callTimer { return time.AfterFunc(d, f) },
 	}
 	// Bodies pass through as the node encoded them: the transport must not
 	// ask for gzip on the caller's behalf and decode it.
 	p.transport.DisableCompression = true
 	p.bal.useTLS = func(n *Node) bool { return backendScheme(cfg, n) == "https" }
+	p.bal.upstreams = p.upstreams
+	p.upstreams.nodes = p.bal.nodes
 	p.rp = &httputil.ReverseProxy{
 		Rewrite:   p.rewrite,
 		Transport: p,
@@ -187,12 +196,13 @@ type proxyCall struct {
 	lowered   bool          // the caller's Timeout header lowered timeout
 	retrySafe bool          // idempotent without a body: may be sent again
 	upgrade   bool          // the caller asks for a protocol upgrade
+	recorded  bool          // the outcome is counted (record); the handler's goroutine only
 
 	phase atomic.Int32
 	due   atomic.Int64 // unix ns by which headers must arrive, in phaseHeaders
 	bytes atomic.Int64 // bytes moved either way: the idle check's activity
 
-	timer *time.Timer
+	timer callTimer
 	mu    sync.Mutex   // guards ended, seen, quiet, cause, conn; held by the timer while it acts
 	ended bool         // the handler returned: w is off limits
 	seen  int64        // bytes at the previous idle check
@@ -255,7 +265,6 @@ func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	st := p.bal.service(svc)
-	st.calls.Add(1)
 	st.budget.deposit()
 
 	pc := &proxyCall{p: p, service: service, st: st, w: w, start: time.Now(), timeout: timeout, lowered: lowered}
@@ -285,7 +294,7 @@ func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
 		pc.phase.Store(phaseHeaders)
 		pc.due.Store(pc.start.Add(timeout).UnixNano())
 	}
-	pc.timer = time.AfterFunc(first, pc.tick)
+	pc.timer = p.afterFunc(first, pc.tick)
 	defer pc.end()
 	if pc.upgrade {
 		p.rp.ServeHTTP(w, r.WithContext(pc))
@@ -312,9 +321,7 @@ func (p *proxyHandler) forward(w http.ResponseWriter, r *http.Request, pc *proxy
 		c, h, err := p.exchange(pc, r, n, t0)
 		if err == nil {
 			p.bal.done(n, t0, time.Since(t0), h.code < 500)
-			if h.code >= 500 {
-				pc.st.errors.Add(1)
-			}
+			pc.record(h.code)
 			p.respond(w, r, pc, c, h)
 			return
 		}
@@ -724,6 +731,12 @@ func (pc *proxyCall) detach() (aborted bool) {
 	return pc.cause != nil
 }
 
+// callTimer is the part of *time.Timer a proxied call uses.
+type callTimer interface {
+	Reset(d time.Duration) bool
+	Stop() bool
+}
+
 // tick is the call's timer: the header deadline while waiting for the
 // response, and the idle check while a body or stream flows.
 func (pc *proxyCall) tick() {
@@ -822,9 +835,7 @@ func (p *proxyHandler) RoundTrip(req *http.Request) (*http.Response, error) {
 		resp, err := p.transport.RoundTrip(out)
 		if err == nil {
 			p.bal.done(n, t0, time.Since(t0), resp.StatusCode < 500)
-			if resp.StatusCode >= 500 {
-				pc.st.errors.Add(1)
-			}
+			pc.record(resp.StatusCode)
 			return pc.received(resp), nil
 		}
 		if pe := pc.failed(n, try, t0, err); pe != nil {
@@ -852,7 +863,7 @@ func (pc *proxyCall) failed(n *nodeState, try int, t0 time.Time, err error) *htt
 		p.budgetRefusals.Add(1)
 		return pe
 	}
-	pc.st.retries.Add(1)
+	pc.st.up.retries.Add(1)
 	if !sleepCtx(pc, wait) || pc.causeOf() != nil {
 		pe, _, _ = pc.classify(context.Canceled)
 		return pe
@@ -926,12 +937,22 @@ func (p *proxyHandler) fail(w http.ResponseWriter, r *http.Request, pc *proxyCal
 	service := "?"
 	if pc != nil {
 		service = pc.service
-		pc.st.errors.Add(1)
-		if pe.code == http.StatusGatewayTimeout {
-			pc.st.timeouts.Add(1)
-		}
+		pc.record(pe.code)
 	}
 	writeError(w, pe.code, "proxy: %s %s to %s: %v", r.Method, r.URL.Path, service, pe.err)
+}
+
+// record counts the call's outcome, once: the status of the node's
+// response head, or of the caller's error. Its latency is to that point: a
+// stream's length is the caller's, not the node's. The one place where a
+// proxied request is counted by service (forward, RoundTrip and fail call
+// it, on the handler's goroutine).
+func (pc *proxyCall) record(code int) {
+	if pc.recorded {
+		return
+	}
+	pc.recorded = true
+	pc.st.up.record(code, time.Since(pc.start))
 }
 
 // proxyBody is a request or response body seen by the idle check; the end
@@ -1010,10 +1031,9 @@ func (b *bufferPool) Put(buf []byte) {
 	}
 }
 
-// metrics emits the proxy counters: per service (from the registry, so
-// label values are bounded) and totals without labels.
+// metrics emits the proxy counters without a service label; those by
+// service are p.upstreams, which stats writes itself (histograms).
 func (p *proxyHandler) metrics(emit emitFunc) {
-	p.bal.metrics("sidecar_proxy", emit)
 	emit("sidecar_proxy_unknown_service_total", "Proxied requests for services the registry does not list.", "counter", float64(p.unknown.Load()))
 	emit("sidecar_proxy_retry_budget_exhausted_total", "Proxy retries refused by the retry budget.", "counter", float64(p.budgetRefusals.Load()))
 	emit("sidecar_proxy_idle_timeouts_total", "Proxied streams ended by --proxy_idle_timeout.", "counter", float64(p.idleTimeouts.Load()))

@@ -297,7 +297,7 @@ func TestProxyRetryAndEject(t *testing.T) {
 		t.Errorf("live node got %d requests, want 20", hits.Load())
 	}
 	st := (*s.proxy.bal.services.Load())["go.micro.srv.flaky"]
-	if st == nil || st.ejections.Load() == 0 {
+	if st == nil || st.up.ejections.Load() == 0 {
 		t.Errorf("dead node was not ejected")
 	}
 
@@ -430,8 +430,12 @@ func TestProxyServerSentEvents(t *testing.T) {
 		t.Errorf("rest of the stream = %q", rest)
 	}
 
+	// How many idle checks end a stream, and how far apart, is
+	// TestProxyWebsocketIdle's, on timers it fires; here the real timer
+	// ends a silent stream, not before its idle timeout.
+	client := &http.Client{Timeout: 10 * time.Second} // a stream the proxy never ends fails the test
 	start := time.Now()
-	resp2, err := http.Get(ts.URL + "/events/silent")
+	resp2, err := client.Get(ts.URL + "/events/silent")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -440,11 +444,11 @@ func TestProxyServerSentEvents(t *testing.T) {
 	if err == nil || string(b) != "data: first\n\n" {
 		t.Errorf("silent stream = %q, %v; want the first event, then an aborted stream", b, err)
 	}
-	if took := time.Since(start); took > 200*time.Millisecond*5/4+time.Second {
-		t.Errorf("silent stream ended after %s, want about 200ms", took)
+	if took := time.Since(start); took < cfg.ProxyIdleTimeout {
+		t.Errorf("silent stream ended after %s, before its idle timeout %s", took, cfg.ProxyIdleTimeout)
 	}
-	if s.proxy.idleTimeouts.Load() == 0 {
-		t.Errorf("idle timeout not counted")
+	if n := s.proxy.idleTimeouts.Load(); n != 1 {
+		t.Errorf("idle timeouts = %d, want 1", n)
 	}
 }
 
@@ -524,39 +528,145 @@ func TestProxyWebsocket(t *testing.T) {
 	}
 }
 
+// manualTimers stands in for the proxy's call timers (proxyHandler.
+// afterFunc): a timer fires only when the test calls fire, so a test
+// decides how many idle checks pass between two messages. Safe for
+// concurrent use.
+type manualTimers struct {
+	mu     sync.Mutex      // guards ticks, resets
+	ticks  []func()        // each call's timer function, in order of creation
+	resets []time.Duration // every Reset of any timer, in order
+}
+
+func (m *manualTimers) afterFunc(_ time.Duration, f func()) callTimer {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.ticks = append(m.ticks, f)
+	return manualTimer{m}
+}
+
+// takeResets returns the durations timers were reset to since the last
+// call.
+func (m *manualTimers) takeResets() []time.Duration {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	r := m.resets
+	m.resets = nil
+	return r
+}
+
+func (m *manualTimers) count() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.ticks)
+}
+
+// fire runs call i's timer function, as the runtime does when it expires.
+func (m *manualTimers) fire(i int) {
+	m.mu.Lock()
+	f := m.ticks[i]
+	m.mu.Unlock()
+	f()
+}
+
+type manualTimer struct{ m *manualTimers }
+
+func (t manualTimer) Reset(d time.Duration) bool {
+	t.m.mu.Lock()
+	defer t.m.mu.Unlock()
+	t.m.resets = append(t.m.resets, d)
+	return true
+}
+
+func (manualTimer) Stop() bool { return true }
+
 // TestProxyWebsocketIdle: a proxied websocket with no bytes either way for
-// --proxy_idle_timeout ends.
+// --proxy_idle_timeout ends; one with bytes between every two idle checks
+// stays open however many checks pass.
 func TestProxyWebsocketIdle(t *testing.T) {
 	t.Parallel()
-	cfg := proxyTestConfig()
-	cfg.ProxyIdleTimeout = 200 * time.Millisecond
-	_, ts := newTestServer(t, cfg)
-	echo, _ := echoWebsocket(t)
-	registerURLs(t, ts.URL, "go.micro.srv.echo", echo.URL)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, _, err := websocket.Dial(ctx, ts.URL+"/echo/ws", nil)
-	if err != nil {
-		t.Fatal(err)
+	dial := func(t *testing.T, tweaks ...func(*server)) (*server, *websocket.Conn, context.Context) {
+		t.Helper()
+		cfg := proxyTestConfig()
+		cfg.ProxyIdleTimeout = 200 * time.Millisecond
+		s, ts := newTestServer(t, cfg, tweaks...)
+		echo, _ := echoWebsocket(t)
+		registerURLs(t, ts.URL, "go.micro.srv.echo", echo.URL)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		t.Cleanup(cancel)
+		c, _, err := websocket.Dial(ctx, ts.URL+"/echo/ws", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.CloseNow() })
+		return s, c, ctx
 	}
-	defer c.CloseNow()
-	// Traffic for longer than the idle timeout keeps it open.
-	for range 6 {
+	echo := func(t *testing.T, ctx context.Context, c *websocket.Conn) {
+		t.Helper()
 		if err := c.Write(ctx, websocket.MessageText, []byte("ping")); err != nil {
 			t.Fatal(err)
 		}
 		if _, _, err := c.Read(ctx); err != nil {
 			t.Fatalf("read while active: %v", err)
 		}
-		time.Sleep(60 * time.Millisecond) // traffic spaced below the idle timeout
 	}
-	start := time.Now()
-	if _, _, err := c.Read(ctx); err == nil {
-		t.Fatal("read on an idle websocket returned a message")
-	}
-	if took := time.Since(start); took > time.Second {
-		t.Errorf("idle websocket ended after %s, want about 200ms", took)
-	}
+
+	t.Run("idle checks", func(t *testing.T) {
+		t.Parallel()
+		timers := &manualTimers{}
+		s, c, ctx := dial(t, func(s *server) { s.proxy.afterFunc = timers.afterFunc })
+		if n := timers.count(); n != 1 {
+			t.Fatalf("%d call timers after one proxied websocket, want 1", n)
+		}
+		timers.takeResets() // the header deadline's
+		// Traffic between every two checks keeps it open past many idle
+		// periods.
+		for range 3 * idleChecks {
+			echo(t, ctx, c)
+			timers.fire(0)
+		}
+		for range idleChecks - 1 {
+			timers.fire(0)
+		}
+		if n := s.proxy.idleTimeouts.Load(); n != 0 {
+			t.Fatalf("idle timeouts = %d after traffic and %d silent checks, want 0", n, idleChecks-1)
+		}
+		echo(t, ctx, c) // still open
+		timers.fire(0)  // sees the echo
+		for range idleChecks - 1 {
+			timers.fire(0)
+		}
+		if n := s.proxy.idleTimeouts.Load(); n != 0 {
+			t.Fatalf("idle timeouts = %d after %d silent checks, want 0", n, idleChecks-1)
+		}
+		timers.fire(0)
+		if n := s.proxy.idleTimeouts.Load(); n != 1 {
+			t.Fatalf("idle timeouts = %d after %d silent checks, want 1", n, idleChecks)
+		}
+		// Every check was set a quarter of the idle timeout after the
+		// one before: a stream ends 1 to 1.25 idle timeouts after its
+		// last byte.
+		for _, d := range timers.takeResets() {
+			if d != s.cfg.ProxyIdleTimeout/idleChecks {
+				t.Fatalf("idle check timer reset to %s, want %s", d, s.cfg.ProxyIdleTimeout/idleChecks)
+			}
+		}
+		if _, _, err := c.Read(ctx); err == nil {
+			t.Fatal("read on an idle websocket returned a message")
+		}
+	})
+
+	t.Run("real timer", func(t *testing.T) {
+		t.Parallel()
+		s, c, ctx := dial(t)
+		echo(t, ctx, c)
+		if _, _, err := c.Read(ctx); err == nil || ctx.Err() != nil {
+			t.Fatalf("read on an idle websocket = %v, want the end of the stream before the test's deadline", err)
+		}
+		if n := s.proxy.idleTimeouts.Load(); n != 1 {
+			t.Errorf("idle timeouts = %d, want 1", n)
+		}
+	})
 }
 
 // BenchmarkProxy is the full proxy path: client -> sidecar -> local node
@@ -1056,19 +1166,21 @@ func TestProxyStreamsEndOnShutdown(t *testing.T) {
 
 			cfg := proxyTestConfig()
 			cfg.ShutdownTimeout = 10 * time.Second
-			s, err := newServer(cfg, testLogger(t))
-			if err != nil {
-				t.Fatalf("newServer: %v", err)
-			}
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
-				s.Close()
 				t.Fatal(err)
 			}
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			served := make(chan error, 1)
-			go func() { served <- s.serve(ctx, ln) }()
+			leaks := trackGoroutines(t, func() {
+				s, err := newServer(cfg, testLogger(t))
+				if err != nil {
+					ln.Close()
+					t.Fatalf("newServer: %v", err)
+				}
+				go func() { served <- s.serve(ctx, ln) }()
+			})
 			base := "http://" + ln.Addr().String()
 			registerURLs(t, base, "go.micro.srv.events", node.URL)
 
@@ -1112,6 +1224,7 @@ func TestProxyStreamsEndOnShutdown(t *testing.T) {
 			case <-time.After(5 * time.Second):
 				t.Fatal("the caller's stream did not end")
 			}
+			leaks() // serve returned: nothing of the server runs on
 		})
 	}
 }

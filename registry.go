@@ -732,7 +732,7 @@ func newRegistry(cfg *Config, logger *slog.Logger) (Registry, error) {
 	t := remoteTimingOf(cfg)
 	switch cfg.Registry {
 	case "", "memory":
-		return newMemoryRegistry(cfg.RegistrySweep, time.Now, logger), nil
+		return newMemoryRegistry(cfg.RegistrySweep, cfg.clock(), logger), nil
 	case "consul":
 		addr := cfg.RegistryAddress
 		if addr == "" {
@@ -745,13 +745,13 @@ func newRegistry(cfg *Config, logger *slog.Logger) (Registry, error) {
 		if err != nil {
 			return nil, err
 		}
-		return newCachedRegistry(b, t, cfg.RegistrySweep, logger), nil
+		return newCachedRegistry(b, t, cfg.RegistrySweep, cfg.clock(), logger), nil
 	case "sidecar":
 		b, err := newSidecarBackend(cfg.RegistryAddress, cfg.AuthToken, t, logger.With("backend", "sidecar"))
 		if err != nil {
 			return nil, err
 		}
-		return newCachedRegistry(b, t, cfg.RegistrySweep, logger), nil
+		return newCachedRegistry(b, t, cfg.RegistrySweep, cfg.clock(), logger), nil
 	}
 	return nil, fmt.Errorf("registry: unknown backend %q", cfg.Registry)
 }

@@ -255,7 +255,7 @@ type cachedRegistry struct {
 	invalidLogged atomic.Int64 // unix time of the last log line about them
 }
 
-func newCachedRegistry(b remoteBackend, t remoteTiming, sweep time.Duration, logger *slog.Logger) *cachedRegistry {
+func newCachedRegistry(b remoteBackend, t remoteTiming, sweep time.Duration, now func() time.Time, logger *slog.Logger) *cachedRegistry {
 	if sweep <= 0 {
 		sweep = 250 * time.Millisecond
 	}
@@ -265,7 +265,7 @@ func newCachedRegistry(b remoteBackend, t remoteTiming, sweep time.Duration, log
 		timing:   t,
 		sweep:    sweep,
 		log:      logger,
-		now:      time.Now,
+		now:      now,
 		ctx:      ctx,
 		cancel:   cancel,
 		catalog:  map[string]struct{}{},

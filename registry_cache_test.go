@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -27,11 +28,8 @@ func startSidecarAt(t *testing.T, cfg *Config, addr string) (*server, string, fu
 	if testing.Verbose() {
 		logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	s, err := newServer(cfg, logger)
-	if err != nil {
-		t.Fatalf("newServer: %v", err)
-	}
 	var ln net.Listener
+	var err error
 	for i := 0; ; i++ { // the old listener's port may take a moment to free
 		ln, err = net.Listen("tcp", addr)
 		if err == nil || i == 50 {
@@ -40,16 +38,26 @@ func startSidecarAt(t *testing.T, cfg *Config, addr string) (*server, string, fu
 		time.Sleep(20 * time.Millisecond)
 	}
 	if err != nil {
-		s.Close()
 		t.Fatalf("listen %s: %v", addr, err)
 	}
+	var (
+		s  *server
+		ts *httptest.Server
+	)
 	ctx, cancel := context.WithCancel(context.Background())
-	s.start(ctx)
-	ts := httptest.NewUnstartedServer(s.handler)
-	ts.Listener.Close()
-	ts.Listener = ln
-	ts.Config.ReadHeaderTimeout = 5 * time.Second
-	ts.Start()
+	leaks := trackGoroutines(t, func() {
+		s, err = newServer(cfg, logger)
+		if err != nil {
+			ln.Close()
+			t.Fatalf("newServer: %v", err)
+		}
+		s.start(ctx)
+		ts = httptest.NewUnstartedServer(s.handler)
+		ts.Listener.Close()
+		ts.Listener = ln
+		ts.Config.ReadHeaderTimeout = 5 * time.Second
+		ts.Start()
+	})
 	var once sync.Once
 	stop := func() {
 		once.Do(func() {
@@ -58,6 +66,7 @@ func startSidecarAt(t *testing.T, cfg *Config, addr string) (*server, string, fu
 			ts.CloseClientConnections()
 			ts.Close()
 			s.Close()
+			leaks()
 		})
 	}
 	t.Cleanup(stop)
@@ -130,7 +139,12 @@ func cacheUp(s *server) bool {
 }
 
 func TestSidecarRegistryShared(t *testing.T) {
-	_, urlA, stopA := startSidecarAt(t, testConfig(), "127.0.0.1:0")
+	// A's registry runs on the test's clock: its TTLs end when the test
+	// moves it, not while a loaded machine is slow.
+	clock := newTestClock()
+	cfgA := testConfig()
+	cfgA.now = clock.now
+	_, urlA, stopA := startSidecarAt(t, cfgA, "127.0.0.1:0")
 	b, urlB, _ := startSidecarAt(t, remoteConfig("sidecar", urlA), "127.0.0.1:0")
 	const wait = 5 * time.Second
 
@@ -191,7 +205,8 @@ func TestSidecarRegistryShared(t *testing.T) {
 		if !hasNodes(t, urlA, "ttl", "b2") {
 			t.Fatalf("A: ttl = %v, want [b2]", lookup(t, urlA, "ttl"))
 		}
-		// No heartbeat: gone from both.
+		// No heartbeat: once the TTL has passed, gone from both.
+		clock.advance(300*time.Millisecond + time.Millisecond)
 		eventually(t, wait, "ttl expired on A", func() bool { return lookup(t, urlA, "ttl") == nil })
 		eventually(t, wait, "ttl expired on B", func() bool { return lookup(t, urlB, "ttl") == nil })
 	})
@@ -238,20 +253,20 @@ func TestSidecarRegistryShared(t *testing.T) {
 }
 
 // badConsul is a real HTTP server that answers like a broken Consul agent:
-// 500s, garbage JSON or hung requests, until it is told to behave. It counts
-// every request so a test can show that the sidecar backs off.
+// 500s, garbage JSON or hung requests, until it is told to behave. It notes
+// when each request arrived so a test can show that the sidecar backs off.
 type badConsul struct {
-	mode     atomic.Value // "500", "garbage", "hang" or "ok"
-	requests atomic.Int64
-	release  chan struct{} // closed at cleanup: hung requests return
+	mode    atomic.Value  // "500", "garbage", "hang" or "ok"
+	release chan struct{} // closed at cleanup: hung requests return
 
-	mu         sync.Mutex // guards registered
+	mu         sync.Mutex // guards registered, arrivals
 	registered map[string]consulRegistration
+	arrivals   map[string][]time.Time // "METHOD /path" -> arrival of each request
 }
 
 func newBadConsul(t *testing.T, mode string) (*badConsul, *httptest.Server) {
 	t.Helper()
-	f := &badConsul{release: make(chan struct{}), registered: map[string]consulRegistration{}}
+	f := &badConsul{release: make(chan struct{}), registered: map[string]consulRegistration{}, arrivals: map[string][]time.Time{}}
 	f.mode.Store(mode)
 	ts := httptest.NewServer(f)
 	t.Cleanup(func() {
@@ -262,7 +277,10 @@ func newBadConsul(t *testing.T, mode string) (*badConsul, *httptest.Server) {
 }
 
 func (f *badConsul) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	f.requests.Add(1)
+	f.mu.Lock()
+	route := r.Method + " " + r.URL.Path
+	f.arrivals[route] = append(f.arrivals[route], time.Now())
+	f.mu.Unlock()
 	switch f.mode.Load().(string) {
 	case "500":
 		http.Error(w, "rpc error: No cluster leader", http.StatusInternalServerError)
@@ -301,6 +319,17 @@ func (f *badConsul) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// requests returns when each request arrived, by "METHOD /path".
+func (f *badConsul) requests() map[string][]time.Time {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make(map[string][]time.Time, len(f.arrivals))
+	for route, at := range f.arrivals {
+		out[route] = slices.Clone(at)
+	}
+	return out
+}
+
 func (f *badConsul) registration(id string) (consulRegistration, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -313,11 +342,10 @@ func (f *badConsul) registration(id string) (consulRegistration, bool) {
 // own nodes, backs off instead of spinning, and re-sends its registrations
 // once Consul answers again.
 func TestConsulBadResponses(t *testing.T) {
-	const window = 1500 * time.Millisecond // requests are counted over this
-	// A spinning client makes thousands of requests in the window; with
-	// backoff (100 ms doubling, capped at the 200 ms wait here) the
-	// catalog watch makes about a dozen.
-	const maxRequests = 40
+	// Backoff waits at least half of remoteMinBackoff (jitter) before any
+	// retry, so no route is asked twice within that, however slow the
+	// machine; a spinning client asks thousands of times.
+	const catalog, minGap, calls = "GET /v1/catalog/services", remoteMinBackoff / 2, 5
 	for _, mode := range []string{"500", "garbage", "hang"} {
 		t.Run(mode, func(t *testing.T) {
 			t.Parallel()
@@ -338,15 +366,26 @@ func TestConsulBadResponses(t *testing.T) {
 			code, body := do(t, "GET", url+"/registry?service=unknown", "")
 			wantError(t, "GET unknown with Consul broken", code, body, http.StatusServiceUnavailable)
 
-			before := fake.requests.Load()
-			time.Sleep(window)
-			n := fake.requests.Load() - before
-			t.Logf("%d requests to the broken Consul in %s", n, window)
-			if n > maxRequests || n == 0 {
-				t.Fatalf("%d requests to the broken Consul in %s, want 1 to %d (retries with backoff)", n, window, maxRequests)
+			eventually(t, 10*time.Second, fmt.Sprintf("%d catalog requests", calls), func() bool {
+				return len(fake.requests()[catalog]) >= calls
+			})
+			seen := fake.requests()
+			cat := seen[catalog]
+			from, to := cat[0], cat[len(cat)-1]
+			for route, at := range seen {
+				n := 0
+				for i, a := range at {
+					if i > 0 && a.Sub(at[i-1]) < minGap {
+						t.Errorf("%s asked again %s after a failure, want at least %s (backoff)", route, a.Sub(at[i-1]), minGap)
+					}
+					if !a.Before(from) && !a.After(to) {
+						n++
+					}
+				}
+				t.Logf("%s: %d requests to the broken Consul in %s", route, n, to.Sub(from))
 			}
 			if code, _ := do(t, "GET", url+"/registry?service=app", ""); code != http.StatusOK {
-				t.Fatalf("GET app = %d after %s of failures, want 200", code, window)
+				t.Fatalf("GET app = %d after %d failed catalog requests, want 200", code, len(cat))
 			}
 
 			fake.mode.Store("ok")

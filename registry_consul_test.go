@@ -38,38 +38,67 @@ type consulAgent struct {
 	waitc chan error
 }
 
-// startConsul starts a dev agent, or skips the test when there is no
-// consul binary.
+// startConsul starts a dev agent. Without a consul binary the test skips,
+// or fails in CI (requireTool). freePort cannot reserve the agent's ports:
+// a test running in parallel may bind one first, and the agent then exits
+// at start; it is started again on other ports.
 func startConsul(t *testing.T) *consulAgent {
 	t.Helper()
-	bin, err := exec.LookPath("consul")
-	if err != nil {
-		t.Skip("no consul binary on PATH: run scripts/install-consul.sh (or install Consul) to run the Consul tests")
+	bin := requireTool(t, "consul")
+	for attempt := 1; ; attempt++ {
+		httpPort := freePort(t)
+		a := &consulAgent{t: t, bin: bin, http: "127.0.0.1:" + strconv.Itoa(httpPort), port: httpPort,
+			hc: &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 30 * time.Second}}
+		a.args = []string{"agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1", "-log-level=warn",
+			"-http-port=" + strconv.Itoa(httpPort), "-dns-port=-1", "-grpc-port=-1", "-grpc-tls-port=-1",
+			"-serf-lan-port=" + strconv.Itoa(freePort(t)), "-serf-wan-port=" + strconv.Itoa(freePort(t)),
+			"-server-port=" + strconv.Itoa(freePort(t))}
+		t.Cleanup(a.stop)
+		err := a.tryStart()
+		if err == nil {
+			return a
+		}
+		if attempt == 3 {
+			t.Fatalf("consul did not start in %d attempts: %v", attempt, err)
+		}
+		t.Logf("consul did not start, again on other ports: %v", err)
 	}
-	httpPort := freePort(t)
-	a := &consulAgent{t: t, bin: bin, http: "127.0.0.1:" + strconv.Itoa(httpPort), port: httpPort,
-		hc: &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 30 * time.Second}}
-	a.args = []string{"agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1", "-log-level=warn",
-		"-http-port=" + strconv.Itoa(httpPort), "-dns-port=-1", "-grpc-port=-1", "-grpc-tls-port=-1",
-		"-serf-lan-port=" + strconv.Itoa(freePort(t)), "-serf-wan-port=" + strconv.Itoa(freePort(t)),
-		"-server-port=" + strconv.Itoa(freePort(t))}
-	a.start()
-	t.Cleanup(a.stop)
-	return a
 }
 
+// start runs the agent again on the same ports (after stop).
 func (a *consulAgent) start() {
 	a.t.Helper()
+	if err := a.tryStart(); err != nil {
+		a.t.Fatal(err)
+	}
+}
+
+// tryStart runs the agent and waits until it has a leader. If the agent
+// exits first, it returns an error with what the agent wrote.
+func (a *consulAgent) tryStart() error {
+	a.t.Helper()
+	out := &syncBuffer{}
 	a.cmd = exec.Command(a.bin, a.args...)
+	a.cmd.Stdout, a.cmd.Stderr = out, out
 	if testing.Verbose() {
-		a.cmd.Stdout, a.cmd.Stderr = testWriter{a.t}, testWriter{a.t}
+		w := io.MultiWriter(out, testWriter{a.t})
+		a.cmd.Stdout, a.cmd.Stderr = w, w
 	}
 	if err := a.cmd.Start(); err != nil {
-		a.t.Fatalf("start consul: %v", err)
+		a.cmd = nil
+		return fmt.Errorf("start consul: %w", err)
 	}
-	a.waitc = make(chan error, 1)
-	go func(cmd *exec.Cmd, c chan error) { c <- cmd.Wait() }(a.cmd, a.waitc)
+	waitc := make(chan error, 1)
+	a.waitc = waitc
+	go func(cmd *exec.Cmd) { waitc <- cmd.Wait() }(a.cmd)
+	var exited error
 	eventually(a.t, 30*time.Second, "consul has a leader", func() bool {
+		select {
+		case err := <-waitc:
+			exited = fmt.Errorf("consul exited at start: %v\n%s", err, out)
+			return true
+		default:
+		}
 		resp, err := a.hc.Get("http://" + a.http + "/v1/status/leader")
 		if err != nil {
 			return false
@@ -78,6 +107,10 @@ func (a *consulAgent) start() {
 		var leader string
 		return json.NewDecoder(resp.Body).Decode(&leader) == nil && leader != ""
 	})
+	if exited != nil {
+		a.cmd = nil
+	}
+	return exited
 }
 
 // stop ends the agent and waits for it; idempotent.
@@ -127,6 +160,7 @@ func (a *consulAgent) passing(name string) []string {
 }
 
 func TestConsulAgent(t *testing.T) {
+	t.Parallel()
 	consul := startConsul(t)
 	outage := consulOutage
 	if v := os.Getenv("SIDECAR_CONSUL_OUTAGE"); v != "" {
@@ -231,6 +265,7 @@ func TestConsulAgent(t *testing.T) {
 // TestConsulMapping checks what goes into Consul's Meta (within its limits)
 // and that the sidecar tag brings everything back exactly.
 func TestConsulMapping(t *testing.T) {
+	t.Parallel()
 	meta := map[string]string{
 		"az":                                   "a",
 		"bad key":                              "spaces are not allowed in Meta keys",

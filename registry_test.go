@@ -137,40 +137,58 @@ func TestRegistryBadInput(t *testing.T) {
 	}
 }
 
+// TestRegistryTTL drives the registry's clock (Config.now): heartbeats
+// keep a node past several TTLs, a node is there until its TTL has passed
+// since the last heartbeat, and the sweeper removes it after that, telling
+// watchers. No step depends on how fast the machine is.
 func TestRegistryTTL(t *testing.T) {
 	t.Parallel()
-	_, ts := newTestServer(t, nil)
-	register := func() {
+	clock := newTestClock()
+	cfg := testConfig()
+	cfg.now = clock.now
+	s, ts := newTestServer(t, cfg)
+	mem := s.registry.reg.(*memoryRegistry)
+	watch := dialWatch(t, ts.URL)
+	register := func(ttl string) {
 		t.Helper()
-		if code, body := do(t, "POST", ts.URL+"/registry?ttl=1s", seedService); code != 200 {
-			t.Fatalf("POST ?ttl=1s = %d %s", code, body)
+		if code, body := do(t, "POST", ts.URL+"/registry?ttl="+ttl, seedService); code != 200 {
+			t.Fatalf("POST ?ttl=%s = %d %s", ttl, code, body)
 		}
 	}
-	register()
+	present := func(when string) {
+		t.Helper()
+		mem.expire() // a sweep at this instant of the clock
+		if code, body := do(t, "GET", ts.URL+"/registry?service=foo.bar", ""); code != 200 {
+			t.Fatalf("%s: GET foo.bar = %d %s, want the node", when, code, body)
+		}
+	}
+	register("1s")
+	if ev := readEvent(t, watch); ev.Action != "create" {
+		t.Fatalf("watch event %+v, want the create", ev)
+	}
 	// Heartbeats every 500 ms keep the node past several TTLs.
-	start := time.Now()
-	for time.Since(start) < 2500*time.Millisecond {
-		time.Sleep(500 * time.Millisecond)
-		if code, _ := getService(t, ts.URL, "foo.bar"); code != 200 {
-			t.Fatalf("node gone %s after start despite heartbeats", time.Since(start))
-		}
-		register()
+	for i := range 6 {
+		clock.advance(500 * time.Millisecond)
+		present(fmt.Sprintf("%dms after registering with heartbeats every 500ms", (i+1)*500))
+		register("1s")
 	}
-	last := time.Now()
-	eventually(t, 3*time.Second, "node expiry", func() bool {
-		code, _ := getService(t, ts.URL, "foo.bar")
-		return code == http.StatusNotFound
-	})
-	gone := time.Since(last)
-	if gone < 900*time.Millisecond {
-		t.Errorf("node expired %s after its last heartbeat, before its 1s TTL", gone)
+	clock.advance(999 * time.Millisecond)
+	present("999ms after the last heartbeat (ttl 1s)")
+
+	// Past the TTL the sweeper, on its own, removes the node and the
+	// watchers hear of it.
+	clock.advance(2 * time.Millisecond)
+	if ev := readEvent(t, watch); ev.Action != "delete" || ev.Service == nil || ev.Service.Name != "foo.bar" {
+		t.Fatalf("watch event %+v, want the delete of foo.bar by expiry", ev)
 	}
-	t.Logf("node gone %s after the last heartbeat (ttl 1s)", gone)
+	if code, body := do(t, "GET", ts.URL+"/registry?service=foo.bar", ""); code != http.StatusNotFound {
+		t.Fatalf("GET foo.bar past its TTL = %d %s, want 404", code, body)
+	}
 
 	// Zero TTL means no expiry.
-	if code, body := do(t, "POST", ts.URL+"/registry?ttl=0s", seedService); code != 200 {
-		t.Fatalf("POST ?ttl=0s = %d %s", code, body)
-	}
+	register("0s")
+	clock.advance(1000 * time.Hour)
+	present("1000h after registering with ttl 0s")
 }
 
 func TestRegistryMemoryTTLClock(t *testing.T) {
@@ -199,6 +217,18 @@ func TestRegistryMemoryTTLClock(t *testing.T) {
 	if s, n := m.size(); s != 0 || n != 0 {
 		t.Errorf("size = %d services %d nodes, want 0 0", s, n)
 	}
+}
+
+// nodeExpiry returns when node id of service name expires in m: zero when
+// it never does or is not there.
+func nodeExpiry(m *memoryRegistry, name, id string) time.Time {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	svc := m.services[name]
+	if i, ok := svc.lookup(id); ok {
+		return svc.nodes[i].expires
+	}
+	return time.Time{}
 }
 
 func dialWatch(t *testing.T, base string) *websocket.Conn {

@@ -38,6 +38,7 @@ type rpcHandler struct {
 	reg       Registry
 	log       *slog.Logger
 	bal       *balancer
+	upstreams *upstreams // calls by service (stats_upstream.go)
 	transport *http.Transport
 	via       *via        // refuses loops, and stamps what is forwarded
 	direct    retryBudget // retry budget of calls to an explicit address
@@ -59,10 +60,13 @@ func newRPCHandler(cfg *Config, reg Registry, clientTLS *tls.Config, v *via, log
 		reg:       reg,
 		log:       logger,
 		bal:       newBalancer(cfg.Balancer, time.Now, logger),
+		upstreams: newUpstreams("rpc", cfg.StatsMaxServices),
 		transport: newBackendTransport(cfg, clientTLS),
 		via:       v,
 	}
 	h.bal.useTLS = func(n *Node) bool { return backendScheme(cfg, n) == "https" }
+	h.bal.upstreams = h.upstreams
+	h.upstreams.nodes = h.bal.nodes
 	h.direct.init(time.Now())
 	return h
 }
@@ -383,7 +387,6 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 			return
 		}
 		st = h.bal.service(svc)
-		st.calls.Add(1)
 		budget = &st.budget
 	} else {
 		h.directCalls.Add(1)
@@ -435,7 +438,7 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 			break
 		}
 		if st != nil {
-			st.retries.Add(1)
+			st.up.retries.Add(1)
 		}
 		if !sleepCtx(ctx, wait) {
 			break
@@ -448,11 +451,8 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 		// The time ran out in an attempt or while waiting to retry.
 		res = h.expired(ctx, r, c, timeout)
 	}
-	if st != nil && res.code != http.StatusOK {
-		st.errors.Add(1)
-		if res.code == http.StatusGatewayTimeout {
-			st.timeouts.Add(1)
-		}
+	if st != nil {
+		st.up.record(res.code, time.Since(start)) // the call's one count, before its answer goes out
 	}
 	if res.code != http.StatusOK {
 		writeJSON(w, res.code, res.err)
@@ -722,10 +722,9 @@ func fillError(service string, e *apiError) *apiError {
 	return e
 }
 
-// metrics emits the RPC counters: per service (from the registry, so label
-// values are bounded) and totals without labels.
+// metrics emits the RPC counters without a service label; those by
+// service are h.upstreams, which stats writes itself (histograms).
 func (h *rpcHandler) metrics(emit emitFunc) {
-	h.bal.metrics("sidecar_rpc", emit)
 	emit("sidecar_rpc_unknown_service_total", "Calls for services the registry does not list.", "counter", float64(h.unknown.Load()))
 	emit("sidecar_rpc_direct_calls_total", "Calls to an explicit address (--rpc_allow_address).", "counter", float64(h.directCalls.Load()))
 	emit("sidecar_rpc_retry_budget_exhausted_total", "Retries refused by the retry budget.", "counter", float64(h.budgetRefusals.Load()))

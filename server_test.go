@@ -89,6 +89,9 @@ func TestParseConfig(t *testing.T) {
 		{name: "--broker_address sidecar-a.internal:8081 --broker_secret s", args: []string{"--broker_address", "sidecar-a.internal:8081", "--broker_secret", "s"}},
 		{name: "--shutdown_delay 5s", args: []string{"--shutdown_delay", "5s"}, check: func(c *Config) bool { return c.ShutdownDelay == 5*time.Second }},
 		{name: "--shutdown_delay -1s", args: []string{"--shutdown_delay", "-1s"}, wantErr: "--shutdown_delay"},
+		{name: "--stats_max_services 500 --metrics_node_labels", args: []string{"--stats_max_services", "500", "--metrics_node_labels"},
+			check: func(c *Config) bool { return c.StatsMaxServices == 500 && c.MetricsNodeLabels }},
+		{name: "--stats_max_services 0", args: []string{"--stats_max_services", "0"}, wantErr: "--stats_max_services"},
 		{name: "--broker_address 10.0.0.5", args: []string{"--broker_address", "10.0.0.5"}, wantErr: "--broker_address"},
 		{name: "--broker_address 10.0.0.5:0", args: []string{"--broker_address", "10.0.0.5:0"}, wantErr: "--broker_address"},
 	}
@@ -610,25 +613,47 @@ func TestAppSlowHealthCheck(t *testing.T) {
 	}
 }
 
+// TestAppWithoutHealthcheckHeartbeats: without a health check the app is
+// re-registered every --register_interval, which keeps it registered past
+// several TTLs, and only the heartbeat does. The registry's clock is the
+// test's: each step moves it by less than the TTL and waits for the next
+// heartbeat to renew the node.
 func TestAppWithoutHealthcheckHeartbeats(t *testing.T) {
 	t.Parallel()
+	clock := newTestClock()
 	cfg := testConfig()
 	cfg.ServerName = "go.micro.srv.plain"
 	cfg.ServerAddress = "127.0.0.1:9"
 	cfg.RegisterTTL = 300 * time.Millisecond
-	cfg.RegisterInterval = 100 * time.Millisecond
-	_, ts := newTestServer(t, cfg)
+	cfg.RegisterInterval = 20 * time.Millisecond
+	cfg.now = clock.now
+	s, ts := newTestServer(t, cfg)
+	mem := s.registry.reg.(*memoryRegistry)
+	var id string
 	eventually(t, 5*time.Second, "registration", func() bool {
-		code, _ := getService(t, ts.URL, "go.micro.srv.plain")
-		return code == 200
-	})
-	// Well past several TTLs, the heartbeat keeps it registered.
-	deadline := time.Now().Add(time.Second)
-	for time.Now().Before(deadline) {
-		if code, _ := getService(t, ts.URL, "go.micro.srv.plain"); code != 200 {
-			t.Fatal("app registration expired despite the heartbeat")
+		code, svc := getService(t, ts.URL, cfg.ServerName)
+		if code == 200 && len(svc.Nodes) == 1 {
+			id = svc.Nodes[0].ID
 		}
-		time.Sleep(50 * time.Millisecond)
+		return id != ""
+	})
+	for i := range 5 {
+		clock.advance(200 * time.Millisecond)
+		renewed := clock.now().Add(cfg.RegisterTTL)
+		eventually(t, 5*time.Second, "a heartbeat", func() bool {
+			return !nodeExpiry(mem, cfg.ServerName, id).Before(renewed)
+		})
+		mem.expire()
+		if code, body := do(t, "GET", ts.URL+"/registry?service="+cfg.ServerName, ""); code != 200 {
+			t.Fatalf("%dms (ttl 300ms) into heartbeats: GET %s = %d %s, want the app", (i+1)*200, cfg.ServerName, code, body)
+		}
+	}
+	// Without the heartbeat the registration ends with its TTL.
+	s.app.Close()
+	clock.advance(cfg.RegisterTTL + time.Millisecond)
+	mem.expire()
+	if code, body := do(t, "GET", ts.URL+"/registry?service="+cfg.ServerName, ""); code != http.StatusNotFound {
+		t.Fatalf("GET %s a TTL after the heartbeat stopped = %d %s, want 404", cfg.ServerName, code, body)
 	}
 }
 

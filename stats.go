@@ -4,7 +4,9 @@ package main
 // status class with latency histograms, the access log, the /stats page and
 // its JSON (--enable_stats), and /metrics in the Prometheus text format.
 // Other components own their counters and offer them through metric
-// sources (see addSource).
+// sources (see addSource); the RPC handler's and the proxy's calls by
+// upstream service (stats_upstream.go) and the broker's topics
+// (broker_stats.go) have sections of their own.
 
 import (
 	"bufio"
@@ -163,8 +165,11 @@ type stats struct {
 	routes   atomic.Pointer[map[string]*routeStats]
 	routesMu sync.Mutex // serializes writers of routes
 
-	sourcesMu sync.Mutex // guards sources
+	sourcesMu sync.Mutex // guards sources, upstreams, topics
 	sources   []func(emit emitFunc)
+	upstreams []*upstreams       // calls by upstream service, per handler
+	topics    func() []topicJSON // the broker's busiest topics; nil: none
+	nodeLabel bool               // --metrics_node_labels
 
 	ringMu   sync.Mutex // guards ring, ringNext, ringLen
 	ring     [ringSize]sample
@@ -184,6 +189,7 @@ func newStats(cfg *Config, logger *slog.Logger) *stats {
 		started:   time.Now(),
 		interval:  cfg.StatsInterval,
 		accessLog: cfg.AccessLog,
+		nodeLabel: cfg.MetricsNodeLabels,
 		stop:      make(chan struct{}),
 		done:      make(chan struct{}),
 	}
@@ -202,6 +208,29 @@ func (st *stats) addSource(fn func(emit emitFunc)) {
 	st.sourcesMu.Lock()
 	st.sources = append(st.sources, fn)
 	st.sourcesMu.Unlock()
+}
+
+// addUpstreams adds tables of calls by upstream service to /metrics, to
+// /stats and to the sampler's recent window.
+func (st *stats) addUpstreams(ts ...*upstreams) {
+	st.sourcesMu.Lock()
+	st.upstreams = append(st.upstreams, ts...)
+	st.sourcesMu.Unlock()
+}
+
+// setTopics makes fn the source of the Topics section of /stats: the
+// busiest topics, bounded in number. fn must be cheap and must not block.
+func (st *stats) setTopics(fn func() []topicJSON) {
+	st.sourcesMu.Lock()
+	st.topics = fn
+	st.sourcesMu.Unlock()
+}
+
+// upstreamTables returns the tables of addUpstreams.
+func (st *stats) upstreamTables() []*upstreams {
+	st.sourcesMu.Lock()
+	defer st.sourcesMu.Unlock()
+	return slices.Clone(st.upstreams)
 }
 
 // registrySizeSource reports the size of the registry and, for a remote
@@ -266,6 +295,11 @@ func (st *stats) sampleLoop(ctx context.Context) {
 			}
 			prevBuckets = buckets
 			s.latencyN, s.latencyNs, prevN, prevNs = n-prevN, ns-prevNs, n, ns
+			for _, t := range st.upstreamTables() {
+				for _, u := range t.list() {
+					u.sample(now)
+				}
+			}
 			st.ringMu.Lock()
 			st.ring[st.ringNext] = s
 			st.ringNext = (st.ringNext + 1) % ringSize
@@ -515,6 +549,10 @@ func (st *stats) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	}
 	pw.family("sidecar_http_requests_in_flight", "Requests being served now, websocket sessions included.", "gauge")
 	pw.sample("sidecar_http_requests_in_flight", float64(st.inFlight.Load()))
+	now := time.Now()
+	for _, t := range st.upstreamTables() {
+		t.writeMetrics(&pw, st.nodeLabel, now)
+	}
 
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
@@ -658,7 +696,24 @@ type statsJSON struct {
 	StatusCodes   map[string]int64 `json:"status_codes"`
 	LatencyMs     latencyJSON      `json:"latency_ms"` // since start
 	Routes        []routeJSON      `json:"routes"`
-	Metrics       []metric         `json:"metrics"` // the components' samples
+	Services      []upstreamJSON   `json:"services"` // calls by upstream service, per handler (stats_upstream.go)
+	Topics        []topicJSON      `json:"topics"`   // the busiest topics (broker_stats.go)
+	Metrics       []metric         `json:"metrics"`  // the components' samples
+}
+
+// topicJSON is one topic of the broker's on this sidecar. Topics are
+// chosen by callers, so /stats shows only the busiest (by messages
+// published and delivered) and /metrics none by name; the row with Other
+// set adds up the rest.
+type topicJSON struct {
+	Topic           string `json:"topic"`
+	Other           bool   `json:"other,omitempty"` // the topics without a row of their own
+	Subscribers     int64  `json:"subscribers"`     // connected here now
+	QueueGroups     int    `json:"queue_groups"`    // with members here now
+	Published       int64  `json:"published"`       // accepted here
+	Delivered       int64  `json:"delivered"`       // written to subscribers here
+	Dropped         int64  `json:"dropped"`         // lost to a subscriber here
+	SlowDisconnects int64  `json:"slow_disconnects"`
 }
 
 // counterJSON is one interval's requests, as the original's counters with
@@ -739,7 +794,19 @@ func (st *stats) snapshot() statsJSON {
 		GCCycles:      ms.NumGC,
 		InFlight:      st.inFlight.Load(),
 		Routes:        []routeJSON{},
+		Services:      []upstreamJSON{},
+		Topics:        []topicJSON{},
 		Metrics:       st.collect(),
+	}
+	now := time.Now()
+	for _, t := range st.upstreamTables() {
+		out.Services = append(out.Services, t.json(now, st.interval)...)
+	}
+	st.sourcesMu.Lock()
+	topics := st.topics
+	st.sourcesMu.Unlock()
+	if topics != nil {
+		out.Topics = append(out.Topics, topics()...)
 	}
 	for _, s := range st.samples() {
 		c := counterJSON{

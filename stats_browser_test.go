@@ -1,10 +1,14 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
 	"image/color"
 	"image/png"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -14,16 +18,14 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/coder/websocket"
 )
 
-// chromiumPath is where the Debian package chromium installs the browser;
-// scripts/install-chromium.sh installs it.
-const chromiumPath = "/usr/bin/chromium"
-
 // runChromium loads url in a fresh headless Chromium with virtual time, so
-// the page's timers run (and poll /stats) for budget, then runs mode
-// ("--dump-dom" or "--screenshot=FILE") and returns its stdout.
-func runChromium(t *testing.T, url string, budget time.Duration, mode ...string) []byte {
+// the page's timers run (and poll /stats) for budget, then runs modes
+// ("--dump-dom", "--screenshot=FILE", or both) and returns its stdout.
+func runChromium(t *testing.T, chromium, url string, budget time.Duration, mode ...string) []byte {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -36,7 +38,7 @@ func runChromium(t *testing.T, url string, budget time.Duration, mode ...string)
 		"--window-size=1200,900",
 	}
 	args = append(append(args, mode...), url)
-	cmd := exec.CommandContext(ctx, chromiumPath, args...)
+	cmd := exec.CommandContext(ctx, chromium, args...)
 	cmd.Dir = t.TempDir()
 	cmd.WaitDelay = 5 * time.Second
 	var stdout, stderr bytes.Buffer
@@ -99,9 +101,10 @@ func readPage(t *testing.T, dom []byte) pageState {
 // that the page refreshes itself while open. It saves a screenshot in
 // $SIDECAR_SCREENSHOT_DIR (or a temporary directory) for a person to see.
 func TestStatsBrowser(t *testing.T) {
-	if _, err := os.Stat(chromiumPath); err != nil {
-		t.Skipf("headless browser test skipped: %s not found (run scripts/install-chromium.sh)", chromiumPath)
-	}
+	t.Parallel()
+	// Debian's package chromium (scripts/install-chromium.sh installs it),
+	// or the names Ubuntu and Google give it.
+	chromium := requireTool(t, "chromium", "chromium-browser", "google-chrome")
 	cfg := statsConfig()
 	cfg.StatsInterval = 100 * time.Millisecond
 	_, ts := newTestServer(t, cfg)
@@ -128,10 +131,19 @@ func TestStatsBrowser(t *testing.T) {
 	}
 	url := ts.URL + "/stats"
 
+	dir := os.Getenv("SIDECAR_SCREENSHOT_DIR")
+	if dir == "" {
+		dir = t.TempDir()
+	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	shot := filepath.Join(dir, "stats.png")
+
 	traffic(10, 5)
-	first := readPage(t, runChromium(t, url, 3*time.Second, "--dump-dom"))
+	first := readPage(t, runChromium(t, chromium, url, 3*time.Second, "--dump-dom"))
 	traffic(60, 10)
-	second := readPage(t, runChromium(t, url, 3*time.Second, "--dump-dom"))
+	// One browser run both dumps the page and takes its picture.
+	second := readPage(t, runChromium(t, chromium, url, 3*time.Second, "--dump-dom", "--screenshot="+shot))
 	t.Logf("first load %+v; second load %+v", first, second)
 
 	for _, p := range []pageState{first, second} {
@@ -152,14 +164,6 @@ func TestStatsBrowser(t *testing.T) {
 		t.Errorf("chart points: rate %d then %d, latency %d; want the charts to grow", first.ratePoints, second.ratePoints, second.latPoints)
 	}
 
-	dir := os.Getenv("SIDECAR_SCREENSHOT_DIR")
-	if dir == "" {
-		dir = t.TempDir()
-	} else if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	shot := filepath.Join(dir, "stats.png")
-	runChromium(t, url, 3*time.Second, "--screenshot="+shot)
 	checkScreenshot(t, shot)
 	t.Logf("screenshot: %s", shot)
 }
@@ -209,4 +213,472 @@ func checkScreenshot(t *testing.T, path string) {
 func near(a, b color.RGBA) bool {
 	d := func(x, y uint8) int { return max(int(x)-int(y), int(y)-int(x)) }
 	return d(a.R, b.R) < 12 && d(a.G, b.G) < 12 && d(a.B, b.B) < 12
+}
+
+// devtools is a headless Chromium driven over the DevTools protocol, for
+// what --dump-dom cannot tell: layout measured at a given window size,
+// clicks, and the page's state while it runs in real time. Close (a
+// t.Cleanup) ends the browser and waits for it.
+type devtools struct {
+	t      *testing.T
+	conn   *websocket.Conn
+	nextID int
+}
+
+// devtoolsChromium is the Chromium the DevTools tests drive (requireTool:
+// they skip without one, or fail in CI).
+func devtoolsChromium(t *testing.T) string {
+	t.Helper()
+	return requireTool(t, "chromium", "chromium-browser", "google-chrome")
+}
+
+// startDevtools starts chromium on url in a window of width x height and
+// attaches to its page.
+func startDevtools(t *testing.T, chromium, url string, width, height int) *devtools {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, chromium,
+		"--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+		"--no-first-run", "--disable-component-update", "--disable-sync", "--disable-quic",
+		"--disable-extensions", "--mute-audio", "--hide-scrollbars",
+		"--user-data-dir="+t.TempDir(),
+		"--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+		fmt.Sprintf("--window-size=%d,%d", width, height),
+		url)
+	cmd.Dir = t.TempDir()
+	cmd.WaitDelay = 5 * time.Second
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("chromium: %v", err)
+	}
+	exited := make(chan struct{})
+	t.Cleanup(func() {
+		cancel()
+		<-exited
+	})
+	// Chromium says where its DevTools endpoint listens on stderr; the
+	// rest of stderr is kept for a failure message.
+	endpoint := make(chan string, 1)
+	var logs syncBuffer
+	go func() {
+		defer close(exited)
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			line := sc.Text()
+			if ws, ok := strings.CutPrefix(line, "DevTools listening on "); ok {
+				endpoint <- ws
+			}
+			logs.Write([]byte(line + "\n"))
+		}
+		cmd.Wait()
+	}()
+	var browserWS string
+	select {
+	case browserWS = <-endpoint:
+	case <-exited:
+		t.Fatalf("chromium exited before listening:\n%s", logs.String())
+	case <-time.After(60 * time.Second):
+		t.Fatalf("chromium did not listen within 60s:\n%s", logs.String())
+	}
+	// The page Chromium opened on url is a target of /json/list.
+	host := strings.TrimPrefix(browserWS, "ws://")
+	host, _, _ = strings.Cut(host, "/")
+	var targets []struct {
+		Type  string `json:"type"`
+		URL   string `json:"url"`
+		WSURL string `json:"webSocketDebuggerUrl"`
+	}
+	eventually(t, 30*time.Second, "chromium lists its page", func() bool {
+		resp, err := http.Get("http://" + host + "/json/list")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		targets = nil
+		if json.NewDecoder(resp.Body).Decode(&targets) != nil {
+			return false
+		}
+		for _, tg := range targets {
+			if tg.Type == "page" && tg.WSURL != "" {
+				return true
+			}
+		}
+		return false
+	})
+	var pageWS string
+	for _, tg := range targets {
+		if tg.Type == "page" && tg.WSURL != "" {
+			pageWS = tg.WSURL
+			break
+		}
+	}
+	dctx, dcancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer dcancel()
+	conn, _, err := websocket.Dial(dctx, pageWS, nil)
+	if err != nil {
+		t.Fatalf("devtools: dial %s: %v", pageWS, err)
+	}
+	conn.SetReadLimit(64 << 20)
+	t.Cleanup(func() { conn.CloseNow() })
+	return &devtools{t: t, conn: conn}
+}
+
+// call sends the DevTools method with params and decodes its result into
+// out, skipping the events that arrive meanwhile.
+func (d *devtools) call(method string, params, out any) {
+	d.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	d.nextID++
+	id := d.nextID
+	req, _ := json.Marshal(map[string]any{"id": id, "method": method, "params": params})
+	if err := d.conn.Write(ctx, websocket.MessageText, req); err != nil {
+		d.t.Fatalf("devtools: send %s: %v", method, err)
+	}
+	for {
+		_, msg, err := d.conn.Read(ctx)
+		if err != nil {
+			d.t.Fatalf("devtools: %s: %v", method, err)
+		}
+		var resp struct {
+			ID     int             `json:"id"`
+			Result json.RawMessage `json:"result"`
+			Error  *struct {
+				Message string `json:"message"`
+			} `json:"error"`
+		}
+		if json.Unmarshal(msg, &resp) != nil || resp.ID != id {
+			continue // an event, or not ours
+		}
+		if resp.Error != nil {
+			d.t.Fatalf("devtools: %s: %s", method, resp.Error.Message)
+		}
+		if out != nil {
+			if err := json.Unmarshal(resp.Result, out); err != nil {
+				d.t.Fatalf("devtools: %s = %.200s: %v", method, resp.Result, err)
+			}
+		}
+		return
+	}
+}
+
+// eval evaluates the JavaScript expression expr in the page (awaiting it if
+// it is a promise) and decodes its value into out.
+func (d *devtools) eval(expr string, out any) {
+	d.t.Helper()
+	var res struct {
+		Result struct {
+			Value json.RawMessage `json:"value"`
+		} `json:"result"`
+		Exception *struct {
+			Text      string `json:"text"`
+			Exception struct {
+				Description string `json:"description"`
+			} `json:"exception"`
+		} `json:"exceptionDetails"`
+	}
+	d.call("Runtime.evaluate", map[string]any{"expression": expr, "returnByValue": true, "awaitPromise": true}, &res)
+	if res.Exception != nil {
+		d.t.Fatalf("devtools: evaluate %.80q: %s %s", expr, res.Exception.Text, res.Exception.Exception.Description)
+	}
+	if out != nil {
+		if err := json.Unmarshal(res.Result.Value, out); err != nil {
+			d.t.Fatalf("devtools: evaluate %.80q = %s: %v", expr, res.Result.Value, err)
+		}
+	}
+}
+
+// screenshot saves the whole page, beyond the window, as a PNG named name
+// in $SIDECAR_SCREENSHOT_DIR (or a temporary directory), for a person to see.
+func (d *devtools) screenshot(name string) {
+	d.t.Helper()
+	dir := os.Getenv("SIDECAR_SCREENSHOT_DIR")
+	if dir == "" {
+		dir = d.t.TempDir()
+	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+		d.t.Fatal(err)
+	}
+	path := filepath.Join(dir, name)
+	defer d.t.Logf("screenshot: %s", path)
+	var res struct {
+		Data []byte `json:"data"` // base64 in JSON
+	}
+	d.call("Page.captureScreenshot", map[string]any{"format": "png", "captureBeyondViewport": true}, &res)
+	if err := os.WriteFile(path, res.Data, 0o644); err != nil {
+		d.t.Fatal(err)
+	}
+}
+
+// waitFor evaluates the boolean expression expr until it holds.
+func (d *devtools) waitFor(within time.Duration, what, expr string) {
+	d.t.Helper()
+	// Until the page has loaded, the expression may throw: that is false.
+	guarded := "(() => { try { return !!(" + expr + "); } catch (e) { return false; } })()"
+	eventually(d.t, within, what, func() bool {
+		var ok bool
+		d.eval(guarded, &ok)
+		return ok
+	})
+}
+
+// overflowJS measures horizontal overflow: the document's, and that of
+// every card and panel (content wider than the box, which a reader would
+// have to scroll or would not see).
+const overflowJS = `(() => {
+  const de = document.documentElement;
+  const out = { width: window.innerWidth, doc_scroll: de.scrollWidth, doc_client: de.clientWidth, over: [] };
+  for (const el of document.querySelectorAll(".card, .panel")) {
+    if (el.scrollWidth > el.clientWidth) {
+      const h = el.querySelector("h2, .label");
+      out.over.push((h ? h.textContent : el.className) + ": " + el.scrollWidth + " > " + el.clientWidth);
+    }
+  }
+  return out;
+})()`
+
+// layout is what overflowJS returns.
+type layout struct {
+	Width     int      `json:"width"`
+	DocScroll int      `json:"doc_scroll"`
+	DocClient int      `json:"doc_client"`
+	Over      []string `json:"over"`
+}
+
+// checkNoOverflow fails the test when the page scrolls sideways or a card's
+// content is wider than the card.
+func checkNoOverflow(t *testing.T, d *devtools, width int) {
+	t.Helper()
+	var l layout
+	d.eval(overflowJS, &l)
+	if l.Width != width {
+		t.Fatalf("window.innerWidth = %d, want %d: the measurement needs the window size", l.Width, width)
+	}
+	if l.DocScroll > l.DocClient {
+		t.Errorf("at %d px the page scrolls sideways: document scrollWidth %d > clientWidth %d", width, l.DocScroll, l.DocClient)
+	}
+	for _, o := range l.Over {
+		t.Errorf("at %d px a card overflows: %s", width, o)
+	}
+}
+
+// trafficUntilDone calls each URL in turn until the test ends, so rates
+// over the page's recent window are never zero while it is looked at.
+func trafficUntilDone(t *testing.T, urls ...string) {
+	t.Helper()
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	t.Cleanup(func() { close(stop); <-done })
+	client := &http.Client{Timeout: 5 * time.Second}
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			resp, err := client.Post(urls[i%len(urls)], "application/json", strings.NewReader(`{}`))
+			if err == nil {
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}
+		}
+	}()
+}
+
+// TestStatsBrowserServices opens /stats at 1280 px in Chromium, over the
+// DevTools protocol, while two RPC services take calls (one with a failing
+// node, one slow) and two topics have subscribers: the Services table
+// shows both with their rates and their nodes on expand, the Topics table
+// both topics, and nothing is wider than its card or the window.
+func TestStatsBrowserServices(t *testing.T) {
+	t.Parallel()
+	chromium := devtoolsChromium(t)
+	cfg := statsConfig()
+	cfg.StatsInterval = 100 * time.Millisecond
+	cfg.Balancer = strategyRoundRobin
+	s, ts := newTestServer(t, cfg, func(s *server) { s.rpc.bal.ejectBase, s.rpc.bal.ejectMax = time.Hour, time.Hour })
+	good, bad := newRPCBackend(t, "alpha-good"), newRPCBackend(t, "alpha-bad")
+	bad.mode.Store(mode503)
+	register(t, ts.URL, "go.micro.srv.alpha", good, bad)
+	slow := slowRPCBackend(t, 30*time.Millisecond)
+	registerURLs(t, ts.URL, "go.micro.srv.beta-with-a-rather-long-service-name", slow.URL)
+	for range 6 {
+		if code, body := do(t, "POST", ts.URL+"/alpha/call", `{}`); code != http.StatusOK {
+			t.Fatalf("POST /alpha/call = %d %s", code, body)
+		}
+	}
+	orders := subscribe(t, ts.URL, "/broker?topic=orders&queue=workers")
+	events := subscribe(t, ts.URL, "/broker?topic=events")
+	waitSubscribers(t, s, 2)
+	for i := range 5 {
+		for _, topic := range []string{"orders", "events"} {
+			if code, body := do(t, "POST", ts.URL+"/broker?topic="+topic, fmt.Sprint(i)); code != http.StatusOK {
+				t.Fatalf("publish %s = %d %s", topic, code, body)
+			}
+		}
+	}
+	eventually(t, 5*time.Second, "the subscribers get the messages", func() bool {
+		_, no := orders.snapshot()
+		_, ne := events.snapshot()
+		return no == 5 && ne == 5
+	})
+	trafficUntilDone(t, ts.URL+"/alpha/call", ts.URL+"/beta-with-a-rather-long-service-name/call")
+
+	const width = 1280
+	d := startDevtools(t, chromium, ts.URL+"/stats", width, 900)
+	d.waitFor(30*time.Second, "the page shows two services with recent calls", `(() => {
+	  const rows = document.querySelectorAll("#services tr.svc");
+	  return rows.length >= 2 && Array.from(rows).every((r) => Number(r.dataset.rps) > 0);
+	})()`)
+
+	var services []map[string]string
+	d.eval(`Array.from(document.querySelectorAll("#services tr.svc")).map((r) => Object.assign({text: r.textContent}, r.dataset))`, &services)
+	byName := map[string]map[string]string{}
+	for _, sv := range services {
+		byName[sv["service"]] = sv
+	}
+	alpha, beta := byName["go.micro.srv.alpha"], byName["go.micro.srv.beta-with-a-rather-long-service-name"]
+	if alpha == nil || beta == nil {
+		t.Fatalf("Services table rows %v, want alpha and beta", services)
+	}
+	if alpha["handler"] != "rpc" || alpha["nodes"] != "2" || alpha["ejected"] != "1" || alpha["retries"] == "0" {
+		t.Errorf("alpha row %v, want rpc with 2 nodes, 1 ejected, retries", alpha)
+	}
+	if beta["success"] != "1" || beta["p50"] == "" {
+		t.Errorf("beta row %v, want success 1 and a p50", beta)
+	}
+
+	// Expanding alpha shows its nodes, and they stay through refreshes.
+	d.eval(`document.querySelector('#services tr.svc[data-service="go.micro.srv.alpha"] button.expand').click()`, nil)
+	var polls int
+	d.eval(`Number(document.body.dataset.polls)`, &polls)
+	d.waitFor(10*time.Second, "two more refreshes", fmt.Sprintf(`Number(document.body.dataset.polls) >= %d`, polls+2))
+	var nodes []map[string]string
+	d.eval(`Array.from(document.querySelectorAll("#services tr.node")).map((r) => Object.assign({text: r.textContent}, r.dataset))`, &nodes)
+	if len(nodes) != 2 {
+		t.Fatalf("node rows after expanding alpha: %v, want 2", nodes)
+	}
+	for _, n := range nodes {
+		switch n["node"] {
+		case "alpha-bad":
+			if n["ejected"] != "true" || !strings.Contains(n["text"], "ejected") {
+				t.Errorf("alpha-bad row %v, want ejected", n)
+			}
+		case "alpha-good":
+			if n["ejected"] != "false" || n["latency"] == "" {
+				t.Errorf("alpha-good row %v, want not ejected, with a latency estimate", n)
+			}
+		default:
+			t.Errorf("node row %v, want alpha-good or alpha-bad", n)
+		}
+	}
+
+	var topics []map[string]string
+	d.eval(`Array.from(document.querySelectorAll("#topics tr.topic")).map((r) => Object.assign({text: r.textContent}, r.dataset))`, &topics)
+	byTopic := map[string]map[string]string{}
+	for _, tp := range topics {
+		byTopic[tp["topic"]] = tp
+	}
+	if o := byTopic["orders"]; o == nil || o["subscribers"] != "1" || o["groups"] != "1" || o["published"] != "5" || o["delivered"] != "5" {
+		t.Errorf("orders row %v (all: %v), want 1 subscriber in 1 group, 5 published and delivered", o, topics)
+	}
+	if e := byTopic["events"]; e == nil || e["subscribers"] != "1" || e["groups"] != "0" || e["published"] != "5" {
+		t.Errorf("events row %v, want 1 subscriber, no group, 5 published", e)
+	}
+
+	checkNoOverflow(t, d, width)
+	d.screenshot("stats-services.png")
+}
+
+// TestStatsBrowserOverflow is the page at 1280 px with the component
+// metrics a sidecar with a token and traffic has: no card is wider than
+// the window, and no table wider than its card.
+func TestStatsBrowserOverflow(t *testing.T) {
+	t.Parallel()
+	chromium := devtoolsChromium(t)
+	cfg := statsConfig()
+	cfg.StatsInterval = 100 * time.Millisecond
+	cfg.AuthToken = "s3cret"
+	s, ts := newTestServer(t, cfg)
+	auth := []string{"Authorization", "Bearer s3cret"}
+	do(t, "GET", ts.URL+"/registry", "")
+	do(t, "GET", ts.URL+"/registry", "", "Authorization", "Bearer nope")
+	// One service called: its labels made the Components table overflow.
+	b := newRPCBackend(t, "greeter-1")
+	reg := fmt.Sprintf(`{"Name":"go.micro.srv.greeter","Nodes":[{"Id":"greeter-1","Address":"127.0.0.1","Port":%d}]}`, b.port)
+	if code, body := do(t, "POST", ts.URL+"/registry", reg, auth...); code != http.StatusOK {
+		t.Fatalf("POST /registry = %d %s", code, body)
+	}
+	if code, body := do(t, "POST", ts.URL+"/greeter/say", `{}`, auth...); code != http.StatusOK {
+		t.Fatalf("POST /greeter/say = %d %s", code, body)
+	}
+	// Names as long as the sidecar takes, without a place to break.
+	long := strings.Repeat("x", maxNameLen-len("go.micro.srv."))
+	reg = fmt.Sprintf(`{"Name":"go.micro.srv.%s","Nodes":[{"Id":"%s","Address":"127.0.0.1","Port":%d}]}`, long, strings.Repeat("n", 200), b.port)
+	if code, body := do(t, "POST", ts.URL+"/registry", reg, auth...); code != http.StatusOK {
+		t.Fatalf("POST /registry = %d %s", code, body)
+	}
+	do(t, "POST", ts.URL+"/rpc", fmt.Sprintf(`{"service":"go.micro.srv.%s","method":"X.Y"}`, long), auth...)
+	topic := strings.Repeat("t", maxTopicLen)
+	sub, _, err := websocket.Dial(context.Background(), wsURL(ts, "/broker?topic="+topic), &websocket.DialOptions{HTTPHeader: http.Header{"Authorization": {"Bearer s3cret"}}})
+	if err != nil {
+		t.Fatalf("subscribe: %v", err)
+	}
+	defer sub.CloseNow()
+	waitSubscribers(t, s, 1)
+	do(t, "POST", ts.URL+"/broker?topic="+topic, "m", auth...)
+	const width = 1280
+	d := startDevtools(t, chromium, ts.URL+"/stats#token=s3cret", width, 900)
+	d.waitFor(30*time.Second, "the page refreshes twice", `Number(document.body.dataset.polls) >= 2`)
+	d.eval(`document.querySelector("#services button.expand").click()`, nil) // the long node id too
+	d.waitFor(10*time.Second, "the nodes shown", `document.querySelectorAll("#services tr.node").length > 0`)
+	checkNoOverflow(t, d, width)
+	d.screenshot("stats-long-names.png")
+}
+
+// TestStatsBrowserWrongToken: a token the sidecar refuses is reported as
+// refused, not as missing, and the page stops asking with it.
+func TestStatsBrowserWrongToken(t *testing.T) {
+	t.Parallel()
+	chromium := devtoolsChromium(t)
+	cfg := statsConfig()
+	cfg.AuthToken = "s3cret"
+	_, ts := newTestServer(t, cfg)
+	d := startDevtools(t, chromium, ts.URL+"/stats#token=wrong", 1280, 900)
+	d.waitFor(30*time.Second, "the page reports the refusal", `document.getElementById("status-text").textContent.includes("refused")`)
+	var text string
+	d.eval(`document.getElementById("status-text").textContent`, &text)
+	if strings.Contains(text, "retrying") || strings.Contains(text, "needs a token") {
+		t.Errorf("status %q: want the token refused, without retrying", text)
+	}
+	refusals := func() float64 {
+		code, body := do(t, "GET", ts.URL+"/metrics", "", "Authorization", "Bearer s3cret")
+		if code != http.StatusOK {
+			t.Fatalf("GET /metrics = %d %s", code, body)
+		}
+		return parseMetrics(t, body)[`sidecar_auth_refused_total{reason="wrong_token"}`]
+	}
+	if n := refusals(); n != 1 {
+		t.Errorf("wrong-token refusals after the page loaded = %v, want 1", n)
+	}
+	// The page polls every second while it retries: after three seconds
+	// of the page's own time, no further request has come.
+	d.eval(`new Promise((resolve) => setTimeout(resolve, 3000))`, nil)
+	if n := refusals(); n != 1 {
+		t.Errorf("wrong-token refusals 3 s later = %v, want still 1 (no retries)", n)
+	}
+
+	// The right token in the address starts it again.
+	d.eval(`location.hash = "#token=s3cret"`, nil)
+	d.waitFor(30*time.Second, "the page shows data with the right token", `document.body.dataset.state === "live" && Number(document.body.dataset.polls) >= 1`)
+
+	// With no token at all, the page says one is needed.
+	d2 := startDevtools(t, chromium, ts.URL+"/stats", 1280, 900)
+	d2.waitFor(30*time.Second, "the page asks for a token", `document.getElementById("status-text").textContent.includes("needs a token")`)
 }

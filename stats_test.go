@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
@@ -18,6 +19,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/coder/websocket"
 )
@@ -44,60 +46,274 @@ func getStats(t *testing.T, base string) statsJSON {
 	return st
 }
 
-// promSample matches one sample line of the text format.
-var promSample = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$`)
-
-// parseMetrics checks the exposition format of body (every sample after
-// the HELP and TYPE of its family, valid names and values) and returns the
-// samples keyed by `name{labels}`.
+// parseMetrics checks body against the Prometheus text exposition format
+// 0.0.4 as strictly as promtool would (which is not installed here) and
+// returns the samples keyed by `name{labels}` as written. It checks: HELP
+// and TYPE at most once a family, before its samples, with a known type and
+// valid escapes; every sample's family declared, its samples in one block;
+// metric and label names valid, label values quoted with only \\, \" and
+// \n escapes, no label twice; values that parse (an optional integer
+// timestamp); no series twice; counters not negative; and per histogram
+// series: buckets in increasing le order, cumulative, ending at +Inf equal
+// to _count, with a _sum.
 func parseMetrics(t *testing.T, body []byte) map[string]float64 {
 	t.Helper()
+	out, problems := parseExposition(body)
+	for _, p := range problems {
+		t.Error(p)
+	}
+	if len(problems) > 0 {
+		t.FailNow()
+	}
+	return out
+}
+
+// parseExposition is parseMetrics, returning what is wrong.
+func parseExposition(body []byte) (map[string]float64, []string) {
+	var problems []string
+	bad := func(format string, args ...any) { problems = append(problems, fmt.Sprintf(format, args...)) }
+	text := string(body)
+	if text != "" && !strings.HasSuffix(text, "\n") {
+		bad("exposition does not end with a newline")
+	}
 	out := map[string]float64{}
 	typed := map[string]string{}
 	helped := map[string]bool{}
-	for i, line := range strings.Split(strings.TrimSuffix(string(body), "\n"), "\n") {
+	done := map[string]bool{} // families whose block of samples has ended
+	current := ""             // the family of the block being read
+	type histSeries struct {
+		les     []float64
+		counts  []float64
+		count   float64
+		hasSum  bool
+		hasCnt  bool
+		context string
+	}
+	hists := map[string]*histSeries{} // by family and labels without le
+	for i, line := range strings.Split(strings.TrimSuffix(text, "\n"), "\n") {
+		at := fmt.Sprintf("line %d %q", i+1, line)
+		if line == "" {
+			bad("%s: empty line", at)
+			continue
+		}
 		if f, ok := strings.CutPrefix(line, "# HELP "); ok {
-			name, _, _ := strings.Cut(f, " ")
+			name, help, _ := strings.Cut(f, " ")
+			if !validMetricName(name) {
+				bad("%s: HELP of an invalid metric name", at)
+			}
+			if helped[name] {
+				bad("%s: second HELP for %s", at, name)
+			}
+			if done[name] || current == name {
+				bad("%s: HELP of %s after its samples", at, name)
+			}
+			for j := 0; j < len(help); j++ {
+				if help[j] == '\\' && (j+1 == len(help) || (help[j+1] != '\\' && help[j+1] != 'n')) {
+					bad("%s: HELP escape other than \\\\ or \\n", at)
+				}
+				if help[j] == '\\' {
+					j++
+				}
+			}
 			helped[name] = true
 			continue
 		}
 		if f, ok := strings.CutPrefix(line, "# TYPE "); ok {
 			name, kind, _ := strings.Cut(f, " ")
 			if !helped[name] {
-				t.Errorf("line %d: TYPE of %s before its HELP", i+1, name)
+				bad("%s: TYPE of %s before its HELP", at, name)
 			}
 			if _, dup := typed[name]; dup {
-				t.Errorf("line %d: family %s declared twice", i+1, name)
+				bad("%s: family %s declared twice", at, name)
+			}
+			switch kind {
+			case "counter", "gauge", "histogram", "summary", "untyped":
+			default:
+				bad("%s: unknown type %q", at, kind)
 			}
 			typed[name] = kind
 			continue
 		}
-		m := promSample.FindStringSubmatch(line)
-		if m == nil {
-			t.Fatalf("line %d: %q is not a sample line", i+1, line)
+		if strings.HasPrefix(line, "#") {
+			continue // a comment
 		}
-		family := m[1]
+		name, labels, rest, err := splitSample(line)
+		if err != nil {
+			bad("%s: %v", at, err)
+			continue
+		}
+		family := name
 		if typed[family] == "" {
 			for _, suffix := range []string{"_bucket", "_sum", "_count"} {
-				if base, ok := strings.CutSuffix(m[1], suffix); ok && typed[base] == "histogram" {
+				if base, ok := strings.CutSuffix(name, suffix); ok && typed[base] == "histogram" {
 					family = base
 				}
 			}
 		}
 		if typed[family] == "" {
-			t.Errorf("line %d: sample %s without a TYPE line", i+1, m[1])
+			bad("%s: sample %s without a TYPE line", at, name)
 		}
-		v, err := strconv.ParseFloat(m[3], 64)
-		if err != nil && m[3] != "+Inf" {
-			t.Errorf("line %d: value %q: %v", i+1, m[3], err)
+		if family != current {
+			if done[family] {
+				bad("%s: samples of %s are not in one block", at, family)
+			}
+			if current != "" {
+				done[current] = true
+			}
+			current = family
 		}
-		key := m[1] + m[2]
+		fields := strings.Fields(rest)
+		if len(fields) < 1 || len(fields) > 2 || rest != strings.Join(fields, " ") {
+			bad("%s: want a value and at most a timestamp after the labels", at)
+			continue
+		}
+		v, err := strconv.ParseFloat(fields[0], 64)
+		if err != nil {
+			bad("%s: value %q: %v", at, fields[0], err)
+		}
+		if len(fields) == 2 {
+			if _, err := strconv.ParseInt(fields[1], 10, 64); err != nil {
+				bad("%s: timestamp %q: %v", at, fields[1], err)
+			}
+		}
+		if typed[family] == "counter" && v < 0 {
+			bad("%s: counter below zero", at)
+		}
+		raw := line[len(name) : len(line)-len(rest)-1]
+		key := name + raw
 		if _, dup := out[key]; dup {
-			t.Errorf("line %d: series %s written twice", i+1, key)
+			bad("%s: series %s written twice", at, key)
 		}
 		out[key] = v
+		if typed[family] != "histogram" {
+			continue
+		}
+		var le string
+		var others []string
+		for _, l := range labels {
+			if l[0] == "le" {
+				le = l[1]
+				continue
+			}
+			others = append(others, l[0]+"="+strconv.Quote(l[1]))
+		}
+		hk := family + "{" + strings.Join(others, ",") + "}"
+		h := hists[hk]
+		if h == nil {
+			h = &histSeries{context: at}
+			hists[hk] = h
+		}
+		switch {
+		case strings.HasSuffix(name, "_bucket"):
+			bound, err := strconv.ParseFloat(le, 64)
+			if le == "" || err != nil {
+				bad("%s: bucket without a valid le", at)
+				continue
+			}
+			if n := len(h.les); n > 0 && (bound <= h.les[n-1] || v < h.counts[n-1]) {
+				bad("%s: bucket le=%s after le=%v with %v: not increasing or not cumulative", at, le, h.les[n-1], h.counts[n-1])
+			}
+			h.les, h.counts = append(h.les, bound), append(h.counts, v)
+		case strings.HasSuffix(name, "_sum"):
+			h.hasSum = true
+		case strings.HasSuffix(name, "_count"):
+			h.hasCnt, h.count = true, v
+		}
 	}
-	return out
+	for hk, h := range hists {
+		n := len(h.les)
+		switch {
+		case n == 0 || !math.IsInf(h.les[n-1], 1):
+			bad("histogram %s (from %s): no le=\"+Inf\" bucket", hk, h.context)
+		case !h.hasSum || !h.hasCnt:
+			bad("histogram %s: _sum or _count missing", hk)
+		case h.counts[n-1] != h.count:
+			bad("histogram %s: +Inf bucket %v != _count %v", hk, h.counts[n-1], h.count)
+		}
+	}
+	return out, problems
+}
+
+// splitSample splits a sample line into its metric name, its labels (name,
+// unescaped value) and what follows the labels, checking the label syntax.
+func splitSample(line string) (name string, labels [][2]string, rest string, err error) {
+	i := strings.IndexAny(line, "{ ")
+	if i <= 0 {
+		return "", nil, "", errors.New("not a sample line")
+	}
+	name = line[:i]
+	if !validMetricName(name) {
+		return "", nil, "", fmt.Errorf("invalid metric name %q", name)
+	}
+	if line[i] == ' ' {
+		return name, nil, line[i+1:], nil
+	}
+	p := line[i+1:]
+	seen := map[string]bool{}
+	for {
+		if strings.HasPrefix(p, "}") {
+			p = p[1:]
+			break
+		}
+		eq := strings.IndexByte(p, '=')
+		if eq <= 0 || eq+1 >= len(p) || p[eq+1] != '"' {
+			return "", nil, "", fmt.Errorf("label at %q: want name=\"value\"", p)
+		}
+		ln := p[:eq]
+		if !validLabelName(ln) || seen[ln] {
+			return "", nil, "", fmt.Errorf("label name %q invalid or repeated", ln)
+		}
+		seen[ln] = true
+		p = p[eq+2:]
+		var val strings.Builder
+		closed := false
+		for j := 0; j < len(p); j++ {
+			c := p[j]
+			if c == '"' {
+				p, closed = p[j+1:], true
+				break
+			}
+			if c == '\n' {
+				return "", nil, "", errors.New("raw newline in a label value")
+			}
+			if c == '\\' {
+				if j+1 == len(p) {
+					return "", nil, "", errors.New("label value ends in a backslash")
+				}
+				switch p[j+1] {
+				case '\\':
+					val.WriteByte('\\')
+				case '"':
+					val.WriteByte('"')
+				case 'n':
+					val.WriteByte('\n')
+				default:
+					return "", nil, "", fmt.Errorf("label value escape \\%c", p[j+1])
+				}
+				j++
+				continue
+			}
+			val.WriteByte(c)
+		}
+		if !closed {
+			return "", nil, "", errors.New("unterminated label value")
+		}
+		if !utf8.ValidString(val.String()) {
+			return "", nil, "", errors.New("label value is not UTF-8")
+		}
+		labels = append(labels, [2]string{ln, val.String()})
+		switch {
+		case strings.HasPrefix(p, ","):
+			p = p[1:]
+		case strings.HasPrefix(p, "}"):
+		default:
+			return "", nil, "", fmt.Errorf("after a label value: %q", p)
+		}
+	}
+	if !strings.HasPrefix(p, " ") {
+		return "", nil, "", errors.New("no space before the value")
+	}
+	return name, labels, p[1:], nil
 }
 
 func getMetrics(t *testing.T, base string) map[string]float64 {
@@ -622,6 +838,118 @@ func BenchmarkStatsWrap(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				bb.h.ServeHTTP(w, req)
+			}
+		})
+	}
+}
+
+// TestStatsRefusedByAuth: a request refused with 401 counts under the
+// route it asked for, not as unmatched, and the refusal says whether the
+// token was missing or refused (RFC 6750's invalid_token).
+func TestStatsRefusedByAuth(t *testing.T) {
+	t.Parallel()
+	cfg := statsConfig()
+	cfg.AuthToken = "s3cret"
+	_, ts := newTestServer(t, cfg)
+	send := func(method, path, auth string) (*http.Response, apiError) {
+		t.Helper()
+		req, _ := http.NewRequest(method, ts.URL+path, nil)
+		if auth != "" {
+			req.Header.Set("Authorization", auth)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp, wantError(t, method+" "+path+" with "+auth, resp.StatusCode, body, http.StatusUnauthorized)
+	}
+	resp, missing := send("GET", "/registry", "")
+	if h := resp.Header.Get("WWW-Authenticate"); h != `Bearer realm="sidecar"` {
+		t.Errorf("no token: WWW-Authenticate %q, want a bare challenge", h)
+	}
+	resp, wrong := send("GET", "/registry", "Bearer nope")
+	if h := resp.Header.Get("WWW-Authenticate"); !strings.Contains(h, `error="invalid_token"`) {
+		t.Errorf("wrong token: WWW-Authenticate %q, want error=\"invalid_token\"", h)
+	}
+	if !strings.Contains(missing.Detail, "no bearer token") || !strings.Contains(wrong.Detail, "refused") || missing.Detail == wrong.Detail {
+		t.Errorf("details: no token %q, wrong token %q; want them to say which", missing.Detail, wrong.Detail)
+	}
+	send("GET", "/stats?format=json", "Bearer nope")
+	// A foreign Host (DNS rebinding) is refused before the token is looked at.
+	req, _ := http.NewRequest("GET", ts.URL+"/registry", nil)
+	req.Host = "rebound.example"
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusForbidden {
+		t.Fatalf("GET /registry with Host rebound.example = %v %v, want 403", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	send("POST", "/foo/bar", "")
+	send("PUT", "/registry", "")
+
+	code, body := do(t, "GET", ts.URL+"/metrics", "", "Authorization", "Bearer s3cret")
+	if code != http.StatusOK {
+		t.Fatalf("GET /metrics = %d %s", code, body)
+	}
+	m := parseMetrics(t, body)
+	for _, tt := range []struct {
+		series string
+		want   float64
+	}{
+		{`sidecar_http_requests_total{route="GET /registry",class="4xx"}`, 3},
+		{`sidecar_http_requests_total{route="GET /stats",class="4xx"}`, 1},
+		{`sidecar_http_requests_total{route="/",class="4xx"}`, 1},
+		{`sidecar_http_requests_total{route="/registry",class="4xx"}`, 1}, // the 405 row
+		{`sidecar_auth_refused_total{reason="missing_token"}`, 3},
+		{`sidecar_auth_refused_total{reason="wrong_token"}`, 2},
+	} {
+		if got, ok := m[tt.series]; !ok || got != tt.want {
+			t.Errorf("/metrics %s = %v (present %v), want %v", tt.series, got, ok, tt.want)
+		}
+	}
+	for key, v := range m {
+		if strings.HasPrefix(key, `sidecar_http_requests_total{route="`+unmatchedRoute+`"`) && v != 0 {
+			t.Errorf("/metrics %s = %v: refused requests counted as unmatched", key, v)
+		}
+	}
+}
+
+// TestParseExposition: the strict parser the metrics tests rely on refuses
+// each way the text format can be broken, and takes what the sidecar writes.
+func TestParseExposition(t *testing.T) {
+	t.Parallel()
+	const good = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\",y=\"q\\\"\\\\\\n\"} 2\n" +
+		"# HELP h H.\n# TYPE h histogram\nh_bucket{s=\"a\",le=\"0.1\"} 1\nh_bucket{s=\"a\",le=\"+Inf\"} 3\nh_sum{s=\"a\"} 0.5\nh_count{s=\"a\"} 3\n"
+	if _, problems := parseExposition([]byte(good)); len(problems) > 0 {
+		t.Fatalf("a valid exposition: %v", problems)
+	}
+	for _, tt := range []struct{ name, text string }{
+		{"no final newline", strings.TrimSuffix(good, "\n")},
+		{"empty line", "# HELP a A.\n# TYPE a gauge\n\na 1\n"},
+		{"no TYPE", "a 1\n"},
+		{"TYPE before HELP", "# TYPE a gauge\n# HELP a A.\na 1\n"},
+		{"declared twice", "# HELP a A.\n# TYPE a gauge\n# TYPE a gauge\na 1\n"},
+		{"unknown type", "# HELP a A.\n# TYPE a meter\na 1\n"},
+		{"bad HELP escape", "# HELP a A\\t.\n# TYPE a gauge\na 1\n"},
+		{"bad metric name", "# HELP a A.\n# TYPE a gauge\n1a 1\n"},
+		{"bad label name", "# HELP a A.\n# TYPE a gauge\na{1x=\"v\"} 1\n"},
+		{"label twice", "# HELP a A.\n# TYPE a gauge\na{x=\"v\",x=\"w\"} 1\n"},
+		{"unquoted label value", "# HELP a A.\n# TYPE a gauge\na{x=v} 1\n"},
+		{"bad label escape", "# HELP a A.\n# TYPE a gauge\na{x=\"\\t\"} 1\n"},
+		{"unterminated label value", "# HELP a A.\n# TYPE a gauge\na{x=\"v} 1\n"},
+		{"bad value", "# HELP a A.\n# TYPE a gauge\na one\n"},
+		{"series twice", "# HELP a A.\n# TYPE a gauge\na 1\na 2\n"},
+		{"negative counter", "# HELP a A.\n# TYPE a counter\na -1\n"},
+		{"family split", "# HELP a A.\n# TYPE a gauge\n# HELP b B.\n# TYPE b gauge\na{x=\"1\"} 1\nb 1\na{x=\"2\"} 1\n"},
+		{"no +Inf bucket", "# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"0.1\"} 1\nh_sum 1\nh_count 1\n"},
+		{"buckets not cumulative", "# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"0.1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n"},
+		{"+Inf is not _count", "# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 1\n"},
+		{"no _sum", "# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_count 1\n"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			if _, problems := parseExposition([]byte(tt.text)); len(problems) == 0 {
+				t.Errorf("parseExposition(%q): no problem found", tt.text)
 			}
 		})
 	}

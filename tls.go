@@ -54,6 +54,7 @@ type tlsManager struct {
 	files     *fileReloader[tls.Certificate] // with --enable_tls
 	clientCAs *fileReloader[clientCAs]       // with --tls_client_ca_file
 	acme      *autocert.Manager              // with --enable_acme
+	acmeTr    *http.Transport                // the ACME client's connections to the CA; Close closes the idle ones
 	hosts     map[string]bool                // --acme_hosts, lower case
 	challenge *tls.Config                    // TLS-ALPN-01 handshakes with mutual TLS; else nil
 
@@ -265,6 +266,7 @@ func (m *tlsManager) acmeHTTPClient(roots *x509.CertPool) *http.Client {
 		MaxIdleConnsPerHost:   2,
 		ForceAttemptHTTP2:     true,
 	}
+	m.acmeTr = tr
 	return &http.Client{
 		Timeout:   60 * time.Second,
 		Transport: &acmeTransport{base: tr, n: &m.acmeRequests, orders: map[string]string{}},
@@ -474,8 +476,10 @@ func (m *tlsManager) http01Addr() net.Addr {
 }
 
 // Close stops the HTTP-01 server (or closes its listener, never served)
-// and waits for it. Idempotent. (The autocert manager keeps renewal timers
-// that hold no goroutine until they fire; it offers no way to stop them.)
+// and waits for it, and closes the ACME client's idle connections to the
+// CA, whose read loops would otherwise outlive the sidecar. Idempotent.
+// (The autocert manager keeps renewal timers that hold no goroutine until
+// they fire; it offers no way to stop them.)
 func (m *tlsManager) Close() error {
 	m.mu.Lock()
 	var unserved net.Listener
@@ -487,6 +491,9 @@ func (m *tlsManager) Close() error {
 		}
 	}
 	m.mu.Unlock()
+	if m.acmeTr != nil {
+		m.acmeTr.CloseIdleConnections()
+	}
 	if unserved != nil {
 		unserved.Close()
 	}

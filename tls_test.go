@@ -162,23 +162,31 @@ func testLogger(t *testing.T) *slog.Logger {
 // server and its bound address.
 func serveTestServer(t *testing.T, cfg *Config) (*server, string) {
 	t.Helper()
-	s, err := newServer(cfg, testLogger(t))
-	if err != nil {
-		t.Fatalf("newServer: %v", err)
-	}
-	ln, err := s.tls.listen(cfg.Address)
-	if err != nil {
-		s.Close()
-		t.Fatalf("listen: %v", err)
-	}
+	var (
+		s    *server
+		ln   net.Listener
+		done = make(chan error, 1)
+	)
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.serve(ctx, ln) }()
+	leaks := trackGoroutines(t, func() {
+		var err error
+		s, err = newServer(cfg, testLogger(t))
+		if err != nil {
+			t.Fatalf("newServer: %v", err)
+		}
+		ln, err = s.tls.listen(cfg.Address)
+		if err != nil {
+			s.Close()
+			t.Fatalf("listen: %v", err)
+		}
+		go func() { done <- s.serve(ctx, ln) }()
+	})
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
 			t.Errorf("serve: %v", err)
 		}
+		leaks()
 	})
 	return s, ln.Addr().String()
 }
