@@ -115,15 +115,34 @@ func faultSummary(w io.Writer) {
 			}
 		}
 	}
-	load, _ := os.ReadFile("/proc/loadavg")
-	fmt.Fprintf(w, "\nfault summary: %s; %s; %s %s/%s, %d CPUs, -race %s; load average %s\n\n",
-		size, time.Now().UTC().Format("2006-01-02 15:04 MST"), runtime.Version(), runtime.GOOS, runtime.GOARCH,
-		runtime.NumCPU(), race, strings.Join(strings.Fields(string(load))[:min(3, len(strings.Fields(string(load))))], " "))
+	fmt.Fprintf(w, "\nfault summary: %s; %s; %s; %s %s/%s, -race %s\n\n",
+		size, time.Now().UTC().Format("2006-01-02 15:04 MST"), faultMachine(), runtime.Version(), runtime.GOOS, runtime.GOARCH, race)
 	fmt.Fprintln(w, "| scenario | figure | value |")
 	fmt.Fprintln(w, "|---|---|---|")
 	for _, l := range faultFigures.lines {
 		fmt.Fprintf(w, "| %s | %s | %s |\n", strings.TrimPrefix(l[0], "TestFault"), l[1], l[2])
 	}
+}
+
+// faultMachine says what the figures were measured on: CPUs, their model,
+// the kernel and the load average, from /proc where there is one.
+func faultMachine() string {
+	model := "unknown CPU"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				model = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
+	load := "unknown"
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+		f := strings.Fields(string(b))
+		load = strings.Join(f[:min(3, len(f))], " ")
+	}
+	return fmt.Sprintf("%d CPUs (%s), Linux %s, load average %s", runtime.NumCPU(), model, strings.TrimSpace(string(kernel)), load)
 }
 
 // faultConfig is what an operator runs with, the defaults, on a free
