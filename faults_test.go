@@ -1044,6 +1044,8 @@ func testFaultSIGTERM(t *testing.T, delay time.Duration) {
 		}
 	}
 
+	pid := cmd.Process.Pid
+	figure(t, "sidecar process under load", "%d descriptors, RSS %.1f MB", procFDs(t, pid), float64(procRSS(t, pid))/1024)
 	signalled := time.Now()
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
