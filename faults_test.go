@@ -1202,3 +1202,174 @@ func TestFaultConsulOutage(t *testing.T) {
 	f.settle(t, base)
 	f.stop(t)
 }
+
+// shortestQueue is the shortest queue of the broker's subscribers still
+// served: the publisher of TestFaultStuckSubscriber waits on it so that
+// the healthy subscriber, not the test's reader of it, is what the
+// scenario measures.
+func shortestQueue(b *broker) int {
+	b.mu.Lock()
+	subs := make([]*subscriber, 0, len(b.all))
+	for sub := range b.all {
+		subs = append(subs, sub)
+	}
+	b.mu.Unlock()
+	shortest := -1
+	for _, sub := range subs {
+		sub.mu.Lock()
+		if !sub.slow && !sub.closed && (shortest < 0 || len(sub.queue) < shortest) {
+			shortest = len(sub.queue)
+		}
+		sub.mu.Unlock()
+	}
+	return max(shortest, 0)
+}
+
+// TestFaultStuckSubscriber: one subscriber of a topic stops reading while
+// another reads, as messages are published: a plain subscriber (each
+// message for both), and a member of a queue group (each message for one
+// of them). The healthy one receives every message meant for it: all of
+// them, or in the group every message the stuck member did not take
+// before it was found full. Nothing is lost without being counted (in the
+// group, nothing is lost), the stuck one is closed with 1008, and the
+// sidecar's memory stays bounded by the stuck one's queue.
+func TestFaultStuckSubscriber(t *testing.T) {
+	faultScenario(t)
+	for _, mode := range []string{"plain", "queue"} {
+		t.Run(mode, func(t *testing.T) { testFaultStuckSubscriber(t, mode) })
+	}
+}
+
+func testFaultStuckSubscriber(t *testing.T, mode string) {
+	// Small, a subscriber's queue holds 256 messages and a group member
+	// full for 100 ms is too slow; at full size the defaults (4096
+	// messages or 8 MiB; 5 s).
+	f := startFaultSidecar(t, nil, func(s *server) {
+		if !faultsFull() {
+			s.broker.queueLen, s.broker.stuckAfter = 256, 100*time.Millisecond
+		}
+	})
+	path := "/broker?topic=jobs"
+	if mode == "queue" {
+		path += "&queue=workers"
+	}
+	ws := "ws" + strings.TrimPrefix(f.url, "http") + path
+	stuck := dialStuck(t, ws)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	conn, _, err := websocket.Dial(ctx, ws, nil)
+	cancel()
+	if err != nil {
+		t.Fatalf("dial %s: %v", ws, err)
+	}
+	conn.SetReadLimit(8 << 20)
+	healthy := record(t, conn)
+	eventually(t, 10*time.Second, "2 subscribers", func() bool { return f.s.broker.subscribers.Load() == 2 })
+
+	copies := 1 // subscribers each message is for
+	if mode == "plain" {
+		copies = 2
+	}
+	n, after := faultSize(1000, 20_000), faultSize(500, 2000) // at least, and at least after the stuck one is found
+	pad := strings.Repeat("x", faultSize(16<<10, 1<<10))
+	const window = 128
+	limit := faultSize(20_000, 200_000) // messages before giving up on finding the stuck one
+	client := &http.Client{Timeout: 30 * time.Second}
+	publish := func(i int) {
+		resp, err := client.Post(f.url+"/broker?topic=jobs", "text/plain", strings.NewReader(strconv.Itoa(i)+" "+pad))
+		if err != nil {
+			t.Fatalf("publish %d: %v", i, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("publish %d = %d", i, resp.StatusCode)
+		}
+	}
+	base := f.usage(t)
+	var heapPeak atomic.Uint64
+	quit, sampled := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(sampled)
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			var ms runtime.MemStats
+			runtime.ReadMemStats(&ms)
+			heapPeak.Store(max(heapPeak.Load(), ms.HeapInuse))
+			select {
+			case <-quit:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	start := time.Now()
+	i, found := 0, 0
+	for ; i < limit && (found == 0 || i < max(n, found+after)); i++ {
+		healthy.waitFor(t, time.Minute, fmt.Sprintf("the healthy subscriber's queue under %d before message %d", window, i),
+			func() bool { return shortestQueue(f.s.broker) <= window })
+		publish(i)
+		if found == 0 && f.s.broker.slowDisconnects.Load() > 0 {
+			found = i + 1
+		}
+	}
+	n = i
+	published := time.Since(start)
+	if found == 0 {
+		t.Fatalf("after %d messages the stuck subscriber was never found too slow", n)
+	}
+	fromStuck := readToClose(t, stuck, websocket.StatusPolicyViolation)
+	var m map[string]float64
+	healthy.waitFor(t, time.Minute, "published = delivered + dropped", func() bool {
+		m = getMetrics(t, f.url)
+		return m["sidecar_broker_published_total"] == float64(n) &&
+			m["sidecar_broker_delivered_total"]+m["sidecar_broker_dropped_total"] == float64(copies*n)
+	})
+	dropped := int(m["sidecar_broker_dropped_total"])
+	want := n // what the healthy one is due
+	if mode == "queue" {
+		want = n - len(fromStuck)
+	}
+	healthy.waitFor(t, time.Minute, fmt.Sprintf("the healthy subscriber receiving %d messages", want), func() bool { return healthy.count() >= want })
+	close(quit)
+	<-sampled
+
+	got := healthy.messages()
+	seen := make([]int, n)
+	for _, k := range got {
+		seen[k]++
+	}
+	for _, k := range fromStuck {
+		if mode == "queue" {
+			seen[k]++
+		}
+	}
+	missing, twice := 0, 0
+	for _, c := range seen {
+		missing += max(0, 1-c)
+		twice += max(0, c-1)
+	}
+	figure(t, "messages", "%d of %d B, published one at a time (the healthy queue under %d) in %s (%.0f a second)", n, len(pad)+6, window, published.Round(time.Millisecond), float64(n)/published.Seconds())
+	figure(t, "stuck subscriber found too slow", "after %d messages; it had read %d when closed with 1008", found, len(fromStuck))
+	figure(t, "healthy subscriber received", "%d (missing %d, twice %d)", len(got), missing, twice)
+	figure(t, "dropped (counted), slow disconnects", "%d, %v", dropped, m["sidecar_broker_slow_disconnects_total"])
+	figure(t, "heap in use at most (test process)", "%.1f MB (baseline %.1f MB)", float64(heapPeak.Load())/(1<<20), float64(base.heapKB)/1024)
+	if missing > 0 || twice > 0 {
+		t.Errorf("the healthy subscriber lacks %d messages due to it, %d arrived twice, of %d", missing, twice, n)
+	}
+	if got := m["sidecar_broker_slow_disconnects_total"]; got != 1 {
+		t.Errorf("slow disconnects = %v, want 1", got)
+	}
+	switch {
+	case mode == "queue" && dropped != 0:
+		t.Errorf("%d messages of the group dropped, want 0: the healthy member had room for each", dropped)
+	case mode == "plain" && dropped != n-len(fromStuck):
+		t.Errorf("%d messages dropped, want the %d the stuck subscriber did not get", dropped, n-len(fromStuck))
+	}
+	if bound := uint64(base.heapKB)<<10 + 256<<20; faultsFull() && heapPeak.Load() > bound {
+		t.Errorf("heap in use reached %d MB with a stuck subscriber, want under %d MB", heapPeak.Load()>>20, bound>>20)
+	}
+	conn.CloseNow()
+	f.settle(t, base, client)
+	f.stop(t)
+}
