@@ -972,7 +972,7 @@ func testFaultLoop(t *testing.T, route string) {
 // --shutdown_delay after the signal, calls served meanwhile.
 func TestFaultSIGTERM(t *testing.T) {
 	faultScenario(t)
-	for _, delay := range []time.Duration{0, faultSize(300*time.Millisecond, 2*time.Second)} {
+	for _, delay := range []time.Duration{0, faultSize(200*time.Millisecond, 2*time.Second)} {
 		t.Run("shutdown_delay="+delay.String(), func(t *testing.T) { testFaultSIGTERM(t, delay) })
 	}
 }
@@ -1307,7 +1307,7 @@ func testFaultStuckSubscriber(t *testing.T, mode string) {
 	healthy := record(t, conn)
 	eventually(t, 10*time.Second, "2 subscribers", func() bool { return f.s.broker.subscribers.Load() == 2 })
 
-	n, after := faultSize(1000, 20_000), faultSize(500, 2000) // at least, and at least after the stuck one is found
+	n, after := faultSize(600, 20_000), faultSize(300, 2000) // at least, and at least after the stuck one is found
 	pad := strings.Repeat("x", faultSize(16<<10, 1<<10))
 	const window = 128
 	limit := faultSize(20_000, 200_000) // messages before giving up on finding the stuck one
