@@ -1308,7 +1308,7 @@ func testFaultStuckSubscriber(t *testing.T, mode string) {
 	eventually(t, 10*time.Second, "2 subscribers", func() bool { return f.s.broker.subscribers.Load() == 2 })
 
 	n, after := faultSize(600, 20_000), faultSize(300, 2000) // at least, and at least after the stuck one is found
-	pad := strings.Repeat("x", faultSize(16<<10, 1<<10))
+	pad := strings.Repeat("x", faultSize(4<<10, 1<<10))
 	const window = 128
 	limit := faultSize(20_000, 200_000) // messages before giving up on finding the stuck one
 	client := &http.Client{Timeout: 30 * time.Second}
