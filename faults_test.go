@@ -275,9 +275,11 @@ func (f *faultSidecar) usage(t *testing.T) faultUsage {
 	}
 }
 
-// peak samples the sidecar's goroutines and connections every 10 ms until
-// the returned function is called, which gives the most of each seen.
-func (f *faultSidecar) peak() func() (goroutines, conns int) {
+// peak samples the sidecar's goroutines and connections every 100 ms (a
+// goroutine profile stops the world: more often would slow what it
+// measures) until the returned function is called, which gives the most
+// of each seen. The sampling also ends when the test does.
+func (f *faultSidecar) peak(t *testing.T) func() (goroutines, conns int) {
 	var g, c atomic.Int64
 	sample := func() {
 		if n := int64(f.goroutines()); n > g.Load() {
@@ -287,10 +289,21 @@ func (f *faultSidecar) peak() func() (goroutines, conns int) {
 			c.Store(n)
 		}
 	}
+	stop := sampleEvery(100*time.Millisecond, sample)
+	t.Cleanup(stop)
+	return func() (int, int) {
+		stop()
+		return int(g.Load()), int(c.Load())
+	}
+}
+
+// sampleEvery calls sample at once and then every interval until the
+// returned function is called, which waits for the last call. Idempotent.
+func sampleEvery(interval time.Duration, sample func()) (stop func()) {
 	quit, done := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(done)
-		tick := time.NewTicker(10 * time.Millisecond)
+		tick := time.NewTicker(interval)
 		defer tick.Stop()
 		for {
 			sample()
@@ -302,10 +315,7 @@ func (f *faultSidecar) peak() func() (goroutines, conns int) {
 		}
 	}()
 	var once sync.Once
-	return func() (int, int) {
-		once.Do(func() { close(quit); <-done; sample() })
-		return int(g.Load()), int(c.Load())
-	}
+	return func() { once.Do(func() { close(quit); <-done }) }
 }
 
 // Bounds of settle: how far above its baseline a sidecar may stay once a
@@ -348,8 +358,8 @@ func (f *faultSidecar) settle(t *testing.T, base faultUsage, clients ...*http.Cl
 	return u
 }
 
-// socketsOn counts the open TCP sockets of this process whose local port
-// is port, the listener excluded: connections a sidecar listening there
+// socketsOn counts the open TCP sockets whose local port is port, the
+// listener excluded: the connections that the sidecar listening there
 // accepted and holds. It reads /proc/net/tcp{,6}; sockets no process
 // holds any more (TIME_WAIT, inode 0) do not count.
 func socketsOn(port int) int {
@@ -432,16 +442,16 @@ func registerPorts(t *testing.T, base, service string, ports ...int) {
 // fault.
 type faultLoad struct {
 	phase        atomic.Int32
-	ok           [4]atomic.Int64
-	failed       [4]atomic.Int64
-	refused      [4]atomic.Int64 // connections refused (send said refusedOutcome): the worker stopped
+	ok           [3]atomic.Int64
+	failed       [3]atomic.Int64
+	refused      [3]atomic.Int64 // connections refused (send said refusedOutcome): the worker stopped
 	firstRefused atomic.Int64    // unix ns of the first refusal
-	latency      [4]latencies
+	latency      [3]latencies
 	stopc        chan struct{}
 	wg           sync.WaitGroup
 
 	mu    sync.Mutex // guards first
-	first [4]string  // the first failure of each phase
+	first [3]string  // the first failure of each phase
 }
 
 // latencies collects durations; safe for concurrent use.
@@ -656,7 +666,7 @@ func TestFaultHungBackend(t *testing.T) {
 			calls := faultSize(8, 200)
 			client := &http.Client{Timeout: time.Minute, Transport: &http.Transport{MaxIdleConnsPerHost: calls}}
 			base := f.usage(t)
-			peak := f.peak()
+			peak := f.peak(t)
 
 			var over latencies
 			var wg sync.WaitGroup
@@ -760,7 +770,7 @@ func TestFaultSlowloris(t *testing.T) {
 
 	// The slow connections: a request line and part of the headers, then
 	// a byte of a header value every second, never the end of the headers.
-	peak := f.peak()
+	peak := f.peak(t)
 	opened := time.Now()
 	conns := make([]net.Conn, 0, slow)
 	cut := make(chan time.Duration, slow) // when the sidecar closed each
@@ -936,7 +946,7 @@ func testFaultLoop(t *testing.T, route string) {
 				t.Fatalf("%s %s through a loop = %s, want a JSON 508", method, url, first)
 			}
 			base := f.usage(t)
-			peak := f.peak()
+			peak := f.peak(t)
 			var took latencies
 			failed, first := send(requests, &took)
 			peakG, peakC := peak()
@@ -1325,22 +1335,12 @@ func testFaultStuckSubscriber(t *testing.T, mode string) {
 	}
 	base := f.usage(t)
 	var heapPeak atomic.Uint64
-	quit, sampled := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(sampled)
-		tick := time.NewTicker(20 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			var ms runtime.MemStats
-			runtime.ReadMemStats(&ms)
-			heapPeak.Store(max(heapPeak.Load(), ms.HeapInuse))
-			select {
-			case <-quit:
-				return
-			case <-tick.C:
-			}
-		}
-	}()
+	stopHeap := sampleEvery(50*time.Millisecond, func() {
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		heapPeak.Store(max(heapPeak.Load(), ms.HeapInuse))
+	})
+	t.Cleanup(stopHeap)
 	start := time.Now()
 	// found: messages published when the stuck one was found too slow;
 	// stayed: when it was no longer subscribed (its connection cut).
@@ -1373,8 +1373,7 @@ func testFaultStuckSubscriber(t *testing.T, mode string) {
 		due = n - len(fromStuck) - dropped
 	}
 	healthy.waitFor(t, time.Minute, fmt.Sprintf("the healthy subscriber receiving the %d messages due to it", due), func() bool { return healthy.count() >= due })
-	close(quit)
-	<-sampled
+	stopHeap()
 
 	got := healthy.messages()
 	seen := make([]int, n)
