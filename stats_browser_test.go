@@ -217,8 +217,10 @@ type devtools struct {
 	nextID int
 }
 
-// devtoolsChromium is the Chromium the DevTools tests drive (requireTool:
-// they skip without one, or fail in CI).
+// devtoolsChromium is the Chromium the browser tests drive: Debian's
+// package chromium (scripts/install-debian.sh installs it), or the names
+// Ubuntu and Google give it (requireTool: the tests skip without one, or
+// fail in CI).
 func devtoolsChromium(t *testing.T) string {
 	t.Helper()
 	return requireTool(t, "chromium", "chromium-browser", "google-chrome")
