@@ -50,12 +50,6 @@ func callNode(b *balancer, clk *testClock, n *nodeState, d time.Duration, ok boo
 	b.done(n, start, d, ok)
 }
 
-// ejected reports whether n is ejected by the wall clock, which the
-// servers under test run on.
-func (n *nodeState) ejected() bool {
-	return n.ejectUntil.Load() > time.Now().UnixNano()
-}
-
 // isEjected reports whether n is ejected by b's clock.
 func (b *balancer) isEjected(n *nodeState) bool {
 	return n.ejectUntil.Load() > b.now().UnixNano()

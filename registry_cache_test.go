@@ -498,13 +498,6 @@ func TestConsulSentBounded(t *testing.T) {
 	}
 }
 
-// registryGets is the number of GET /registry that base answered with a
-// 2xx: lists and lookups, not websocket watches.
-func registryGets(t *testing.T, base string) float64 {
-	t.Helper()
-	return getMetrics(t, base)[`sidecar_http_requests_total{route="GET /registry",class="2xx"}`]
-}
-
 // TestSidecarRegistryAtScale is the Consul audit applied to --registry
 // sidecar: with 1,000 services in the other sidecar, this one lists them
 // all after one request, fetches a service only when it is looked up, and
