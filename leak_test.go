@@ -98,16 +98,19 @@ func TestLeakCheck(t *testing.T) {
 	defer close(outside)
 	go func() { <-outside }()
 	var value string
-	started := make(chan struct{})
+	// probing closes once leakProbe runs: a goroutine created but not yet
+	// scheduled has no frames of its own in the profile, and on a loaded
+	// machine the check could run before it (it then saw an unnamed
+	// goroutine, not leakProbe).
+	probing := make(chan struct{})
 	pprof.Do(context.Background(), pprof.Labels(leakLabel, t.Name()), func(ctx context.Context) {
 		value, _ = pprof.Label(ctx, leakLabel)
 		go func() {
-			go leakProbe(stop) // a grandchild inherits the label too
-			close(started)
+			go leakProbe(probing, stop) // a grandchild inherits the label too
 			<-stop
 		}()
 	})
-	<-started
+	<-probing
 	rec := &errorRecorder{TB: t}
 	awaitLabelled(rec, value, 50*time.Millisecond)
 	if len(rec.errs) != 1 || !strings.Contains(rec.errs[0], "leakProbe") || strings.Count(rec.errs[0], "labels:") != 2 {
@@ -121,4 +124,7 @@ func TestLeakCheck(t *testing.T) {
 	}
 }
 
-func leakProbe(stop chan struct{}) { <-stop }
+func leakProbe(running, stop chan struct{}) {
+	close(running)
+	<-stop
+}
