@@ -710,20 +710,17 @@ func validateRegistry(c *Config) error {
 		if c.RegistryAddress == "" {
 			return nil // CONSUL_HTTP_ADDR or 127.0.0.1:8500
 		}
-		if _, err := consulBaseURL(c.RegistryAddress); err != nil {
-			return fmt.Errorf("invalid value %q for flag --registry_address: %v", c.RegistryAddress, err)
-		}
-		return nil
 	case "sidecar":
 		if c.RegistryAddress == "" {
 			return errors.New("flag --registry sidecar needs --registry_address http://host:port of another sidecar")
 		}
-		if _, err := sidecarBaseURL(c.RegistryAddress); err != nil {
-			return fmt.Errorf("invalid value %q for flag --registry_address: %v", c.RegistryAddress, err)
-		}
-		return nil
+	default:
+		return fmt.Errorf("invalid value %q for flag --registry: want memory, consul or sidecar", c.Registry)
 	}
-	return fmt.Errorf("invalid value %q for flag --registry: want memory, consul or sidecar", c.Registry)
+	if _, err := httpBaseURL(c.RegistryAddress); err != nil {
+		return fmt.Errorf("invalid value %q for flag --registry_address: %v", c.RegistryAddress, err)
+	}
+	return nil
 }
 
 // newRegistry builds the backend named by cfg.Registry. Remote backends come

@@ -61,7 +61,6 @@ type consulBackend struct {
 	token  string
 	timing remoteTiming
 	rc     *remoteClient // the one connection pool to the agent, counted
-	client *http.Client  // rc's client
 	log    *slog.Logger
 
 	blockingOpen atomic.Int64 // blocking queries in flight
@@ -74,23 +73,18 @@ type consulBackend struct {
 	sent map[string]string // service ID -> body last registered with a TTL check
 }
 
-func consulBaseURL(addr string) (*url.URL, error) { return httpBaseURL(addr) }
-
+// newConsulBackend builds the backend of the agent at addr (host:port or
+// an http(s) URL); t comes from remoteTimingOf.
 func newConsulBackend(addr, token string, t remoteTiming, logger *slog.Logger) (*consulBackend, error) {
-	u, err := consulBaseURL(addr)
+	u, err := httpBaseURL(addr)
 	if err != nil {
 		return nil, fmt.Errorf("registry: consul address %q: %w", addr, err)
 	}
-	if t.conns <= 0 {
-		t.conns = defaultRegistryConns
-	}
-	rc := newRemoteClient("consul", t, 0, logger)
 	return &consulBackend{
 		base:   u.String(),
 		token:  token,
 		timing: t,
-		rc:     rc,
-		client: rc.client,
+		rc:     newRemoteClient("consul", t, 0, logger),
 		log:    logger,
 		sent:   map[string]string{},
 	}, nil
@@ -131,7 +125,7 @@ func (b *consulBackend) call(ctx context.Context, method, path string, q url.Val
 	if b.token != "" {
 		req.Header.Set("X-Consul-Token", b.token)
 	}
-	resp, _, err := callJSON(b.client, req, limit, out)
+	resp, _, err := callJSON(b.rc.client, req, limit, out)
 	var se *statusError
 	switch {
 	case errors.As(err, &se):
