@@ -741,6 +741,22 @@ func dialStuck(t *testing.T, url string) *websocket.Conn {
 	return conn
 }
 
+// messageNumber is the number that starts the body of p, a broker
+// message whose body is "N ..." (the tests of slow subscribers number
+// what they publish).
+func messageNumber(p []byte) (int, error) {
+	var m Message
+	if err := json.Unmarshal(p, &m); err != nil {
+		return 0, fmt.Errorf("frame %.60q is not a broker message: %w", p, err)
+	}
+	num, _, _ := strings.Cut(string(m.Body), " ")
+	i, err := strconv.Atoi(num)
+	if err != nil {
+		return 0, fmt.Errorf("body %.60q does not start with a message number", m.Body)
+	}
+	return i, nil
+}
+
 // recorder reads a subscriber's messages in the background and records
 // their bodies, each a message number.
 type recorder struct {
@@ -762,15 +778,9 @@ func record(t *testing.T, conn *websocket.Conn) *recorder {
 				r.err = err
 				return
 			}
-			var m Message
-			if err := json.Unmarshal(p, &m); err != nil {
-				r.err = fmt.Errorf("frame %.60q is not a broker message: %w", p, err)
-				return
-			}
-			num, _, _ := strings.Cut(string(m.Body), " ")
-			i, err := strconv.Atoi(num)
+			i, err := messageNumber(p)
 			if err != nil {
-				r.err = fmt.Errorf("body %.60q does not start with a message number", m.Body)
+				r.err = err
 				return
 			}
 			r.mu.Lock()
@@ -825,12 +835,9 @@ func readToClose(t *testing.T, conn *websocket.Conn, want websocket.StatusCode) 
 			}
 			return got
 		}
-		var m Message
-		json.Unmarshal(p, &m)
-		num, _, _ := strings.Cut(string(m.Body), " ")
-		k, err := strconv.Atoi(num)
+		k, err := messageNumber(p)
 		if err != nil {
-			t.Fatalf("stuck subscriber: body %.60q does not start with a message number", m.Body)
+			t.Fatalf("stuck subscriber: %v", err)
 		}
 		got = append(got, k)
 	}

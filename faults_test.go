@@ -1265,12 +1265,9 @@ func readStuck(t *testing.T, conn *websocket.Conn) (got []int, end string) {
 			}
 			t.Fatalf("stuck subscriber: read after %d messages: %v, want close status 1008 or a cut connection", len(got), err)
 		}
-		var m Message
-		json.Unmarshal(p, &m)
-		num, _, _ := strings.Cut(string(m.Body), " ")
-		k, err := strconv.Atoi(num)
+		k, err := messageNumber(p)
 		if err != nil {
-			t.Fatalf("stuck subscriber: body %.60q does not start with a message number", m.Body)
+			t.Fatalf("stuck subscriber: %v", err)
 		}
 		got = append(got, k)
 	}
