@@ -22,7 +22,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -1140,37 +1139,8 @@ func BenchmarkNATSAcrossSidecars(b *testing.B) {
 		time.Sleep(time.Millisecond)
 	}
 	var received atomic.Int64
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	nc, br := rawHandshake(b, ts, "/broker?topic=bench")
-	defer nc.Close() // before wg.Wait: ends the reader
-	wg.Go(func() {
-		for {
-			h, err := br.Peek(2)
-			if err != nil {
-				return
-			}
-			if _, err := br.Discard(2 + int(h[1]&0x7f)); err != nil {
-				return
-			}
-			received.Add(1)
-		}
-	})
+	countFrames(b, ts, "/broker?topic=bench", &received)
 	m := &Message{Header: map[string]string{"Timestamp": "1"}, Body: []byte("0123456789abcdef")}
 	const window = 2000
-	b.ReportAllocs()
-	b.ResetTimer()
-	t0 := time.Now()
-	for i := range b.N {
-		for received.Load() < int64(i-window) {
-			runtime.Gosched()
-		}
-		if err := a.broker.publish("bench", m); err != nil {
-			b.Fatal(err)
-		}
-	}
-	for received.Load() < int64(b.N) {
-		runtime.Gosched()
-	}
-	b.ReportMetric(float64(b.N)/time.Since(t0).Seconds(), "msgs/s")
+	publishWindowed(b, window, 1, &received, "msgs/s", func() error { return a.broker.publish("bench", m) })
 }

@@ -12,7 +12,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -623,40 +622,12 @@ func BenchmarkPubSubAcrossSidecars(b *testing.B) {
 	bs, tsB := start(remoteConfig("sidecar", tsA.URL))
 
 	var received atomic.Int64
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	nc, br := rawHandshake(b, tsB, "/broker?topic=bench")
-	defer nc.Close() // before wg.Wait: ends the reader
-	wg.Go(func() {
-		for {
-			h, err := br.Peek(2)
-			if err != nil {
-				return
-			}
-			if _, err := br.Discard(2 + int(h[1]&0x7f)); err != nil {
-				return
-			}
-			received.Add(1)
-		}
-	})
+	countFrames(b, tsB, "/broker?topic=bench", &received)
 	for len(lookupNodes(a, topicServicePrefix+"bench")) != 1 || len(lookupNodes(bs, brokerService)) != 2 {
 		time.Sleep(time.Millisecond)
 	}
 	m := &Message{Header: map[string]string{"Timestamp": "1"}, Body: []byte("0123456789abcdef")}
-	b.ReportAllocs()
-	b.ResetTimer()
-	t0 := time.Now()
-	for i := range b.N {
-		for received.Load() < int64(i-window) {
-			runtime.Gosched()
-		}
-		a.broker.publish("bench", m)
-	}
-	for received.Load() < int64(b.N) {
-		runtime.Gosched()
-	}
-	b.ReportMetric(float64(b.N)/time.Since(t0).Seconds(), "msgs/s")
-	b.StopTimer()
+	publishWindowed(b, window, 1, &received, "msgs/s", func() error { return a.broker.publish("bench", m) })
 	if d := a.peers.remoteDropped.Load(); d != 0 {
 		b.Fatalf("%d dropped", d)
 	}
