@@ -28,14 +28,13 @@ const consulOutage = 3 * time.Second
 
 // consulAgent is a `consul agent -dev` child process on free loopback ports.
 type consulAgent struct {
-	t     *testing.T
-	bin   string
-	args  []string
-	http  string       // host:port of the HTTP API
-	port  int          // its port
-	hc    *http.Client // the test's own calls: one connection each, closed after, so they never count as the sidecar's
-	cmd   *exec.Cmd
-	waitc chan error
+	t    *testing.T
+	bin  string
+	args []string
+	http string       // host:port of the HTTP API
+	port int          // its port
+	hc   *http.Client // the test's own calls: one connection each, closed after, so they never count as the sidecar's
+	proc *toolProcess // nil while stopped
 }
 
 // startConsul starts a dev agent. Without a consul binary the test skips,
@@ -78,23 +77,21 @@ func (a *consulAgent) start() {
 func (a *consulAgent) tryStart() error {
 	a.t.Helper()
 	out := &syncBuffer{}
-	a.cmd = exec.Command(a.bin, a.args...)
-	a.cmd.Stdout, a.cmd.Stderr = out, out
+	cmd := exec.Command(a.bin, a.args...)
+	cmd.Stdout, cmd.Stderr = out, out
 	if testing.Verbose() {
 		w := io.MultiWriter(out, testWriter{a.t})
-		a.cmd.Stdout, a.cmd.Stderr = w, w
+		cmd.Stdout, cmd.Stderr = w, w
 	}
-	if err := a.cmd.Start(); err != nil {
-		a.cmd = nil
+	proc, err := startProcess(cmd)
+	if err != nil {
 		return fmt.Errorf("start consul: %w", err)
 	}
-	waitc := make(chan error, 1)
-	a.waitc = waitc
-	go func(cmd *exec.Cmd) { waitc <- cmd.Wait() }(a.cmd)
+	a.proc = proc
 	var exited error
 	eventually(a.t, 30*time.Second, "consul has a leader", func() bool {
 		select {
-		case err := <-waitc:
+		case err := <-proc.exited:
 			exited = fmt.Errorf("consul exited at start: %v\n%s", err, out)
 			return true
 		default:
@@ -108,24 +105,17 @@ func (a *consulAgent) tryStart() error {
 		return json.NewDecoder(resp.Body).Decode(&leader) == nil && leader != ""
 	})
 	if exited != nil {
-		a.cmd = nil
+		a.proc = nil
 	}
 	return exited
 }
 
 // stop ends the agent and waits for it; idempotent.
 func (a *consulAgent) stop() {
-	if a.cmd == nil {
-		return
+	if a.proc != nil {
+		a.proc.stop(os.Interrupt)
+		a.proc = nil
 	}
-	a.cmd.Process.Signal(os.Interrupt)
-	select {
-	case <-a.waitc:
-	case <-time.After(10 * time.Second):
-		a.cmd.Process.Kill()
-		<-a.waitc
-	}
-	a.cmd = nil
 }
 
 // api calls Consul's HTTP API directly and decodes the answer into out.
