@@ -439,12 +439,9 @@ func (p *peerBroker) sync(heartbeat bool) {
 	}
 }
 
-func (p *peerBroker) registryTimeout() time.Duration {
-	if p.cfg.RegistryTimeout > 0 {
-		return p.cfg.RegistryTimeout
-	}
-	return defaultRegistryTimeout
-}
+// registryTimeout bounds one registry call, as a remote registry's own
+// calls are bounded (remoteTimingOf).
+func (p *peerBroker) registryTimeout() time.Duration { return remoteTimingOf(p.cfg).timeout }
 
 // deregisterAll removes every node of this sidecar, on Close.
 func (p *peerBroker) deregisterAll() {
