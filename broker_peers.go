@@ -143,8 +143,7 @@ type peerBroker struct {
 	https      bool
 	self       string // scheme://host:port of this sidecar
 	advertised bool   // setAdvertise has run
-	started    bool   // start has run
-	running    bool   // the registrar runs: started and advertised
+	started    bool   // start has run; the registrar runs once both have
 	closed     bool
 	unwatch    func() bool // stops start's context from cancelling ctx
 
@@ -276,13 +275,12 @@ func (p *peerBroker) setAdvertise(host string, port int, https bool) {
 	p.runLocked()
 }
 
-// runLocked starts the registrar (and the watch for other sidecars) once
-// both start and setAdvertise have run. p.mu is held.
+// runLocked starts the registrar (and the watch for other sidecars) when
+// the second of start and setAdvertise runs (each runs once). p.mu is held.
 func (p *peerBroker) runLocked() {
-	if !p.started || !p.advertised || p.running {
+	if !p.started || !p.advertised {
 		return
 	}
-	p.running = true
 	p.wg.Add(1)
 	go p.registrar()
 	p.wake() // register the membership node now
