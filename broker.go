@@ -225,34 +225,26 @@ func (b *broker) deliverRemote(topic string, m *Message, plain bool, queues []st
 
 // deliverTo delivers m to subs, topic's subscribers: every plain
 // subscriber, and one member of each queue group not in skip. It encodes
-// the frame once and returns the number of subscribers it was queued for.
+// the frame once.
 // A group none of whose members here has room goes to the forwarder, which
 // may send m to a sidecar with other members; else m is lost to the group,
 // and counted.
-func (b *broker) deliverTo(topic string, subs *topicSubs, m *Message, skip []string) int {
+func (b *broker) deliverTo(topic string, subs *topicSubs, m *Message, skip []string) {
 	if subs == nil || len(subs.plain) == 0 && len(subs.groups) == len(skip) {
-		return 0
+		return
 	}
 	frame := encodeFrame(m)
-	n := 0
 	for _, s := range subs.plain {
-		if s.enqueue(frame, false) {
-			n++
-		}
+		s.enqueue(frame, false)
 	}
 	for _, g := range subs.groups {
-		if slices.Contains(skip, g.name) {
-			continue
-		}
-		if g.deliver(b, topic, frame) {
-			n++
+		if slices.Contains(skip, g.name) || g.deliver(b, topic, frame) {
 			continue
 		}
 		if b.forward == nil || !b.forward.Reroute(topic, m, g.name) {
 			b.lose(1, topic, g.name, "no member of the queue group has room")
 		}
 	}
-	return n
 }
 
 // deliverGroup delivers m to one member of topic's queue group here, for
