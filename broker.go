@@ -290,7 +290,7 @@ func (b *broker) rehome(topic, queue string, frames [][]byte) {
 	g := b.topics.get(topic).group(queue)
 	lost := 0
 	for _, f := range frames {
-		if g != nil && g.place(b, f, nil) {
+		if g != nil && g.place(f, nil) {
 			continue
 		}
 		if b.forward != nil {
@@ -696,7 +696,7 @@ func without(subs []*subscriber, s *subscriber) []*subscriber {
 // counts it as lost, or hands it to another sidecar.
 func (g *queueGroup) deliver(b *broker, topic string, frame []byte) bool {
 	var orphans [][]byte
-	ok := g.place(b, frame, &orphans)
+	ok := g.place(frame, &orphans)
 	if orphans != nil {
 		b.rehome(topic, g.name, orphans)
 	}
@@ -708,7 +708,7 @@ func (g *queueGroup) deliver(b *broker, topic string, frame []byte) bool {
 // places a frame being rehomed: it counts against a member's second
 // allowance (subscriber.handed), and no member is found stuck. It does not
 // allocate unless a member is found stuck.
-func (g *queueGroup) place(b *broker, frame []byte, orphans *[][]byte) bool {
+func (g *queueGroup) place(frame []byte, orphans *[][]byte) bool {
 	n := uint32(len(g.members))
 	start := g.next.Add(1)
 	for i := range n {
