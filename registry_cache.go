@@ -31,6 +31,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"sort"
 	"strings"
@@ -1151,7 +1152,7 @@ func (c *cachedRegistry) rebuildLocked(name string, notify bool) {
 // servicesEqual reports whether a and b hold the same data, nodes in the
 // same order.
 func servicesEqual(a, b *Service) bool {
-	return a.Version == b.Version && mapsEqual(a.Metadata, b.Metadata) && endpointsEqual(a.Endpoints, b.Endpoints) &&
+	return a.Version == b.Version && maps.Equal(a.Metadata, b.Metadata) && endpointsEqual(a.Endpoints, b.Endpoints) &&
 		slices.EqualFunc(a.Nodes, b.Nodes, func(x, y *Node) bool { return x.ID == y.ID && nodesEqual(x, y) })
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -301,7 +302,7 @@ func TestConsulMapping(t *testing.T) {
 	got := consulService("greeter", []consulEntry{e})
 	n := got.Nodes[0]
 	if got.Version != "2.0" || got.Metadata["team"] != "x" || len(got.Endpoints) != 1 || got.Endpoints[0].Name != "Say.Hello" ||
-		string(got.Endpoints[0].Request) != `{"name":"string"}` || n.Address != "127.0.0.1" || n.Port != 8080 || n.Version != "2.0" || !mapsEqual(n.Metadata, meta) {
+		string(got.Endpoints[0].Request) != `{"name":"string"}` || n.Address != "127.0.0.1" || n.Port != 8080 || n.Version != "2.0" || !maps.Equal(n.Metadata, meta) {
 		t.Errorf("round trip = %+v node %+v, want the registration back", got, n)
 	}
 
