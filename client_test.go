@@ -10,9 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -490,32 +488,6 @@ func TestLoopTwoSidecars(t *testing.T) {
 			t.Errorf("%s reached the node", call)
 		}
 	}
-}
-
-// procFDs counts the open descriptors of process pid, from /proc.
-func procFDs(t *testing.T, pid int) int {
-	t.Helper()
-	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
-	if err != nil {
-		t.Skipf("no /proc: %v", err)
-	}
-	return len(ents)
-}
-
-// procRSS is the resident memory of process pid in kB, from /proc.
-func procRSS(t *testing.T, pid int) int {
-	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		t.Skipf("no /proc: %v", err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			n, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
-			return n
-		}
-	}
-	return 0
 }
 
 // TestBinarySelfLoop is the reproduction of issue 13 with the built

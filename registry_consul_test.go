@@ -373,41 +373,6 @@ func (a *consulAgent) catalogSize() int {
 	return len(m)
 }
 
-// connsTo counts this process's established TCP connections to port,
-// read from /proc: what the process holds, whatever its counters say.
-// It returns -1 where there is no /proc.
-func connsTo(port int) int {
-	fds, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return -1
-	}
-	mine := map[string]bool{}
-	for _, fd := range fds {
-		link, _ := os.Readlink("/proc/self/fd/" + fd.Name())
-		if inode, ok := strings.CutPrefix(link, "socket:["); ok {
-			mine[strings.TrimSuffix(inode, "]")] = true
-		}
-	}
-	n := 0
-	for _, file := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
-		data, err := os.ReadFile(file)
-		if err != nil {
-			continue
-		}
-		for _, line := range strings.Split(string(data), "\n") {
-			f := strings.Fields(line)
-			if len(f) < 10 || f[3] != "01" { // 01: ESTABLISHED
-				continue
-			}
-			_, remote, _ := strings.Cut(f[2], ":")
-			if p, err := strconv.ParseUint(remote, 16, 16); err == nil && int(p) == port && mine[f[9]] {
-				n++
-			}
-		}
-	}
-	return n
-}
-
 // sampleConns samples connsTo(port) every 20 ms (as often as a loaded
 // machine lets it) until stop is called or the test ends, and once more
 // at stop; most reports the most seen.
