@@ -253,20 +253,8 @@ func TestNATSTwoSidecars(t *testing.T) {
 		return a.nats.received.Load()+b.nats.received.Load() == int64(3*len(want)) &&
 			a.broker.delivered.Load()+b.broker.delivered.Load() == int64(frames(all...))
 	})
-	for _, sub := range []struct {
-		name string
-		in   *inbox
-	}{{"plain on A", plainA}, {"plain on B", plainB}} {
-		counts, total := sub.in.snapshot()
-		if total != len(want) {
-			t.Errorf("%s received %d messages, want %d", sub.name, total, len(want))
-		}
-		for _, w := range want {
-			if counts[w] != 1 {
-				t.Errorf("%s received %q %d times, want once", sub.name, w, counts[w])
-			}
-		}
-	}
+	plainA.wantEachOnce(t, "plain on A", want)
+	plainB.wantEachOnce(t, "plain on B", want)
 	per := make([]int, len(group))
 	for _, w := range want {
 		got := 0

@@ -102,6 +102,21 @@ func (in *inbox) snapshot() (counts map[string]int, total int) {
 	return maps.Clone(in.counts), in.total
 }
 
+// wantEachOnce fails t unless the subscriber received every body of want
+// once, and nothing else.
+func (in *inbox) wantEachOnce(t *testing.T, name string, want []string) {
+	t.Helper()
+	counts, total := in.snapshot()
+	if total != len(want) {
+		t.Errorf("%s received %d messages, want %d", name, total, len(want))
+	}
+	for _, w := range want {
+		if counts[w] != 1 {
+			t.Errorf("%s received %q %d times, want once", name, w, counts[w])
+		}
+	}
+}
+
 // topicNodes returns the node IDs of topic's registry entry as seen at base.
 func topicNodes(t *testing.T, base, topic string) []string {
 	t.Helper()
@@ -214,20 +229,8 @@ func exchange(t *testing.T, a *server, urlA string, b *server, urlB string) {
 		return peersIdle(a) && peersIdle(b) && a.broker.delivered.Load()+b.broker.delivered.Load() == int64(readAll())
 	})
 
-	for _, sub := range []struct {
-		name string
-		in   *inbox
-	}{{"plain on A", plainA}, {"plain on B", plainB}} {
-		counts, total := sub.in.snapshot()
-		if total != len(want) {
-			t.Errorf("%s received %d messages, want %d", sub.name, total, len(want))
-		}
-		for _, w := range want {
-			if counts[w] != 1 {
-				t.Errorf("%s received %q %d times, want once", sub.name, w, counts[w])
-			}
-		}
-	}
+	plainA.wantEachOnce(t, "plain on A", want)
+	plainB.wantEachOnce(t, "plain on B", want)
 	ca, ta := groupA.snapshot()
 	cb, tb := groupB.snapshot()
 	if ta+tb != len(want) || ta == 0 || tb == 0 {
