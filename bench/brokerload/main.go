@@ -25,7 +25,6 @@ import (
 	"os"
 	"sidecar/bench/internal/load"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -120,34 +119,14 @@ func idle(ctx context.Context, target, url string, pid, nsubs int) error {
 	if err != nil {
 		return err
 	}
-	var mu sync.Mutex
-	var conns []*client
+	conns, err := load.DialAll(nsubs, func() (*client, error) { return dial(ctx, target, url, "idle", func() {}) })
 	defer func() {
 		for _, c := range conns {
 			c.Close()
 		}
 	}()
-	var firstErr error
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 32)
-	for range nsubs {
-		sem <- struct{}{}
-		wg.Go(func() {
-			defer func() { <-sem }()
-			c, err := dial(ctx, target, url, "idle", func() {})
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil && firstErr == nil {
-				firstErr = err
-			}
-			if c != nil {
-				conns = append(conns, c)
-			}
-		})
-	}
-	wg.Wait()
-	if firstErr != nil {
-		return fmt.Errorf("dial %d subscribers: %w", nsubs, firstErr)
+	if err != nil {
+		return fmt.Errorf("dial %d subscribers: %w", nsubs, err)
 	}
 	time.Sleep(3 * time.Second) // let the server settle
 	rss1, err := load.StatusKB(pid, "VmRSS")

@@ -58,34 +58,14 @@ func run(ctx context.Context, base string, pid, nwatch, nnodes, nchanges, batch 
 			arrived <- time.Now()
 		}
 	}
-	var mu sync.Mutex
-	var conns []*load.Conn
+	conns, err := load.DialAll(nwatch, func() (*load.Conn, error) { return dialWatch(ctx, base, onFrame) })
 	defer func() {
 		for _, c := range conns {
 			c.Close()
 		}
 	}()
-	var firstErr error
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 32)
-	for range nwatch {
-		sem <- struct{}{}
-		wg.Go(func() {
-			defer func() { <-sem }()
-			c, err := dialWatch(ctx, base, onFrame)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil && firstErr == nil {
-				firstErr = err
-			}
-			if c != nil {
-				conns = append(conns, c)
-			}
-		})
-	}
-	wg.Wait()
-	if firstErr != nil {
-		return fmt.Errorf("dial %d watchers: %w", nwatch, firstErr)
+	if err != nil {
+		return fmt.Errorf("dial %d watchers: %w", nwatch, err)
 	}
 	rssWatch, _ := load.StatusKB(pid, "VmRSS")
 

@@ -165,3 +165,30 @@ func (c *Conn) Close() {
 	c.nc.Close()
 	c.wg.Wait()
 }
+
+// DialAll opens n connections with dial, 32 at a time, and returns those
+// it opened (the caller closes them) with the first error, if any.
+func DialAll[C any](n int, dial func() (C, error)) ([]C, error) {
+	var mu sync.Mutex // guards conns, firstErr
+	var conns []C
+	var firstErr error
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 32)
+	for range n {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			c, err := dial()
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err != nil && firstErr == nil:
+				firstErr = err
+			case err == nil:
+				conns = append(conns, c)
+			}
+		})
+	}
+	wg.Wait()
+	return conns, firstErr
+}
