@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -811,4 +812,56 @@ func TestPubSubStuckMemberAcrossSidecars(t *testing.T) {
 	t.Logf("healthy %d, stuck %d, lost %d (dropped on A %v, on B %v); B refused %v, A rerouted %v, B rerouted %v",
 		len(got), len(fromStuck), lost(), mA["sidecar_broker_dropped_total"], mB["sidecar_broker_dropped_total"],
 		mB["sidecar_broker_remote_full_total"], mA["sidecar_broker_rerouted_total"], mB["sidecar_broker_rerouted_total"])
+}
+
+// TestFirstSeen: a signature is refused the second time until it expires,
+// and past maxSeen live signatures a delivery is a 503 until the oldest
+// expire, which frees room without a scan.
+func TestFirstSeen(t *testing.T) {
+	p := &peerBroker{}
+	t0 := time.Unix(1_700_000_000, 0)
+	if err := p.firstSeen("a", t0); err != nil {
+		t.Fatalf("firstSeen(a) = %v, want nil", err)
+	}
+	if err := p.firstSeen("a", t0.Add(time.Second)); err == nil || !strings.Contains(err.Error(), "replay") {
+		t.Fatalf("firstSeen(a) again = %v, want a replay error", err)
+	}
+	for i := 1; i < maxSeen; i++ {
+		if err := p.firstSeen(strconv.Itoa(i), t0.Add(time.Second)); err != nil {
+			t.Fatalf("firstSeen(%d) = %v", i, err)
+		}
+	}
+	var he *httpError
+	if err := p.firstSeen("full", t0.Add(2*time.Second)); !errors.As(err, &he) || he.code != http.StatusServiceUnavailable {
+		t.Fatalf("firstSeen past maxSeen = %v, want a 503", err)
+	}
+	// "a" expires first, alone: room for one.
+	later := t0.Add(2*deliverMaxSkew + time.Millisecond)
+	if err := p.firstSeen("next", later); err != nil {
+		t.Fatalf("firstSeen once the oldest expired = %v, want nil", err)
+	}
+	if err := p.firstSeen("a", later); err == nil {
+		t.Fatalf("firstSeen(a) after its expiry took a full memory's room: want a 503 (others still live)")
+	}
+	// Everything but "next" expires: "a" is new again.
+	if err := p.firstSeen("a", later.Add(time.Second)); err != nil {
+		t.Fatalf("firstSeen(a) once all expired = %v, want nil", err)
+	}
+	if len(p.seen) != 2 || len(p.seenList)-p.seenHead != 2 {
+		t.Fatalf("seen holds %d, list %d: want 2 and 2", len(p.seen), len(p.seenList)-p.seenHead)
+	}
+}
+
+// BenchmarkFirstSeenFull: a delivery when the memory is full costs about
+// what one when it is empty does.
+func BenchmarkFirstSeenFull(b *testing.B) {
+	p := &peerBroker{}
+	t0 := time.Unix(1_700_000_000, 0)
+	for i := range maxSeen {
+		p.firstSeen(strconv.Itoa(i), t0)
+	}
+	b.ResetTimer()
+	for i := range b.N {
+		p.firstSeen("x"+strconv.Itoa(i), t0.Add(time.Second))
+	}
 }
