@@ -103,7 +103,14 @@ ticks() {
 	echo "$total"
 }
 HZ=$(getconf CLK_TCK)
-port() { echo $((20000 + RANDOM % 20000)); }
+# port prints a port below the ephemeral range that nothing listens on.
+port() {
+	local p
+	while :; do
+		p=$((20000 + RANDOM % 12000))
+		(exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+	done
+}
 
 GOMAXPROCS=$PROCS "$tmp/proxybackend" -address 127.0.0.1:0 >"$tmp/backend.out" 2>&1 &
 BE_PID=$!
