@@ -84,8 +84,22 @@ func TestHopByHop(t *testing.T) {
 		name string
 		pass func(t *testing.T, h http.Header) http.Header
 	}{
-		{"rpc backendHeader", func(t *testing.T, h http.Header) http.Header {
-			return backendHeader(h, false)
+		{"rpc request head", func(t *testing.T, h http.Header) http.Header {
+			r, err := http.NewRequest(http.MethodPost, "http://sidecar/rpc", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.Header = h
+			var buf bytes.Buffer
+			bw := bufio.NewWriter(&buf)
+			c := &rpcCall{service: "svc", method: "S.M", request: []byte("{}")}
+			writeRPCRequest(bw, r, "node:80", c, []byte(`"S.M"`), []byte("1"), time.Second, "1.1 sidecar-0123456789abcdef", false)
+			bw.Flush()
+			out, err := http.ReadRequest(bufio.NewReader(&buf))
+			if err != nil {
+				t.Fatalf("writeRPCRequest wrote %q: %v", buf.String(), err)
+			}
+			return out.Header
 		}},
 		{"removeHopByHop", func(t *testing.T, h http.Header) http.Header {
 			removeHopByHop(h)
