@@ -122,9 +122,12 @@ func (h *rpcHandler) parseRPC(w http.ResponseWriter, r *http.Request) (rpcCall, 
 	if err != nil {
 		return rpcCall{}, err
 	}
-	ct, params, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	ct, params := r.Header.Get("Content-Type"), map[string]string(nil)
+	if ct != "application/json" { // the common case, without a parse
+		ct, params, _ = mime.ParseMediaType(ct)
+	}
 	var f rpcForm
-	var request string
+	var request []byte
 	trimmed := bytes.TrimSpace(body)
 	switch {
 	case ct == "multipart/form-data":
@@ -140,7 +143,7 @@ func (h *rpcHandler) parseRPC(w http.ResponseWriter, r *http.Request) (rpcCall, 
 			return ""
 		}
 		f = rpcForm{Service: get("service"), Method: get("method"), Endpoint: get("endpoint"), Address: get("address")}
-		request = get("request")
+		request = []byte(get("request"))
 	case (ct == "application/x-www-form-urlencoded" || ct == "") && (len(trimmed) == 0 || trimmed[0] != '{'):
 		// A body that opens with "{" is JSON whatever the type: curl -d
 		// labels everything a form, and no form starts with "{".
@@ -149,17 +152,19 @@ func (h *rpcHandler) parseRPC(w http.ResponseWriter, r *http.Request) (rpcCall, 
 			return rpcCall{}, errorf(http.StatusBadRequest, "rpc: invalid form body: %v", err)
 		}
 		f = rpcForm{Service: vals.Get("service"), Method: vals.Get("method"), Endpoint: vals.Get("endpoint"), Address: vals.Get("address")}
-		request = vals.Get("request")
+		request = []byte(vals.Get("request"))
 	default:
-		if err := decodeJSON(body, &f); err != nil {
+		if err := decodeRPCForm(body, &f); err != nil {
 			return rpcCall{}, err
 		}
 		if len(f.Request) > 0 && f.Request[0] == '"' {
-			if err := json.Unmarshal(f.Request, &request); err != nil {
+			var text string
+			if err := json.Unmarshal(f.Request, &text); err != nil {
 				return rpcCall{}, errorf(http.StatusBadRequest, `rpc: field "request": %v`, err)
 			}
+			request = []byte(text)
 		} else if len(f.Request) > 0 && string(f.Request) != "null" {
-			request = string(f.Request)
+			request = f.Request
 		}
 	}
 	c := rpcCall{service: f.Service, method: f.Method, address: f.Address}
@@ -199,15 +204,60 @@ func (h *rpcHandler) checkVia(w http.ResponseWriter, r *http.Request) bool {
 }
 
 // requestJSON checks the text of a request field: empty means {}.
-func requestJSON(s string) ([]byte, error) {
-	s = strings.TrimSpace(s)
-	if s == "" || s == "null" {
+func requestJSON(b []byte) ([]byte, error) {
+	b = bytes.TrimSpace(b)
+	if len(b) == 0 || string(b) == "null" {
 		return []byte("{}"), nil
 	}
-	if !json.Valid([]byte(s)) {
+	if !json.Valid(b) {
 		return nil, errorf(http.StatusBadRequest, `rpc: field "request" is not valid JSON`)
 	}
-	return []byte(s), nil
+	return b, nil
+}
+
+// decodeRPCForm decodes the JSON form of POST /rpc into f as decodeJSON
+// would, but reads the members in place (the request aliases body). What
+// is not plain (a name or a string with an escape or a non-ASCII byte, a
+// field of the wrong type, a body that is not an object) goes through
+// decodeJSON, whose rules and errors are encoding/json's.
+func decodeRPCForm(body []byte, f *rpcForm) error {
+	if !json.Valid(body) {
+		return decodeJSON(body, f)
+	}
+	m, ok := members(body)
+	if !ok {
+		return decodeJSON(body, f)
+	}
+	var out rpcForm
+	for key, value, ok := m.next(); ok; key, value, ok = m.next() {
+		var field *string
+		switch {
+		case !plainKey(key):
+			return decodeJSON(body, f)
+		case asciiEqualFold(key, "request"):
+			out.Request = value
+			continue
+		case asciiEqualFold(key, "service"):
+			field = &out.Service
+		case asciiEqualFold(key, "method"):
+			field = &out.Method
+		case asciiEqualFold(key, "endpoint"):
+			field = &out.Endpoint
+		case asciiEqualFold(key, "address"):
+			field = &out.Address
+		default:
+			continue
+		}
+		switch {
+		case string(value) == "null": // leaves the field as it is, as encoding/json does
+		case value[0] == '"' && plainKey(value[1:len(value)-1]):
+			*field = string(value[1 : len(value)-1])
+		default:
+			return decodeJSON(body, f)
+		}
+	}
+	*f = out
+	return nil
 }
 
 // handlePath serves /[service]/[method]: the path names the service and
@@ -232,7 +282,7 @@ func (h *rpcHandler) handlePath(w http.ResponseWriter, r *http.Request) {
 			writeHTTPError(w, err)
 			return
 		}
-		if c.request, err = requestJSON(string(body)); err != nil {
+		if c.request, err = requestJSON(body); err != nil {
 			writeError(w, http.StatusBadRequest, "rpc: request body is not valid JSON")
 			return
 		}
@@ -900,11 +950,15 @@ func parseReply(raw []byte) (rep rpcReply, ok bool) {
 	if !json.Valid(raw) {
 		return rep, false
 	}
-	slow := false
-	ok = scanObject(raw, func(key, value []byte) {
+	m, ok := members(raw)
+	if !ok {
+		return rep, false
+	}
+	for key, value, ok := m.next(); ok; key, value, ok = m.next() {
 		switch {
 		case !plainKey(key):
-			slow = true
+			var slow rpcReply
+			return slow, json.Unmarshal(raw, &slow) == nil
 		case asciiEqualFold(key, "id"):
 			rep.ID = value
 		case asciiEqualFold(key, "result"):
@@ -912,37 +966,49 @@ func parseReply(raw []byte) (rep rpcReply, ok bool) {
 		case asciiEqualFold(key, "error"):
 			rep.Error = value
 		}
-	})
-	if slow {
-		rep = rpcReply{}
-		ok = json.Unmarshal(raw, &rep) == nil
 	}
-	return rep, ok
+	return rep, true
 }
 
-// scanObject calls f with each member of the JSON object b, in order: its
-// name as written between the quotes (escapes not decoded) and its value's
-// text. b must be valid JSON (json.Valid); scanObject reports false when
-// it is not an object. It does not allocate.
-func scanObject(b []byte, f func(key, value []byte)) bool {
+// jsonMembers iterates over the members of a JSON object text without
+// decoding or copying them: each member's name as written between the
+// quotes (escapes not decoded) and its value's text. The text must be
+// valid JSON (json.Valid). It does not allocate.
+type jsonMembers struct {
+	b []byte
+	i int // where the next member's name starts; -1 after the last
+}
+
+// members starts iterating over the object b; false when b is not an
+// object.
+func members(b []byte) (jsonMembers, bool) {
 	i := skipSpace(b, 0)
 	if i >= len(b) || b[i] != '{' {
-		return false
+		return jsonMembers{}, false
 	}
 	if i = skipSpace(b, i+1); b[i] == '}' {
-		return true
+		i = -1
 	}
-	for {
-		end := skipString(b, i)
-		key := b[i+1 : end-1]
-		i = skipSpace(b, skipSpace(b, end)+1) // past the colon
-		end = skipValue(b, i)
-		f(key, b[i:end])
-		if i = skipSpace(b, end); b[i] == '}' {
-			return true
-		}
-		i = skipSpace(b, i+1) // past the comma
+	return jsonMembers{b: b, i: i}, true
+}
+
+// next returns the next member; ok is false after the last.
+func (m *jsonMembers) next() (key, value []byte, ok bool) {
+	b, i := m.b, m.i
+	if i < 0 {
+		return nil, nil, false
 	}
+	end := skipString(b, i)
+	key = b[i+1 : end-1]
+	i = skipSpace(b, skipSpace(b, end)+1) // past the colon
+	end = skipValue(b, i)
+	value = b[i:end]
+	if i = skipSpace(b, end); b[i] == '}' {
+		m.i = -1
+	} else {
+		m.i = skipSpace(b, i+1) // past the comma
+	}
+	return key, value, true
 }
 
 func skipSpace(b []byte, i int) int {

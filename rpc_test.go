@@ -889,12 +889,17 @@ func TestRPCBalanceThreeNodes(t *testing.T) {
 // again (with three identical nodes, whose first calls open connections,
 // 0/16/44 of 60 calls). The estimate's time constant is 2 ms here rather
 // than 10 s, so that the decay shows within the second the test takes.
+// The cold node is passed over for a time (about 2 ms times ln(5 ms / a
+// fast call's latency)), not a number of calls: the faster the calls, the
+// more of them go elsewhere meanwhile, so there are enough calls that the
+// tenth holds with calls of 20 us (300 were too few once /rpc took 50 us a
+// call: the cold node got 29 to 54).
 func TestRPCBalanceOneCaller(t *testing.T) {
 	t.Parallel()
 	_, ts := newTestServer(t, nil, func(s *server) { s.rpc.bal.decay = 2 * time.Millisecond })
 	bs := []*rpcBackend{coldBackend(t, "n1", 3, 5*time.Millisecond), coldBackend(t, "n2", 0, 0), coldBackend(t, "n3", 0, 0)}
 	register(t, ts.URL, "go.micro.srv.foo", bs...)
-	const calls = 300
+	const calls = 1500
 	if failed := callMany(t, ts.URL+"/foo/bar", calls, 1, nil); len(failed) > 0 {
 		t.Fatalf("%d of %d calls failed, first: %s", len(failed), calls, failed[0])
 	}

@@ -26,7 +26,8 @@
 # (backend, sidecars, caddy), nginx's worker_processes and haproxy's
 # nbthread. wrk, nginx, haproxy and caddy are Debian packages, installed
 # when missing. RATES (default "2000 10000") and LAT_DURATION (10s) set
-# the latency runs; LAT=0 skips them.
+# the latency runs; LAT=0 skips them. ONLY (e.g. "proxy rpc nginx") keeps
+# those rows (with nginx's row the ratios are printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10s}
@@ -223,6 +224,13 @@ targets=(
 	"haproxy|http://127.0.0.1:$HPORT$PATH_Q|$HAPROXY_PID||"
 	"caddy|http://127.0.0.1:$CPORT$PATH_Q|$CADDY_PID||"
 )
+if [ -n "${ONLY:-}" ]; then
+	kept=()
+	for t in "${targets[@]}"; do
+		[[ " $ONLY " == *" ${t%%|*} "* ]] && kept+=("$t")
+	done
+	targets=("${kept[@]}")
+fi
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(uname -srm), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), $(go version | cut -d' ' -f3), $("$NGINX" -v 2>&1 | cut -d' ' -f3), haproxy $("$HAPROXY" -v | sed -n '1s/.*version \([^ ]*\).*/\1/p'), caddy $("$CADDY" version | cut -d' ' -f1)"
 echo "# wrk -t$THREADS -c$CONNS -d$DURATION; PROCS=$PROCS (GOMAXPROCS, nginx workers, haproxy threads)"
@@ -249,12 +257,12 @@ done
 printf '\n%-8s %12s %12s %14s %14s\n' path requests/s cpu/request 'rate/nginx' 'cpu/nginx'
 for t in "${targets[@]}"; do
 	IFS='|' read -r name _ <<<"$t"
-	awk -v n="$name" -v r="${RPS[$name]}" -v c="${CPU[$name]}" -v nr="${RPS[nginx]}" -v nc="${CPU[nginx]}" \
-		'BEGIN { printf "%-8s %12.0f %10.2fus %13.2fx %13.2fx\n", n, r, c, r/nr, c/nc }'
+	awk -v n="$name" -v r="${RPS[$name]}" -v c="${CPU[$name]}" -v nr="${RPS[nginx]:-0}" -v nc="${CPU[nginx]:-0}" \
+		'BEGIN { if (nr > 0) printf "%-8s %12.0f %10.2fus %13.2fx %13.2fx\n", n, r, c, r/nr, c/nc; else printf "%-8s %12.0f %10.2fus\n", n, r, c }'
 done
-awk -v rr="${RPS[rpc]}" -v pr="${RPS[proxy]}" -v rc="${CPU[rpc]}" -v pc="${CPU[proxy]}" \
+[ -n "${RPS[rpc]:-}" ] && [ -n "${RPS[proxy]:-}" ] && awk -v rr="${RPS[rpc]}" -v pr="${RPS[proxy]}" -v rc="${CPU[rpc]}" -v pc="${CPU[proxy]}" \
 	'BEGIN { printf "\nrpc/proxy: rate %.2fx (goal >= 0.9x), cpu per request %.2fx (goal <= 1.2x)\n", rr/pr, rc/pc }'
-awk -v sr="${RPS[proxy]}" -v nr="${RPS[nginx]}" -v sc="${CPU[proxy]}" -v nc="${CPU[nginx]}" \
+[ -n "${RPS[nginx]:-}" ] && [ -n "${RPS[proxy]:-}" ] && awk -v sr="${RPS[proxy]}" -v nr="${RPS[nginx]}" -v sc="${CPU[proxy]}" -v nc="${CPU[nginx]}" \
 	'BEGIN { printf "proxy/nginx: rate %.2fx (goal >= 0.7x), cpu per request %.2fx (goal <= 1.5x)\n", sr/nr, sc/nc }'
 
 [ "$LAT" = 0 ] && exit 0
@@ -275,7 +283,7 @@ for rate in $RATES; do
 		P50[$name]=$(field p50 <<<"$out")
 		P99[$name]=$(field p99 <<<"$out")
 		awk -v n="$name" -v r="$rate" -v a="$(field achieved <<<"$out")" -v p50="${P50[$name]}" -v p99="${P99[$name]}" \
-			-v d50="${P50[direct]}" -v d99="${P99[direct]}" -v e="$(field errors <<<"$out")" \
+			-v d50="${P50[direct]:-0}" -v d99="${P99[direct]:-0}" -v e="$(field errors <<<"$out")" \
 			'BEGIN { printf "%-8s %7d %9.0f %7.3fms %7.3fms %9.3fms %9.3fms %7d\n", n, r, a, p50, p99, p50-d50, p99-d99, e }'
 	done
 done

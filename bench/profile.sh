@@ -52,14 +52,18 @@ LUA
 	args=(-s "$tmp/rpc.lua" "http://$SIDECAR/rpc")
 fi
 wrk -t2 -c64 -d1s "${args[@]}" >/dev/null
-curl -fsS -o /dev/null "http://$PPROF/debug/pprof/allocs" # nothing before the run
+mallocs() { curl -fsS "http://$PPROF/debug/vars" | grep -o '"Mallocs": *[0-9]*' | head -1 | grep -o '[0-9]*$'; }
 curl -fsS -o "$OUT/allocs-before.pprof" "http://$PPROF/debug/pprof/allocs"
+m0=$(mallocs)
 wrk -t2 -c64 -d$((SECS + 2))s "${args[@]}" >"$OUT/wrk.txt" &
 wpid=$!
 curl -fsS -o "$OUT/cpu.pprof" "http://$PPROF/debug/pprof/profile?seconds=$SECS"
 curl -fsS -o "$OUT/allocs.pprof" "http://$PPROF/debug/pprof/allocs"
 wait "$wpid"
+m1=$(mallocs)
 grep -E 'Requests/sec|requests in' "$OUT/wrk.txt"
+reqs=$(sed -n 's/^ *\([0-9]*\) requests in.*/\1/p' "$OUT/wrk.txt")
+echo "allocations per request: $(( (m1 - m0) / reqs )) (runtime Mallocs over the run / wrk's requests)"
 go tool pprof -top -nodecount=40 "$OUT/sidecar" "$OUT/cpu.pprof" 2>/dev/null | head -50
 echo "# allocations during the run (alloc_objects, diff)"
 go tool pprof -top -nodecount=30 -sample_index=alloc_objects -diff_base "$OUT/allocs-before.pprof" "$OUT/sidecar" "$OUT/allocs.pprof" 2>/dev/null | head -40
