@@ -43,8 +43,8 @@ type rpcHandler struct {
 	reg       Registry
 	log       *slog.Logger
 	bal       *balancer
-	upstreams *upstreams // calls by service (stats_upstream.go)
-	conns     *connPools // keep-alive connections to the nodes (proxy_conn.go)
+	upstreams *upstreams  // calls by service (stats_upstream.go)
+	conns     *connPools  // keep-alive connections to the nodes (proxy_conn.go)
 	via       *via        // refuses loops, and stamps what is forwarded
 	direct    retryBudget // retry budget of calls to an explicit address
 
@@ -1102,7 +1102,7 @@ type callContext struct {
 func (c *callContext) init() { c.ctx, c.cancel = context.WithDeadline(c.parent, c.deadline) }
 
 func (c *callContext) Deadline() (time.Time, bool) { return c.deadline, true }
-func (c *callContext) Value(key any) any            { return c.parent.Value(key) }
+func (c *callContext) Value(key any) any           { return c.parent.Value(key) }
 
 func (c *callContext) Done() <-chan struct{} {
 	c.once.Do(c.init)
