@@ -154,7 +154,7 @@ func (h *rpcHandler) parseRPC(w http.ResponseWriter, r *http.Request) (rpcCall, 
 		f = rpcForm{Service: vals.Get("service"), Method: vals.Get("method"), Endpoint: vals.Get("endpoint"), Address: vals.Get("address")}
 		request = []byte(vals.Get("request"))
 	default:
-		if err := decodeRPCForm(body, &f); err != nil {
+		if f, err = decodeRPCForm(body); err != nil {
 			return rpcCall{}, err
 		}
 		if len(f.Request) > 0 && f.Request[0] == '"' {
@@ -215,25 +215,30 @@ func requestJSON(b []byte) ([]byte, error) {
 	return b, nil
 }
 
-// decodeRPCForm decodes the JSON form of POST /rpc into f as decodeJSON
+// decodeRPCForm decodes the JSON form of POST /rpc as decodeJSON
 // would, but reads the members in place (the request aliases body). What
 // is not plain (a name or a string with an escape or a non-ASCII byte, a
 // field of the wrong type, a body that is not an object) goes through
 // decodeJSON, whose rules and errors are encoding/json's.
-func decodeRPCForm(body []byte, f *rpcForm) error {
+func decodeRPCForm(body []byte) (rpcForm, error) {
+	slow := func() (rpcForm, error) {
+		var f rpcForm
+		err := decodeJSON(body, &f)
+		return f, err
+	}
 	if !json.Valid(body) {
-		return decodeJSON(body, f)
+		return slow()
 	}
 	m, ok := members(body)
 	if !ok {
-		return decodeJSON(body, f)
+		return slow()
 	}
 	var out rpcForm
 	for key, value, ok := m.next(); ok; key, value, ok = m.next() {
 		var field *string
 		switch {
 		case !plainKey(key):
-			return decodeJSON(body, f)
+			return slow()
 		case asciiEqualFold(key, "request"):
 			out.Request = value
 			continue
@@ -253,11 +258,10 @@ func decodeRPCForm(body []byte, f *rpcForm) error {
 		case value[0] == '"' && plainKey(value[1:len(value)-1]):
 			*field = string(value[1 : len(value)-1])
 		default:
-			return decodeJSON(body, f)
+			return slow()
 		}
 	}
-	*f = out
-	return nil
+	return out, nil
 }
 
 // handlePath serves /[service]/[method]: the path names the service and
@@ -430,7 +434,7 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 		return
 	}
 	start := time.Now()
-	x := &rpcExchange{h: h, r: r, c: &c}
+	x := &rpcExchange{h: h, r: r, c: c}
 	x.ctx.parent, x.ctx.deadline = r.Context(), start.Add(timeout)
 	defer x.ctx.release()
 	ctx := &x.ctx
@@ -559,7 +563,7 @@ func (h *rpcHandler) apiErr(code int, format string, args ...any) *apiError {
 type rpcExchange struct {
 	h         *rpcHandler
 	r         *http.Request
-	c         *rpcCall
+	c         rpcCall
 	ctx       callContext
 	id        []byte // the JSON-RPC id: decimal digits in idBuf
 	method    []byte // the method as a JSON string, in methodBuf when it fits
@@ -627,7 +631,7 @@ func (x *rpcExchange) end() {
 // result aliases the connection's buffer, which the exchange holds until
 // end; any other outcome is done with its connection when try returns.
 func (x *rpcExchange) try(url, addr string) attempt {
-	h, c := x.h, x.c
+	h, c := x.h, &x.c
 	bc, head, err := x.exchange(h.conns.pool(url, addr))
 	if err != nil {
 		return x.failed(addr, err)
@@ -730,7 +734,7 @@ func (x *rpcExchange) exchange(pool *connPool) (*backendConn, respHead, error) {
 // was written.
 func (x *rpcExchange) roundTrip(c *backendConn) (h respHead, started, wrote bool, err error) {
 	c.SetDeadline(x.ctx.deadline)
-	writeRPCRequest(c.bw, x.r, c.pool.addr, x.c, x.method, x.id, time.Until(x.ctx.deadline), x.h.via.entry(x.r), x.h.cfg.AuthToken != "")
+	writeRPCRequest(c.bw, x.r, c.pool.addr, &x.c, x.method, x.id, time.Until(x.ctx.deadline), x.h.via.entry(x.r), x.h.cfg.AuthToken != "")
 	if err := c.bw.Flush(); err != nil {
 		return h, false, false, err
 	}
@@ -755,7 +759,7 @@ func (x *rpcExchange) roundTrip(c *backendConn) (h respHead, started, wrote bool
 // may go to another node; a timeout or the caller's leaving is written by
 // call (expired).
 func (x *rpcExchange) failed(addr string, err error) attempt {
-	h, c := x.h, x.c
+	h, c := x.h, &x.c
 	if x.ctx.over() {
 		return attempt{code: http.StatusGatewayTimeout, nodeFailed: true} // call writes the error
 	}
