@@ -244,22 +244,40 @@ func isWebsocket(r *http.Request) bool {
 }
 
 // accept upgrades r to a websocket and registers the stream; the
-// middleware has checked the origin against --cors. The returned context ends when the request does or
-// the sidecar shuts down (shuttingDown then tells which); done must be
-// called when the handler returns. On failure accept has written the JSON
-// error and returns a nil conn.
+// middleware has checked the origin against --cors. The returned context
+// ends when the request does or the sidecar shuts down (shuttingDown then
+// tells which); done must be called when the handler returns. On failure
+// accept has written the JSON error and returns a nil conn.
 func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64) (*websocket.Conn, context.Context, func()) {
+	conn, release := g.acceptConn(w, r, readLimit)
+	if conn == nil {
+		return nil, nil, nil
+	}
+	ctx, cancel := context.WithCancel(r.Context())
+	stop := afterFunc(g.ctx, cancel)
+	return conn, ctx, func() {
+		stop()
+		cancel()
+		release()
+	}
+}
+
+// acceptConn is accept for a stream that watches the shutdown itself (the
+// broker's subscribers, whose handler returns at once: a context of the
+// request would be held, unused, for the subscriber's life). release must
+// be called when the stream ends.
+func (g *streams) acceptConn(w http.ResponseWriter, r *http.Request, readLimit int64) (*websocket.Conn, func()) {
 	// The library answers a handshake it refuses in plain text: check
 	// the request first, so the refusal is the JSON error.
 	if err := checkHandshake(w.Header(), r); err != nil {
 		writeHTTPError(w, err)
-		return nil, nil, nil
+		return nil, nil
 	}
 	g.mu.Lock()
 	if g.closed {
 		g.mu.Unlock()
 		writeError(w, http.StatusServiceUnavailable, "sidecar is shutting down")
-		return nil, nil, nil
+		return nil, nil
 	}
 	g.wg.Add(1)
 	g.mu.Unlock()
@@ -271,16 +289,10 @@ func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64
 		// only a connection that cannot be hijacked, which HTTP/1.1
 		// connections always can.
 		g.wg.Done()
-		return nil, nil, nil
+		return nil, nil
 	}
 	conn.SetReadLimit(readLimit)
-	ctx, cancel := context.WithCancel(r.Context())
-	stop := afterFunc(g.ctx, cancel)
-	return conn, ctx, func() {
-		stop()
-		cancel()
-		g.wg.Done()
-	}
+	return conn, g.wg.Done
 }
 
 // checkHandshake checks r as the opening handshake of a websocket (RFC
