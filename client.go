@@ -155,6 +155,15 @@ func snippet(b []byte) string {
 	return s
 }
 
+// traceToStart reports whether a request with header h starts a new trace
+// rather than passing its traceparent on: it has none, several, or one
+// that is not valid (ensureTraceparent's rule, for the writers that send
+// the header without changing it).
+func traceToStart(h http.Header) bool {
+	v := h["Traceparent"]
+	return len(v) != 1 || !validTraceparent(v[0])
+}
+
 // ensureTraceparent keeps a valid W3C traceparent in h or starts a new
 // trace (version 00, random trace and span ids, sampled). A tracestate
 // without a valid traceparent is meaningless and is dropped.

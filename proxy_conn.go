@@ -320,7 +320,10 @@ func (c *backendConn) close() {
 // Connection field names; no Authorization when dropAuth; the caller's
 // Expect is answered by the sidecar's own server, so it is not passed on.
 // bodyLen frames the body: > 0 a Content-Length, -1 chunked, 0 none.
-func writeRequestHead(bw *bufio.Writer, r *http.Request, host, via string, bodyLen int64, dropAuth bool) {
+// trace, when not empty, is the W3C traceparent of a trace the sidecar
+// starts: the caller's Traceparent and Tracestate are then not passed on
+// (see traceToStart).
+func writeRequestHead(bw *bufio.Writer, r *http.Request, host, via string, bodyLen int64, dropAuth bool, trace []byte) {
 	uri := r.RequestURI
 	if uri == "" || uri[0] != '/' {
 		uri = r.URL.RequestURI()
@@ -343,7 +346,7 @@ func writeRequestHead(bw *bufio.Writer, r *http.Request, host, via string, bodyL
 	}
 	conn := r.Header["Connection"]
 	for k, vv := range r.Header {
-		if hopByHop(k, conn) || skipRequestField(k, dropAuth) {
+		if hopByHop(k, conn) || skipRequestField(k, dropAuth) || len(trace) > 0 && (k == "Traceparent" || k == "Tracestate") {
 			continue
 		}
 		for _, v := range vv {
@@ -355,6 +358,11 @@ func writeRequestHead(bw *bufio.Writer, r *http.Request, host, via string, bodyL
 	}
 	if hasToken(r.Header["Te"], "trailers") {
 		bw.WriteString("Te: trailers\r\n")
+	}
+	if len(trace) > 0 {
+		bw.WriteString("Traceparent: ")
+		bw.Write(trace)
+		bw.WriteString("\r\n")
 	}
 	if via != "" {
 		bw.WriteString("Via: ")
