@@ -405,6 +405,14 @@ func (g *streams) Close() {
 // loopbackHost reports whether the Host header host[:port] names this
 // machine's loopback: localhost or a loopback address.
 func loopbackHost(hostport string) bool {
+	// The usual Host of a sidecar on loopback, without a parse: what
+	// follows the prefix is a port (net.SplitHostPort does not check it)
+	// unless it holds another colon.
+	for _, prefix := range [...]string{"127.0.0.1:", "localhost:"} {
+		if port, ok := strings.CutPrefix(hostport, prefix); ok && strings.IndexByte(port, ':') < 0 {
+			return true
+		}
+	}
 	host := hostport
 	if h, _, err := net.SplitHostPort(hostport); err == nil {
 		host = h

@@ -209,7 +209,7 @@ func requestJSON(b []byte) ([]byte, error) {
 	if len(b) == 0 || string(b) == "null" {
 		return []byte("{}"), nil
 	}
-	if !json.Valid(b) {
+	if !validJSON(b) {
 		return nil, errorf(http.StatusBadRequest, `rpc: field "request" is not valid JSON`)
 	}
 	return b, nil
@@ -226,7 +226,7 @@ func decodeRPCForm(body []byte) (rpcForm, error) {
 		err := decodeJSON(body, &f)
 		return f, err
 	}
-	if !json.Valid(body) {
+	if !validJSON(body) {
 		return slow()
 	}
 	m, ok := members(body)
@@ -951,7 +951,7 @@ type rpcReply struct {
 // A member name with an escape or a non-ASCII byte (which encoding/json
 // folds by Unicode rules) goes through json.Unmarshal.
 func parseReply(raw []byte) (rep rpcReply, ok bool) {
-	if !json.Valid(raw) {
+	if !validJSON(raw) {
 		return rep, false
 	}
 	m, ok := members(raw)
@@ -972,109 +972,6 @@ func parseReply(raw []byte) (rep rpcReply, ok bool) {
 		}
 	}
 	return rep, true
-}
-
-// jsonMembers iterates over the members of a JSON object text without
-// decoding or copying them: each member's name as written between the
-// quotes (escapes not decoded) and its value's text. The text must be
-// valid JSON (json.Valid). It does not allocate.
-type jsonMembers struct {
-	b []byte
-	i int // where the next member's name starts; -1 after the last
-}
-
-// members starts iterating over the object b; false when b is not an
-// object.
-func members(b []byte) (jsonMembers, bool) {
-	i := skipSpace(b, 0)
-	if i >= len(b) || b[i] != '{' {
-		return jsonMembers{}, false
-	}
-	if i = skipSpace(b, i+1); b[i] == '}' {
-		i = -1
-	}
-	return jsonMembers{b: b, i: i}, true
-}
-
-// next returns the next member; ok is false after the last.
-func (m *jsonMembers) next() (key, value []byte, ok bool) {
-	b, i := m.b, m.i
-	if i < 0 {
-		return nil, nil, false
-	}
-	end := skipString(b, i)
-	key = b[i+1 : end-1]
-	i = skipSpace(b, skipSpace(b, end)+1) // past the colon
-	end = skipValue(b, i)
-	value = b[i:end]
-	if i = skipSpace(b, end); b[i] == '}' {
-		m.i = -1
-	} else {
-		m.i = skipSpace(b, i+1) // past the comma
-	}
-	return key, value, true
-}
-
-func skipSpace(b []byte, i int) int {
-	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
-		i++
-	}
-	return i
-}
-
-// skipString returns the index after the string that opens at b[i].
-func skipString(b []byte, i int) int {
-	for i++; i < len(b); i++ {
-		switch b[i] {
-		case '\\':
-			i++
-		case '"':
-			return i + 1
-		}
-	}
-	return len(b)
-}
-
-// skipValue returns the index after the value that starts at b[i].
-func skipValue(b []byte, i int) int {
-	switch b[i] {
-	case '"':
-		return skipString(b, i)
-	case '{', '[':
-		depth := 0
-		for ; i < len(b); i++ {
-			switch b[i] {
-			case '"':
-				i = skipString(b, i) - 1
-			case '{', '[':
-				depth++
-			case '}', ']':
-				if depth--; depth == 0 {
-					return i + 1
-				}
-			}
-		}
-		return len(b)
-	}
-	for ; i < len(b); i++ {
-		switch b[i] {
-		case ',', '}', ']', ' ', '\t', '\n', '\r':
-			return i
-		}
-	}
-	return i
-}
-
-// plainKey reports whether a member name as written is ASCII without
-// escapes, which compares with a field name as encoding/json compares
-// it, by ASCII case folding.
-func plainKey(key []byte) bool {
-	for _, c := range key {
-		if c == '\\' || c >= 0x80 {
-			return false
-		}
-	}
-	return true
 }
 
 // idAnswers reports whether a reply's id answers the request id sent (an
