@@ -1191,3 +1191,21 @@ func TestShutdownDelayEnds(t *testing.T) {
 		t.Fatal("run did not return after the drain")
 	}
 }
+
+// TestLoopbackHostPrefix: the shortcut for the usual loopback Host gives
+// the answer of the parse it skips, at its edges.
+func TestLoopbackHostPrefix(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		host string
+		want bool
+	}{
+		{"127.0.0.1:8081", true}, {"localhost:8081", true}, {"localhost:", true}, {"127.0.0.1:x", true},
+		{"127.0.0.1:80:90", false}, {"localhost:1:2", false}, {"127.0.0.10:80", true}, {"127.0.0.1.evil.com:80", false},
+		{"localhost.evil.com:80", false}, {"[::1]:80", true}, {"example.com:80", false}, {"127.0.0.1", true},
+	} {
+		if got := loopbackHost(tt.host); got != tt.want {
+			t.Errorf("loopbackHost(%q) = %v, want %v", tt.host, got, tt.want)
+		}
+	}
+}
