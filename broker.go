@@ -15,6 +15,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -28,9 +29,11 @@ import (
 
 // Defaults of the broker's limits. Tests lower them on the broker's fields.
 const (
-	brokerMaxMessage   = 1 << 20 // largest message body, if --max_body_bytes is larger
-	brokerQueueLen     = 4096    // messages a subscriber may lag before it is dropped
-	brokerQueueBytes   = 8 << 20 // bytes of frames a subscriber may lag before it is dropped
+	brokerMaxMessage   = 1 << 20            // largest message body, if --max_body_bytes is larger
+	brokerQueueLen     = 4096               // messages a subscriber may lag before it is dropped
+	brokerQueueBytes   = 8 << 20            // bytes of frames a subscriber may lag before it is dropped
+	brokerStuckAfter   = wsWriteTimeout / 2 // a queue group member full this long is dropped
+	brokerDropLogEvery = time.Second        // at most one log line about dropped messages per this
 	maxTopicLen        = 255
 	closeReasonTooSlow = "subscriber too slow"
 )
@@ -48,12 +51,17 @@ type Message struct {
 // the caller does not modify m afterwards. groups are the queue groups with
 // members here; Forward returns those among them whose one delivery it sent
 // to another sidecar, and local delivery skips them, so that each message
-// reaches one member of a group across all sidecars. A message that arrives
-// from another host enters through broker.deliverRemote, which does not
-// forward again, so messages never loop. Subscribed and Unsubscribed are
-// called for every subscriber that joins and leaves; they must not block.
+// reaches one member of a group across all sidecars. Reroute is called when
+// none of a group's members here had room for m, a message published here:
+// it sends m to another sidecar with members of queue, reporting false if
+// there is none (the caller then counts m as dropped); once it has taken m,
+// it counts m if m is lost. A message that arrives from another host enters
+// through broker.deliverRemote, which does not forward again, so messages
+// never loop. Subscribed and Unsubscribed are called for every subscriber
+// that joins and leaves. None of them may block.
 type Forwarder interface {
 	Forward(topic string, m *Message, groups []string) (sent []string)
+	Reroute(topic string, m *Message, queue string) bool
 	Subscribed(topic, queue string)
 	Unsubscribed(topic, queue string)
 }
@@ -100,12 +108,14 @@ type broker struct {
 	queueBytes   int           // frame bytes a subscriber may lag
 	pingInterval time.Duration // pings every subscriber; no read for 2x is dead
 	writeTimeout time.Duration // bound of one write to a subscriber
+	stuckAfter   time.Duration // a group member whose queue stays full this long is too slow
 
 	published       atomic.Int64 // messages accepted for delivery
 	delivered       atomic.Int64 // frames written to subscribers
-	dropped         atomic.Int64 // messages lost because a subscriber was too slow
+	dropped         atomic.Int64 // messages lost: see lose, and the subscriber's counting
 	slowDisconnects atomic.Int64 // subscribers dropped for lagging
 	subscribers     atomic.Int64 // connected subscribers (gauge)
+	lastDropLog     atomic.Int64 // unix ns of the last log line about dropped messages
 
 	mu      sync.Mutex // guards the fields below
 	all     map[*subscriber]struct{}
@@ -127,6 +137,7 @@ func newBroker(cfg *Config, st *streams, logger *slog.Logger) *broker {
 		queueBytes:   brokerQueueBytes,
 		pingInterval: wsPingInterval,
 		writeTimeout: wsWriteTimeout,
+		stuckAfter:   brokerStuckAfter,
 		all:          map[*subscriber]struct{}{},
 		stop:         make(chan struct{}),
 	}
@@ -167,22 +178,28 @@ func (b *broker) publish(topic string, m *Message) error {
 	b.countPublished(topic)
 	subs := b.topics.get(topic)
 	if b.forward == nil {
-		b.deliverTo(subs, m, nil)
+		b.deliverTo(topic, subs, m, nil)
 		return nil
 	}
 	sent := b.forward.Forward(topic, m, subs.groupNames())
-	b.deliverTo(subs, m, sent)
+	b.deliverTo(topic, subs, m, sent)
 	return nil
 }
 
-// deliverRemote delivers m, sent by another sidecar, to this host's
-// subscribers of topic: every plain subscriber if plain, and one member of
-// each group in queues. It never forwards. missed counts the groups of
-// queues without a member here (they left since the sender looked).
-func (b *broker) deliverRemote(topic string, m *Message, plain bool, queues []string) (n, missed int) {
+// deliverRemote delivers m, sent by another sidecar or the relay, to this
+// host's subscribers of topic: every plain subscriber if plain, and one
+// member of each group in queues. It never forwards. missed and full are
+// the indexes in queues of the groups that did not take m: missed have no
+// member here (they left since the sender looked), full none with room (see
+// queueGroup.deliver). The caller decides what becomes of those: another
+// sidecar's sender tries elsewhere, the relay's caller counts them dropped.
+func (b *broker) deliverRemote(topic string, m *Message, plain bool, queues []string) (n int, missed, full []int) {
 	subs := b.topics.get(topic)
 	if subs == nil {
-		return 0, len(queues)
+		for i := range queues {
+			missed = append(missed, i)
+		}
+		return 0, missed, nil
 	}
 	frame := encodeFrame(m)
 	if plain {
@@ -192,23 +209,27 @@ func (b *broker) deliverRemote(topic string, m *Message, plain bool, queues []st
 			}
 		}
 	}
-	for _, q := range queues {
+	for i, q := range queues {
 		g := subs.group(q)
-		if g == nil {
-			missed++
-			continue
-		}
-		if g.deliver(frame) {
+		switch {
+		case g == nil:
+			missed = append(missed, i)
+		case g.deliver(b, topic, frame):
 			n++
+		default:
+			full = append(full, i)
 		}
 	}
-	return n, missed
+	return n, missed, full
 }
 
-// deliverTo delivers m to subs: every plain subscriber, and one member of
-// each queue group not in skip. It encodes the frame once and returns the
-// number of subscribers it was queued for.
-func (b *broker) deliverTo(subs *topicSubs, m *Message, skip []string) int {
+// deliverTo delivers m to subs, topic's subscribers: every plain
+// subscriber, and one member of each queue group not in skip. It encodes
+// the frame once and returns the number of subscribers it was queued for.
+// A group none of whose members here has room goes to the forwarder, which
+// may send m to a sidecar with other members; else m is lost to the group,
+// and counted.
+func (b *broker) deliverTo(topic string, subs *topicSubs, m *Message, skip []string) int {
 	if subs == nil || len(subs.plain) == 0 && len(subs.groups) == len(skip) {
 		return 0
 	}
@@ -223,11 +244,72 @@ func (b *broker) deliverTo(subs *topicSubs, m *Message, skip []string) int {
 		if slices.Contains(skip, g.name) {
 			continue
 		}
-		if g.deliver(frame) {
+		if g.deliver(b, topic, frame) {
 			n++
+			continue
+		}
+		if b.forward == nil || !b.forward.Reroute(topic, m, g.name) {
+			b.lose(1, topic, g.name, "no member of the queue group has room")
 		}
 	}
 	return n
+}
+
+// deliverGroup delivers m to one member of topic's queue group here, for
+// the forwarder, which tries this sidecar after another refused m. It
+// reports whether a member took it; nothing is counted when none did.
+func (b *broker) deliverGroup(topic, queue string, m *Message) bool {
+	g := b.topics.get(topic).group(queue)
+	return g != nil && g.deliver(b, topic, encodeFrame(m))
+}
+
+// lose counts n messages lost to topic's subscribers (queue: to that
+// group) and logs it, at most once per brokerDropLogEvery; the counter
+// keeps the full count.
+func (b *broker) lose(n int, topic, queue, why string) {
+	if n <= 0 {
+		return
+	}
+	total := b.countDropped(topic, n)
+	now := time.Now().UnixNano()
+	last := b.lastDropLog.Load()
+	if now-last < int64(brokerDropLogEvery) || !b.lastDropLog.CompareAndSwap(last, now) {
+		return
+	}
+	b.log.Warn("messages dropped", "topic", topic, "queue", queue, "messages", n, "why", why, "dropped_total", total)
+}
+
+// rehome gives frames, queued for a member of topic's group queue that left
+// or fell too far behind and surely not written to it, to the group's other
+// members here, else through the forwarder to a sidecar with other members;
+// those none can take are lost, and counted. A member here takes them in a
+// second allowance as large as its queue (subscriber.handed): they held
+// memory already, and they must neither be lost because the member has a
+// few frames queued nor take the room of the messages that follow. A
+// plain subscriber's frames (queue "") are lost to it, and counted.
+func (b *broker) rehome(topic, queue string, frames [][]byte) {
+	if len(frames) == 0 {
+		return
+	}
+	if queue == "" {
+		b.countDropped(topic, len(frames))
+		return
+	}
+	g := b.topics.get(topic).group(queue)
+	lost := 0
+	for _, f := range frames {
+		if g != nil && g.place(b, f, nil) {
+			continue
+		}
+		if b.forward != nil {
+			if m, err := decodeFrame(f); err == nil && b.forward.Reroute(topic, m, queue) {
+				continue
+			}
+		}
+		lost++
+	}
+	clear(frames)
+	b.lose(lost, topic, queue, "queued for a member that left or fell behind, and no other member has room")
 }
 
 // handlePublish serves POST /broker?topic=T: the raw body, whatever its
@@ -278,7 +360,7 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	// Subscribe before the handshake completes, so a client that is
 	// connected gets every message published after that. Until the
 	// connection exists, messages queue and no writer starts (writing).
-	s := &subscriber{b: b, stats: b.topicStats.subscribe(topic), writing: true}
+	s := &subscriber{b: b, topic: topic, group: queue, stats: b.topicStats.subscribe(topic), writing: true}
 	ready, ok := b.add(topic, queue, s)
 	if !ok {
 		b.topicStats.release(s.stats)
@@ -418,8 +500,9 @@ func (b *broker) remove(topic, queue string, s *subscriber) {
 	}
 	s.mu.Lock()
 	s.closed = true
-	s.queue, s.spare = nil, nil
+	left := s.takeQueue()
 	s.mu.Unlock()
+	b.rehome(topic, queue, left) // to the group's other members, or counted
 	b.subscribers.Add(-1)
 }
 
@@ -499,8 +582,8 @@ type topicSubs struct {
 	groups []*queueGroup // sorted by creation; each holds its members
 }
 
-// queueGroup hands each message to one member, round robin, preferring a
-// member with room in its queue. Immutable but for next.
+// queueGroup hands each message to one member: the next in turn with room
+// in its queue (deliver). Immutable but for next.
 type queueGroup struct {
 	name    string
 	members []*subscriber
@@ -610,18 +693,38 @@ func without(subs []*subscriber, s *subscriber) []*subscriber {
 	return out
 }
 
-// deliver queues frame for one member: the next in turn whose queue has
-// room, or, when every queue is full, the next in turn (which then drops
-// out as too slow). It reports whether a member took the frame.
-func (g *queueGroup) deliver(frame []byte) bool {
+// deliver queues frame for one member of g, topic's group, and reports
+// whether one took it. The members are tried in turn from the next; a
+// full member is skipped, so one that reads slowly gets what it can take
+// and the others the rest. A member still full stuckAfter after it was
+// first found so (its writer took nothing from its queue meanwhile) is too
+// slow: its writer closes it with 1008 and it is counted as a slow
+// disconnect, and its queued frames, never written, go to the others
+// (rehome). When no member has room, frame is not queued: the caller
+// counts it as lost, or hands it to another sidecar.
+func (g *queueGroup) deliver(b *broker, topic string, frame []byte) bool {
+	var orphans [][]byte
+	ok := g.place(b, frame, &orphans)
+	if orphans != nil {
+		b.rehome(topic, g.name, orphans)
+	}
+	return ok
+}
+
+// place queues frame for the first member in turn with room; members
+// found stuck append their queued frames to orphans. With orphans nil, it
+// places a frame being rehomed: it counts against a member's second
+// allowance (subscriber.handed), and no member is found stuck. It does not
+// allocate unless a member is found stuck.
+func (g *queueGroup) place(b *broker, frame []byte, orphans *[][]byte) bool {
 	n := uint32(len(g.members))
 	start := g.next.Add(1)
 	for i := range n {
-		if g.members[(start+i)%n].tryEnqueue(frame) {
+		if g.members[(start+i)%n].offer(frame, orphans) {
 			return true
 		}
 	}
-	return g.members[start%n].enqueue(frame, false)
+	return false
 }
 
 // subscriber is one websocket client of GET /broker. Publishers append
@@ -629,8 +732,14 @@ func (g *queueGroup) deliver(frame []byte) bool {
 // started when the queue becomes non-empty and ended when it is drained,
 // writes everything queued in one go. An idle subscriber thus holds no
 // writer goroutine and no buffer. The handler waits for the writer (wg).
+//
+// Every frame queued is either written (counted as delivered), or counted
+// as dropped, or, for a queue group member, handed back to the group when
+// it surely was not written (rehome): nothing queued vanishes.
 type subscriber struct {
 	b     *broker
+	topic string
+	group string         // queue group; "" for a plain subscriber
 	stats *topicCounters // its topic's, held until its writer has ended (broker_stats.go)
 	conn  *websocket.Conn
 	wc    *wsConn
@@ -639,26 +748,72 @@ type subscriber struct {
 	queue      [][]byte   // encoded frames waiting for the writer
 	spare      [][]byte   // the writer's previous batch, reused
 	queueBytes int
-	ping       bool // a ping is due
-	writing    bool // a writer goroutine runs
-	slow       bool // fell too far behind: the writer closes the connection
-	closed     bool // removed from the broker: queue nothing more
-	wg         sync.WaitGroup
+	// handed and handedBytes are the frames of queue (and their bytes)
+	// handed over from another member of the group (rehome): they count
+	// against a second allowance as large as the queue's limits, so that
+	// a stuck member's queue does not take the room of new messages.
+	handed      int
+	handedBytes int
+	fullSince   time.Time // a group member's queue was found full; zero once the writer takes it
+	ping        bool      // a ping is due
+	writing     bool      // a writer goroutine runs
+	slow        bool      // fell too far behind: the writer closes the connection
+	closed      bool      // removed from the broker, or its connection failed: queue nothing more
+	wg          sync.WaitGroup
 }
 
-// tryEnqueue queues frame if the queue has room, never dropping s.
-func (s *subscriber) tryEnqueue(frame []byte) bool {
+// offer queues frame for s, a queue group member, if its queue has room.
+// A full queue is skipped; one that has stayed full for stuckAfter makes
+// s too slow, and its queued frames are appended to orphans (see
+// queueGroup.deliver). With orphans nil, frame is being rehomed (see
+// queueGroup.place).
+func (s *subscriber) offer(frame []byte, orphans *[][]byte) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed || s.slow || len(s.queue) >= s.b.queueLen || s.queueBytes+len(frame) > s.b.queueBytes {
+	if s.closed || s.slow {
 		return false
 	}
-	s.push(frame)
-	return true
+	if orphans == nil { // handed over: the second allowance
+		if s.handed >= s.b.queueLen || s.handedBytes+len(frame) > s.b.queueBytes {
+			return false
+		}
+		s.handed++
+		s.handedBytes += len(frame)
+		s.push(frame)
+		return true
+	}
+	if len(s.queue)-s.handed < s.b.queueLen && s.queueBytes-s.handedBytes+len(frame) <= s.b.queueBytes {
+		s.push(frame)
+		return true
+	}
+	now := time.Now()
+	if s.fullSince.IsZero() {
+		s.fullSince = now
+		return false
+	}
+	if now.Sub(s.fullSince) < s.b.stuckAfter {
+		return false
+	}
+	q := s.takeQueue()
+	if *orphans == nil {
+		*orphans = q // the queue is given away, not reused
+	} else {
+		*orphans = append(*orphans, q...)
+	}
+	s.markSlow()
+	return false
 }
 
-// enqueue queues frame (or, with ping, a ping). A full queue marks s slow:
-// its queue is discarded and counted, and its writer closes it.
+// takeQueue empties the queue and returns what it held. s.mu is held.
+func (s *subscriber) takeQueue() [][]byte {
+	q := s.queue
+	s.queue, s.spare, s.queueBytes, s.handed, s.handedBytes = nil, nil, 0, 0, 0
+	return q
+}
+
+// enqueue queues frame (or, with ping, a ping) for s, a plain subscriber
+// (or a ping for any). A full queue marks s slow: its queue is discarded
+// and counted, and its writer closes it.
 func (s *subscriber) enqueue(frame []byte, ping bool) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -675,16 +830,27 @@ func (s *subscriber) enqueue(frame []byte, ping bool) bool {
 		s.startWriter()
 		return true
 	case len(s.queue) >= s.b.queueLen || s.queueBytes+len(frame) > s.b.queueBytes:
-		s.slow = true
-		s.countSlowDisconnect()
 		s.countDropped(len(s.queue) + 1)
-		clear(s.queue)
-		s.queue, s.spare, s.queueBytes = nil, nil, 0
-		s.startWriter()
+		clear(s.takeQueue())
+		s.markSlow()
 		return false
 	}
 	s.push(frame)
 	return true
+}
+
+// markSlow marks s too slow, with its queue already emptied: its writer
+// writes no more data, not even the rest of a batch in progress, and closes
+// the connection with 1008. s.mu is held.
+func (s *subscriber) markSlow() {
+	s.slow = true
+	s.countSlowDisconnect()
+	if s.wc != nil {
+		// As stopData, without waiting for the write in progress: the
+		// writer stops at its next write and sends the close frame.
+		s.wc.noData.Store(true)
+	}
+	s.startWriter()
 }
 
 // push appends frame and makes sure a writer runs. s.mu is held.
@@ -706,13 +872,14 @@ func (s *subscriber) startWriter() {
 
 // write drains the queue until it is empty, writing each batch of frames
 // with as few writes as possible, then exits. A slow subscriber is closed
-// with a policy-violation status once what was being written is out.
+// with a policy-violation status once the write in progress is out.
 func (s *subscriber) write() {
 	defer s.wg.Done()
 	for {
 		s.mu.Lock()
 		batch, ping, slow, closed := s.queue, s.ping, s.slow, s.closed
 		s.queue, s.spare, s.queueBytes, s.ping = s.spare[:0], nil, 0, false
+		s.handed, s.handedBytes, s.fullSince = 0, 0, time.Time{}
 		if closed || slow || (len(batch) == 0 && !ping) {
 			s.writing = false
 			clear(batch)
@@ -721,32 +888,68 @@ func (s *subscriber) write() {
 			}
 			s.mu.Unlock()
 			if slow && !closed {
-				s.b.log.Warn("subscriber too slow, disconnecting", "remote", s.wc.RemoteAddr())
-				s.closeWith(websocket.StatusPolicyViolation, closeReasonTooSlow)
+				s.closeSlow()
 			}
 			return
 		}
 		s.mu.Unlock()
 
-		err := s.wc.writeFrames(batch, ping)
-		clear(batch)
+		sent, tried, err := s.wc.writeFrames(batch, ping)
+		s.countDelivered(sent)
 		if err != nil {
-			s.mu.Lock()
-			s.writing, s.closed = false, true
-			s.queue, s.spare = nil, nil
-			s.mu.Unlock()
-			if !errors.Is(err, errDataStopped) {
-				s.conn.CloseNow() // a frame may be half written: no close frame
-			}
+			s.writeFailed(batch, sent, tried, err)
 			return
 		}
-		s.countDelivered(len(batch))
+		clear(batch)
 		s.mu.Lock()
 		if cap(batch) <= 1024 {
 			s.spare = batch[:0]
 		}
 		s.mu.Unlock()
 	}
+}
+
+// writeFailed ends the writer after a write of batch failed: frames
+// batch[sent:tried] may have reached the client in part and are counted as
+// dropped; batch[tried:] and the queue surely did not and are rehomed. A
+// write stopped for a close frame (errDataStopped) leaves the connection
+// to whoever closes it, or closes it with 1008 if s is too slow; a write
+// that failed midway leaves the stream inside a frame, so the connection
+// is dropped without a close frame, and one that timed out counts s as a
+// slow disconnect.
+func (s *subscriber) writeFailed(batch [][]byte, sent, tried int, err error) {
+	timedOut := errors.Is(err, os.ErrDeadlineExceeded)
+	s.mu.Lock()
+	wasSlow := s.slow
+	if timedOut && !wasSlow {
+		s.slow = true // messages for it are counted as dropped until it is removed
+		s.countSlowDisconnect()
+	}
+	if !s.slow {
+		s.closed = true // the connection is gone: nothing more is for it
+	}
+	s.writing = false
+	unsent := append(batch[tried:], s.takeQueue()...)
+	s.mu.Unlock()
+	s.countDropped(tried - sent)
+	s.b.rehome(s.topic, s.group, unsent)
+	clear(batch)
+	switch {
+	case errors.Is(err, errDataStopped):
+		if wasSlow {
+			s.closeSlow()
+		}
+		return
+	case timedOut && !wasSlow:
+		s.b.log.Warn("subscriber too slow: write timed out, disconnecting", "topic", s.topic, "queue", s.group, "remote", s.wc.RemoteAddr())
+	}
+	s.conn.CloseNow() // a frame may be half written: no close frame
+}
+
+// closeSlow closes a subscriber marked slow with 1008.
+func (s *subscriber) closeSlow() {
+	s.b.log.Warn("subscriber too slow, disconnecting", "topic", s.topic, "queue", s.group, "remote", s.wc.RemoteAddr())
+	s.closeWith(websocket.StatusPolicyViolation, closeReasonTooSlow)
 }
 
 // closeWith stops data frames and closes the websocket with code. It

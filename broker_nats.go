@@ -1038,8 +1038,13 @@ func (n *natsBroker) deliver(op natsOp) {
 		n.log.Debug("nats message with a bad header block dropped", "topic", topic, "err", err)
 		return
 	}
-	_, miss := n.b.deliverRemote(topic, &Message{Header: hdr, Body: op.payload}, queues == nil, queues)
-	n.missed.Add(int64(miss))
+	_, miss, full := n.b.deliverRemote(topic, &Message{Header: hdr, Body: op.payload}, queues == nil, queues)
+	n.missed.Add(int64(len(miss)))
+	if len(full) > 0 {
+		// NATS handed the message to this sidecar's queue subscription and
+		// will not offer it to another: it is lost to the group.
+		n.b.lose(len(full), topic, queues[full[0]], "no member of the queue group has room")
+	}
 }
 
 // Close flushes the buffered publishes (within the timeout, confirmed by a

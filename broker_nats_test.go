@@ -32,7 +32,7 @@ import (
 )
 
 // natsServerPath finds the nats-server binary (requireTool: on PATH, or in
-// /usr/sbin where the Debian package puts it, scripts/install-nats-server.sh).
+// /usr/sbin where the Debian package puts it, scripts/install-debian.sh).
 // Without one the test skips, or fails in CI.
 func natsServerPath(t testing.TB) string {
 	t.Helper()

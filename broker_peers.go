@@ -7,8 +7,12 @@ package main
 // any sidecar delivers locally and POSTs the message to /broker/deliver of
 // each other sidecar with plain subscribers, and of one sidecar per queue
 // group (this one or another), so that every subscriber gets it once and
-// every group once in total. Every sharing sidecar also registers one node
-// under go.micro.http.broker, which tells the others who may deliver.
+// every group once in total. A sidecar none of whose members of a group
+// can take a message (all full, or gone) refuses that group's delivery in
+// its answer, and the sender tries another sidecar with members (redirect),
+// so a stuck member on one sidecar costs the group nothing. Every sharing
+// sidecar also registers one node under go.micro.http.broker, which tells
+// the others who may deliver.
 //
 // The addresses of other sidecars come from the registry, which anyone who
 // can write to it can fill, so nothing secret is ever sent to them: not the
@@ -56,7 +60,7 @@ const (
 	peerBatchLen    = 256      // messages in one POST
 	peerBatchBytes  = 1 << 20  // estimated bytes of one POST, unless one message is larger
 	peerRetries     = 3        // extra attempts of a POST that surely did not arrive
-	peerAnswerLimit = 4 << 10  // bytes of another sidecar's answer read: {"delivered":N}, or its error
+	peerAnswerLimit = 4 << 20  // bytes of another sidecar's answer read: peerAnswer, or its error
 	maxPeers        = 1024     // other sidecars with deliveries in flight
 	maxTopicRoutes  = 10_000   // topics whose registry entry is parsed and kept
 )
@@ -70,11 +74,24 @@ type peerDelivery struct {
 	Queues []string          `json:"queues,omitempty"`
 	Header map[string]string `json:"header"`
 	Body   []byte            `json:"body"` // base64 in JSON
+
+	tried []string // sidecars that refused this queue delivery ("": this one); not sent
 }
 
 // peerBatch is the body of POST /broker/deliver.
 type peerBatch struct {
 	Messages []*peerDelivery `json:"messages"`
+}
+
+// peerAnswer is the body of a 200 answer to POST /broker/deliver.
+// Refused lists the queue deliveries the receiver did not make, as pairs
+// of indexes (message in the batch, queue in its Queues): the group has no
+// member there (it left), or none with room. The sender may give each to
+// another sidecar: it surely reached no member. A sidecar that predates
+// Refused never refuses.
+type peerAnswer struct {
+	Delivered int      `json:"delivered"`
+	Refused   [][2]int `json:"refused,omitempty"`
 }
 
 // entryKey names one registry node of this sidecar: a topic and a queue
@@ -110,7 +127,9 @@ type peerBroker struct {
 	forwardErrors atomic.Int64 // messages whose POST failed after retries
 	remoteDropped atomic.Int64 // messages dropped: another sidecar's queue was full, or shutdown
 	received      atomic.Int64 // messages delivered here by other sidecars
-	missed        atomic.Int64 // queue deliveries that found no member here (it left)
+	missed        atomic.Int64 // queue deliveries that found no member here (it left): refused
+	full          atomic.Int64 // queue deliveries refused: no member here had room
+	rerouted      atomic.Int64 // queue deliveries given to another sidecar (or this one) after a refusal
 	refused       atomic.Int64 // POST /broker/deliver refused: caller is not a sidecar
 	lastWarn      atomic.Int64 // unix ns of the last delivery failure logged at warn
 
@@ -610,6 +629,76 @@ func (p *peerBroker) Forward(topic string, m *Message, groups []string) (sent []
 	return sent
 }
 
+// Reroute implements Forwarder: no member of queue here had room for m, a
+// message published here, so it goes to another sidecar with members.
+func (p *peerBroker) Reroute(topic string, m *Message, queue string) bool {
+	return p.redirect(topic, m, queue, []string{""})
+}
+
+// redirect gives m's delivery to queue group q to a sidecar with members
+// that is not in tried ("" is this one), chosen at random: this sidecar's
+// members take it at once if one has room, another sidecar gets it queued
+// (and, should it refuse too, the next one: see send). It reports false
+// when no sidecar is left to try. Each sidecar is tried once per message,
+// and a sidecar that refused a delivery surely gave it to no member, so
+// the message reaches at most one member of the group.
+func (p *peerBroker) redirect(topic string, m *Message, q string, tried []string) bool {
+	tried = slices.Clip(tried)
+	rt := p.route(topic)
+	for {
+		var cands []string
+		if rt != nil {
+			for _, url := range rt.groups[q] {
+				if !slices.Contains(tried, url) {
+					cands = append(cands, url)
+				}
+			}
+		}
+		here := !slices.Contains(tried, "") && p.b.topics.get(topic).group(q) != nil
+		n := len(cands)
+		if here {
+			n++
+		}
+		if n == 0 {
+			return false
+		}
+		i := mrand.IntN(n)
+		if i == len(cands) {
+			if p.b.deliverGroup(topic, q, m) {
+				p.rerouted.Add(1)
+				return true
+			}
+			tried = append(tried, "")
+			continue
+		}
+		p.rerouted.Add(1)
+		p.enqueue(cands[i], &peerDelivery{Topic: topic, Queues: []string{q}, Header: m.Header, Body: m.Body, tried: tried})
+		return true
+	}
+}
+
+// rerouteRefused gives the queue deliveries that the sidecar at url
+// refused (ans.Refused, indexes into batch) to other sidecars, or counts
+// them as dropped when none is left.
+func (p *peerBroker) rerouteRefused(url string, batch []*peerDelivery, ans *peerAnswer) {
+	var done map[[2]int]bool // a pair listed twice is rerouted once
+	for _, r := range ans.Refused {
+		i, j := r[0], r[1]
+		if i < 0 || i >= len(batch) || j < 0 || j >= len(batch[i].Queues) || done[r] {
+			continue
+		}
+		if done == nil {
+			done = map[[2]int]bool{}
+		}
+		done[r] = true
+		d := batch[i]
+		q := d.Queues[j]
+		if !p.redirect(d.Topic, &Message{Header: d.Header, Body: d.Body}, q, append(slices.Clip(d.tried), url)) {
+			p.b.lose(1, d.Topic, q, "no member of the queue group on any sidecar has room")
+		}
+	}
+}
+
 // enqueue queues d for the sidecar at url, starting its sender if none
 // runs; a full queue drops d and counts it.
 func (p *peerBroker) enqueue(url string, d *peerDelivery) {
@@ -670,12 +759,16 @@ func (p *peerBroker) send(pe *peer) {
 		}
 		p.pmu.Unlock()
 
-		if err := p.post(pe.url, batch); err != nil {
+		ans, err := p.post(pe.url, batch)
+		if err != nil {
 			p.forwardErrors.Add(int64(len(batch)))
 			p.warnf("delivery to sidecar failed", "sidecar", pe.url, "messages", len(batch), "err", err)
 			continue
 		}
 		p.forwarded.Add(int64(len(batch)))
+		if len(ans.Refused) > 0 {
+			p.rerouteRefused(pe.url, batch, ans)
+		}
 	}
 }
 
@@ -706,19 +799,20 @@ func (d *peerDelivery) size() int {
 // post sends one batch, retrying only when it surely did not arrive, so
 // that no message is delivered twice: the connection was refused, the
 // sidecar answered 503 (shutting down), or 403 (its copy of the registry
-// does not list this sidecar yet: it just started).
-func (p *peerBroker) post(url string, batch []*peerDelivery) error {
+// does not list this sidecar yet: it just started). It returns the
+// receiver's answer.
+func (p *peerBroker) post(url string, batch []*peerDelivery) (*peerAnswer, error) {
 	body, err := json.Marshal(peerBatch{Messages: batch})
 	if err != nil {
-		return fmt.Errorf("broker: encode delivery: %w", err)
+		return nil, fmt.Errorf("broker: encode delivery: %w", err)
 	}
 	for try := 0; ; try++ {
-		retry, err := p.postOnce(url, body)
+		ans, retry, err := p.postOnce(url, body)
 		if err == nil || !retry || try == peerRetries {
-			return err
+			return ans, err
 		}
 		if !sleepCtx(p.ctx, retryBackoff(try)) {
-			return err
+			return nil, err
 		}
 	}
 }
@@ -726,12 +820,12 @@ func (p *peerBroker) post(url string, batch []*peerDelivery) error {
 // postOnce sends one delivery. The URL comes from the registry, so the
 // request carries no credential: only a signature (see signDelivery),
 // made anew for each attempt.
-func (p *peerBroker) postOnce(url string, body []byte) (retry bool, err error) {
+func (p *peerBroker) postOnce(url string, body []byte) (ans *peerAnswer, retry bool, err error) {
 	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ClientRequestTimeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url+deliverPath, bytes.NewReader(body))
 	if err != nil {
-		return false, fmt.Errorf("broker: deliver to %s: %w", url, err)
+		return nil, false, fmt.Errorf("broker: deliver to %s: %w", url, err)
 	}
 	req.Header.Set("Content-Type", "application/json")
 	if p.key != nil {
@@ -739,19 +833,25 @@ func (p *peerBroker) postOnce(url string, body []byte) (retry bool, err error) {
 		req.Header.Set(deliverTimeHeader, ts)
 		req.Header.Set(deliverSigHeader, signDelivery(p.key, ts, req.URL.Host, body))
 	}
-	resp, _, err := callJSON(p.client, req, peerAnswerLimit, nil)
+	ans = &peerAnswer{}
+	resp, _, err := callJSON(p.client, req, peerAnswerLimit, ans)
 	var se *statusError
 	switch {
 	case errors.As(err, &se):
 		retry := se.code == http.StatusServiceUnavailable || se.code == http.StatusForbidden
-		return retry, fmt.Errorf("broker: deliver to %s: %w", url, err)
+		return nil, retry, fmt.Errorf("broker: deliver to %s: %w", url, err)
+	case resp != nil && err != nil:
+		// A 2xx status says delivered, whatever its body; refusals in a
+		// body that cannot be read are lost (the receiver counts them).
+		p.warnf("answer of sidecar unreadable", "sidecar", url, "err", err)
+		return &peerAnswer{}, false, nil
 	case resp != nil:
-		return false, nil // a 2xx status says delivered, whatever its body
+		return ans, false, nil
 	case err != nil:
 		var op *net.OpError
-		return errors.As(err, &op) && op.Op == "dial", fmt.Errorf("broker: deliver to %s: %w", url, err)
+		return nil, errors.As(err, &op) && op.Op == "dial", fmt.Errorf("broker: deliver to %s: %w", url, err)
 	}
-	return false, nil
+	return &peerAnswer{}, false, nil
 }
 
 // handleDeliver serves POST /broker/deliver: messages from another
@@ -794,14 +894,21 @@ func (p *peerBroker) handleDeliver(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	delivered := 0
-	for _, d := range batch.Messages {
-		n, missed := p.b.deliverRemote(d.Topic, &Message{Header: d.Header, Body: d.Body}, d.Plain, d.Queues)
-		delivered += n
-		p.missed.Add(int64(missed))
+	var ans peerAnswer
+	for i, d := range batch.Messages {
+		n, missed, full := p.b.deliverRemote(d.Topic, &Message{Header: d.Header, Body: d.Body}, d.Plain, d.Queues)
+		ans.Delivered += n
+		p.missed.Add(int64(len(missed)))
+		p.full.Add(int64(len(full)))
+		for _, j := range missed {
+			ans.Refused = append(ans.Refused, [2]int{i, j})
+		}
+		for _, j := range full {
+			ans.Refused = append(ans.Refused, [2]int{i, j})
+		}
 	}
 	p.received.Add(int64(len(batch.Messages)))
-	writeJSON(w, http.StatusOK, map[string]int{"delivered": delivered})
+	writeJSON(w, http.StatusOK, ans)
 }
 
 // checkDelivery validates one delivered message as a publish would be.
@@ -960,6 +1067,8 @@ func (p *peerBroker) metrics(emit emitFunc) {
 	emit("sidecar_broker_forward_errors_total", "Messages whose delivery to another sidecar failed after retries.", "counter", float64(p.forwardErrors.Load()))
 	emit("sidecar_broker_remote_dropped_total", "Messages for other sidecars dropped because their queue was full.", "counter", float64(p.remoteDropped.Load()))
 	emit("sidecar_broker_remote_received_total", "Messages delivered here by other sidecars.", "counter", float64(p.received.Load()))
-	emit("sidecar_broker_remote_missed_total", "Queue group deliveries from other sidecars that found no member here.", "counter", float64(p.missed.Load()))
+	emit("sidecar_broker_remote_missed_total", "Queue group deliveries from other sidecars refused: no member here (the sender tries another sidecar).", "counter", float64(p.missed.Load()))
+	emit("sidecar_broker_remote_full_total", "Queue group deliveries from other sidecars refused: no member here had room (the sender tries another sidecar).", "counter", float64(p.full.Load()))
+	emit("sidecar_broker_rerouted_total", "Queue group deliveries given to another sidecar, or taken here, after the sidecar chosen could not take them.", "counter", float64(p.rerouted.Load()))
 	emit("sidecar_broker_remote_refused_total", "Deliveries refused because the caller is not a sidecar.", "counter", float64(p.refused.Load()))
 }

@@ -109,6 +109,18 @@ func topicNodes(t *testing.T, base, topic string) []string {
 	return lookup(t, base, topicServicePrefix+topic)
 }
 
+// peerBacklog is the number of deliveries s has queued for other
+// sidecars.
+func peerBacklog(s *server) int {
+	s.peers.pmu.Lock()
+	defer s.peers.pmu.Unlock()
+	n := 0
+	for _, pe := range s.peers.peers {
+		n += len(pe.queue)
+	}
+	return n
+}
+
 // peersIdle reports whether s has no delivery queued or in flight to other
 // sidecars.
 func peersIdle(s *server) bool {
@@ -700,4 +712,129 @@ func TestPubSubPeerQueueBytes(t *testing.T) {
 	if a.peers.remoteDropped.Load() == 0 {
 		t.Error("no message counted as dropped for the hung peer")
 	}
+}
+
+// TestPubSubStuckMemberAcrossSidecars: a queue group spans two sidecars
+// that share a registry, its member on B stops reading and its member on
+// A reads, and messages are published on both. Once B's member is full, B
+// refuses the group's deliveries and A gives them to its own member, and
+// B's own publishes go to A: the healthy member receives every message
+// published after the stuck one is found too slow, the stuck one gets
+// close status 1008, no message reaches both, and every message is
+// received or counted as dropped on one of the sidecars.
+func TestPubSubStuckMemberAcrossSidecars(t *testing.T) {
+	a, urlA := startSharing(t, testConfig())
+	b, urlB := startSharing(t, remoteConfig("sidecar", urlA))
+	for _, s := range []*server{a, b} {
+		s.broker.queueLen = 512
+		s.broker.stuckAfter = 20 * time.Millisecond
+		s.broker.writeTimeout = 2 * time.Minute // the stuck member reads again at the end
+		s.broker.pingInterval = time.Hour       // and, not reading, answers no ping
+	}
+	const path = "/broker?topic=jobs&queue=workers"
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	hc, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(urlA, "http")+path, nil)
+	if err != nil {
+		t.Fatalf("dial healthy member: %v", err)
+	}
+	hc.SetReadLimit(1 << 20)
+	healthy := record(t, hc)
+	waitSubscribers(t, a, 1)
+	hsub := onlySubscriber(t, a)
+	stuck := dialStuck(t, "ws"+strings.TrimPrefix(urlB, "http")+path)
+	eventually(t, 10*time.Second, "jobs entry with a node of A and of B, seen from both", func() bool {
+		return len(topicNodes(t, urlA, "jobs")) == 2 && len(topicNodes(t, urlB, "jobs")) == 2
+	})
+
+	const window, limit = 256, 200_000
+	n := 20_000
+	pad := strings.Repeat("x", 1024)
+	client := &http.Client{Timeout: 10 * time.Second}
+	publish := func(i int) {
+		base := urlA
+		if i%2 == 1 {
+			base = urlB
+		}
+		resp, err := client.Post(base+"/broker?topic=jobs", "text/plain", strings.NewReader(fmt.Sprintf("%d %s", i, pad)))
+		if err != nil {
+			t.Fatalf("publish %d: %v", i, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("publish %d = %d", i, resp.StatusCode)
+		}
+	}
+	// The publisher keeps the healthy member's queue and the queues
+	// between the sidecars short, so that none fills even on a loaded
+	// machine: then nothing need be lost.
+	room := func() bool { return queuedFor(hsub) < window && peerBacklog(a) < window && peerBacklog(b) < window }
+	i := 0
+	for ; i < limit && b.broker.slowDisconnects.Load() == 0; i++ {
+		healthy.waitFor(t, time.Minute, "room in the healthy member's queue and between the sidecars", room)
+		publish(i)
+	}
+	if i == limit {
+		t.Fatalf("after %d messages the stuck member was never found too slow", i)
+	}
+	found := i
+	n = max(n, found+2000)
+	t.Logf("stuck member found too slow after %d messages", found)
+	settled := func() bool { return peersIdle(a) && peersIdle(b) && queuesDrained(a) && queuesDrained(b) }
+	for ; i < n; i++ {
+		healthy.waitFor(t, time.Minute, "room in the healthy member's queue and between the sidecars", room)
+		publish(i)
+	}
+	healthy.waitFor(t, time.Minute, "deliveries settled", settled)
+
+	fromStuck := readToClose(t, stuck, websocket.StatusPolicyViolation)
+	lost := func() int {
+		n := 0
+		for _, s := range []*server{a, b} {
+			n += int(s.broker.dropped.Load() + s.peers.forwardErrors.Load() + s.peers.remoteDropped.Load())
+		}
+		return n
+	}
+	healthy.waitFor(t, time.Minute, "every message received or counted as lost", func() bool {
+		return settled() && healthy.count()+len(fromStuck)+lost() >= n
+	})
+	got := healthy.messages()
+	if total := len(got) + len(fromStuck) + lost(); total != n {
+		t.Errorf("healthy member got %d, stuck one %d, counted as lost %d: %d, want %d", len(got), len(fromStuck), lost(), total, n)
+	}
+	seen := make([]int, n)
+	for _, k := range append(got, fromStuck...) {
+		seen[k]++
+	}
+	missing, twice := 0, 0
+	for k, c := range seen {
+		if c > 1 {
+			twice++
+		}
+		if k >= found && c == 0 {
+			missing++
+		}
+	}
+	if missing > 0 {
+		t.Errorf("healthy member lacks %d of the %d messages published after the stuck one was found too slow", missing, n-found)
+	}
+	if twice > 0 {
+		t.Errorf("%d messages reached a member twice, or both members", twice)
+	}
+	if l := lost(); l != 0 {
+		t.Errorf("the queue group lost %d messages (counted)", l)
+	}
+
+	mA, mB := getMetrics(t, urlA), getMetrics(t, urlB)
+	if mB["sidecar_broker_slow_disconnects_total"] != 1 {
+		t.Errorf("B's /metrics slow disconnects = %v, want 1", mB["sidecar_broker_slow_disconnects_total"])
+	}
+	if mB["sidecar_broker_remote_full_total"] == 0 || mA["sidecar_broker_rerouted_total"] == 0 || mB["sidecar_broker_rerouted_total"] == 0 {
+		t.Errorf("/metrics: B refused %v deliveries of A as full, A rerouted %v, B rerouted %v; want some of each",
+			mB["sidecar_broker_remote_full_total"], mA["sidecar_broker_rerouted_total"], mB["sidecar_broker_rerouted_total"])
+	}
+	t.Logf("healthy %d, stuck %d, lost %d (dropped on A %v, on B %v); B refused %v, A rerouted %v, B rerouted %v",
+		len(got), len(fromStuck), lost(), mA["sidecar_broker_dropped_total"], mB["sidecar_broker_dropped_total"],
+		mB["sidecar_broker_remote_full_total"], mA["sidecar_broker_rerouted_total"], mB["sidecar_broker_rerouted_total"])
 }

@@ -9,8 +9,9 @@ package main
 // counts go to the "other" row), /stats shows the busiest topTopics, and
 // /metrics has no topic label at all (its broker counters are totals).
 //
-// The broker calls in at four places only: countPublished when it accepts
-// a message, and a subscriber's countDelivered, countDropped and
+// The broker calls in at five places only: countPublished when it accepts
+// a message, countDropped when a queue group loses one (no member had
+// room), and a subscriber's countDelivered, countDropped and
 // countSlowDisconnect; subscribing holds the topic's counters
 // (topicStats.subscribe) until the subscriber's writer has ended.
 
@@ -59,17 +60,28 @@ func newTopicStats(max int) *topicStats {
 
 // countPublished counts one message accepted for topic.
 func (t *topicStats) countPublished(topic string) {
+	t.count(topic, func(c *topicCounters) { c.published.Add(1) })
+}
+
+// countDropped counts n messages for topic lost by the broker rather than
+// by one subscriber (a queue group with no member that had room).
+func (t *topicStats) countDropped(topic string, n int) {
+	t.count(topic, func(c *topicCounters) { c.dropped.Add(int64(n)) })
+}
+
+// count applies add to topic's counters, adding them if need be.
+func (t *topicStats) count(topic string, add func(*topicCounters)) {
 	t.mu.RLock()
 	c := t.m[topic]
 	if c != nil {
-		c.published.Add(1)
+		add(c)
 	}
 	t.mu.RUnlock()
 	if c != nil {
 		return
 	}
 	t.mu.Lock()
-	t.entry(topic).published.Add(1)
+	add(t.entry(topic))
 	t.mu.Unlock()
 }
 
@@ -185,6 +197,13 @@ func (b *broker) topicsJSON() []topicJSON {
 func (b *broker) countPublished(topic string) {
 	b.published.Add(1)
 	b.topicStats.countPublished(topic)
+}
+
+// countDropped counts n messages for topic lost to a queue group and
+// returns the broker's total.
+func (b *broker) countDropped(topic string, n int) int64 {
+	b.topicStats.countDropped(topic, n)
+	return b.dropped.Add(int64(n))
 }
 
 // countDelivered counts n frames written to s.

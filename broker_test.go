@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -557,6 +558,58 @@ func BenchmarkBrokerFanout(b *testing.B) {
 	b.StopTimer()
 }
 
+// BenchmarkBrokerQueueGroup publishes 16-byte messages to a queue group
+// of 4 websocket members on a real server and reports deliveries per
+// second: the path of a group member's delivery (pick one member with
+// room), as BenchmarkBrokerFanout measures plain subscribers'.
+func BenchmarkBrokerQueueGroup(b *testing.B) {
+	const members, window = 4, 2048
+	s, err := newServer(testConfig(), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		b.Fatal(err)
+	}
+	ts := httptest.NewServer(s.handler)
+	defer func() { s.Close(); ts.Close() }()
+
+	var received atomic.Int64
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for range members {
+		nc, br := rawHandshake(b, ts, "/broker?topic=bench&queue=workers")
+		defer nc.Close()
+		wg.Go(func() {
+			for {
+				h, err := br.Peek(2)
+				if err != nil {
+					return
+				}
+				if _, err := br.Discard(2 + int(h[1]&0x7f)); err != nil {
+					return
+				}
+				received.Add(1)
+			}
+		})
+	}
+	for s.broker.subscribers.Load() != members {
+		time.Sleep(time.Millisecond)
+	}
+	m := &Message{Header: map[string]string{}, Body: []byte("0123456789abcdef")}
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	for i := range b.N {
+		for received.Load() < int64(i-window) {
+			runtime.Gosched()
+		}
+		s.broker.publish("bench", m)
+	}
+	for received.Load() < int64(b.N) {
+		runtime.Gosched()
+	}
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "deliveries/s")
+	b.StopTimer()
+}
+
 // rawHandshake opens a websocket to path by hand and returns the
 // connection with the reader positioned at the first frame.
 func rawHandshake(tb testing.TB, ts *httptest.Server, path string) (net.Conn, *bufio.Reader) {
@@ -662,5 +715,333 @@ func TestBrokerNoDataAfterClose(t *testing.T) {
 			}
 		}()
 		waitSubscribers(t, s, 0)
+	}
+}
+
+// dialStuck opens a websocket subscriber to url whose receive buffer is
+// small, so that the sidecar's writes to it block soon once it stops
+// reading.
+func dialStuck(t *testing.T, url string) *websocket.Conn {
+	t.Helper()
+	dialer := &net.Dialer{Control: func(network, address string, c syscall.RawConn) error {
+		var err error
+		c.Control(func(fd uintptr) { err = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+		return err
+	}}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	conn, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{
+		HTTPClient: &http.Client{Transport: &http.Transport{DialContext: dialer.DialContext}},
+	})
+	if err != nil {
+		t.Fatalf("dial stuck subscriber %s: %v", url, err)
+	}
+	conn.SetReadLimit(8 << 20)
+	t.Cleanup(func() { conn.CloseNow() })
+	return conn
+}
+
+// recorder reads a subscriber's messages in the background and records
+// their bodies, each a message number.
+type recorder struct {
+	done chan struct{} // closed when reading ends
+	err  error         // why reading ended; read after done
+
+	mu  sync.Mutex // guards got
+	got []int      // message numbers, in arrival order
+}
+
+func record(t *testing.T, conn *websocket.Conn) *recorder {
+	t.Helper()
+	r := &recorder{done: make(chan struct{})}
+	go func() {
+		defer close(r.done)
+		for {
+			_, p, err := conn.Read(context.Background())
+			if err != nil {
+				r.err = err
+				return
+			}
+			var m Message
+			if err := json.Unmarshal(p, &m); err != nil {
+				r.err = fmt.Errorf("frame %.60q is not a broker message: %w", p, err)
+				return
+			}
+			num, _, _ := strings.Cut(string(m.Body), " ")
+			i, err := strconv.Atoi(num)
+			if err != nil {
+				r.err = fmt.Errorf("body %.60q does not start with a message number", m.Body)
+				return
+			}
+			r.mu.Lock()
+			r.got = append(r.got, i)
+			r.mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() { conn.CloseNow(); <-r.done })
+	return r
+}
+
+func (r *recorder) count() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.got)
+}
+
+func (r *recorder) messages() []int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.got)
+}
+
+// waitFor waits until cond holds, failing the test if r stops reading
+// first or within passes.
+func (r *recorder) waitFor(t *testing.T, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.After(within)
+	for !cond() {
+		select {
+		case <-r.done:
+			t.Fatalf("%s: the healthy subscriber stopped reading after %d messages: %v", what, r.count(), r.err)
+		case <-deadline:
+			t.Fatalf("after %s: %s never happened (the healthy subscriber has %d messages)", within, what, r.count())
+		case <-time.After(time.Millisecond):
+		}
+	}
+}
+
+// readToClose reads the message numbers conn receives until its
+// connection ends, which must be with close status want (-1: none).
+func readToClose(t *testing.T, conn *websocket.Conn, want websocket.StatusCode) []int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var got []int
+	for {
+		_, p, err := conn.Read(ctx)
+		if err != nil {
+			if code := websocket.CloseStatus(err); code != want {
+				t.Fatalf("stuck subscriber: read after %d messages: %v (status %v), want close status %v", len(got), err, code, want)
+			}
+			return got
+		}
+		var m Message
+		json.Unmarshal(p, &m)
+		num, _, _ := strings.Cut(string(m.Body), " ")
+		k, err := strconv.Atoi(num)
+		if err != nil {
+			t.Fatalf("stuck subscriber: body %.60q does not start with a message number", m.Body)
+		}
+		got = append(got, k)
+	}
+}
+
+// onlySubscriber returns the one subscriber s has.
+func onlySubscriber(t *testing.T, s *server) *subscriber {
+	t.Helper()
+	s.broker.mu.Lock()
+	defer s.broker.mu.Unlock()
+	if len(s.broker.all) != 1 {
+		t.Fatalf("%d subscribers, want 1", len(s.broker.all))
+	}
+	for sub := range s.broker.all {
+		return sub
+	}
+	return nil
+}
+
+// queuedFor is the number of frames queued for sub, not yet taken by its
+// writer.
+func queuedFor(sub *subscriber) int {
+	sub.mu.Lock()
+	defer sub.mu.Unlock()
+	return len(sub.queue)
+}
+
+// queuesDrained reports whether every subscriber of s that is not being
+// dropped has handed everything queued for it to its connection.
+func queuesDrained(s *server) bool {
+	b := s.broker
+	b.mu.Lock()
+	subs := make([]*subscriber, 0, len(b.all))
+	for sub := range b.all {
+		subs = append(subs, sub)
+	}
+	b.mu.Unlock()
+	for _, sub := range subs {
+		sub.mu.Lock()
+		idle := sub.slow || sub.closed || len(sub.queue) == 0 && !sub.writing
+		sub.mu.Unlock()
+		if !idle {
+			return false
+		}
+	}
+	return true
+}
+
+// TestBrokerStuckSubscriber: one subscriber stops reading, one reads, and
+// 20,000 messages are published through POST /broker. Once the stuck one
+// is found too far behind, the healthy one receives every message; the
+// stuck one is counted as a slow disconnect and, when it reads again,
+// finds what was written to it followed by close status 1008; and every
+// message is either delivered or counted as dropped in /metrics, nothing
+// vanishes. For a queue group (issue 13, section 3) the healthy member
+// takes the stuck member's share and its queue, and no message reaches
+// both; a plain subscriber gets every message. A stuck member that is
+// found out by its write timing out instead (it never reads again) gets no
+// close frame, since none can be written, and is counted the same way.
+// With --broker nats, NATS hands the group's messages to the sidecar's
+// one queue subscription, and the same rule holds.
+func TestBrokerStuckSubscriber(t *testing.T) {
+	for _, tt := range []struct {
+		name, path   string
+		copies       int           // subscribers each message is for
+		stuckAfter   time.Duration // a group member full this long is too slow
+		writeTimeout time.Duration
+		readsAgain   bool // the stuck subscriber reads again before its write times out
+		nats         bool // --broker nats
+	}{
+		{"queue group", "/broker?topic=jobs&queue=workers", 1, 20 * time.Millisecond, 2 * time.Minute, true, false},
+		{"queue group, write times out", "/broker?topic=jobs&queue=workers", 1, time.Hour, 3 * time.Second, false, false},
+		{"queue group over NATS", "/broker?topic=jobs&queue=workers", 1, 20 * time.Millisecond, 2 * time.Minute, true, true},
+		{"plain", "/broker?topic=jobs", 2, 20 * time.Millisecond, 2 * time.Minute, true, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			var cfg *Config
+			if tt.nats {
+				cfg = natsTestConfig(startNATS(t, "").url)
+			}
+			s, ts := newTestServer(t, cfg, func(s *server) {
+				s.broker.queueLen = 1024
+				s.broker.stuckAfter = tt.stuckAfter
+				s.broker.writeTimeout = tt.writeTimeout
+				// A client that does not read answers no ping: the stuck
+				// one must not be dropped as dead before it reads again.
+				s.broker.pingInterval = time.Hour
+			})
+			if tt.nats {
+				waitConnected(t, s)
+			}
+			healthy := record(t, dialBroker(t, ts, tt.path))
+			waitSubscribers(t, s, 1)
+			hsub := onlySubscriber(t, s)
+			stuck := dialStuck(t, wsURL(ts, tt.path))
+			waitSubscribers(t, s, 2)
+
+			// 20,000 messages, at least 2,000 of them after the stuck
+			// subscriber is found out (the write timeout takes seconds),
+			// and at most limit before.
+			const window, limit = 256, 200_000
+			n := 20_000
+			pad := strings.Repeat("x", 1024)
+			client := &http.Client{Timeout: 10 * time.Second}
+			publish := func(i int) {
+				resp, err := client.Post(ts.URL+"/broker?topic=jobs", "text/plain", strings.NewReader(fmt.Sprintf("%d %s", i, pad)))
+				if err != nil {
+					t.Fatalf("publish %d: %v", i, err)
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					t.Fatalf("publish %d = %d", i, resp.StatusCode)
+				}
+			}
+
+			// The publisher keeps the healthy subscriber's queue short,
+			// so that it is never full even on a loaded machine: then
+			// nothing need be lost.
+			room := func() bool {
+				if tt.nats && s.broker.published.Load()-s.nats.received.Load() >= window {
+					return false // on their way through NATS
+				}
+				return queuedFor(hsub) < window
+			}
+
+			// Until the stuck subscriber is found too slow.
+			i := 0
+			for ; i < limit && s.broker.slowDisconnects.Load() == 0; i++ {
+				healthy.waitFor(t, time.Minute, "room in the healthy subscriber's queue", room)
+				publish(i)
+			}
+			if i == limit {
+				t.Fatalf("after %d messages the stuck subscriber was never found too slow: slow disconnects 0, dropped %d, delivered %d",
+					i, s.broker.dropped.Load(), s.broker.delivered.Load())
+			}
+			found := i
+			n = max(n, found+2000)
+			t.Logf("stuck subscriber found too slow after %d messages", found)
+			first := found // from here on every message reaches the healthy subscriber
+			if tt.copies > 1 {
+				first = 0 // as did every one before
+			}
+			for ; i < n; i++ {
+				healthy.waitFor(t, time.Minute, "room in the healthy subscriber's queue", room)
+				publish(i)
+			}
+
+			// The stuck subscriber reads again: what was written to it,
+			// then the close frame.
+			want := websocket.StatusPolicyViolation
+			if !tt.readsAgain {
+				want = -1 // the connection ends without a close frame
+			}
+			fromStuck := readToClose(t, stuck, want)
+			waitSubscribers(t, s, 1)
+
+			// Every message is delivered or counted as dropped.
+			var m map[string]float64
+			healthy.waitFor(t, time.Minute, "published = delivered + dropped in /metrics", func() bool {
+				m = getMetrics(t, ts.URL)
+				return m["sidecar_broker_published_total"] == float64(n) &&
+					m["sidecar_broker_delivered_total"]+m["sidecar_broker_dropped_total"] == float64(tt.copies*n)
+			})
+			if got := m["sidecar_broker_slow_disconnects_total"]; got != 1 {
+				t.Errorf("/metrics slow disconnects = %v, want 1", got)
+			}
+			dropped := int(m["sidecar_broker_dropped_total"])
+			healthy.waitFor(t, time.Minute, "every message received or counted as dropped", func() bool {
+				return healthy.count()+len(fromStuck)+dropped >= tt.copies*n
+			})
+			got := healthy.messages()
+			if total := len(got) + len(fromStuck) + dropped; total != tt.copies*n {
+				t.Errorf("healthy subscriber got %d, stuck one %d, dropped %d: %d, want %d",
+					len(got), len(fromStuck), dropped, total, tt.copies*n)
+			}
+			seen := make([]int, n)
+			for _, k := range got {
+				seen[k]++
+			}
+			missing := 0
+			for k := first; k < n; k++ {
+				if seen[k] != 1 {
+					missing++
+				}
+			}
+			if missing > 0 {
+				t.Errorf("healthy subscriber lacks %d of the %d messages published after the stuck one was found too slow (dropped %d)",
+					missing, n-first, dropped)
+			}
+			if tt.copies == 1 {
+				// A write that times out cuts at most one frame; else a
+				// group loses nothing.
+				if tt.readsAgain && dropped != 0 || dropped > 1 {
+					t.Errorf("the queue group lost %d messages (counted as dropped)", dropped)
+				}
+				for _, k := range fromStuck {
+					seen[k]++
+				}
+				twice := 0
+				for _, c := range seen {
+					if c > 1 {
+						twice++
+					}
+				}
+				if twice > 0 {
+					t.Errorf("%d messages reached a member of the queue group twice, or both members", twice)
+				}
+			}
+			t.Logf("healthy %d, stuck %d, dropped %d", len(got), len(fromStuck), dropped)
+		})
 	}
 }

@@ -51,6 +51,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"sync"
@@ -98,6 +99,29 @@ func encodeFrame(m *Message) []byte {
 	}
 	buf[start] = 0x80 | 0x1 // FIN, text
 	return buf[start:]
+}
+
+// decodeFrame is the inverse of encodeFrame, for the rare frame that must
+// leave this sidecar again (broker.rehome).
+func decodeFrame(frame []byte) (*Message, error) {
+	if len(frame) < 2 {
+		return nil, errors.New("broker: frame too short")
+	}
+	start := 2
+	switch frame[1] {
+	case 126:
+		start = 4
+	case 127:
+		start = 10
+	}
+	if len(frame) < start {
+		return nil, errors.New("broker: frame too short")
+	}
+	m := &Message{}
+	if err := json.Unmarshal(frame[start:], m); err != nil {
+		return nil, fmt.Errorf("broker: decode frame: %w", err)
+	}
+	return m, nil
 }
 
 // pingFrame is an unmasked ping without payload.
@@ -220,7 +244,14 @@ var writeBufs = sync.Pool{New: func() any { b := make([]byte, 0, brokerWriteBatc
 
 // writeFrames writes a ping (if ping) and frames, copying small frames into
 // one buffer so a batch costs one write call per brokerWriteBatch bytes.
-func (c *wsConn) writeFrames(frames [][]byte, ping bool) error {
+// frames[:sent] were written whole. After an error, frames[sent:tried] (at
+// most one frame) were written in part, and frames[tried:] surely not at
+// all: the connection took none of their bytes (a net.Conn's Write reports
+// the bytes it took; a tls.Conn's, those of the records it wrote whole,
+// and the client can read nothing of a record cut short). So the broker
+// may give frames[tried:] to another member of a queue group without any
+// frame reaching two members.
+func (c *wsConn) writeFrames(frames [][]byte, ping bool) (sent, tried int, err error) {
 	bp := writeBufs.Get().(*[]byte)
 	buf := (*bp)[:0]
 	defer func() {
@@ -234,35 +265,51 @@ func (c *wsConn) writeFrames(frames [][]byte, ping bool) error {
 	// shutdown waiting in stopData) for the length of an 8 MiB queue.
 	deadline := time.Now().Add(c.writeTimeout)
 	if c.noData.Load() {
-		return errDataStopped
+		return 0, 0, errDataStopped
 	}
-	write := func(p []byte) error {
+	// write writes p: lead bytes (a ping), then frames[sent:upto].
+	write := func(p []byte, lead, upto int) error {
 		if c.noData.Load() {
 			return errDataStopped
 		}
-		_, err := c.writeLocked(p, deadline)
+		n, err := c.writeLocked(p, deadline)
+		if err == nil {
+			sent, tried = upto, upto
+			return nil
+		}
+		for n -= lead; sent < upto && n >= len(frames[sent]); sent++ {
+			n -= len(frames[sent])
+		}
+		tried = sent
+		if sent < upto && n > 0 {
+			tried++ // cut inside this frame
+		}
 		return err
 	}
+	lead := 0
 	if ping {
 		buf = append(buf, pingFrame...)
+		lead = len(pingFrame)
 	}
-	for _, f := range frames {
+	for i, f := range frames {
 		if len(buf)+len(f) > brokerWriteBatch && len(buf) > 0 {
-			if err := write(buf); err != nil {
-				return err
+			if err := write(buf, lead, i); err != nil {
+				return sent, tried, err
 			}
-			buf = buf[:0]
+			buf, lead = buf[:0], 0
 		}
 		if len(f) > brokerWriteBatch {
-			if err := write(f); err != nil {
-				return err
+			if err := write(f, 0, i+1); err != nil {
+				return sent, tried, err
 			}
 			continue
 		}
 		buf = append(buf, f...)
 	}
 	if len(buf) > 0 {
-		return write(buf)
+		if err := write(buf, lead, len(frames)); err != nil {
+			return sent, tried, err
+		}
 	}
-	return nil
+	return sent, tried, nil
 }

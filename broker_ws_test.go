@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -300,7 +301,7 @@ func TestWSLibraryControlFramesWhole(t *testing.T) {
 
 	// A pong nobody asked for, as the client answers the writer's pings,
 	// then a message: the library takes the pong and delivers the message.
-	if err := p.wc.writeFrames(nil, true); err != nil {
+	if _, _, err := p.wc.writeFrames(nil, true); err != nil {
 		t.Fatalf("writer's ping: %v", err)
 	}
 	if f, err := p.next(); err != nil || f.b0 != 0x80|opPing || len(f.payload) != 0 {
@@ -452,7 +453,7 @@ func TestWSLibraryNothingAfterClose(t *testing.T) {
 				t.Errorf("the library's close frame did not stop the writer (noData unset)")
 			}
 			frame := encodeFrame(&Message{Body: []byte("late")})
-			if err := p.wc.writeFrames([][]byte{frame}, true); !errors.Is(err, errDataStopped) {
+			if _, _, err := p.wc.writeFrames([][]byte{frame}, true); !errors.Is(err, errDataStopped) {
 				t.Errorf("writer after the close frame: %v, want errDataStopped", err)
 			}
 			if err := p.conn.Write(context.Background(), websocket.MessageText, []byte("late")); err == nil {
@@ -469,4 +470,77 @@ func TestWSLibraryNothingAfterClose(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestWSWriteFramesCounts pins what writeFrames reports when a write
+// times out against a client that does not read: frames[:sent] arrived
+// whole, at most the one frame at sent arrived in part (then tried is
+// sent+1), and nothing of frames[tried:] arrived. The broker rehomes
+// frames[tried:] to another queue group member on that promise.
+func TestWSWriteFramesCounts(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	client.(*net.TCPConn).SetReadBuffer(4096)
+	server := <-accepted
+	if server == nil {
+		t.Fatal("accept failed")
+	}
+	server.(*net.TCPConn).SetWriteBuffer(16 << 10)
+
+	// 300 frames of 10 KB, more than the socket buffers hold; frames of
+	// 100 KB, larger than brokerWriteBatch, are written alone.
+	var frames [][]byte
+	for i := range 300 {
+		size := 10 << 10
+		if i%50 == 49 {
+			size = 100 << 10
+		}
+		frames = append(frames, encodeFrame(&Message{Body: bytes.Repeat([]byte{byte('a' + i%26)}, size)}))
+	}
+	wc := &wsConn{Conn: server, writeTimeout: 50 * time.Millisecond}
+	sent, tried, err := wc.writeFrames(frames, true)
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("writeFrames to a client that does not read: %v, want a timeout", err)
+	}
+	if sent == len(frames) || tried < sent || tried > sent+1 {
+		t.Fatalf("writeFrames = sent %d, tried %d of %d frames", sent, tried, len(frames))
+	}
+	server.Close()
+
+	client.SetReadDeadline(time.Now().Add(time.Minute))
+	got, err := io.ReadAll(client)
+	if err != nil {
+		t.Fatalf("client read: %v", err)
+	}
+	want := append([]byte(nil), pingFrame...)
+	for _, f := range frames[:sent] {
+		want = append(want, f...)
+	}
+	if !bytes.HasPrefix(got, want) {
+		t.Fatalf("client got %d bytes, not the ping and the %d frames reported sent (%d bytes)", len(got), sent, len(want))
+	}
+	rest := len(got) - len(want)
+	switch {
+	case tried == sent && rest != 0:
+		t.Errorf("%d bytes arrived after the %d frames sent, but no frame was reported cut (tried %d)", rest, sent, tried)
+	case tried == sent+1 && (rest == 0 || rest >= len(frames[sent])):
+		t.Errorf("frame %d reported cut, but %d of its %d bytes arrived", sent, rest, len(frames[sent]))
+	case tried == sent+1 && !bytes.Equal(got[len(want):], frames[sent][:rest]):
+		t.Errorf("the %d bytes after the frames sent are not the start of frame %d", rest, sent)
+	}
+	t.Logf("sent %d, tried %d of %d frames; %d bytes of frame %d arrived", sent, tried, len(frames), rest, sent)
 }

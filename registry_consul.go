@@ -436,6 +436,7 @@ func (b *consulBackend) sync(ctx context.Context, sink syncSink) {
 		}
 		if err != nil {
 			sink.healthy(false, err)
+			index = 0 // see watch
 			d := bo.next()
 			b.log.Debug("consul catalog watch failed", "err", err, "retry_in", d)
 			if !sleepCtx(ctx, d) {
@@ -495,6 +496,10 @@ func (b *consulBackend) watch(ctx context.Context, name string, index uint64, re
 		if err != nil {
 			report(nil, err)
 			failing = true
+			// The next query does not block: Consul may be back with a
+			// lower index (a restarted agent), and a query at the old one
+			// would wait the whole wait before the sidecar saw it back.
+			index = 0
 			d := bo.next()
 			b.log.Debug("consul service watch failed", "service", name, "err", err, "retry_in", d)
 			if !sleepCtx(ctx, d) {

@@ -703,7 +703,7 @@ func TestRPCNetRPCBackend(t *testing.T) {
 // TestREADMEPythonGreeter runs the README's Python greeter, its example of
 // a service in any language, with python3 against a sidecar in app mode as
 // the README starts it, and checks that the answers are the ones the
-// README shows. scripts/install-python3.sh installs python3; without it
+// README shows. scripts/install-debian.sh installs python3; without it
 // the test skips, or fails in CI (requireTool).
 func TestREADMEPythonGreeter(t *testing.T) {
 	t.Parallel()

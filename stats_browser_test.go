@@ -102,7 +102,7 @@ func readPage(t *testing.T, dom []byte) pageState {
 // $SIDECAR_SCREENSHOT_DIR (or a temporary directory) for a person to see.
 func TestStatsBrowser(t *testing.T) {
 	t.Parallel()
-	// Debian's package chromium (scripts/install-chromium.sh installs it),
+	// Debian's package chromium (scripts/install-debian.sh installs it),
 	// or the names Ubuntu and Google give it.
 	chromium := requireTool(t, "chromium", "chromium-browser", "google-chrome")
 	cfg := statsConfig()

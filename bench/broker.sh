@@ -2,7 +2,7 @@
 # broker.sh benchmarks the sidecar's /broker: fan-out (1 publisher, 100
 # websocket subscribers, 16 B messages: delivered messages/s and sidecar CPU
 # per delivery) and RSS per idle subscriber (5,000 subscribers). When
-# nats-server is installed (scripts/install-nats-server.sh) it runs the same
+# nats-server is installed (scripts/install-debian.sh) it runs the same
 # load against nats-server's websocket listener and prints the ratios.
 #
 #	bench/broker.sh [messages]
@@ -77,7 +77,7 @@ echo "$sc_idle"
 stop "$SC_PID"
 
 if [ ! -x "$NATS_BIN" ]; then
-	echo "nats-server not installed (scripts/install-nats-server.sh): no comparison"
+	echo "nats-server not installed (scripts/install-debian.sh): no comparison"
 	exit 0
 fi
 echo "# peer: $("$NATS_BIN" --version)"

@@ -10,7 +10,7 @@
 #
 #	bench/pubsub.sh [messages]      # SUBS=4 SIZE=64 DURATION=10s RATE=...
 #
-# Needs nats-server (scripts/install-nats-server.sh).
+# Needs nats-server (scripts/install-debian.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MSGS=${1:-100000}
@@ -20,7 +20,7 @@ DURATION=${DURATION:-10s}
 
 NATS_BIN=$(command -v nats-server || echo /usr/sbin/nats-server)
 if [ ! -x "$NATS_BIN" ]; then
-	echo "pubsub.sh: nats-server not installed (scripts/install-nats-server.sh)" >&2
+	echo "pubsub.sh: nats-server not installed (scripts/install-debian.sh)" >&2
 	exit 1
 fi
 
