@@ -535,11 +535,86 @@ func (l *errorListener) Accept() (net.Conn, error) {
 // hijacked, every byte written is the handler's and passes untouched.
 // Otherwise a write that is an HTTP answer with a status of 400 or more
 // is net/http's own, always written whole in one call, and is replaced.
+//
+// It also tells a handler's callerWatch when the caller goes away (see
+// watchCaller): net/http learns it from a read that fails, the
+// connection's background read while the handler runs or a read of the
+// body, and cancels the request's context then; errorConn sees the same
+// read fail first.
 type errorConn struct {
 	net.Conn
 	maxHeader int
 	handling  atomic.Bool // a handler answers the current request, or has hijacked the connection
 	replaced  bool        // an answer was rewritten: drop the rest of it; net/http's goroutine only
+
+	watchMu sync.Mutex  // guards watch and gone; held while watch.callerGone runs
+	watch   callerWatch // told when a read fails; nil when no handler watches
+	gone    bool        // a read failed otherwise than by a deadline: the caller has gone for good
+}
+
+// Read tells the handler that watches (if one does) when a read fails, as
+// net/http cancels the request's context for any read that fails.
+func (c *errorConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err != nil {
+		c.watchMu.Lock()
+		var ne net.Error
+		if !errors.As(err, &ne) || !ne.Timeout() {
+			c.gone = true
+		}
+		if w := c.watch; w != nil {
+			c.watch = nil
+			w.callerGone()
+		}
+		c.watchMu.Unlock()
+	}
+	return n, err
+}
+
+// callerWatch is what a handler does when its caller goes away: end the
+// backend call the caller no longer waits for.
+type callerWatch interface{ callerGone() }
+
+// callerWatchStop ends a watch that watchCaller began; its zero value
+// ends none.
+type callerWatchStop struct {
+	ec      *errorConn
+	ctxStop func() bool
+}
+
+// watchCaller calls w.callerGone once r's caller goes away, until stop:
+// when r's context is cancelled for it. On the sidecar's plain
+// connections the errorConn tells it, with a few field writes; elsewhere
+// (TLS connections, tests serving the handler without the listener)
+// context.AfterFunc does, which costs about a microsecond and seven
+// allocations a request (a child of the request's context, its map and
+// channel).
+func watchCaller(r *http.Request, w callerWatch) callerWatchStop {
+	ec, ok := r.Context().Value(errorConnKey{}).(*errorConn)
+	if !ok {
+		return callerWatchStop{ctxStop: context.AfterFunc(r.Context(), w.callerGone)}
+	}
+	ec.watchMu.Lock()
+	defer ec.watchMu.Unlock()
+	if ec.gone || r.Context().Err() != nil {
+		w.callerGone()
+		return callerWatchStop{}
+	}
+	ec.watch = w
+	return callerWatchStop{ec: ec}
+}
+
+// stop ends the watch; a callerGone in progress has returned when it
+// returns (on the errorConn path).
+func (s callerWatchStop) stop() {
+	switch {
+	case s.ec != nil:
+		s.ec.watchMu.Lock()
+		s.ec.watch = nil
+		s.ec.watchMu.Unlock()
+	case s.ctxStop != nil:
+		s.ctxStop()
+	}
 }
 
 func (c *errorConn) Write(p []byte) (int, error) {

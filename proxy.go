@@ -185,7 +185,7 @@ const (
 type proxyCall struct {
 	context.Context                         // Value(proxyCallKey{}) is the call
 	cancel          context.CancelCauseFunc // upgrades: cancels Context
-	stopWatch       func() bool             // ordinary requests: stops the caller-gone watch
+	watch           callerWatchStop         // ordinary requests: stops the caller-gone watch
 
 	p         *proxyHandler
 	service   string
@@ -276,7 +276,7 @@ func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
 	pc.upgrade = r.Header.Get("Upgrade") != "" && hasToken(r.Header["Connection"], "upgrade")
 	if !pc.upgrade {
 		pc.Context = r.Context()
-		pc.stopWatch = context.AfterFunc(r.Context(), pc.callerGone)
+		pc.watch = watchCaller(r, pc)
 	} else {
 		pc.Context, pc.cancel = context.WithCancelCause(r.Context())
 		// http.Server.Shutdown neither ends nor waits for hijacked
@@ -655,9 +655,7 @@ func idempotent(method string) bool {
 
 // end stops the timer and the outgoing request once the handler returns.
 func (pc *proxyCall) end() {
-	if pc.stopWatch != nil {
-		pc.stopWatch()
-	}
+	pc.watch.stop()
 	pc.mu.Lock()
 	pc.ended = true
 	pc.mu.Unlock()

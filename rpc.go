@@ -462,7 +462,7 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 
 	x.id = strconv.AppendUint(x.idBuf[:0], h.nextID.Add(1), 10)
 	x.method = appendJSONString(x.methodBuf[:0], c.method)
-	x.stopWatch = context.AfterFunc(r.Context(), x.callerGone)
+	x.watch = watchCaller(r, x)
 	defer x.end()
 
 	var triedBuf [4]*nodeState
@@ -567,7 +567,7 @@ type rpcExchange struct {
 	ctx       callContext
 	id        []byte // the JSON-RPC id: decimal digits in idBuf
 	method    []byte // the method as a JSON string, in methodBuf when it fits
-	stopWatch func() bool
+	watch     callerWatchStop
 	idBuf     [20]byte
 	methodBuf [64]byte
 
@@ -614,7 +614,7 @@ func (x *rpcExchange) detach() (gone bool) {
 // end stops the watch of the caller and releases the connection a result
 // was read from.
 func (x *rpcExchange) end() {
-	x.stopWatch()
+	x.watch.stop()
 	if c := x.held; c != nil {
 		x.held = nil
 		c.br.Discard(x.heldSize)
