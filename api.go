@@ -553,22 +553,32 @@ type errorConn struct {
 }
 
 // Read tells the handler that watches (if one does) when a read fails, as
-// net/http cancels the request's context for any read that fails.
-func (c *errorConn) Read(p []byte) (int, error) {
-	n, err := c.Conn.Read(p)
+// net/http cancels the request's context for any read that fails. Its
+// frame stays small: net/http's background read, a new goroutine for
+// every request, reads through it, and a few more bytes of stack would
+// make each of those goroutines grow its stack (a copy costing more than
+// the rest of the read; seen under callgrind).
+func (c *errorConn) Read(p []byte) (n int, err error) {
+	n, err = c.Conn.Read(p)
 	if err != nil {
-		c.watchMu.Lock()
-		var ne net.Error
-		if !errors.As(err, &ne) || !ne.Timeout() {
-			c.gone = true
-		}
-		if w := c.watch; w != nil {
-			c.watch = nil
-			w.callerGone()
-		}
-		c.watchMu.Unlock()
+		c.readFailed(err)
 	}
-	return n, err
+	return
+}
+
+// readFailed notes a failed read and tells the watching handler.
+func (c *errorConn) readFailed(err error) {
+	ne, ok := err.(net.Error)
+	timeout := ok && ne.Timeout() // a deadline, which a later read may not meet
+	c.watchMu.Lock()
+	defer c.watchMu.Unlock()
+	if !timeout {
+		c.gone = true
+	}
+	if w := c.watch; w != nil {
+		c.watch = nil
+		w.callerGone()
+	}
 }
 
 // callerWatch is what a handler does when its caller goes away: end the
