@@ -551,7 +551,10 @@ func (c *backendConn) header(h http.Header, chunked bool) {
 	}
 	vals := make([]string, len(c.fields))
 	for i, f := range c.fields {
-		k := http.CanonicalHeaderKey(s[f.k0:f.k1])
+		k := commonHeaderKey(c.head[f.k0:f.k1])
+		if k == "" {
+			k = http.CanonicalHeaderKey(s[f.k0:f.k1])
+		}
 		if hopByHop(k, conn) || (chunked && k == "Content-Length") {
 			continue
 		}
@@ -562,6 +565,39 @@ func (c *backendConn) header(h http.Header, chunked bool) {
 			h[k] = vals[i : i+1 : i+1]
 		}
 	}
+}
+
+// commonHeaderKey is the canonical form of a response field name that
+// servers send often, as sent in canonical or lower case; "" for any
+// other name. It spares http.CanonicalHeaderKey's scan of the name.
+func commonHeaderKey(name []byte) string {
+	switch string(name) {
+	case "Content-Type", "content-type":
+		return "Content-Type"
+	case "Content-Length", "content-length":
+		return "Content-Length"
+	case "Date", "date":
+		return "Date"
+	case "Server", "server":
+		return "Server"
+	case "Cache-Control", "cache-control":
+		return "Cache-Control"
+	case "Etag", "ETag", "etag":
+		return "Etag"
+	case "Last-Modified", "last-modified":
+		return "Last-Modified"
+	case "Vary", "vary":
+		return "Vary"
+	case "Content-Encoding", "content-encoding":
+		return "Content-Encoding"
+	case "Set-Cookie", "set-cookie":
+		return "Set-Cookie"
+	case "Location", "location":
+		return "Location"
+	case "Expires", "expires":
+		return "Expires"
+	}
+	return ""
 }
 
 // readTrailer reads the trailer fields after a chunked body into h as

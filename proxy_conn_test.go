@@ -226,3 +226,18 @@ func agreeWithNetHTTP(t *testing.T, resp []byte, ours headResult) {
 		}
 	}
 }
+
+// TestCommonHeaderKey: the shortcut names are what http.CanonicalHeaderKey
+// makes of them.
+func TestCommonHeaderKey(t *testing.T) {
+	for _, name := range []string{"Content-Type", "content-type", "Content-Length", "content-length", "Date", "date", "Server", "server",
+		"Cache-Control", "cache-control", "Etag", "ETag", "etag", "Last-Modified", "last-modified", "Vary", "vary",
+		"Content-Encoding", "content-encoding", "Set-Cookie", "set-cookie", "Location", "location", "Expires", "expires"} {
+		if got, want := commonHeaderKey([]byte(name)), http.CanonicalHeaderKey(name); got != want {
+			t.Errorf("commonHeaderKey(%q) = %q, want %q", name, got, want)
+		}
+	}
+	if got := commonHeaderKey([]byte("X-Other")); got != "" {
+		t.Errorf(`commonHeaderKey("X-Other") = %q, want ""`, got)
+	}
+}
