@@ -484,7 +484,7 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 			url, addr = n.url, n.addr
 		}
 		res = x.try(url, addr)
-		if res.code == http.StatusGatewayTimeout && (lowered || r.Context().Err() != nil) {
+		if res.code == http.StatusGatewayTimeout && (lowered || x.callerLeft()) {
 			res.nodeFailed = false // the caller's own short deadline, or its leaving, says nothing of the node
 		}
 		if n != nil {
@@ -514,9 +514,10 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 			tried = append(tried, n)
 		}
 	}
-	if res.code != http.StatusOK && x.ctx.over() && (res.err == nil || res.retry) {
-		// The time ran out in an attempt or while waiting to retry.
-		res = h.expired(ctx, r, c, timeout)
+	if res.code != http.StatusOK && x.ended() && (res.err == nil || res.retry) {
+		// The time ran out in an attempt or while waiting to retry, or
+		// the caller left.
+		res = h.expired(x.callerLeft(), c, timeout)
 	}
 	if st != nil {
 		st.up.record(res.code, time.Since(start)) // the call's one count, before its answer goes out
@@ -541,10 +542,10 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 // has written all of it by then.
 const smallReply = 2 << 10
 
-// expired is the answer once the call's context has ended: 504 when its
-// time ran out, otherwise the caller has gone and the answer is moot.
-func (h *rpcHandler) expired(ctx context.Context, r *http.Request, c rpcCall, timeout time.Duration) attempt {
-	if r.Context().Err() != nil {
+// expired is the answer once the call has ended: 504 when its time ran
+// out; when the caller has gone (gone), the answer is moot.
+func (h *rpcHandler) expired(gone bool, c rpcCall, timeout time.Duration) attempt {
+	if gone {
 		// Nobody reads this answer; 499 is what access logs call it.
 		return attempt{code: statusClientClosed, err: &apiError{ID: errorID, Code: statusClientClosed, Detail: "rpc: caller went away", Status: "Client Closed Request"}}
 	}
@@ -591,6 +592,22 @@ func (x *rpcExchange) callerGone() {
 	if x.conn != nil {
 		x.conn.SetDeadline(aLongTimeAgo)
 	}
+}
+
+// callerLeft reports whether the caller went away: callerGone ran, or the
+// request's context says so (the errorConn tells callerGone before
+// net/http cancels the context).
+func (x *rpcExchange) callerLeft() bool {
+	x.mu.Lock()
+	gone := x.gone
+	x.mu.Unlock()
+	return gone || x.r.Context().Err() != nil
+}
+
+// ended reports whether the call is over before its answer: its time is
+// up or its caller left.
+func (x *rpcExchange) ended() bool {
+	return x.ctx.over() || x.callerLeft()
 }
 
 // attach makes c the connection callerGone ends; false if the caller has
@@ -672,7 +689,7 @@ func (x *rpcExchange) try(url, addr string) attempt {
 	}
 	if err != nil {
 		done()
-		if x.ctx.over() {
+		if x.ended() {
 			return attempt{code: http.StatusGatewayTimeout, nodeFailed: true} // call writes the error
 		}
 		return attempt{code: http.StatusBadGateway, nodeFailed: true,
@@ -760,7 +777,7 @@ func (x *rpcExchange) roundTrip(c *backendConn) (h respHead, started, wrote bool
 // call (expired).
 func (x *rpcExchange) failed(addr string, err error) attempt {
 	h, c := x.h, &x.c
-	if x.ctx.over() {
+	if x.ended() {
 		return attempt{code: http.StatusGatewayTimeout, nodeFailed: true} // call writes the error
 	}
 	var op *net.OpError

@@ -1291,6 +1291,9 @@ func TestCallerGoneEndsBackendCall(t *testing.T) {
 				if failures, _ := upstreamTotals(up, "go.micro.srv.hang"); failures != 0 {
 					t.Errorf("node failures = %d after the caller left, want 0", failures)
 				}
+				if n := up.get("go.micro.srv.hang").classes[classIndex(statusClientClosed)].Load(); n != 1 {
+					t.Errorf("calls counted as 4xx (499, the caller closed) = %d, want 1", n)
+				}
 			})
 		}
 	}
