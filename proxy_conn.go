@@ -654,12 +654,18 @@ func parseField(line []byte) (name, value []byte, ok bool) {
 	return line[:colon], value, true
 }
 
+// isTokenByte reports whether b may appear in a token (RFC 9110 section
+// 5.6.2): a letter, a digit or one of !#$%&'*+-.^_`|~.
 func isTokenByte(b byte) bool {
 	switch {
 	case 'a' <= b && b <= 'z', 'A' <= b && b <= 'Z', '0' <= b && b <= '9':
 		return true
 	}
-	return strings.IndexByte("!#$%&'*+-.^_`|~", b) >= 0
+	switch b {
+	case '!', '#', '$', '%', '&', '\'', '*', '+', '-', '.', '^', '_', '`', '|', '~':
+		return true
+	}
+	return false
 }
 
 // parseLength parses a Content-Length value: digits only, no sign.

@@ -241,3 +241,14 @@ func TestCommonHeaderKey(t *testing.T) {
 		t.Errorf(`commonHeaderKey("X-Other") = %q, want ""`, got)
 	}
 }
+
+// TestIsTokenByte: the token characters of RFC 9110 section 5.6.2, and no
+// other byte.
+func TestIsTokenByte(t *testing.T) {
+	for b := 0; b < 256; b++ {
+		want := b >= 'a' && b <= 'z' || b >= 'A' && b <= 'Z' || b >= '0' && b <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", byte(b)) >= 0
+		if got := isTokenByte(byte(b)); got != want {
+			t.Errorf("isTokenByte(%q) = %v, want %v", b, got, want)
+		}
+	}
+}
