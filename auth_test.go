@@ -280,13 +280,7 @@ func TestAuthTokenFileStartup(t *testing.T) {
 		{"too many", "many", "more than 64"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			cfg, err := parseConfig([]string{"--address", "127.0.0.1:0", "--auth_token_file", filepath.Join(dir, tt.file)}, func(string) string { return "" }, io.Discard)
-			if err == nil {
-				var s *server
-				if s, err = newServer(cfg, testLogger(t)); err == nil {
-					s.Close()
-				}
-			}
+			cfg, err := startUp(t, "--address", "127.0.0.1:0", "--auth_token_file", filepath.Join(dir, tt.file))
 			switch {
 			case tt.want == "" && err != nil:
 				t.Fatalf("start-up with %s: %v, want success", tt.file, err)

@@ -225,34 +225,26 @@ func (b *broker) deliverRemote(topic string, m *Message, plain bool, queues []st
 
 // deliverTo delivers m to subs, topic's subscribers: every plain
 // subscriber, and one member of each queue group not in skip. It encodes
-// the frame once and returns the number of subscribers it was queued for.
+// the frame once.
 // A group none of whose members here has room goes to the forwarder, which
 // may send m to a sidecar with other members; else m is lost to the group,
 // and counted.
-func (b *broker) deliverTo(topic string, subs *topicSubs, m *Message, skip []string) int {
+func (b *broker) deliverTo(topic string, subs *topicSubs, m *Message, skip []string) {
 	if subs == nil || len(subs.plain) == 0 && len(subs.groups) == len(skip) {
-		return 0
+		return
 	}
 	frame := encodeFrame(m)
-	n := 0
 	for _, s := range subs.plain {
-		if s.enqueue(frame, false) {
-			n++
-		}
+		s.enqueue(frame, false)
 	}
 	for _, g := range subs.groups {
-		if slices.Contains(skip, g.name) {
-			continue
-		}
-		if g.deliver(b, topic, frame) {
-			n++
+		if slices.Contains(skip, g.name) || g.deliver(b, topic, frame) {
 			continue
 		}
 		if b.forward == nil || !b.forward.Reroute(topic, m, g.name) {
 			b.lose(1, topic, g.name, "no member of the queue group has room")
 		}
 	}
-	return n
 }
 
 // deliverGroup delivers m to one member of topic's queue group here, for
@@ -298,7 +290,7 @@ func (b *broker) rehome(topic, queue string, frames [][]byte) {
 	g := b.topics.get(topic).group(queue)
 	lost := 0
 	for _, f := range frames {
-		if g != nil && g.place(b, f, nil) {
+		if g != nil && g.place(f, nil) {
 			continue
 		}
 		if b.forward != nil {
@@ -704,7 +696,7 @@ func without(subs []*subscriber, s *subscriber) []*subscriber {
 // counts it as lost, or hands it to another sidecar.
 func (g *queueGroup) deliver(b *broker, topic string, frame []byte) bool {
 	var orphans [][]byte
-	ok := g.place(b, frame, &orphans)
+	ok := g.place(frame, &orphans)
 	if orphans != nil {
 		b.rehome(topic, g.name, orphans)
 	}
@@ -716,7 +708,7 @@ func (g *queueGroup) deliver(b *broker, topic string, frame []byte) bool {
 // places a frame being rehomed: it counts against a member's second
 // allowance (subscriber.handed), and no member is found stuck. It does not
 // allocate unless a member is found stuck.
-func (g *queueGroup) place(b *broker, frame []byte, orphans *[][]byte) bool {
+func (g *queueGroup) place(frame []byte, orphans *[][]byte) bool {
 	n := uint32(len(g.members))
 	start := g.next.Add(1)
 	for i := range n {

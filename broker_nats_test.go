@@ -22,7 +22,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -47,8 +46,7 @@ type natsProc struct {
 	port    int
 	monitor int // HTTP monitoring port
 	url     string
-	cmd     *exec.Cmd
-	waitc   chan error
+	proc    *toolProcess // nil while stopped
 }
 
 // startNATS starts nats-server with extra config lines (authorization,
@@ -82,15 +80,15 @@ func freePortTB(t testing.TB) int {
 // monitoring endpoint answers, which it does once clients can connect.
 func (p *natsProc) start() {
 	p.t.Helper()
-	p.cmd = exec.Command(p.bin, "-c", p.conf)
+	cmd := exec.Command(p.bin, "-c", p.conf)
 	if testing.Verbose() {
-		p.cmd.Stdout, p.cmd.Stderr = testWriter{p.t}, testWriter{p.t}
+		cmd.Stdout, cmd.Stderr = testWriter{p.t}, testWriter{p.t}
 	}
-	if err := p.cmd.Start(); err != nil {
+	proc, err := startProcess(cmd)
+	if err != nil {
 		p.t.Fatalf("start nats-server: %v", err)
 	}
-	p.waitc = make(chan error, 1)
-	go func(cmd *exec.Cmd, c chan error) { c <- cmd.Wait() }(p.cmd, p.waitc)
+	p.proc = proc
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/healthz", p.monitor))
@@ -101,8 +99,8 @@ func (p *natsProc) start() {
 			}
 		}
 		select {
-		case err := <-p.waitc:
-			p.cmd = nil
+		case err := <-proc.exited:
+			p.proc = nil
 			p.t.Fatalf("nats-server exited at start: %v (config %s)", err, p.conf)
 		case <-time.After(20 * time.Millisecond):
 		}
@@ -114,24 +112,16 @@ func (p *natsProc) start() {
 
 // stop ends the server (SIGTERM, then SIGKILL) and waits; idempotent.
 func (p *natsProc) stop() {
-	if p.cmd == nil {
-		return
+	if p.proc != nil {
+		p.proc.stop(syscall.SIGTERM)
+		p.proc = nil
 	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.waitc:
-	case <-time.After(10 * time.Second):
-		p.cmd.Process.Kill()
-		<-p.waitc
-	}
-	p.cmd = nil
 }
 
 // kill ends the server at once, as a crash does.
 func (p *natsProc) kill() {
-	p.cmd.Process.Kill()
-	<-p.waitc
-	p.cmd = nil
+	p.proc.stop(os.Kill)
+	p.proc = nil
 }
 
 // subscriptions returns the number of subscriptions of the server's
@@ -263,20 +253,8 @@ func TestNATSTwoSidecars(t *testing.T) {
 		return a.nats.received.Load()+b.nats.received.Load() == int64(3*len(want)) &&
 			a.broker.delivered.Load()+b.broker.delivered.Load() == int64(frames(all...))
 	})
-	for _, sub := range []struct {
-		name string
-		in   *inbox
-	}{{"plain on A", plainA}, {"plain on B", plainB}} {
-		counts, total := sub.in.snapshot()
-		if total != len(want) {
-			t.Errorf("%s received %d messages, want %d", sub.name, total, len(want))
-		}
-		for _, w := range want {
-			if counts[w] != 1 {
-				t.Errorf("%s received %q %d times, want once", sub.name, w, counts[w])
-			}
-		}
-	}
+	plainA.wantEachOnce(t, "plain on A", want)
+	plainB.wantEachOnce(t, "plain on B", want)
 	per := make([]int, len(group))
 	for _, w := range want {
 		got := 0
@@ -445,14 +423,14 @@ func TestNATSDeadServer(t *testing.T) {
 	waitConnected(t, s)
 	in := subscribe(t, url, "/broker?topic=t")
 
-	ns.cmd.Process.Signal(syscall.SIGSTOP)
+	ns.proc.signal(syscall.SIGSTOP)
 	defer func() {
-		if ns.cmd != nil {
-			ns.cmd.Process.Signal(syscall.SIGCONT)
+		if ns.proc != nil {
+			ns.proc.signal(syscall.SIGCONT)
 		}
 	}()
 	waitDisconnected(t, s)
-	ns.cmd.Process.Signal(syscall.SIGCONT)
+	ns.proc.signal(syscall.SIGCONT)
 	waitConnected(t, s)
 	publishN(t, url, "t", "x", 5)
 	eventually(t, 10*time.Second, "messages after the server came back", func() bool { return in.has(bodies("x", 5)) })
@@ -1140,37 +1118,8 @@ func BenchmarkNATSAcrossSidecars(b *testing.B) {
 		time.Sleep(time.Millisecond)
 	}
 	var received atomic.Int64
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	nc, br := rawHandshake(b, ts, "/broker?topic=bench")
-	defer nc.Close() // before wg.Wait: ends the reader
-	wg.Go(func() {
-		for {
-			h, err := br.Peek(2)
-			if err != nil {
-				return
-			}
-			if _, err := br.Discard(2 + int(h[1]&0x7f)); err != nil {
-				return
-			}
-			received.Add(1)
-		}
-	})
+	countFrames(b, ts, "/broker?topic=bench", &received)
 	m := &Message{Header: map[string]string{"Timestamp": "1"}, Body: []byte("0123456789abcdef")}
 	const window = 2000
-	b.ReportAllocs()
-	b.ResetTimer()
-	t0 := time.Now()
-	for i := range b.N {
-		for received.Load() < int64(i-window) {
-			runtime.Gosched()
-		}
-		if err := a.broker.publish("bench", m); err != nil {
-			b.Fatal(err)
-		}
-	}
-	for received.Load() < int64(b.N) {
-		runtime.Gosched()
-	}
-	b.ReportMetric(float64(b.N)/time.Since(t0).Seconds(), "msgs/s")
+	publishWindowed(b, window, 1, &received, "msgs/s", func() error { return a.broker.publish("bench", m) })
 }

@@ -143,8 +143,7 @@ type peerBroker struct {
 	https      bool
 	self       string // scheme://host:port of this sidecar
 	advertised bool   // setAdvertise has run
-	started    bool   // start has run
-	running    bool   // the registrar runs: started and advertised
+	started    bool   // start has run; the registrar runs once both have
 	closed     bool
 	unwatch    func() bool // stops start's context from cancelling ctx
 
@@ -155,8 +154,10 @@ type peerBroker struct {
 	peers   map[string]*peer
 	pclosed bool
 
-	smu  sync.Mutex           // guards seen
-	seen map[string]time.Time // signatures accepted, until they expire: no replay
+	smu      sync.Mutex          // guards seen, seenList and seenHead
+	seen     map[string]struct{} // signatures accepted and not yet expired: no replay
+	seenList []seenSig           // seenList[seenHead:] holds the keys of seen, oldest first
+	seenHead int
 }
 
 // topicRoute is the parsed registry entry of one topic: the other
@@ -276,13 +277,12 @@ func (p *peerBroker) setAdvertise(host string, port int, https bool) {
 	p.runLocked()
 }
 
-// runLocked starts the registrar (and the watch for other sidecars) once
-// both start and setAdvertise have run. p.mu is held.
+// runLocked starts the registrar (and the watch for other sidecars) when
+// the second of start and setAdvertise runs (each runs once). p.mu is held.
 func (p *peerBroker) runLocked() {
-	if !p.started || !p.advertised || p.running {
+	if !p.started || !p.advertised {
 		return
 	}
-	p.running = true
 	p.wg.Add(1)
 	go p.registrar()
 	p.wake() // register the membership node now
@@ -439,12 +439,9 @@ func (p *peerBroker) sync(heartbeat bool) {
 	}
 }
 
-func (p *peerBroker) registryTimeout() time.Duration {
-	if p.cfg.RegistryTimeout > 0 {
-		return p.cfg.RegistryTimeout
-	}
-	return defaultRegistryTimeout
-}
+// registryTimeout bounds one registry call, as a remote registry's own
+// calls are bounded (remoteTimingOf).
+func (p *peerBroker) registryTimeout() time.Duration { return remoteTimingOf(p.cfg).timeout }
 
 // deregisterAll removes every node of this sidecar, on Close.
 func (p *peerBroker) deregisterAll() {
@@ -1015,29 +1012,40 @@ func (p *peerBroker) verify(r *http.Request, body []byte) error {
 // get a 503 (which their sender retries) until old ones expire.
 const maxSeen = 1 << 17
 
+// seenSig is one accepted signature and when it may be forgotten.
+type seenSig struct {
+	sig string
+	exp time.Time
+}
+
 // firstSeen records sig, refusing one accepted before (a replay).
 // Signatures are kept for twice deliverMaxSkew, longer than authorize
-// accepts their timestamp.
+// accepts their timestamp. They expire in the order they came, so
+// forgetting the expired ones costs what they cost to record, never a
+// scan of all of them under the lock.
 func (p *peerBroker) firstSeen(sig string, now time.Time) error {
 	p.smu.Lock()
 	defer p.smu.Unlock()
 	if _, ok := p.seen[sig]; ok {
 		return errorf(http.StatusForbidden, "broker: %s: this signed delivery was accepted before (a replay)", deliverPath)
 	}
+	for p.seenHead < len(p.seenList) && now.After(p.seenList[p.seenHead].exp) {
+		delete(p.seen, p.seenList[p.seenHead].sig)
+		p.seenList[p.seenHead] = seenSig{}
+		p.seenHead++
+	}
+	if p.seenHead > len(p.seenList)/2 { // compact: amortised O(1) a delivery
+		p.seenList = append(p.seenList[:0], p.seenList[p.seenHead:]...)
+		p.seenHead = 0
+	}
 	if len(p.seen) >= maxSeen {
-		for k, exp := range p.seen {
-			if now.After(exp) {
-				delete(p.seen, k)
-			}
-		}
-		if len(p.seen) >= maxSeen {
-			return errorf(http.StatusServiceUnavailable, "broker: %s: too many deliveries in the last %s; retry", deliverPath, 2*deliverMaxSkew)
-		}
+		return errorf(http.StatusServiceUnavailable, "broker: %s: too many deliveries in the last %s; retry", deliverPath, 2*deliverMaxSkew)
 	}
 	if p.seen == nil {
-		p.seen = map[string]time.Time{}
+		p.seen = map[string]struct{}{}
 	}
-	p.seen[sig] = now.Add(2 * deliverMaxSkew)
+	p.seen[sig] = struct{}{}
+	p.seenList = append(p.seenList, seenSig{sig, now.Add(2 * deliverMaxSkew)})
 	return nil
 }
 

@@ -6,13 +6,13 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -101,6 +101,21 @@ func (in *inbox) snapshot() (counts map[string]int, total int) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	return maps.Clone(in.counts), in.total
+}
+
+// wantEachOnce fails t unless the subscriber received every body of want
+// once, and nothing else.
+func (in *inbox) wantEachOnce(t *testing.T, name string, want []string) {
+	t.Helper()
+	counts, total := in.snapshot()
+	if total != len(want) {
+		t.Errorf("%s received %d messages, want %d", name, total, len(want))
+	}
+	for _, w := range want {
+		if counts[w] != 1 {
+			t.Errorf("%s received %q %d times, want once", name, w, counts[w])
+		}
+	}
 }
 
 // topicNodes returns the node IDs of topic's registry entry as seen at base.
@@ -215,20 +230,8 @@ func exchange(t *testing.T, a *server, urlA string, b *server, urlB string) {
 		return peersIdle(a) && peersIdle(b) && a.broker.delivered.Load()+b.broker.delivered.Load() == int64(readAll())
 	})
 
-	for _, sub := range []struct {
-		name string
-		in   *inbox
-	}{{"plain on A", plainA}, {"plain on B", plainB}} {
-		counts, total := sub.in.snapshot()
-		if total != len(want) {
-			t.Errorf("%s received %d messages, want %d", sub.name, total, len(want))
-		}
-		for _, w := range want {
-			if counts[w] != 1 {
-				t.Errorf("%s received %q %d times, want once", sub.name, w, counts[w])
-			}
-		}
-	}
+	plainA.wantEachOnce(t, "plain on A", want)
+	plainB.wantEachOnce(t, "plain on B", want)
 	ca, ta := groupA.snapshot()
 	cb, tb := groupB.snapshot()
 	if ta+tb != len(want) || ta == 0 || tb == 0 {
@@ -623,40 +626,12 @@ func BenchmarkPubSubAcrossSidecars(b *testing.B) {
 	bs, tsB := start(remoteConfig("sidecar", tsA.URL))
 
 	var received atomic.Int64
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	nc, br := rawHandshake(b, tsB, "/broker?topic=bench")
-	defer nc.Close() // before wg.Wait: ends the reader
-	wg.Go(func() {
-		for {
-			h, err := br.Peek(2)
-			if err != nil {
-				return
-			}
-			if _, err := br.Discard(2 + int(h[1]&0x7f)); err != nil {
-				return
-			}
-			received.Add(1)
-		}
-	})
+	countFrames(b, tsB, "/broker?topic=bench", &received)
 	for len(lookupNodes(a, topicServicePrefix+"bench")) != 1 || len(lookupNodes(bs, brokerService)) != 2 {
 		time.Sleep(time.Millisecond)
 	}
 	m := &Message{Header: map[string]string{"Timestamp": "1"}, Body: []byte("0123456789abcdef")}
-	b.ReportAllocs()
-	b.ResetTimer()
-	t0 := time.Now()
-	for i := range b.N {
-		for received.Load() < int64(i-window) {
-			runtime.Gosched()
-		}
-		a.broker.publish("bench", m)
-	}
-	for received.Load() < int64(b.N) {
-		runtime.Gosched()
-	}
-	b.ReportMetric(float64(b.N)/time.Since(t0).Seconds(), "msgs/s")
-	b.StopTimer()
+	publishWindowed(b, window, 1, &received, "msgs/s", func() error { return a.broker.publish("bench", m) })
 	if d := a.peers.remoteDropped.Load(); d != 0 {
 		b.Fatalf("%d dropped", d)
 	}
@@ -837,4 +812,56 @@ func TestPubSubStuckMemberAcrossSidecars(t *testing.T) {
 	t.Logf("healthy %d, stuck %d, lost %d (dropped on A %v, on B %v); B refused %v, A rerouted %v, B rerouted %v",
 		len(got), len(fromStuck), lost(), mA["sidecar_broker_dropped_total"], mB["sidecar_broker_dropped_total"],
 		mB["sidecar_broker_remote_full_total"], mA["sidecar_broker_rerouted_total"], mB["sidecar_broker_rerouted_total"])
+}
+
+// TestFirstSeen: a signature is refused the second time until it expires,
+// and past maxSeen live signatures a delivery is a 503 until the oldest
+// expire, which frees room without a scan.
+func TestFirstSeen(t *testing.T) {
+	p := &peerBroker{}
+	t0 := time.Unix(1_700_000_000, 0)
+	if err := p.firstSeen("a", t0); err != nil {
+		t.Fatalf("firstSeen(a) = %v, want nil", err)
+	}
+	if err := p.firstSeen("a", t0.Add(time.Second)); err == nil || !strings.Contains(err.Error(), "replay") {
+		t.Fatalf("firstSeen(a) again = %v, want a replay error", err)
+	}
+	for i := 1; i < maxSeen; i++ {
+		if err := p.firstSeen(strconv.Itoa(i), t0.Add(time.Second)); err != nil {
+			t.Fatalf("firstSeen(%d) = %v", i, err)
+		}
+	}
+	var he *httpError
+	if err := p.firstSeen("full", t0.Add(2*time.Second)); !errors.As(err, &he) || he.code != http.StatusServiceUnavailable {
+		t.Fatalf("firstSeen past maxSeen = %v, want a 503", err)
+	}
+	// "a" expires first, alone: room for one.
+	later := t0.Add(2*deliverMaxSkew + time.Millisecond)
+	if err := p.firstSeen("next", later); err != nil {
+		t.Fatalf("firstSeen once the oldest expired = %v, want nil", err)
+	}
+	if err := p.firstSeen("a", later); err == nil {
+		t.Fatalf("firstSeen(a) after its expiry took a full memory's room: want a 503 (others still live)")
+	}
+	// Everything but "next" expires: "a" is new again.
+	if err := p.firstSeen("a", later.Add(time.Second)); err != nil {
+		t.Fatalf("firstSeen(a) once all expired = %v, want nil", err)
+	}
+	if len(p.seen) != 2 || len(p.seenList)-p.seenHead != 2 {
+		t.Fatalf("seen holds %d, list %d: want 2 and 2", len(p.seen), len(p.seenList)-p.seenHead)
+	}
+}
+
+// BenchmarkFirstSeenFull: a delivery when the memory is full costs about
+// what one when it is empty does.
+func BenchmarkFirstSeenFull(b *testing.B) {
+	p := &peerBroker{}
+	t0 := time.Unix(1_700_000_000, 0)
+	for i := range maxSeen {
+		p.firstSeen(strconv.Itoa(i), t0)
+	}
+	b.ResetTimer()
+	for i := range b.N {
+		p.firstSeen("x"+strconv.Itoa(i), t0.Add(time.Second))
+	}
 }

@@ -358,31 +358,6 @@ func (f *faultSidecar) settle(t *testing.T, base faultUsage, clients ...*http.Cl
 	return u
 }
 
-// socketsOn counts the open TCP sockets whose local port is port, the
-// listener excluded: the connections that the sidecar listening there
-// accepted and holds. It reads /proc/net/tcp{,6}; sockets no process
-// holds any more (TIME_WAIT, inode 0) do not count.
-func socketsOn(port int) int {
-	n := 0
-	for _, file := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
-		data, err := os.ReadFile(file)
-		if err != nil {
-			continue
-		}
-		for _, line := range strings.Split(string(data), "\n") {
-			f := strings.Fields(line)
-			if len(f) < 10 || f[3] == "0A" || f[9] == "0" { // 0A: LISTEN
-				continue
-			}
-			_, local, _ := strings.Cut(f[1], ":")
-			if p, err := strconv.ParseUint(local, 16, 16); err == nil && int(p) == port {
-				n++
-			}
-		}
-	}
-	return n
-}
-
 // faultBackend is a node of a scenario: a real HTTP server that answers a
 // JSON-RPC call (POST /) as the RPC handler's nodes do and any other
 // request with 200 "node NAME", as a proxied app does.
@@ -1265,12 +1240,9 @@ func readStuck(t *testing.T, conn *websocket.Conn) (got []int, end string) {
 			}
 			t.Fatalf("stuck subscriber: read after %d messages: %v, want close status 1008 or a cut connection", len(got), err)
 		}
-		var m Message
-		json.Unmarshal(p, &m)
-		num, _, _ := strings.Cut(string(m.Body), " ")
-		k, err := strconv.Atoi(num)
+		k, err := messageNumber(p)
 		if err != nil {
-			t.Fatalf("stuck subscriber: body %.60q does not start with a message number", m.Body)
+			t.Fatalf("stuck subscriber: %v", err)
 		}
 		got = append(got, k)
 	}

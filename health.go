@@ -250,7 +250,7 @@ func (a *appChecker) deregisterLocked(ctx context.Context) {
 	if !was {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), remoteTimingOf(a.cfg).timeout)
 	defer cancel()
 	if err := a.reg.Deregister(ctx, a.svc); err != nil {
 		a.log.Warn("deregister app", "service", a.svc.Name, "err", err)

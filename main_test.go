@@ -28,6 +28,22 @@ func testConfig() *Config {
 	return cfg
 }
 
+// startUp parses args as run does (with no MICRO_* environment) and
+// builds the server, closed at once: what start-up makes of them, and
+// its error.
+func startUp(t *testing.T, args ...string) (*Config, error) {
+	t.Helper()
+	cfg, err := parseConfig(args, func(string) string { return "" }, io.Discard)
+	if err != nil {
+		return cfg, err
+	}
+	s, err := newServer(cfg, testLogger(t))
+	if err == nil {
+		s.Close()
+	}
+	return cfg, err
+}
+
 // newTestServer builds the server through the constructor run uses, lets
 // tweaks adjust it (balancer timings), starts it and serves its real route
 // table on a real port. At cleanup it closes both and checks that every

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
@@ -265,7 +266,7 @@ func (m *memoryRegistry) Register(ctx context.Context, s *Service, ttl time.Dura
 		svc = &memService{index: map[string]int{}}
 		m.services[s.Name] = svc
 	}
-	if svc.version != s.Version || !mapsEqual(svc.metadata, s.Metadata) || !endpointsEqual(svc.endpoints, s.Endpoints) {
+	if svc.version != s.Version || !maps.Equal(svc.metadata, s.Metadata) || !endpointsEqual(svc.endpoints, s.Endpoints) {
 		svc.version, svc.metadata, svc.endpoints = s.Version, cloneMap(s.Metadata), cloneEndpoints(s.Endpoints)
 		svc.snapshot = nil
 	}
@@ -446,28 +447,16 @@ func (m *memoryRegistry) size() (services, nodes int) {
 
 // sameNode reports whether registering in with version changes nothing.
 func sameNode(cur, in *Node, version string) bool {
-	return cur.Address == in.Address && cur.Port == in.Port && cur.Version == version && mapsEqual(cur.Metadata, in.Metadata)
+	return cur.Address == in.Address && cur.Port == in.Port && cur.Version == version && maps.Equal(cur.Metadata, in.Metadata)
 }
 
 // nodesEqual reports whether a and b describe the same node.
 func nodesEqual(a, b *Node) bool { return sameNode(a, b, b.Version) }
 
-func mapsEqual(a, b map[string]string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || w != v {
-			return false
-		}
-	}
-	return true
-}
-
 func endpointsEqual(a, b []*Endpoint) bool {
 	return slices.EqualFunc(a, b, func(x, y *Endpoint) bool {
 		return x != nil && y != nil && x.Name == y.Name && string(x.Request) == string(y.Request) &&
-			string(x.Response) == string(y.Response) && mapsEqual(x.Metadata, y.Metadata)
+			string(x.Response) == string(y.Response) && maps.Equal(x.Metadata, y.Metadata)
 	})
 }
 
@@ -710,20 +699,17 @@ func validateRegistry(c *Config) error {
 		if c.RegistryAddress == "" {
 			return nil // CONSUL_HTTP_ADDR or 127.0.0.1:8500
 		}
-		if _, err := consulBaseURL(c.RegistryAddress); err != nil {
-			return fmt.Errorf("invalid value %q for flag --registry_address: %v", c.RegistryAddress, err)
-		}
-		return nil
 	case "sidecar":
 		if c.RegistryAddress == "" {
 			return errors.New("flag --registry sidecar needs --registry_address http://host:port of another sidecar")
 		}
-		if _, err := sidecarBaseURL(c.RegistryAddress); err != nil {
-			return fmt.Errorf("invalid value %q for flag --registry_address: %v", c.RegistryAddress, err)
-		}
-		return nil
+	default:
+		return fmt.Errorf("invalid value %q for flag --registry: want memory, consul or sidecar", c.Registry)
 	}
-	return fmt.Errorf("invalid value %q for flag --registry: want memory, consul or sidecar", c.Registry)
+	if _, err := httpBaseURL(c.RegistryAddress); err != nil {
+		return fmt.Errorf("invalid value %q for flag --registry_address: %v", c.RegistryAddress, err)
+	}
+	return nil
 }
 
 // newRegistry builds the backend named by cfg.Registry. Remote backends come

@@ -61,7 +61,6 @@ type consulBackend struct {
 	token  string
 	timing remoteTiming
 	rc     *remoteClient // the one connection pool to the agent, counted
-	client *http.Client  // rc's client
 	log    *slog.Logger
 
 	blockingOpen atomic.Int64 // blocking queries in flight
@@ -74,23 +73,18 @@ type consulBackend struct {
 	sent map[string]string // service ID -> body last registered with a TTL check
 }
 
-func consulBaseURL(addr string) (*url.URL, error) { return httpBaseURL(addr) }
-
+// newConsulBackend builds the backend of the agent at addr (host:port or
+// an http(s) URL); t comes from remoteTimingOf.
 func newConsulBackend(addr, token string, t remoteTiming, logger *slog.Logger) (*consulBackend, error) {
-	u, err := consulBaseURL(addr)
+	u, err := httpBaseURL(addr)
 	if err != nil {
 		return nil, fmt.Errorf("registry: consul address %q: %w", addr, err)
 	}
-	if t.conns <= 0 {
-		t.conns = defaultRegistryConns
-	}
-	rc := newRemoteClient("consul", t, 0, logger)
 	return &consulBackend{
 		base:   u.String(),
 		token:  token,
 		timing: t,
-		rc:     rc,
-		client: rc.client,
+		rc:     newRemoteClient("consul", t, 0, logger),
 		log:    logger,
 		sent:   map[string]string{},
 	}, nil
@@ -107,18 +101,9 @@ func (b *consulBackend) metrics(emit emitFunc) {
 	b.rc.metrics(emit)
 }
 
-// consulStatusError is a non-2xx answer from Consul.
-type consulStatusError struct {
-	code int
-	body string
-}
-
-func (e *consulStatusError) Error() string {
-	return fmt.Sprintf("consul: status %d: %s", e.code, e.body)
-}
-
 // call sends one request and decodes a JSON answer into out (when not nil),
-// reading at most limit bytes. It returns the X-Consul-Index header.
+// reading at most limit bytes. It returns the X-Consul-Index header. A
+// non-2xx answer is a *statusError.
 func (b *consulBackend) call(ctx context.Context, method, path string, q url.Values, body any, out any, limit int64) (string, error) {
 	u := b.base + path
 	if len(q) > 0 {
@@ -131,12 +116,8 @@ func (b *consulBackend) call(ctx context.Context, method, path string, q url.Val
 	if b.token != "" {
 		req.Header.Set("X-Consul-Token", b.token)
 	}
-	resp, _, err := callJSON(b.client, req, limit, out)
-	var se *statusError
-	switch {
-	case errors.As(err, &se):
-		return "", fmt.Errorf("consul: %s %s: %w", method, path, &consulStatusError{se.code, snippet(se.body)})
-	case err != nil:
+	resp, _, err := callJSON(b.rc.client, req, limit, out)
+	if err != nil {
 		return "", fmt.Errorf("consul: %s %s: %w", method, path, err)
 	}
 	return resp.Header.Get("X-Consul-Index"), nil
@@ -289,7 +270,7 @@ func (b *consulBackend) register(ctx context.Context, s *Service, ttl time.Durat
 		b.mu.Unlock()
 		if ttl > 0 && prev == fp {
 			_, err := b.call(ctx, http.MethodPut, "/v1/agent/check/pass/"+url.PathEscape(consulCheckID(n.ID)), nil, nil, nil, consulSmallLimit)
-			var se *consulStatusError
+			var se *statusError
 			if err == nil {
 				continue
 			}
@@ -300,7 +281,7 @@ func (b *consulBackend) register(ctx context.Context, s *Service, ttl time.Durat
 		}
 		q := url.Values{"replace-existing-checks": {"true"}}
 		_, err := b.call(ctx, http.MethodPut, "/v1/agent/service/register", q, body, nil, consulSmallLimit)
-		var se *consulStatusError
+		var se *statusError
 		if errors.As(err, &se) && se.code >= 400 && se.code < 500 && se.code != http.StatusTooManyRequests {
 			return fmt.Errorf("%w: %v", errRejected, err)
 		}
@@ -335,10 +316,10 @@ func (b *consulBackend) deregister(ctx context.Context, s *Service) error {
 		delete(b.sent, n.ID)
 		b.mu.Unlock()
 		_, err := b.call(ctx, http.MethodPut, "/v1/agent/service/deregister/"+url.PathEscape(n.ID), nil, nil, nil, consulSmallLimit)
-		var se *consulStatusError
+		var se *statusError
 		switch {
 		case err == nil:
-		case errors.As(err, &se) && (se.code == http.StatusNotFound || strings.Contains(strings.ToLower(se.body), "unknown service")):
+		case errors.As(err, &se) && (se.code == http.StatusNotFound || strings.Contains(strings.ToLower(string(se.body)), "unknown service")):
 			missing++
 		case errors.As(err, &se) && se.code >= 400 && se.code < 500 && se.code != http.StatusTooManyRequests:
 			return fmt.Errorf("%w: %v", errRejected, err)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -28,14 +29,13 @@ const consulOutage = 3 * time.Second
 
 // consulAgent is a `consul agent -dev` child process on free loopback ports.
 type consulAgent struct {
-	t     *testing.T
-	bin   string
-	args  []string
-	http  string       // host:port of the HTTP API
-	port  int          // its port
-	hc    *http.Client // the test's own calls: one connection each, closed after, so they never count as the sidecar's
-	cmd   *exec.Cmd
-	waitc chan error
+	t    *testing.T
+	bin  string
+	args []string
+	http string       // host:port of the HTTP API
+	port int          // its port
+	hc   *http.Client // the test's own calls: one connection each, closed after, so they never count as the sidecar's
+	proc *toolProcess // nil while stopped
 }
 
 // startConsul starts a dev agent. Without a consul binary the test skips,
@@ -78,23 +78,21 @@ func (a *consulAgent) start() {
 func (a *consulAgent) tryStart() error {
 	a.t.Helper()
 	out := &syncBuffer{}
-	a.cmd = exec.Command(a.bin, a.args...)
-	a.cmd.Stdout, a.cmd.Stderr = out, out
+	cmd := exec.Command(a.bin, a.args...)
+	cmd.Stdout, cmd.Stderr = out, out
 	if testing.Verbose() {
 		w := io.MultiWriter(out, testWriter{a.t})
-		a.cmd.Stdout, a.cmd.Stderr = w, w
+		cmd.Stdout, cmd.Stderr = w, w
 	}
-	if err := a.cmd.Start(); err != nil {
-		a.cmd = nil
+	proc, err := startProcess(cmd)
+	if err != nil {
 		return fmt.Errorf("start consul: %w", err)
 	}
-	waitc := make(chan error, 1)
-	a.waitc = waitc
-	go func(cmd *exec.Cmd) { waitc <- cmd.Wait() }(a.cmd)
+	a.proc = proc
 	var exited error
 	eventually(a.t, 30*time.Second, "consul has a leader", func() bool {
 		select {
-		case err := <-waitc:
+		case err := <-proc.exited:
 			exited = fmt.Errorf("consul exited at start: %v\n%s", err, out)
 			return true
 		default:
@@ -108,24 +106,17 @@ func (a *consulAgent) tryStart() error {
 		return json.NewDecoder(resp.Body).Decode(&leader) == nil && leader != ""
 	})
 	if exited != nil {
-		a.cmd = nil
+		a.proc = nil
 	}
 	return exited
 }
 
 // stop ends the agent and waits for it; idempotent.
 func (a *consulAgent) stop() {
-	if a.cmd == nil {
-		return
+	if a.proc != nil {
+		a.proc.stop(os.Interrupt)
+		a.proc = nil
 	}
-	a.cmd.Process.Signal(os.Interrupt)
-	select {
-	case <-a.waitc:
-	case <-time.After(10 * time.Second):
-		a.cmd.Process.Kill()
-		<-a.waitc
-	}
-	a.cmd = nil
 }
 
 // api calls Consul's HTTP API directly and decodes the answer into out.
@@ -311,7 +302,7 @@ func TestConsulMapping(t *testing.T) {
 	got := consulService("greeter", []consulEntry{e})
 	n := got.Nodes[0]
 	if got.Version != "2.0" || got.Metadata["team"] != "x" || len(got.Endpoints) != 1 || got.Endpoints[0].Name != "Say.Hello" ||
-		string(got.Endpoints[0].Request) != `{"name":"string"}` || n.Address != "127.0.0.1" || n.Port != 8080 || n.Version != "2.0" || !mapsEqual(n.Metadata, meta) {
+		string(got.Endpoints[0].Request) != `{"name":"string"}` || n.Address != "127.0.0.1" || n.Port != 8080 || n.Version != "2.0" || !maps.Equal(n.Metadata, meta) {
 		t.Errorf("round trip = %+v node %+v, want the registration back", got, n)
 	}
 
@@ -380,41 +371,6 @@ func (a *consulAgent) catalogSize() int {
 	var m map[string]any
 	a.api("GET", "/v1/catalog/services", nil, &m)
 	return len(m)
-}
-
-// connsTo counts this process's established TCP connections to port,
-// read from /proc: what the process holds, whatever its counters say.
-// It returns -1 where there is no /proc.
-func connsTo(port int) int {
-	fds, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return -1
-	}
-	mine := map[string]bool{}
-	for _, fd := range fds {
-		link, _ := os.Readlink("/proc/self/fd/" + fd.Name())
-		if inode, ok := strings.CutPrefix(link, "socket:["); ok {
-			mine[strings.TrimSuffix(inode, "]")] = true
-		}
-	}
-	n := 0
-	for _, file := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
-		data, err := os.ReadFile(file)
-		if err != nil {
-			continue
-		}
-		for _, line := range strings.Split(string(data), "\n") {
-			f := strings.Fields(line)
-			if len(f) < 10 || f[3] != "01" { // 01: ESTABLISHED
-				continue
-			}
-			_, remote, _ := strings.Cut(f[2], ":")
-			if p, err := strconv.ParseUint(remote, 16, 16); err == nil && int(p) == port && mine[f[9]] {
-				n++
-			}
-		}
-	}
-	return n
 }
 
 // sampleConns samples connsTo(port) every 20 ms (as often as a loaded

@@ -37,27 +37,21 @@ type sidecarBackend struct {
 	token  string // sent as a bearer token when set
 	timing remoteTiming
 	rc     *remoteClient // the one connection pool to the other sidecar, counted
-	client *http.Client  // rc's client
 	log    *slog.Logger
 }
 
-func sidecarBaseURL(addr string) (*url.URL, error) { return httpBaseURL(addr) }
-
+// newSidecarBackend builds the backend of the sidecar at addr (host:port
+// or an http(s) URL); t comes from remoteTimingOf.
 func newSidecarBackend(addr, token string, t remoteTiming, logger *slog.Logger) (*sidecarBackend, error) {
-	u, err := sidecarBaseURL(addr)
+	u, err := httpBaseURL(addr)
 	if err != nil {
 		return nil, fmt.Errorf("registry: sidecar address %q: %w", addr, err)
 	}
-	if t.conns <= 0 {
-		t.conns = defaultRegistryConns
-	}
-	rc := newRemoteClient("sidecar registry", t, 1, logger) // 1: the watch stream
 	return &sidecarBackend{
 		base:   u.String(),
 		token:  token,
 		timing: t,
-		rc:     rc,
-		client: rc.client,
+		rc:     newRemoteClient("sidecar registry", t, 1, logger), // 1: the watch stream
 		log:    logger,
 	}, nil
 }
@@ -90,7 +84,7 @@ func (b *sidecarBackend) call(ctx context.Context, method, pathQuery string, bod
 		return fmt.Errorf("%w: %v", errRejected, err)
 	}
 	maps.Copy(req.Header, b.header())
-	_, _, err = callJSON(b.client, req, sidecarRegLimit, out)
+	_, _, err = callJSON(b.rc.client, req, sidecarRegLimit, out)
 	var se *statusError
 	switch {
 	case err == nil:
@@ -202,7 +196,7 @@ func (b *sidecarBackend) sync(ctx context.Context, sink syncSink) {
 func (b *sidecarBackend) session(ctx context.Context, sink syncSink, bo *backoff) error {
 	wsURL := b.base + "/registry"
 	dctx, cancel := context.WithTimeout(ctx, b.timing.timeout)
-	conn, resp, err := websocket.Dial(dctx, wsURL, &websocket.DialOptions{HTTPClient: b.client, HTTPHeader: b.header()})
+	conn, resp, err := websocket.Dial(dctx, wsURL, &websocket.DialOptions{HTTPClient: b.rc.client, HTTPHeader: b.header()})
 	cancel()
 	if err != nil {
 		if resp != nil && resp.Body != nil {

@@ -427,14 +427,7 @@ func TestTLSStartupErrors(t *testing.T) {
 		{"zero reload interval", append(tlsArgs[:len(tlsArgs):len(tlsArgs)], "--tls_reload_interval", "0s"), "flag --tls_reload_interval"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			args := append([]string{"--address", "127.0.0.1:0"}, tt.args...)
-			cfg, err := parseConfig(args, func(string) string { return "" }, io.Discard)
-			if err == nil {
-				var s *server
-				if s, err = newServer(cfg, testLogger(t)); err == nil {
-					s.Close()
-				}
-			}
+			_, err := startUp(t, append([]string{"--address", "127.0.0.1:0"}, tt.args...)...)
 			switch {
 			case tt.want == "" && err != nil:
 				t.Fatalf("start-up with %q: %v, want success", tt.args, err)

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // Integration tests drive real outside tools (Consul, Pebble, Chromium,
@@ -66,6 +67,38 @@ func requireTool(t testing.TB, names ...string) string {
 	}
 	missingTool(t, "%s not found on PATH: install it with `bash scripts/setup-tests.sh`", strings.Join(names, " or "))
 	return ""
+}
+
+// toolProcess is an outside tool running as a child process of the test.
+type toolProcess struct {
+	cmd    *exec.Cmd
+	exited chan error // receives cmd.Wait's result, once
+}
+
+// startProcess starts cmd, and a goroutine that waits for it to exit.
+func startProcess(cmd *exec.Cmd) (*toolProcess, error) {
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	p := &toolProcess{cmd: cmd, exited: make(chan error, 1)}
+	go func() { p.exited <- cmd.Wait() }()
+	return p, nil
+}
+
+// signal sends sig to the process.
+func (p *toolProcess) signal(sig os.Signal) { p.cmd.Process.Signal(sig) }
+
+// stop sends sig (os.Kill ends it at once) and waits for the exit; a
+// process still running after 10 s is killed. Call it once, and not after
+// receiving from exited.
+func (p *toolProcess) stop(sig os.Signal) {
+	p.cmd.Process.Signal(sig)
+	select {
+	case <-p.exited:
+	case <-time.After(10 * time.Second):
+		p.cmd.Process.Kill()
+		<-p.exited
+	}
 }
 
 // goBinDir is where `go install` puts binaries, or "" if go cannot say.

@@ -17,21 +17,14 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
-	"io"
-	"net"
-	"net/http"
-	neturl "net/url"
 	"os"
+	"sidecar/bench/internal/load"
 	"strconv"
-	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -75,7 +68,7 @@ func fanout(ctx context.Context, target, url string, pid, nsubs, msgs, size, win
 	var conns []*client
 	defer func() {
 		for _, c := range conns {
-			c.close()
+			c.Close()
 		}
 	}()
 	for range nsubs {
@@ -94,7 +87,7 @@ func fanout(ctx context.Context, target, url string, pid, nsubs, msgs, size, win
 
 	body := bytes.Repeat([]byte("x"), size)
 	want := int64(msgs) * int64(nsubs)
-	cpu0, _ := cpuTicks(pid)
+	cpu0, _ := load.CPUTicks(pid)
 	start := time.Now()
 	for i := range msgs {
 		for received.Load() < int64(i-window)*int64(nsubs) {
@@ -114,7 +107,7 @@ func fanout(ctx context.Context, target, url string, pid, nsubs, msgs, size, win
 		time.Sleep(100 * time.Microsecond)
 	}
 	elapsed := time.Since(start)
-	cpu1, _ := cpuTicks(pid)
+	cpu1, _ := load.CPUTicks(pid)
 	cpuSec := float64(cpu1-cpu0) / 100 // USER_HZ is 100 on Linux
 	fmt.Printf("%s fanout: subscribers=%d size=%dB messages=%d deliveries=%d time=%.2fs rate=%.0f deliveries/s cpu=%.2fs cpu_per_delivery=%.3fus\n",
 		target, nsubs, size, msgs, want, elapsed.Seconds(), float64(want)/elapsed.Seconds(), cpuSec, cpuSec/float64(want)*1e6)
@@ -122,41 +115,21 @@ func fanout(ctx context.Context, target, url string, pid, nsubs, msgs, size, win
 }
 
 func idle(ctx context.Context, target, url string, pid, nsubs int) error {
-	rss0, err := rssKB(pid)
+	rss0, err := load.StatusKB(pid, "VmRSS")
 	if err != nil {
 		return err
 	}
-	var mu sync.Mutex
-	var conns []*client
+	conns, err := load.DialAll(nsubs, func() (*client, error) { return dial(ctx, target, url, "idle", func() {}) })
 	defer func() {
 		for _, c := range conns {
-			c.close()
+			c.Close()
 		}
 	}()
-	var firstErr error
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 32)
-	for range nsubs {
-		sem <- struct{}{}
-		wg.Go(func() {
-			defer func() { <-sem }()
-			c, err := dial(ctx, target, url, "idle", func() {})
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil && firstErr == nil {
-				firstErr = err
-			}
-			if c != nil {
-				conns = append(conns, c)
-			}
-		})
-	}
-	wg.Wait()
-	if firstErr != nil {
-		return fmt.Errorf("dial %d subscribers: %w", nsubs, firstErr)
+	if err != nil {
+		return fmt.Errorf("dial %d subscribers: %w", nsubs, err)
 	}
 	time.Sleep(3 * time.Second) // let the server settle
-	rss1, err := rssKB(pid)
+	rss1, err := load.StatusKB(pid, "VmRSS")
 	if err != nil {
 		return err
 	}
@@ -166,127 +139,32 @@ func idle(ctx context.Context, target, url string, pid, nsubs int) error {
 }
 
 // client is one websocket connection that subscribes topic and counts the
-// messages it receives; publish sends one message to topic. It speaks the
-// websocket protocol (RFC 6455) itself, reading frames straight from a
-// buffered connection, so that the load program spends as little CPU per
-// message as it can and the server, not the client, is measured.
+// messages it receives; publish sends one message to topic.
 type client struct {
+	*load.Conn
 	target string
 	topic  string
-	nc     net.Conn
-	br     *bufio.Reader
-	wmu    sync.Mutex // serializes frames written
-	wg     sync.WaitGroup
 }
 
 func dial(ctx context.Context, target, base, topic string, onMsg func()) (*client, error) {
-	u, err := neturl.Parse(base)
-	if err != nil {
-		return nil, err
-	}
 	path := "/broker?topic=" + topic
 	if target == "nats" {
 		path = "/"
 	}
-	d := net.Dialer{Timeout: 10 * time.Second}
-	nc, err := d.DialContext(ctx, "tcp", u.Host)
+	conn, err := load.Dial(ctx, base, path, 64<<10)
 	if err != nil {
 		return nil, err
 	}
-	nc.SetDeadline(time.Now().Add(10 * time.Second))
-	fmt.Fprintf(nc, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
-		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", path, u.Host)
-	c := &client{target: target, topic: topic, nc: nc, br: bufio.NewReaderSize(nc, 64<<10)}
-	resp, err := http.ReadResponse(c.br, nil)
-	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
-		nc.Close()
-		return nil, fmt.Errorf("handshake %s%s: %v %v", u.Host, path, resp, err)
-	}
+	c := &client{Conn: conn, target: target, topic: topic}
 	if target == "nats" {
 		if err := c.natsHandshake(onMsg); err != nil {
-			nc.Close()
+			c.Close()
 			return nil, err
 		}
 	} else {
-		c.wg.Go(func() { c.readFrames(func(p []byte) { onMsg() }) })
+		c.Read(func(bool, []byte) { onMsg() })
 	}
-	nc.SetDeadline(time.Time{})
 	return c, nil
-}
-
-func (c *client) close() {
-	c.nc.Close()
-	c.wg.Wait()
-}
-
-// readFrames calls onData with the payload of each data frame (a
-// fragment, if the server fragments) and answers pings, until the
-// connection ends. The payload is valid only during the call.
-func (c *client) readFrames(onData func([]byte)) {
-	var payload []byte
-	for {
-		h0, err := c.br.ReadByte()
-		if err != nil {
-			return
-		}
-		h1, err := c.br.ReadByte()
-		if err != nil {
-			return
-		}
-		n := int(h1 & 0x7f)
-		switch n {
-		case 126:
-			b, err := c.br.Peek(2)
-			if err != nil {
-				return
-			}
-			n = int(binary.BigEndian.Uint16(b))
-			c.br.Discard(2)
-		case 127:
-			b, err := c.br.Peek(8)
-			if err != nil {
-				return
-			}
-			n = int(binary.BigEndian.Uint64(b))
-			c.br.Discard(8)
-		}
-		if cap(payload) < n {
-			payload = make([]byte, n)
-		}
-		payload = payload[:n]
-		if _, err := io.ReadFull(c.br, payload); err != nil {
-			return
-		}
-		switch op := h0 & 0xf; op {
-		case 0x0, 0x1, 0x2:
-			onData(payload)
-		case 0x8:
-			return
-		case 0x9:
-			c.write(0xA, payload)
-		}
-	}
-}
-
-// write sends one masked frame with opcode op. The mask key is zero, which
-// RFC 6455 allows a client that needs no protection from proxies.
-func (c *client) write(op byte, p []byte) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	hdr := make([]byte, 0, 14+len(p))
-	hdr = append(hdr, 0x80|op)
-	switch {
-	case len(p) < 126:
-		hdr = append(hdr, 0x80|byte(len(p)))
-	case len(p) <= 0xffff:
-		hdr = append(hdr, 0x80|126, byte(len(p)>>8), byte(len(p)))
-	default:
-		hdr = append(hdr, 0x80|127)
-		hdr = binary.BigEndian.AppendUint64(hdr, uint64(len(p)))
-	}
-	hdr = append(hdr, 0, 0, 0, 0)
-	_, err := c.nc.Write(append(hdr, p...))
-	return err
 }
 
 func (c *client) publish(body []byte) error {
@@ -295,9 +173,9 @@ func (c *client) publish(body []byte) error {
 		msg = fmt.Appendf(msg, "PUB %s %d\r\n", c.topic, len(body))
 		msg = append(msg, body...)
 		msg = append(msg, "\r\n"...)
-		return c.write(0x2, msg)
+		return c.Write(load.OpBinary, msg)
 	}
-	return c.write(0x1, body)
+	return c.Write(load.OpText, body)
 }
 
 // natsHandshake speaks the NATS text protocol inside websocket frames:
@@ -306,12 +184,12 @@ func (c *client) publish(body []byte) error {
 // answers the server's PINGs.
 func (c *client) natsHandshake(onMsg func()) error {
 	hello := fmt.Sprintf("CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"echo\":true}\r\nSUB %s 1\r\nPING\r\n", c.topic)
-	if err := c.write(0x2, []byte(hello)); err != nil {
+	if err := c.Write(load.OpBinary, []byte(hello)); err != nil {
 		return err
 	}
 	ready := make(chan struct{})
 	p := &natsParser{c: c, onMsg: onMsg, ready: ready}
-	c.wg.Go(func() { c.readFrames(p.feed) })
+	c.Read(func(_ bool, data []byte) { p.feed(data) })
 	select {
 	case <-ready:
 		return nil
@@ -354,7 +232,7 @@ func (p *natsParser) feed(data []byte) {
 			p.need = size + 2
 			p.onMsg()
 		case string(line) == "PING":
-			p.c.write(0x2, []byte("PONG\r\n"))
+			p.c.Write(load.OpBinary, []byte("PONG\r\n"))
 		case string(line) == "PONG" && p.ready != nil:
 			close(p.ready)
 			p.ready = nil
@@ -362,34 +240,4 @@ func (p *natsParser) feed(data []byte) {
 			fmt.Fprintf(os.Stderr, "brokerload: nats: %s\n", line)
 		}
 	}
-}
-
-// cpuTicks returns utime+stime of pid in clock ticks.
-func cpuTicks(pid int) (int64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	// Fields after the ")" closing the command name: state is field 3.
-	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
-	if len(f) < 13 {
-		return 0, fmt.Errorf("short /proc/%d/stat", pid)
-	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return ut + st, nil
-}
-
-// rssKB returns VmRSS of pid in KB.
-func rssKB(pid int) (int64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			return strconv.ParseInt(strings.Fields(v)[0], 10, 64)
-		}
-	}
-	return 0, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
 }

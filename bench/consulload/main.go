@@ -29,6 +29,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sidecar/bench/internal/load"
 	"sort"
 	"strconv"
 	"strings"
@@ -249,34 +250,15 @@ func metrics(sidecar string) map[string]float64 {
 }
 
 // rss is the VmRSS of pid in KB; 0 without a pid.
-func rss(pid int) int {
-	if pid == 0 {
-		return 0
-	}
-	data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	for _, line := range strings.Split(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			n, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
-			return n
-		}
-	}
-	return 0
+func rss(pid int) int64 {
+	kb, _ := load.StatusKB(pid, "VmRSS")
+	return kb
 }
 
-// ticks is utime+stime of pid, in clock ticks.
-func ticks(pid int) int {
-	if pid == 0 {
-		return 0
-	}
-	data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	s := string(data)
-	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
-	if len(f) < 13 {
-		return 0
-	}
-	u, _ := strconv.Atoi(f[11])
-	k, _ := strconv.Atoi(f[12])
-	return u + k
+// ticks is utime+stime of pid, in clock ticks; 0 without a pid.
+func ticks(pid int) int64 {
+	n, _ := load.CPUTicks(pid)
+	return n
 }
 
 func fatal(err error) {

@@ -17,18 +17,14 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/binary"
 	"flag"
 	"fmt"
-	"io"
-	"net"
-	"net/http"
-	neturl "net/url"
 	"os"
+	"sidecar/bench/internal/load"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -70,7 +66,7 @@ func main() {
 // sub is one subscriber: how many messages it got and, in rate mode, the
 // latency of each.
 type sub struct {
-	c         *client
+	c         *load.Conn
 	probes    atomic.Int64
 	received  atomic.Int64
 	mu        sync.Mutex // guards latencies
@@ -80,24 +76,26 @@ type sub struct {
 // setup connects the subscribers and the publisher, then sends probes
 // until every subscriber has one: the subscriptions have reached A (the
 // registry for peer delivery, the NATS server otherwise).
-func setup(ctx context.Context, pubURL, subURL string, nsubs int, record bool) (*client, []*sub, error) {
+func setup(ctx context.Context, pubURL, subURL string, nsubs int, record bool) (*load.Conn, []*sub, error) {
 	var subs []*sub
 	for range nsubs {
 		s := &sub{}
-		c, err := dial(ctx, subURL, "bench", func(p []byte) { s.onFrame(p, record) })
+		c, err := load.Dial(ctx, subURL, "/broker?topic=bench", 64<<10)
 		if err != nil {
 			return nil, nil, err
 		}
+		c.Read(func(_ bool, p []byte) { s.onFrame(p, record) })
 		s.c = c
 		subs = append(subs, s)
 	}
-	pub, err := dial(ctx, pubURL, "bench", func([]byte) {})
+	pub, err := load.Dial(ctx, pubURL, "/broker?topic=bench", 64<<10)
 	if err != nil {
 		return nil, nil, err
 	}
-	probe := make([]byte, 16) // time 0: not a measurement
+	pub.Read(func(bool, []byte) {}) // the echo of each publish
+	probe := make([]byte, 16)       // time 0: not a measurement
 	for {
-		if err := pub.write(0x2, probe); err != nil {
+		if err := pub.Write(load.OpBinary, probe); err != nil {
 			return nil, nil, err
 		}
 		ready := true
@@ -158,12 +156,12 @@ func body(size int, seq int) []byte {
 	return b
 }
 
-func closeAll(pub *client, subs []*sub) {
+func closeAll(pub *load.Conn, subs []*sub) {
 	if pub != nil {
-		pub.close()
+		pub.Close()
 	}
 	for _, s := range subs {
-		s.c.close()
+		s.c.Close()
 	}
 }
 
@@ -191,7 +189,7 @@ func maxRate(ctx context.Context, label, pubURL, subURL string, nsubs, msgs, siz
 			}
 			time.Sleep(20 * time.Microsecond)
 		}
-		if err := pub.write(0x2, body(size, i+1)); err != nil {
+		if err := pub.Write(load.OpBinary, body(size, i+1)); err != nil {
 			return err
 		}
 	}
@@ -219,7 +217,7 @@ func fixedRate(ctx context.Context, label, pubURL, subURL string, nsubs, rate in
 	for sent < total {
 		due := min(total, int(float64(rate)*time.Since(start).Seconds())+1)
 		for ; sent < due; sent++ {
-			if err := pub.write(0x2, body(size, sent+1)); err != nil {
+			if err := pub.Write(load.OpBinary, body(size, sent+1)); err != nil {
 				return err
 			}
 		}
@@ -245,117 +243,4 @@ func fixedRate(ctx context.Context, label, pubURL, subURL string, nsubs, rate in
 	fmt.Printf("%s rate: subscribers=%d size=%dB rate=%d msgs/s (achieved %.0f) duration=%s deliveries=%d lost=%d latency p50=%.2fms p99=%.2fms max=%.2fms\n",
 		label, nsubs, size, rate, float64(total)/sendTime.Seconds(), duration, len(all), lost, q(0.5), q(0.99), q(1))
 	return nil
-}
-
-// client is one websocket connection subscribed to a topic of a sidecar
-// (GET /broker?topic=T); write publishes a frame to it. It speaks RFC 6455
-// itself, reading frames from a buffered connection, so that the load
-// program costs little next to the sidecars it measures.
-type client struct {
-	nc  net.Conn
-	br  *bufio.Reader
-	wmu sync.Mutex // serializes frames written
-	wg  sync.WaitGroup
-}
-
-func dial(ctx context.Context, base, topic string, onData func([]byte)) (*client, error) {
-	u, err := neturl.Parse(base)
-	if err != nil {
-		return nil, err
-	}
-	path := "/broker?topic=" + topic
-	d := net.Dialer{Timeout: 10 * time.Second}
-	nc, err := d.DialContext(ctx, "tcp", u.Host)
-	if err != nil {
-		return nil, err
-	}
-	nc.SetDeadline(time.Now().Add(10 * time.Second))
-	fmt.Fprintf(nc, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
-		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", path, u.Host)
-	c := &client{nc: nc, br: bufio.NewReaderSize(nc, 64<<10)}
-	resp, err := http.ReadResponse(c.br, nil)
-	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
-		nc.Close()
-		return nil, fmt.Errorf("handshake %s%s: %v %v", u.Host, path, resp, err)
-	}
-	nc.SetDeadline(time.Time{})
-	c.wg.Go(func() { c.readFrames(onData) })
-	return c, nil
-}
-
-func (c *client) close() {
-	c.nc.Close()
-	c.wg.Wait()
-}
-
-// readFrames calls onData with each data frame's payload (valid during
-// the call) and answers pings, until the connection ends.
-func (c *client) readFrames(onData func([]byte)) {
-	var payload []byte
-	for {
-		h0, err := c.br.ReadByte()
-		if err != nil {
-			return
-		}
-		h1, err := c.br.ReadByte()
-		if err != nil {
-			return
-		}
-		n := int(h1 & 0x7f)
-		switch n {
-		case 126:
-			b, err := c.br.Peek(2)
-			if err != nil {
-				return
-			}
-			n = int(binary.BigEndian.Uint16(b))
-			c.br.Discard(2)
-		case 127:
-			b, err := c.br.Peek(8)
-			if err != nil {
-				return
-			}
-			n = int(binary.BigEndian.Uint64(b))
-			c.br.Discard(8)
-		}
-		if cap(payload) < n {
-			payload = make([]byte, n)
-		}
-		payload = payload[:n]
-		if _, err := io.ReadFull(c.br, payload); err != nil {
-			return
-		}
-		switch h0 & 0xf {
-		case 0x0, 0x1, 0x2:
-			onData(payload)
-		case 0x8:
-			if len(payload) >= 2 {
-				fmt.Fprintf(os.Stderr, "pubsubload: closed by the sidecar: %d %s\n", binary.BigEndian.Uint16(payload), payload[2:])
-			}
-			return
-		case 0x9:
-			c.write(0xA, payload)
-		}
-	}
-}
-
-// write sends one masked frame with opcode op (mask key zero, which RFC
-// 6455 allows a client that needs no protection from proxies).
-func (c *client) write(op byte, p []byte) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	hdr := make([]byte, 0, 14+len(p))
-	hdr = append(hdr, 0x80|op)
-	switch {
-	case len(p) < 126:
-		hdr = append(hdr, 0x80|byte(len(p)))
-	case len(p) <= 0xffff:
-		hdr = append(hdr, 0x80|126, byte(len(p)>>8), byte(len(p)))
-	default:
-		hdr = append(hdr, 0x80|127)
-		hdr = binary.BigEndian.AppendUint64(hdr, uint64(len(p)))
-	}
-	hdr = append(hdr, 0, 0, 0, 0)
-	_, err := c.nc.Write(append(hdr, p...))
-	return err
 }

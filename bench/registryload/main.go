@@ -16,20 +16,14 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/binary"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	neturl "net/url"
 	"os"
+	"sidecar/bench/internal/load"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -55,7 +49,7 @@ func main() {
 }
 
 func run(ctx context.Context, base string, pid, nwatch, nnodes, nchanges, batch int, renew, ttl time.Duration) error {
-	rss0, _ := rssKB(pid, "VmRSS")
+	rss0, _ := load.StatusKB(pid, "VmRSS")
 	var frames atomic.Int64 // data frames received by all watchers
 	var target atomic.Int64 // when frames reaches it, the arrival time goes to arrived
 	arrived := make(chan time.Time, 1)
@@ -64,36 +58,16 @@ func run(ctx context.Context, base string, pid, nwatch, nnodes, nchanges, batch 
 			arrived <- time.Now()
 		}
 	}
-	var mu sync.Mutex
-	var conns []*watchConn
+	conns, err := load.DialAll(nwatch, func() (*load.Conn, error) { return dialWatch(ctx, base, onFrame) })
 	defer func() {
 		for _, c := range conns {
-			c.close()
+			c.Close()
 		}
 	}()
-	var firstErr error
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 32)
-	for range nwatch {
-		sem <- struct{}{}
-		wg.Go(func() {
-			defer func() { <-sem }()
-			c, err := dialWatch(ctx, base, onFrame)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil && firstErr == nil {
-				firstErr = err
-			}
-			if c != nil {
-				conns = append(conns, c)
-			}
-		})
+	if err != nil {
+		return fmt.Errorf("dial %d watchers: %w", nwatch, err)
 	}
-	wg.Wait()
-	if firstErr != nil {
-		return fmt.Errorf("dial %d watchers: %w", nwatch, firstErr)
-	}
-	rssWatch, _ := rssKB(pid, "VmRSS")
+	rssWatch, _ := load.StatusKB(pid, "VmRSS")
 
 	// The service, registered at once: every watcher gets all of it.
 	all := make([]string, nnodes)
@@ -114,7 +88,7 @@ func run(ctx context.Context, base string, pid, nwatch, nnodes, nchanges, batch 
 		return fmt.Errorf("initial registration: %w", err)
 	}
 	fanout := time.Since(start)
-	rssReg, _ := rssKB(pid, "VmRSS")
+	rssReg, _ := load.StatusKB(pid, "VmRSS")
 
 	// Renewals of every node, batch by batch, once per renew interval.
 	rctx, stopRenew := context.WithCancel(ctx)
@@ -142,7 +116,7 @@ func run(ctx context.Context, base string, pid, nwatch, nnodes, nchanges, batch 
 	})
 
 	lat := make([]time.Duration, 0, nchanges)
-	cpu0, _ := cpuTicks(pid)
+	cpu0, _ := load.CPUTicks(pid)
 	changing := time.Now()
 	probe := `{"name":"bench","version":"1.0","nodes":[{"id":"probe","address":"10.255.255.1","port":8080,"metadata":{"zone":"zone-0"}}]}`
 	for i := range nchanges {
@@ -168,14 +142,14 @@ func run(ctx context.Context, base string, pid, nwatch, nnodes, nchanges, batch 
 		time.Sleep(20 * time.Millisecond) // one change at a time
 	}
 	changeTime := time.Since(changing)
-	cpu1, _ := cpuTicks(pid)
+	cpu1, _ := load.CPUTicks(pid)
 	stopRenew()
 	rwg.Wait()
 	if renewErr != nil {
 		return fmt.Errorf("renewal: %w", renewErr)
 	}
-	rssEnd, _ := rssKB(pid, "VmRSS")
-	hwm, _ := rssKB(pid, "VmHWM")
+	rssEnd, _ := load.StatusKB(pid, "VmRSS")
+	hwm, _ := load.StatusKB(pid, "VmHWM")
 	if got := frames.Load(); got != int64(nwatch)*int64(nchanges+1) {
 		return fmt.Errorf("watchers received %d frames, want %d: an event was lost or a renewal made one", got, int64(nwatch)*int64(nchanges+1))
 	}
@@ -220,131 +194,18 @@ func post(ctx context.Context, client *http.Client, method, url, body string) er
 	return nil
 }
 
-// watchConn is one websocket watch of /registry that counts the data
-// frames it receives. It speaks the websocket protocol (RFC 6455) itself,
-// reading frames straight from a buffered connection and skipping their
-// payloads, so that the load program costs little and the server, not the
-// client, is measured.
-type watchConn struct {
-	nc net.Conn
-	br *bufio.Reader
-	wg sync.WaitGroup
-}
-
-func dialWatch(ctx context.Context, base string, onFrame func()) (*watchConn, error) {
-	u, err := neturl.Parse(base)
+// dialWatch opens one websocket watch of /registry that counts the
+// messages it receives, skipping their payloads (a registration of many
+// nodes is one large event, for every watcher).
+func dialWatch(ctx context.Context, base string, onMessage func()) (*load.Conn, error) {
+	c, err := load.Dial(ctx, base, "/registry", 4<<10)
 	if err != nil {
 		return nil, err
 	}
-	d := net.Dialer{Timeout: 10 * time.Second}
-	nc, err := d.DialContext(ctx, "tcp", u.Host)
-	if err != nil {
-		return nil, err
-	}
-	nc.SetDeadline(time.Now().Add(10 * time.Second))
-	fmt.Fprintf(nc, "GET /registry HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
-		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", u.Host)
-	c := &watchConn{nc: nc, br: bufio.NewReaderSize(nc, 4<<10)}
-	resp, err := http.ReadResponse(c.br, nil)
-	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
-		nc.Close()
-		return nil, fmt.Errorf("handshake %s: %v %v", u.Host, resp, err)
-	}
-	nc.SetDeadline(time.Time{})
-	c.wg.Go(func() { c.readFrames(onFrame) })
+	c.Count(func(fin bool) {
+		if fin {
+			onMessage()
+		}
+	})
 	return c, nil
-}
-
-func (c *watchConn) close() {
-	c.nc.Close()
-	c.wg.Wait()
-}
-
-// readFrames counts each final data frame and answers pings, until the
-// connection ends.
-func (c *watchConn) readFrames(onFrame func()) {
-	for {
-		h0, err := c.br.ReadByte()
-		if err != nil {
-			return
-		}
-		h1, err := c.br.ReadByte()
-		if err != nil {
-			return
-		}
-		n := int(h1 & 0x7f)
-		switch n {
-		case 126:
-			b, err := c.br.Peek(2)
-			if err != nil {
-				return
-			}
-			n = int(binary.BigEndian.Uint16(b))
-			c.br.Discard(2)
-		case 127:
-			b, err := c.br.Peek(8)
-			if err != nil {
-				return
-			}
-			n = int(binary.BigEndian.Uint64(b))
-			c.br.Discard(8)
-		}
-		switch op := h0 & 0xf; {
-		case op == 0x9: // ping: answer with the payload
-			p := make([]byte, n)
-			if _, err := io.ReadFull(c.br, p); err != nil {
-				return
-			}
-			c.pong(p)
-			continue
-		case op == 0x8:
-			return
-		}
-		if _, err := c.br.Discard(n); err != nil {
-			return
-		}
-		if h0&0x80 != 0 && h0&0xf <= 0x2 {
-			onFrame()
-		}
-	}
-}
-
-// pong sends a masked pong frame (mask key zero, which RFC 6455 allows).
-func (c *watchConn) pong(p []byte) error {
-	if len(p) > 125 {
-		return errors.New("ping payload too long")
-	}
-	frame := append([]byte{0x8A, 0x80 | byte(len(p)), 0, 0, 0, 0}, p...)
-	_, err := c.nc.Write(frame)
-	return err
-}
-
-// cpuTicks returns utime+stime of pid in clock ticks.
-func cpuTicks(pid int) (int64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	// Fields after the ")" closing the command name: state is field 3.
-	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
-	if len(f) < 13 {
-		return 0, fmt.Errorf("short /proc/%d/stat", pid)
-	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return ut + st, nil
-}
-
-// rssKB returns a field of /proc/PID/status in KB (VmRSS, VmHWM).
-func rssKB(pid int, field string) (int64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, err
-	}
-	for line := range bytes.SplitSeq(b, []byte("\n")) {
-		if v, ok := bytes.CutPrefix(line, []byte(field+":")); ok {
-			return strconv.ParseInt(string(bytes.Fields(v)[0]), 10, 64)
-		}
-	}
-	return 0, fmt.Errorf("no %s in /proc/%d/status", field, pid)
 }
