@@ -1024,11 +1024,17 @@ func (c *callContext) Value(key any) any           { return c.parent.Value(key) 
 
 func (c *callContext) Done() <-chan struct{} {
 	c.once.Do(c.init)
+	if c.ctx == nil { // released: the call is over, its request ends now
+		return c.parent.Done()
+	}
 	return c.ctx.Done()
 }
 
 func (c *callContext) Err() error {
 	c.once.Do(c.init)
+	if c.ctx == nil {
+		return context.Canceled
+	}
 	return c.ctx.Err()
 }
 

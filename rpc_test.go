@@ -1241,3 +1241,48 @@ func BenchmarkRPCCall(b *testing.B) {
 		}
 	})
 }
+
+// TestCallContext: a call's context is the caller's with the call's
+// deadline, made only when asked for; it ends at the deadline or with the
+// caller's, and after release it is done.
+func TestCallContext(t *testing.T) {
+	t.Parallel()
+	parent, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	c := &callContext{parent: parent, deadline: time.Now().Add(time.Hour)}
+	if d, ok := c.Deadline(); !ok || !d.Equal(c.deadline) {
+		t.Errorf("Deadline() = %v, %v; want the call's", d, ok)
+	}
+	if c.ctx != nil {
+		t.Error("the context was made before anything asked for it")
+	}
+	if c.over() {
+		t.Error("over() before the deadline and with the caller there")
+	}
+	cancel()
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the call's context did not end with the caller's")
+	}
+	if !errors.Is(c.Err(), context.Canceled) {
+		t.Errorf("Err() = %v after the caller's context ended, want Canceled", c.Err())
+	}
+	c.release()
+
+	past := &callContext{parent: context.Background(), deadline: time.Now().Add(-time.Millisecond)}
+	if !past.over() || !errors.Is(past.Err(), context.DeadlineExceeded) {
+		t.Errorf("past deadline: over() = %v, Err() = %v; want true, DeadlineExceeded", past.over(), past.Err())
+	}
+	past.release()
+
+	unused := &callContext{parent: parent, deadline: time.Now().Add(time.Hour)}
+	unused.release() // never made: nothing to cancel
+	if unused.ctx != nil {
+		t.Error("release made the context")
+	}
+	if unused.Err() == nil {
+		t.Error("Err() = nil after release, want the call ended")
+	}
+	<-unused.Done() // the caller's, which has ended
+}
