@@ -49,6 +49,7 @@ type rpcHandler struct {
 	direct    retryBudget // retry budget of calls to an explicit address
 
 	nextID atomic.Uint64 // JSON-RPC id of the next call
+	date   dateCache     // the Date field of replies
 
 	// Counters without a service label: their service names come from
 	// callers, not the registry, and would make label values unbounded.
@@ -529,11 +530,34 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 	hd := w.Header()
 	hd["Content-Type"] = jsonContentType
 	hd["X-Content-Type-Options"] = noSniff
+	hd["Date"] = h.date.field(time.Now())
 	if len(res.result) > smallReply {
 		hd["Content-Length"] = []string{strconv.Itoa(len(res.result))}
 	}
 	w.WriteHeader(http.StatusOK)
 	w.Write(res.result)
+}
+
+// dateCache is the Date field of replies (RFC 9110 section 6.6.1, one
+// second's resolution), formatted once a second rather than by net/http
+// for every reply. Safe for concurrent use; the slices it hands out are
+// never modified.
+type dateCache struct{ v atomic.Pointer[dateField] }
+
+type dateField struct {
+	sec   int64    // unix seconds of the time formatted
+	value []string // the header value, as http.Header holds it
+}
+
+// field returns the Date field of a reply sent at now.
+func (d *dateCache) field(now time.Time) []string {
+	sec := now.Unix()
+	if f := d.v.Load(); f != nil && f.sec == sec {
+		return f.value
+	}
+	f := &dateField{sec: sec, value: []string{now.UTC().Format(http.TimeFormat)}}
+	d.v.Store(f)
+	return f.value
 }
 
 // smallReply is the largest result written without a Content-Length of

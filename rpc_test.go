@@ -1286,3 +1286,21 @@ func TestCallContext(t *testing.T) {
 	}
 	<-unused.Done() // the caller's, which has ended
 }
+
+// TestDateCache: the Date field is the time of the reply to the second,
+// formatted as net/http formats it, and the same value within a second.
+func TestDateCache(t *testing.T) {
+	t.Parallel()
+	var d dateCache
+	at := time.Date(2026, 11, 26, 15, 4, 5, 100, time.UTC)
+	first := d.field(at)
+	if want := at.Format(http.TimeFormat); len(first) != 1 || first[0] != want {
+		t.Fatalf("field(%v) = %q, want [%q]", at, first, want)
+	}
+	if again := d.field(at.Add(800 * time.Millisecond)); &again[0] != &first[0] {
+		t.Errorf("field within the same second formatted again: %q", again)
+	}
+	if next := d.field(at.Add(time.Second)); next[0] != at.Add(time.Second).Format(http.TimeFormat) {
+		t.Errorf("field a second later = %q", next)
+	}
+}
