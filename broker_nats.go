@@ -311,6 +311,7 @@ type natsBroker struct {
 	unconfirmed atomic.Int64 // written to a connection that died before the server confirmed them
 	discarded   atomic.Int64 // buffered publishes dropped: over a new server's max_payload, or left at Close
 	missed      atomic.Int64 // messages for a subscription that had just ended here
+	badHeaders  atomic.Int64 // messages dropped for a header block that does not parse
 	serverErrs  atomic.Int64 // -ERR lines received
 
 	smu  sync.RWMutex // guards subs and sids; taken before mu
@@ -1034,7 +1035,7 @@ func (n *natsBroker) deliver(op natsOp) {
 	}
 	hdr, err := parseNATSHeaders(op.header)
 	if err != nil {
-		n.missed.Add(1)
+		n.badHeaders.Add(1)
 		n.log.Debug("nats message with a bad header block dropped", "topic", topic, "err", err)
 		return
 	}
@@ -1139,6 +1140,7 @@ func (n *natsBroker) metrics(emit emitFunc) {
 	emit(dropped, dropHelp, "counter", float64(n.unconfirmed.Load()), "reason", "unconfirmed")
 	emit(dropped, dropHelp, "counter", float64(n.discarded.Load()), "reason", "discarded")
 	emit(dropped, dropHelp, "counter", float64(n.missed.Load()), "reason", "no_subscriber")
+	emit(dropped, dropHelp, "counter", float64(n.badHeaders.Load()), "reason", "bad_header")
 	emit("sidecar_broker_nats_server_errors_total", "-ERR lines from NATS servers.", "counter", float64(n.serverErrs.Load()))
 }
 

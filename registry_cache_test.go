@@ -591,3 +591,46 @@ func TestSidecarRegistryAtScale(t *testing.T) {
 		t.Errorf("most connections to the upstream = %d, want 1 to %d", peak, conns)
 	}
 }
+
+// TestSidecarRegistryLargeEvent: a registration as large as the other
+// sidecar accepts (here 8,000 nodes, about 2 MB of event) reaches a
+// sidecar using it as its registry through the watch, without the watch
+// being closed for a too-large message (1009) and started over: one request
+// to the other sidecar (the held service fetched again, as for any event),
+// not a new watch, list and fetch.
+func TestSidecarRegistryLargeEvent(t *testing.T) {
+	t.Parallel()
+	_, upstream := newTestServer(t, testConfig())
+	post := func(nodes int, from int) {
+		t.Helper()
+		var b strings.Builder
+		b.WriteString(`{"name":"big","nodes":[`)
+		for i := range nodes {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			fmt.Fprintf(&b, `{"id":"big-%05d","address":"127.0.0.1","port":%d,"metadata":{"zone":"zone-a","rack":"rack-%05d","owner":"team-payments-eu-west-1-production"}}`, from+i, 1000+(from+i)%60000, from+i)
+		}
+		b.WriteString(`]}`)
+		if code, body := do(t, "POST", upstream.URL+"/registry", b.String()); code != http.StatusOK {
+			t.Fatalf("POST /registry with %d nodes (%d bytes) = %d %s", nodes, b.Len(), code, body)
+		}
+	}
+	post(1, 0)
+	_, ts := newTestServer(t, remoteConfig("sidecar", upstream.URL))
+	if got := lookup(t, ts.URL, "big"); len(got) != 1 {
+		t.Fatalf("lookup(big) = %v, want one node", got)
+	}
+	requests := func() float64 {
+		_, body := do(t, "GET", ts.URL+"/metrics", "")
+		return parseMetrics(t, body)["sidecar_registry_requests_total"]
+	}
+	before := requests()
+	post(8000, 1)
+	eventually(t, 10*time.Second, "8,001 nodes of big seen through the watch", func() bool {
+		return len(lookup(t, ts.URL, "big")) == 8001
+	})
+	if n := requests() - before; n != 1 {
+		t.Errorf("%v requests to the other sidecar while the large event arrived, want 1 (more: the watch was closed and started again)", n)
+	}
+}

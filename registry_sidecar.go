@@ -26,8 +26,8 @@ import (
 )
 
 const (
-	sidecarRegLimit   = 16 << 20 // largest response read from the other sidecar
-	sidecarEventLimit = 1 << 20  // largest watch event
+	sidecarRegLimit   = 16 << 20        // largest response read from the other sidecar
+	sidecarEventLimit = sidecarRegLimit // largest watch event: one registration, as large as a list
 )
 
 // sidecarBackend talks to another sidecar's /registry. Safe for
