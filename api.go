@@ -121,7 +121,18 @@ func readBodyWithin(w http.ResponseWriter, r *http.Request, limit int64, timeout
 	// Not every ResponseWriter has deadlines (a test recorder); reading
 	// then goes unbounded, as it would without this.
 	http.NewResponseController(w).SetReadDeadline(time.Now().Add(timeout))
-	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	var b []byte
+	var err error
+	if n := r.ContentLength; n >= 0 && n <= limit && n < 1<<20 {
+		// The server's body reader ends at the length: read it into
+		// one buffer of that size.
+		b = make([]byte, n)
+		if _, err = io.ReadFull(r.Body, b); err == io.EOF {
+			err = io.ErrUnexpectedEOF // a body shorter than its length
+		}
+	} else {
+		b, err = io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	}
 	if err != nil {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			return nil, errorf(http.StatusRequestTimeout, "request body not received within %s", timeout)
@@ -244,22 +255,40 @@ func isWebsocket(r *http.Request) bool {
 }
 
 // accept upgrades r to a websocket and registers the stream; the
-// middleware has checked the origin against --cors. The returned context ends when the request does or
-// the sidecar shuts down (shuttingDown then tells which); done must be
-// called when the handler returns. On failure accept has written the JSON
-// error and returns a nil conn.
+// middleware has checked the origin against --cors. The returned context
+// ends when the request does or the sidecar shuts down (shuttingDown then
+// tells which); done must be called when the handler returns. On failure
+// accept has written the JSON error and returns a nil conn.
 func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64) (*websocket.Conn, context.Context, func()) {
+	conn, release := g.acceptConn(w, r, readLimit)
+	if conn == nil {
+		return nil, nil, nil
+	}
+	ctx, cancel := context.WithCancel(r.Context())
+	stop := afterFunc(g.ctx, cancel)
+	return conn, ctx, func() {
+		stop()
+		cancel()
+		release()
+	}
+}
+
+// acceptConn is accept for a stream that watches the shutdown itself (the
+// broker's subscribers, whose handler returns at once: a context of the
+// request would be held, unused, for the subscriber's life). release must
+// be called when the stream ends.
+func (g *streams) acceptConn(w http.ResponseWriter, r *http.Request, readLimit int64) (*websocket.Conn, func()) {
 	// The library answers a handshake it refuses in plain text: check
 	// the request first, so the refusal is the JSON error.
 	if err := checkHandshake(w.Header(), r); err != nil {
 		writeHTTPError(w, err)
-		return nil, nil, nil
+		return nil, nil
 	}
 	g.mu.Lock()
 	if g.closed {
 		g.mu.Unlock()
 		writeError(w, http.StatusServiceUnavailable, "sidecar is shutting down")
-		return nil, nil, nil
+		return nil, nil
 	}
 	g.wg.Add(1)
 	g.mu.Unlock()
@@ -271,16 +300,10 @@ func (g *streams) accept(w http.ResponseWriter, r *http.Request, readLimit int64
 		// only a connection that cannot be hijacked, which HTTP/1.1
 		// connections always can.
 		g.wg.Done()
-		return nil, nil, nil
+		return nil, nil
 	}
 	conn.SetReadLimit(readLimit)
-	ctx, cancel := context.WithCancel(r.Context())
-	stop := afterFunc(g.ctx, cancel)
-	return conn, ctx, func() {
-		stop()
-		cancel()
-		g.wg.Done()
-	}
+	return conn, g.wg.Done
 }
 
 // checkHandshake checks r as the opening handshake of a websocket (RFC
@@ -382,6 +405,14 @@ func (g *streams) Close() {
 // loopbackHost reports whether the Host header host[:port] names this
 // machine's loopback: localhost or a loopback address.
 func loopbackHost(hostport string) bool {
+	// The usual Host of a sidecar on loopback, without a parse: what
+	// follows the prefix is a port (net.SplitHostPort does not check it)
+	// unless it holds another colon.
+	for _, prefix := range [...]string{"127.0.0.1:", "localhost:"} {
+		if port, ok := strings.CutPrefix(hostport, prefix); ok && strings.IndexByte(port, ':') < 0 {
+			return true
+		}
+	}
 	host := hostport
 	if h, _, err := net.SplitHostPort(hostport); err == nil {
 		host = h
@@ -504,11 +535,96 @@ func (l *errorListener) Accept() (net.Conn, error) {
 // hijacked, every byte written is the handler's and passes untouched.
 // Otherwise a write that is an HTTP answer with a status of 400 or more
 // is net/http's own, always written whole in one call, and is replaced.
+//
+// It also tells a handler's callerWatch when the caller goes away (see
+// watchCaller): net/http learns it from a read that fails, the
+// connection's background read while the handler runs or a read of the
+// body, and cancels the request's context then; errorConn sees the same
+// read fail first.
 type errorConn struct {
 	net.Conn
 	maxHeader int
 	handling  atomic.Bool // a handler answers the current request, or has hijacked the connection
 	replaced  bool        // an answer was rewritten: drop the rest of it; net/http's goroutine only
+
+	watchMu sync.Mutex  // guards watch and gone; held while watch.callerGone runs
+	watch   callerWatch // told when a read fails; nil when no handler watches
+	gone    bool        // a read failed otherwise than by a deadline: the caller has gone for good
+}
+
+// Read tells the handler that watches (if one does) when a read fails, as
+// net/http cancels the request's context for any read that fails. Its
+// frame stays small: net/http's background read, a new goroutine for
+// every request, reads through it, and a few more bytes of stack would
+// make each of those goroutines grow its stack (a copy costing more than
+// the rest of the read; seen under callgrind).
+func (c *errorConn) Read(p []byte) (n int, err error) {
+	n, err = c.Conn.Read(p)
+	if err != nil {
+		c.readFailed(err)
+	}
+	return
+}
+
+// readFailed notes a failed read and tells the watching handler.
+func (c *errorConn) readFailed(err error) {
+	ne, ok := err.(net.Error)
+	timeout := ok && ne.Timeout() // a deadline, which a later read may not meet
+	c.watchMu.Lock()
+	defer c.watchMu.Unlock()
+	if !timeout {
+		c.gone = true
+	}
+	if w := c.watch; w != nil {
+		c.watch = nil
+		w.callerGone()
+	}
+}
+
+// callerWatch is what a handler does when its caller goes away: end the
+// backend call the caller no longer waits for.
+type callerWatch interface{ callerGone() }
+
+// callerWatchStop ends a watch that watchCaller began; its zero value
+// ends none.
+type callerWatchStop struct {
+	ec      *errorConn
+	ctxStop func() bool
+}
+
+// watchCaller calls w.callerGone once r's caller goes away, until stop:
+// when r's context is cancelled for it. On the sidecar's plain
+// connections the errorConn tells it, with a few field writes; elsewhere
+// (TLS connections, tests serving the handler without the listener)
+// context.AfterFunc does, which costs about a microsecond and seven
+// allocations a request (a child of the request's context, its map and
+// channel).
+func watchCaller(r *http.Request, w callerWatch) callerWatchStop {
+	ec, ok := r.Context().Value(errorConnKey{}).(*errorConn)
+	if !ok {
+		return callerWatchStop{ctxStop: context.AfterFunc(r.Context(), w.callerGone)}
+	}
+	ec.watchMu.Lock()
+	defer ec.watchMu.Unlock()
+	if ec.gone || r.Context().Err() != nil {
+		w.callerGone()
+		return callerWatchStop{}
+	}
+	ec.watch = w
+	return callerWatchStop{ec: ec}
+}
+
+// stop ends the watch; a callerGone in progress has returned when it
+// returns (on the errorConn path).
+func (s callerWatchStop) stop() {
+	switch {
+	case s.ec != nil:
+		s.ec.watchMu.Lock()
+		s.ec.watch = nil
+		s.ec.watchMu.Unlock()
+	case s.ctxStop != nil:
+		s.ctxStop()
+	}
 }
 
 func (c *errorConn) Write(p []byte) (int, error) {

@@ -363,7 +363,7 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	hj := &wsHijacker{ResponseWriter: w, readTimeout: 2 * b.pingInterval, writeTimeout: b.writeTimeout}
 	// The context accept returns ends with this handler, which returns at
 	// once: serve runs on, tracked by streams through done.
-	conn, _, done := b.streams.accept(hj, r, b.maxMessage)
+	conn, done := b.streams.acceptConn(hj, r, b.maxMessage)
 	if conn == nil || hj.conn == nil { // hj.conn: cannot happen, accept hijacks through hj
 		b.remove(topic, queue, s)
 		b.topicStats.release(s.stats) // no writer started: nothing was queued to write

@@ -155,6 +155,15 @@ func snippet(b []byte) string {
 	return s
 }
 
+// traceToStart reports whether a request with header h starts a new trace
+// rather than passing its traceparent on: it has none, several, or one
+// that is not valid (ensureTraceparent's rule, for the writers that send
+// the header without changing it).
+func traceToStart(h http.Header) bool {
+	v := h["Traceparent"]
+	return len(v) != 1 || !validTraceparent(v[0])
+}
+
 // ensureTraceparent keeps a valid W3C traceparent in h or starts a new
 // trace (version 00, random trace and span ids, sampled). A tracestate
 // without a valid traceparent is meaningless and is dropped.
@@ -162,6 +171,14 @@ func ensureTraceparent(h http.Header) {
 	if v := h.Values("Traceparent"); len(v) == 1 && validTraceparent(v[0]) {
 		return
 	}
+	var b [55]byte
+	h.Set("Traceparent", string(appendTraceparent(b[:0])))
+	h.Del("Tracestate")
+}
+
+// appendTraceparent appends the traceparent of a new trace: version 00,
+// random trace and span ids, sampled.
+func appendTraceparent(dst []byte) []byte {
 	var raw [24]byte
 	for i := 0; i < len(raw); i += 8 {
 		u := rand.Uint64() | 1 // never all zeros, which is invalid
@@ -175,8 +192,7 @@ func ensureTraceparent(h http.Header) {
 	b[35] = '-'
 	hex.Encode(b[36:52], raw[16:])
 	copy(b[52:], "-01")
-	h.Set("Traceparent", string(b[:]))
-	h.Del("Tracestate")
+	return append(dst, b[:]...)
 }
 
 // validTraceparent checks the W3C Trace Context header: version-traceid-

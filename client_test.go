@@ -82,8 +82,22 @@ func TestHopByHop(t *testing.T) {
 		name string
 		pass func(t *testing.T, h http.Header) http.Header
 	}{
-		{"rpc backendHeader", func(t *testing.T, h http.Header) http.Header {
-			return backendHeader(h, false)
+		{"rpc request head", func(t *testing.T, h http.Header) http.Header {
+			r, err := http.NewRequest(http.MethodPost, "http://sidecar/rpc", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.Header = h
+			var buf bytes.Buffer
+			bw := bufio.NewWriter(&buf)
+			c := &rpcCall{service: "svc", method: "S.M", request: []byte("{}")}
+			writeRPCRequest(bw, r, "node:80", c, []byte(`"S.M"`), []byte("1"), time.Second, "1.1 sidecar-0123456789abcdef", false)
+			bw.Flush()
+			out, err := http.ReadRequest(bufio.NewReader(&buf))
+			if err != nil {
+				t.Fatalf("writeRPCRequest wrote %q: %v", buf.String(), err)
+			}
+			return out.Header
 		}},
 		{"removeHopByHop", func(t *testing.T, h http.Header) http.Header {
 			removeHopByHop(h)
@@ -98,7 +112,7 @@ func TestHopByHop(t *testing.T) {
 			r.RemoteAddr = "127.0.0.1:5000"
 			var buf bytes.Buffer
 			bw := bufio.NewWriter(&buf)
-			writeRequestHead(bw, r, "node:80", "", 0, false)
+			writeRequestHead(bw, r, "node:80", "", 0, false, nil)
 			bw.Flush()
 			out, err := http.ReadRequest(bufio.NewReader(&buf))
 			if err != nil {
@@ -155,9 +169,9 @@ func TestHopByHop(t *testing.T) {
 	}
 }
 
-// TestHopByHopNoAlloc: the proxy applies the policy on its hot path
-// without allocating: writing a request head with hop-by-hop fields and
-// Connection options allocates nothing.
+// TestHopByHopNoAlloc: the proxy and RPC apply the policy on their hot
+// paths without allocating: writing a request head with hop-by-hop fields
+// and Connection options, and a new traceparent, allocates nothing.
 func TestHopByHopNoAlloc(t *testing.T) {
 	r, err := http.NewRequest(http.MethodGet, "http://sidecar/svc/x?y=1", nil)
 	if err != nil {
@@ -174,11 +188,20 @@ func TestHopByHopNoAlloc(t *testing.T) {
 		"Te":         {"trailers"},
 	}
 	bw := bufio.NewWriterSize(&bytes.Buffer{}, 4<<10)
+	trace := appendTraceparent(nil) // the caller sent none: the sidecar starts one
 	if n := testing.AllocsPerRun(100, func() {
-		writeRequestHead(bw, r, "node:80", "1.1 sidecar-0123456789abcdef", 0, true)
+		writeRequestHead(bw, r, "node:80", "1.1 sidecar-0123456789abcdef", 0, true, trace)
 		bw.Reset(nil)
 	}); n != 0 {
 		t.Errorf("writeRequestHead allocates %v times per request, want 0", n)
+	}
+	c := &rpcCall{service: "go.micro.srv.svc", method: "Svc.X", request: []byte(`{"a":1}`)}
+	method, id := []byte(`"Svc.X"`), []byte("12")
+	if n := testing.AllocsPerRun(100, func() {
+		writeRPCRequest(bw, r, "node:80", c, method, id, time.Second, "1.1 sidecar-0123456789abcdef", true)
+		bw.Reset(nil)
+	}); n != 0 {
+		t.Errorf("writeRPCRequest allocates %v times per call, want 0", n)
 	}
 	if n := testing.AllocsPerRun(100, func() {
 		if !hopByHop("X-Hop", r.Header["Connection"]) || hopByHop("Accept", r.Header["Connection"]) {

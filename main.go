@@ -690,7 +690,7 @@ func (s *server) routes() http.Handler {
 	}
 	mux := http.NewServeMux()
 	s.mux = mux
-	allow := map[string][]string{}
+	allow := map[string][]string{} // path -> its methods; the paths the sidecar owns
 	var root route
 	for _, rt := range table {
 		mux.HandleFunc(rt.pattern, rt.handler)
@@ -712,7 +712,7 @@ func (s *server) routes() http.Handler {
 			writeError(w, http.StatusMethodNotAllowed, "method %s not allowed on %s; allowed: %s", r.Method, path, allowed)
 		})
 	}
-	return cleanFront(mux, root)
+	return cleanFront(mux, root, allow)
 }
 
 // cleanFront keeps the mux from redirecting. http.ServeMux answers a path
@@ -720,10 +720,16 @@ func (s *server) routes() http.Handler {
 // path, which the sidecar never sends: a proxied path must reach the node
 // byte for byte, and an error must be JSON. So a path the mux would clean
 // goes to root (the route "/") without the mux, with root's pattern for
-// the stats. CONNECT paths the mux does not clean either.
-func cleanFront(mux *http.ServeMux, root route) http.Handler {
+// the stats. CONNECT paths the mux does not clean either. So does a path
+// that is none of owned (the paths of the table's other rows), which the
+// mux would give root anyway: every proxied request or RPC by path, which
+// the mux's lookup would cost a few allocations (it tries the path with a
+// slash added). A path with an escape goes through the mux, which
+// unescapes segments before it matches them (/heal%74h is /health).
+func cleanFront(mux *http.ServeMux, root route, owned map[string][]string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if p := r.URL.EscapedPath(); r.Method != http.MethodConnect && canonicalPath(p) != p {
+		p := r.URL.EscapedPath()
+		if r.Method != http.MethodConnect && (canonicalPath(p) != p || owned[p] == nil && strings.IndexByte(p, '%') < 0) {
 			r.Pattern = root.pattern
 			root.handler(w, r)
 			return

@@ -185,7 +185,7 @@ const (
 type proxyCall struct {
 	context.Context                         // Value(proxyCallKey{}) is the call
 	cancel          context.CancelCauseFunc // upgrades: cancels Context
-	stopWatch       func() bool             // ordinary requests: stops the caller-gone watch
+	watch           callerWatchStop         // ordinary requests: stops the caller-gone watch
 
 	p         *proxyHandler
 	service   string
@@ -216,6 +216,9 @@ type proxyCall struct {
 	resp  proxyBody // the response body
 	up    upgradeConn
 	tried [4]*nodeState
+
+	trace    []byte // the traceparent of a trace the sidecar starts (in traceBuf), or nil
+	traceBuf [55]byte
 }
 
 // proxyCallKey finds the proxyCall in a request's context.
@@ -273,7 +276,7 @@ func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
 	pc.upgrade = r.Header.Get("Upgrade") != "" && hasToken(r.Header["Connection"], "upgrade")
 	if !pc.upgrade {
 		pc.Context = r.Context()
-		pc.stopWatch = context.AfterFunc(r.Context(), pc.callerGone)
+		pc.watch = watchCaller(r, pc)
 	} else {
 		pc.Context, pc.cancel = context.WithCancelCause(r.Context())
 		// http.Server.Shutdown neither ends nor waits for hijacked
@@ -309,7 +312,9 @@ func (p *proxyHandler) handle(w http.ResponseWriter, r *http.Request) {
 // the response starts is the caller's JSON error; one after it aborts the
 // caller's response (http.ErrAbortHandler), as ReverseProxy does.
 func (p *proxyHandler) forward(w http.ResponseWriter, r *http.Request, pc *proxyCall) {
-	ensureTraceparent(r.Header)
+	if traceToStart(r.Header) {
+		pc.trace = appendTraceparent(pc.traceBuf[:0]) // one trace for every attempt
+	}
 	tried := pc.tried[:0] // nodes this request failed on: retries go elsewhere
 	for try := 0; ; try++ {
 		t0 := time.Now()
@@ -388,7 +393,7 @@ func (pc *proxyCall) dial(pool *connPool) (*backendConn, error) {
 // When writing the body fails, the node may have answered early (a 413,
 // say): that answer is used if it can be read.
 func (p *proxyHandler) roundTrip(pc *proxyCall, r *http.Request, c *backendConn) (h respHead, started, wrote bool, err error) {
-	writeRequestHead(c.bw, r, c.pool.addr, p.via.entry(r), r.ContentLength, p.cfg.AuthToken != "")
+	writeRequestHead(c.bw, r, c.pool.addr, p.via.entry(r), r.ContentLength, p.cfg.AuthToken != "", pc.trace)
 	var werr error
 	if r.ContentLength != 0 {
 		if werr = p.sendBody(pc, r, c); werr != nil {
@@ -650,9 +655,7 @@ func idempotent(method string) bool {
 
 // end stops the timer and the outgoing request once the handler returns.
 func (pc *proxyCall) end() {
-	if pc.stopWatch != nil {
-		pc.stopWatch()
-	}
+	pc.watch.stop()
 	pc.mu.Lock()
 	pc.ended = true
 	pc.mu.Unlock()

@@ -320,7 +320,10 @@ func (c *backendConn) close() {
 // Connection field names; no Authorization when dropAuth; the caller's
 // Expect is answered by the sidecar's own server, so it is not passed on.
 // bodyLen frames the body: > 0 a Content-Length, -1 chunked, 0 none.
-func writeRequestHead(bw *bufio.Writer, r *http.Request, host, via string, bodyLen int64, dropAuth bool) {
+// trace, when not empty, is the W3C traceparent of a trace the sidecar
+// starts: the caller's Traceparent and Tracestate are then not passed on
+// (see traceToStart).
+func writeRequestHead(bw *bufio.Writer, r *http.Request, host, via string, bodyLen int64, dropAuth bool, trace []byte) {
 	uri := r.RequestURI
 	if uri == "" || uri[0] != '/' {
 		uri = r.URL.RequestURI()
@@ -343,7 +346,7 @@ func writeRequestHead(bw *bufio.Writer, r *http.Request, host, via string, bodyL
 	}
 	conn := r.Header["Connection"]
 	for k, vv := range r.Header {
-		if hopByHop(k, conn) || skipRequestField(k, dropAuth) {
+		if hopByHop(k, conn) || skipRequestField(k, dropAuth) || len(trace) > 0 && (k == "Traceparent" || k == "Tracestate") {
 			continue
 		}
 		for _, v := range vv {
@@ -355,6 +358,11 @@ func writeRequestHead(bw *bufio.Writer, r *http.Request, host, via string, bodyL
 	}
 	if hasToken(r.Header["Te"], "trailers") {
 		bw.WriteString("Te: trailers\r\n")
+	}
+	if len(trace) > 0 {
+		bw.WriteString("Traceparent: ")
+		bw.Write(trace)
+		bw.WriteString("\r\n")
 	}
 	if via != "" {
 		bw.WriteString("Via: ")
@@ -543,7 +551,10 @@ func (c *backendConn) header(h http.Header, chunked bool) {
 	}
 	vals := make([]string, len(c.fields))
 	for i, f := range c.fields {
-		k := http.CanonicalHeaderKey(s[f.k0:f.k1])
+		k := commonHeaderKey(c.head[f.k0:f.k1])
+		if k == "" {
+			k = http.CanonicalHeaderKey(s[f.k0:f.k1])
+		}
 		if hopByHop(k, conn) || (chunked && k == "Content-Length") {
 			continue
 		}
@@ -554,6 +565,39 @@ func (c *backendConn) header(h http.Header, chunked bool) {
 			h[k] = vals[i : i+1 : i+1]
 		}
 	}
+}
+
+// commonHeaderKey is the canonical form of a response field name that
+// servers send often, as sent in canonical or lower case; "" for any
+// other name. It spares http.CanonicalHeaderKey's scan of the name.
+func commonHeaderKey(name []byte) string {
+	switch string(name) {
+	case "Content-Type", "content-type":
+		return "Content-Type"
+	case "Content-Length", "content-length":
+		return "Content-Length"
+	case "Date", "date":
+		return "Date"
+	case "Server", "server":
+		return "Server"
+	case "Cache-Control", "cache-control":
+		return "Cache-Control"
+	case "Etag", "ETag", "etag":
+		return "Etag"
+	case "Last-Modified", "last-modified":
+		return "Last-Modified"
+	case "Vary", "vary":
+		return "Vary"
+	case "Content-Encoding", "content-encoding":
+		return "Content-Encoding"
+	case "Set-Cookie", "set-cookie":
+		return "Set-Cookie"
+	case "Location", "location":
+		return "Location"
+	case "Expires", "expires":
+		return "Expires"
+	}
+	return ""
 }
 
 // readTrailer reads the trailer fields after a chunked body into h as
@@ -610,12 +654,18 @@ func parseField(line []byte) (name, value []byte, ok bool) {
 	return line[:colon], value, true
 }
 
+// isTokenByte reports whether b may appear in a token (RFC 9110 section
+// 5.6.2): a letter, a digit or one of !#$%&'*+-.^_`|~.
 func isTokenByte(b byte) bool {
 	switch {
 	case 'a' <= b && b <= 'z', 'A' <= b && b <= 'Z', '0' <= b && b <= '9':
 		return true
 	}
-	return strings.IndexByte("!#$%&'*+-.^_`|~", b) >= 0
+	switch b {
+	case '!', '#', '$', '%', '&', '\'', '*', '+', '-', '.', '^', '_', '`', '|', '~':
+		return true
+	}
+	return false
 }
 
 // parseLength parses a Content-Length value: digits only, no sign.

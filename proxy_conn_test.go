@@ -226,3 +226,29 @@ func agreeWithNetHTTP(t *testing.T, resp []byte, ours headResult) {
 		}
 	}
 }
+
+// TestCommonHeaderKey: the shortcut names are what http.CanonicalHeaderKey
+// makes of them.
+func TestCommonHeaderKey(t *testing.T) {
+	for _, name := range []string{"Content-Type", "content-type", "Content-Length", "content-length", "Date", "date", "Server", "server",
+		"Cache-Control", "cache-control", "Etag", "ETag", "etag", "Last-Modified", "last-modified", "Vary", "vary",
+		"Content-Encoding", "content-encoding", "Set-Cookie", "set-cookie", "Location", "location", "Expires", "expires"} {
+		if got, want := commonHeaderKey([]byte(name)), http.CanonicalHeaderKey(name); got != want {
+			t.Errorf("commonHeaderKey(%q) = %q, want %q", name, got, want)
+		}
+	}
+	if got := commonHeaderKey([]byte("X-Other")); got != "" {
+		t.Errorf(`commonHeaderKey("X-Other") = %q, want ""`, got)
+	}
+}
+
+// TestIsTokenByte: the token characters of RFC 9110 section 5.6.2, and no
+// other byte.
+func TestIsTokenByte(t *testing.T) {
+	for b := 0; b < 256; b++ {
+		want := b >= 'a' && b <= 'z' || b >= 'A' && b <= 'Z' || b >= '0' && b <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", byte(b)) >= 0
+		if got := isTokenByte(byte(b)); got != want {
+			t.Errorf("isTokenByte(%q) = %v, want %v", b, got, want)
+		}
+	}
+}

@@ -244,6 +244,9 @@ func checkName(field, v string) error {
 	if v == "" {
 		return bad(field, "is required")
 	}
+	if len(v) <= maxNameLen && visibleASCII(v) {
+		return nil // the usual name, checked without decoding runes
+	}
 	if err := checkText(field, v, maxNameLen); err != nil {
 		return err
 	}
@@ -253,6 +256,17 @@ func checkName(field, v string) error {
 		}
 	}
 	return nil
+}
+
+// visibleASCII reports whether s holds only printable ASCII other than
+// space (0x21 to 0x7e), which checkName accepts.
+func visibleASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x21 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
 }
 
 // checkVersion accepts an empty version, or up to 255 printable bytes.

@@ -6,6 +6,7 @@ package main
 // covering all attempts, and passive ejection of failing nodes.
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -18,9 +19,11 @@ import (
 	"mime/multipart"
 	"net"
 	"net/http"
+	"net/http/httputil"
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unicode"
@@ -30,20 +33,23 @@ import (
 const maxReplyBytes = 16 << 20 // largest backend reply the sidecar reads
 
 // rpcHandler forwards calls to service nodes found in the registry. It owns
-// one HTTP transport shared by every call and a balancer. Safe for
-// concurrent use; it starts no goroutines, and Close releases idle backend
-// connections.
+// pools of keep-alive connections to the nodes, over which it speaks
+// HTTP/1.1 itself on the handler's goroutine (the proxy's client,
+// proxy_conn.go), and a balancer. Safe for concurrent use; it starts no
+// goroutines beyond a timer per pool with idle connections, and Close
+// releases idle backend connections.
 type rpcHandler struct {
 	cfg       *Config
 	reg       Registry
 	log       *slog.Logger
 	bal       *balancer
-	upstreams *upstreams // calls by service (stats_upstream.go)
-	transport *http.Transport
+	upstreams *upstreams  // calls by service (stats_upstream.go)
+	conns     *connPools  // keep-alive connections to the nodes (proxy_conn.go)
 	via       *via        // refuses loops, and stamps what is forwarded
 	direct    retryBudget // retry budget of calls to an explicit address
 
 	nextID atomic.Uint64 // JSON-RPC id of the next call
+	date   dateCache     // the Date field of replies
 
 	// Counters without a service label: their service names come from
 	// callers, not the registry, and would make label values unbounded.
@@ -61,7 +67,7 @@ func newRPCHandler(cfg *Config, reg Registry, clientTLS *tls.Config, v *via, log
 		log:       logger,
 		bal:       newBalancer(cfg.Balancer, time.Now, logger),
 		upstreams: newUpstreams("rpc", cfg.StatsMaxServices),
-		transport: newBackendTransport(cfg, clientTLS),
+		conns:     newConnPools(cfg, clientTLS),
 		via:       v,
 	}
 	h.bal.useTLS = func(n *Node) bool { return backendScheme(cfg, n) == "https" }
@@ -74,7 +80,7 @@ func newRPCHandler(cfg *Config, reg Registry, clientTLS *tls.Config, v *via, log
 // Close releases idle backend connections. Calls in flight are the HTTP
 // server's to drain. Idempotent.
 func (h *rpcHandler) Close() error {
-	h.transport.CloseIdleConnections()
+	h.conns.close()
 	return nil
 }
 
@@ -117,9 +123,12 @@ func (h *rpcHandler) parseRPC(w http.ResponseWriter, r *http.Request) (rpcCall, 
 	if err != nil {
 		return rpcCall{}, err
 	}
-	ct, params, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	ct, params := r.Header.Get("Content-Type"), map[string]string(nil)
+	if ct != "application/json" { // the common case, without a parse
+		ct, params, _ = mime.ParseMediaType(ct)
+	}
 	var f rpcForm
-	var request string
+	var request []byte
 	trimmed := bytes.TrimSpace(body)
 	switch {
 	case ct == "multipart/form-data":
@@ -135,7 +144,7 @@ func (h *rpcHandler) parseRPC(w http.ResponseWriter, r *http.Request) (rpcCall, 
 			return ""
 		}
 		f = rpcForm{Service: get("service"), Method: get("method"), Endpoint: get("endpoint"), Address: get("address")}
-		request = get("request")
+		request = []byte(get("request"))
 	case (ct == "application/x-www-form-urlencoded" || ct == "") && (len(trimmed) == 0 || trimmed[0] != '{'):
 		// A body that opens with "{" is JSON whatever the type: curl -d
 		// labels everything a form, and no form starts with "{".
@@ -144,17 +153,19 @@ func (h *rpcHandler) parseRPC(w http.ResponseWriter, r *http.Request) (rpcCall, 
 			return rpcCall{}, errorf(http.StatusBadRequest, "rpc: invalid form body: %v", err)
 		}
 		f = rpcForm{Service: vals.Get("service"), Method: vals.Get("method"), Endpoint: vals.Get("endpoint"), Address: vals.Get("address")}
-		request = vals.Get("request")
+		request = []byte(vals.Get("request"))
 	default:
-		if err := decodeJSON(body, &f); err != nil {
+		if f, err = decodeRPCForm(body); err != nil {
 			return rpcCall{}, err
 		}
 		if len(f.Request) > 0 && f.Request[0] == '"' {
-			if err := json.Unmarshal(f.Request, &request); err != nil {
+			var text string
+			if err := json.Unmarshal(f.Request, &text); err != nil {
 				return rpcCall{}, errorf(http.StatusBadRequest, `rpc: field "request": %v`, err)
 			}
+			request = []byte(text)
 		} else if len(f.Request) > 0 && string(f.Request) != "null" {
-			request = string(f.Request)
+			request = f.Request
 		}
 	}
 	c := rpcCall{service: f.Service, method: f.Method, address: f.Address}
@@ -194,15 +205,64 @@ func (h *rpcHandler) checkVia(w http.ResponseWriter, r *http.Request) bool {
 }
 
 // requestJSON checks the text of a request field: empty means {}.
-func requestJSON(s string) ([]byte, error) {
-	s = strings.TrimSpace(s)
-	if s == "" || s == "null" {
+func requestJSON(b []byte) ([]byte, error) {
+	b = bytes.TrimSpace(b)
+	if len(b) == 0 || string(b) == "null" {
 		return []byte("{}"), nil
 	}
-	if !json.Valid([]byte(s)) {
+	if !validJSON(b) {
 		return nil, errorf(http.StatusBadRequest, `rpc: field "request" is not valid JSON`)
 	}
-	return []byte(s), nil
+	return b, nil
+}
+
+// decodeRPCForm decodes the JSON form of POST /rpc as decodeJSON
+// would, but reads the members in place (the request aliases body). What
+// is not plain (a name or a string with an escape or a non-ASCII byte, a
+// field of the wrong type, a body that is not an object) goes through
+// decodeJSON, whose rules and errors are encoding/json's.
+func decodeRPCForm(body []byte) (rpcForm, error) {
+	slow := func() (rpcForm, error) {
+		var f rpcForm
+		err := decodeJSON(body, &f)
+		return f, err
+	}
+	if !validJSON(body) {
+		return slow()
+	}
+	m, ok := members(body)
+	if !ok {
+		return slow()
+	}
+	var out rpcForm
+	for key, value, ok := m.next(); ok; key, value, ok = m.next() {
+		var field *string
+		switch {
+		case !plainKey(key):
+			return slow()
+		case asciiEqualFold(key, "request"):
+			out.Request = value
+			continue
+		case asciiEqualFold(key, "service"):
+			field = &out.Service
+		case asciiEqualFold(key, "method"):
+			field = &out.Method
+		case asciiEqualFold(key, "endpoint"):
+			field = &out.Endpoint
+		case asciiEqualFold(key, "address"):
+			field = &out.Address
+		default:
+			continue
+		}
+		switch {
+		case string(value) == "null": // leaves the field as it is, as encoding/json does
+		case value[0] == '"' && plainKey(value[1:len(value)-1]):
+			*field = string(value[1 : len(value)-1])
+		default:
+			return slow()
+		}
+	}
+	return out, nil
 }
 
 // handlePath serves /[service]/[method]: the path names the service and
@@ -227,7 +287,7 @@ func (h *rpcHandler) handlePath(w http.ResponseWriter, r *http.Request) {
 			writeHTTPError(w, err)
 			return
 		}
-		if c.request, err = requestJSON(string(body)); err != nil {
+		if c.request, err = requestJSON(body); err != nil {
 			writeError(w, http.StatusBadRequest, "rpc: request body is not valid JSON")
 			return
 		}
@@ -353,11 +413,18 @@ func camel(s string) string {
 // attempt is the outcome of one try of a call on one node.
 type attempt struct {
 	code       int       // HTTP status for the caller
-	result     []byte    // the JSON-RPC result, verbatim, when code is 200
+	result     []byte    // the JSON-RPC result, verbatim, when code is 200; it may alias the buffer of the connection the exchange holds
 	err        *apiError // the error for the caller otherwise
 	nodeFailed bool      // counts against the node for ejection
 	retry      bool      // safe to retry: nothing reached the app
 }
+
+// Reply header values the handler sets by assignment rather than
+// Header.Set, which would allocate them per call. Never modified.
+var (
+	jsonContentType = []string{"application/json"}
+	noSniff         = []string{"nosniff"}
+)
 
 // call forwards c and writes the answer: the backend's result verbatim, or
 // a JSON error. Retries go to another node where one exists.
@@ -368,9 +435,10 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 		return
 	}
 	start := time.Now()
-	deadline := start.Add(timeout)
-	ctx, cancel := context.WithDeadline(r.Context(), deadline)
-	defer cancel()
+	x := &rpcExchange{h: h, r: r, c: c}
+	x.ctx.parent, x.ctx.deadline = r.Context(), start.Add(timeout)
+	defer x.ctx.release()
+	ctx := &x.ctx
 
 	var st *svcState
 	budget := &h.direct
@@ -393,20 +461,20 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 	}
 	budget.deposit()
 
-	id := h.nextID.Add(1)
-	idText := strconv.FormatUint(id, 10)
-	header := backendHeader(r.Header, h.cfg.AuthToken != "")
-	header["Micro-Service"] = []string{c.service}
-	header["Micro-Endpoint"] = []string{c.method}
-	header["Micro-Id"] = []string{idText}
-	header["Via"] = h.via.appendTo(r.Header["Via"], r)
-	body := jsonRPCBody(c.method, c.request, idText)
+	x.id = strconv.AppendUint(x.idBuf[:0], h.nextID.Add(1), 10)
+	x.method = appendJSONString(x.methodBuf[:0], c.method)
+	x.watch = watchCaller(r, x)
+	defer x.end()
 
 	var triedBuf [4]*nodeState
 	tried := triedBuf[:0] // nodes this call failed on: retries go elsewhere
 	var res attempt
+	directURL := ""
+	if c.address != "" {
+		directURL = "http://" + c.address + "/"
+	}
 	for try := 0; ; try++ {
-		target := "http://" + c.address + "/"
+		url, addr := directURL, c.address
 		t0 := h.bal.now() // the balancer's clock (time.Now; a test's moves ejections on)
 		var n *nodeState
 		if st != nil {
@@ -414,23 +482,23 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 				res = attempt{code: http.StatusServiceUnavailable, err: h.apiErr(http.StatusServiceUnavailable, "rpc: service %q has no nodes", c.service)}
 				break
 			}
-			target = n.url
+			url, addr = n.url, n.addr
 		}
-		res = h.try(ctx, target, header, body, c, idText, deadline)
-		if res.code == http.StatusGatewayTimeout && (lowered || r.Context().Err() != nil) {
+		res = x.try(url, addr)
+		if res.code == http.StatusGatewayTimeout && (lowered || x.callerLeft()) {
 			res.nodeFailed = false // the caller's own short deadline, or its leaving, says nothing of the node
 		}
 		if n != nil {
 			h.bal.done(n, t0, h.bal.now().Sub(t0), !res.nodeFailed)
 		}
 		if res.nodeFailed {
-			h.log.Debug("attempt failed", "service", c.service, "node", target, "try", try, "code", res.code)
+			h.log.Debug("attempt failed", "service", c.service, "node", addr, "try", try, "code", res.code)
 		}
 		if !res.retry || try >= h.cfg.ClientRetries {
 			break
 		}
 		wait := retryBackoff(try)
-		if time.Now().Add(wait).After(deadline) {
+		if time.Now().Add(wait).After(x.ctx.deadline) {
 			break
 		}
 		if !budget.withdraw(time.Now()) {
@@ -447,9 +515,10 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 			tried = append(tried, n)
 		}
 	}
-	if res.code != http.StatusOK && ctx.Err() != nil && (res.err == nil || res.retry) {
-		// The time ran out in an attempt or while waiting to retry.
-		res = h.expired(ctx, r, c, timeout)
+	if res.code != http.StatusOK && x.ended() && (res.err == nil || res.retry) {
+		// The time ran out in an attempt or while waiting to retry, or
+		// the caller left.
+		res = h.expired(x.callerLeft(), c, timeout)
 	}
 	if st != nil {
 		st.up.record(res.code, time.Since(start)) // the call's one count, before its answer goes out
@@ -459,17 +528,48 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 		return
 	}
 	hd := w.Header()
-	hd.Set("Content-Type", "application/json")
-	hd.Set("Content-Length", strconv.Itoa(len(res.result)))
-	hd.Set("X-Content-Type-Options", "nosniff")
+	hd["Content-Type"] = jsonContentType
+	hd["X-Content-Type-Options"] = noSniff
+	hd["Date"] = h.date.field(time.Now())
+	if len(res.result) > smallReply {
+		hd["Content-Length"] = []string{strconv.Itoa(len(res.result))}
+	}
 	w.WriteHeader(http.StatusOK)
 	w.Write(res.result)
 }
 
-// expired is the answer once the call's context has ended: 504 when its
-// time ran out, otherwise the caller has gone and the answer is moot.
-func (h *rpcHandler) expired(ctx context.Context, r *http.Request, c rpcCall, timeout time.Duration) attempt {
-	if r.Context().Err() != nil {
+// dateCache is the Date field of replies (RFC 9110 section 6.6.1, one
+// second's resolution), formatted once a second rather than by net/http
+// for every reply. Safe for concurrent use; the slices it hands out are
+// never modified.
+type dateCache struct{ v atomic.Pointer[dateField] }
+
+type dateField struct {
+	sec   int64    // unix seconds of the time formatted
+	value []string // the header value, as http.Header holds it
+}
+
+// field returns the Date field of a reply sent at now.
+func (d *dateCache) field(now time.Time) []string {
+	sec := now.Unix()
+	if f := d.v.Load(); f != nil && f.sec == sec {
+		return f.value
+	}
+	f := &dateField{sec: sec, value: []string{now.UTC().Format(http.TimeFormat)}}
+	d.v.Store(f)
+	return f.value
+}
+
+// smallReply is the largest result written without a Content-Length of
+// the handler's: net/http buffers that much of a response before sending
+// its header (2 KiB), and sets the Content-Length itself when the handler
+// has written all of it by then.
+const smallReply = 2 << 10
+
+// expired is the answer once the call has ended: 504 when its time ran
+// out; when the caller has gone (gone), the answer is moot.
+func (h *rpcHandler) expired(gone bool, c rpcCall, timeout time.Duration) attempt {
+	if gone {
 		// Nobody reads this answer; 499 is what access logs call it.
 		return attempt{code: statusClientClosed, err: &apiError{ID: errorID, Code: statusClientClosed, Detail: "rpc: caller went away", Status: "Client Closed Request"}}
 	}
@@ -480,116 +580,260 @@ func (h *rpcHandler) apiErr(code int, format string, args ...any) *apiError {
 	return &apiError{ID: errorID, Code: code, Detail: fmt.Sprintf(format, args...), Status: http.StatusText(code)}
 }
 
-// jsonRPCBody is {"jsonrpc":"2.0","method":M,"params":[request],"id":N}:
-// a JSON-RPC 2.0 request, which 2.0 servers refuse without the "jsonrpc"
-// member, and still the 1.0 request go-micro and net/rpc/jsonrpc servers
-// read, since they ignore members they do not know. params stays a
-// one-element array, as 1.0 servers want it.
-func jsonRPCBody(method string, request []byte, id string) []byte {
-	m, _ := json.Marshal(method) // a string: cannot fail
-	b := make([]byte, 0, len(m)+len(request)+len(id)+48)
-	b = append(b, `{"jsonrpc":"2.0","method":`...)
-	b = append(b, m...)
-	b = append(b, `,"params":[`...)
-	b = append(b, request...)
-	b = append(b, `],"id":`...)
-	b = append(b, id...)
-	return append(b, '}')
+// rpcExchange is one call on its way to the nodes: its context and
+// deadline, its JSON-RPC id and method, and the backend connection it
+// uses, which the watch of the caller (callerGone) ends when the caller
+// goes away. The call's one allocation of the sidecar's own, besides the
+// watch.
+type rpcExchange struct {
+	h         *rpcHandler
+	r         *http.Request
+	c         rpcCall
+	ctx       callContext
+	id        []byte // the JSON-RPC id: decimal digits in idBuf
+	method    []byte // the method as a JSON string, in methodBuf when it fits
+	watch     callerWatchStop
+	idBuf     [20]byte
+	methodBuf [64]byte
+
+	mu   sync.Mutex   // guards conn and gone; held by callerGone while it acts
+	conn *backendConn // the connection of the attempt in flight, for callerGone
+	gone bool         // the caller went away
+
+	// The connection whose buffer a 200 result aliases, held until the
+	// result is written (end), and what to do with it then.
+	held     *backendConn
+	heldSize int  // bytes of held's buffer that are the reply
+	heldKeep bool // the reply was read whole: held may serve another call
 }
 
-// backendHeader is the caller's header for a backend call: without
-// hop-by-hop headers, the body framing the transport sets itself,
-// Accept-Encoding (the transport negotiates compression itself), and the
-// caller's Authorization when it was the sidecar's own token. A W3C
-// traceparent is passed through or started. The value slices are shared
-// with in, which is not modified.
-func backendHeader(in http.Header, dropAuth bool) http.Header {
-	out := make(http.Header, len(in)+6)
-	for k, v := range in {
-		out[k] = v
+// callerGone ends the attempt in flight when the caller goes away: its
+// connection's blocked read or write returns at once.
+func (x *rpcExchange) callerGone() {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.gone = true
+	if x.conn != nil {
+		x.conn.SetDeadline(aLongTimeAgo)
 	}
-	removeHopByHop(out)
-	for _, k := range []string{"Content-Length", "Content-Type", "Accept-Encoding", "Expect", "Timeout"} {
-		delete(out, k)
+}
+
+// callerLeft reports whether the caller went away: callerGone ran, or the
+// request's context says so (the errorConn tells callerGone before
+// net/http cancels the context).
+func (x *rpcExchange) callerLeft() bool {
+	x.mu.Lock()
+	gone := x.gone
+	x.mu.Unlock()
+	return gone || x.r.Context().Err() != nil
+}
+
+// ended reports whether the call is over before its answer: its time is
+// up or its caller left.
+func (x *rpcExchange) ended() bool {
+	return x.ctx.over() || x.callerLeft()
+}
+
+// attach makes c the connection callerGone ends; false if the caller has
+// already gone.
+func (x *rpcExchange) attach(c *backendConn) bool {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.conn = c
+	return !x.gone
+}
+
+// detach takes the connection back from callerGone's reach and reports
+// whether the caller went away meanwhile (its deadline may then be past).
+func (x *rpcExchange) detach() (gone bool) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.conn = nil
+	return x.gone
+}
+
+// end stops the watch of the caller and releases the connection a result
+// was read from.
+func (x *rpcExchange) end() {
+	x.watch.stop()
+	if c := x.held; c != nil {
+		x.held = nil
+		c.br.Discard(x.heldSize)
+		if x.heldKeep {
+			c.pool.put(c, time.Now())
+		} else {
+			c.close()
+		}
 	}
-	if dropAuth {
-		delete(out, "Authorization")
-	}
-	out["Content-Type"] = []string{"application/json"}
-	ensureTraceparent(out)
-	return out
 }
 
-// rpcReply is a JSON-RPC reply in either style: 1.0, {"id","result",
-// "error"} with error null or a string; or 2.0, {"jsonrpc":"2.0","id"}
-// with "result" or an "error" object. An absent member stays nil, a null
-// one holds "null". An error that is not null wins over a result (a 2.0
-// server must not send both; a 1.0 one sends result null with an error).
-type rpcReply struct {
-	ID     json.RawMessage `json:"id"`
-	Result json.RawMessage `json:"result"`
-	Error  json.RawMessage `json:"error"`
-}
-
-// idAnswers reports whether a reply's id answers the request id sent (an
-// integer): the same integer, or the same digits as a string. An absent or
-// null id is accepted: a 2.0 server answers null when it could not read
-// the request's id, some 1.0 servers do not echo it, and HTTP pairs the
-// reply with its request anyway.
-func idAnswers(got json.RawMessage, sent string) bool {
-	s := string(got)
-	return s == "" || s == "null" || s == sent || s == `"`+sent+`"`
-}
-
-// try sends one attempt of c, whose JSON-RPC id is id, to target and
-// classifies the outcome.
-func (h *rpcHandler) try(ctx context.Context, target string, header http.Header, body []byte, c rpcCall, id string, deadline time.Time) attempt {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, target, bytes.NewReader(body))
+// try sends one attempt of the call to the node at addr (whose pool is
+// url's) over a pooled connection and classifies the outcome. A 200's
+// result aliases the connection's buffer, which the exchange holds until
+// end; any other outcome is done with its connection when try returns.
+func (x *rpcExchange) try(url, addr string) attempt {
+	h, c := x.h, &x.c
+	bc, head, err := x.exchange(h.conns.pool(url, addr))
 	if err != nil {
-		return attempt{code: http.StatusBadGateway, err: h.apiErr(http.StatusBadGateway, "rpc: call %s: %v", c.service, err)}
+		return x.failed(addr, err)
 	}
-	req.Header = header
-	header["Timeout"] = []string{strconv.FormatInt(int64(time.Until(deadline)), 10)}
-	resp, err := h.transport.RoundTrip(req)
+	var raw []byte
+	size := 0 // bytes of bc's buffer raw aliases
+	keep := !head.close
+	switch {
+	case head.code == http.StatusNoContent || head.code == http.StatusNotModified:
+	case head.chunked:
+		if raw, err = readReply(httputil.NewChunkedReader(bc.br)); err == nil && len(raw) <= maxReplyBytes {
+			err = bc.readTrailer(http.Header{}, backendHeaderSize)
+		}
+	case head.length > maxReplyBytes:
+		x.detach()
+		bc.close()
+		return attempt{code: http.StatusBadGateway, nodeFailed: true,
+			err: h.apiErr(http.StatusBadGateway, "rpc: call %s on %s: reply exceeds %d bytes", c.service, addr, maxReplyBytes)}
+	case head.length >= 0 && head.length <= int64(bc.br.Size()):
+		raw, err = bc.br.Peek(int(head.length))
+		size = len(raw)
+	case head.length >= 0:
+		raw = make([]byte, head.length)
+		_, err = io.ReadFull(bc.br, raw)
+	default: // the node's close ends the reply
+		raw, err = readReply(bc.br)
+		keep = false
+	}
+	gone := x.detach()
+	keep = keep && err == nil && !gone && len(raw) <= maxReplyBytes
+	done := func() {
+		bc.br.Discard(size)
+		if keep {
+			bc.pool.put(bc, time.Now())
+		} else {
+			bc.close()
+		}
+	}
 	if err != nil {
-		if ctx.Err() != nil {
+		done()
+		if x.ended() {
 			return attempt{code: http.StatusGatewayTimeout, nodeFailed: true} // call writes the error
 		}
-		var op *net.OpError
-		if errors.As(err, &op) && op.Op == "dial" {
-			return attempt{code: http.StatusServiceUnavailable, nodeFailed: true, retry: true,
-				err: h.apiErr(http.StatusServiceUnavailable, "rpc: call %s: %v", c.service, dialError(op))}
-		}
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() {
-			return attempt{code: http.StatusGatewayTimeout, nodeFailed: true,
-				err: h.apiErr(http.StatusGatewayTimeout, "rpc: call %s on %s: %v", c.service, req.URL.Host, err)}
-		}
 		return attempt{code: http.StatusBadGateway, nodeFailed: true,
-			err: h.apiErr(http.StatusBadGateway, "rpc: call %s on %s: %v", c.service, req.URL.Host, err)}
+			err: h.apiErr(http.StatusBadGateway, "rpc: call %s on %s: read reply: %v", c.service, addr, err)}
 	}
-	defer resp.Body.Close()
-	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxReplyBytes+1))
-	if err != nil {
-		if ctx.Err() != nil {
-			return attempt{code: http.StatusGatewayTimeout, nodeFailed: true}
+	a := h.classify(c, addr, x.id, head.code, raw)
+	if a.code != http.StatusOK {
+		done()
+		return a
+	}
+	x.held, x.heldSize, x.heldKeep = bc, size, keep
+	return a
+}
+
+// readReply reads a reply of unknown length, up to one byte more than
+// maxReplyBytes.
+func readReply(r io.Reader) ([]byte, error) {
+	return io.ReadAll(io.LimitReader(r, maxReplyBytes+1))
+}
+
+// exchange writes the call's request on a connection of pool and reads the
+// response head. It uses an idle connection if there is one (probed first
+// when it has been idle a while: a POST cannot be sent twice); when that
+// fails before anything was written or read, the node probably closed it,
+// and a fresh one is tried once. On success the connection is attached
+// (callerGone ends it), its body unread.
+func (x *rpcExchange) exchange(pool *connPool) (*backendConn, respHead, error) {
+	c := pool.get(time.Now(), true)
+	for fresh := c == nil; ; fresh = true {
+		if c == nil {
+			var err error
+			if c, err = pool.dial(&x.ctx); err != nil {
+				return nil, respHead{}, err
+			}
 		}
-		return attempt{code: http.StatusBadGateway, nodeFailed: true,
-			err: h.apiErr(http.StatusBadGateway, "rpc: call %s on %s: read reply: %v", c.service, req.URL.Host, err)}
+		if !x.attach(c) {
+			x.detach()
+			c.close()
+			return nil, respHead{}, errCallerGone
+		}
+		h, started, wrote, err := x.roundTrip(c)
+		if err == nil {
+			return c, h, nil
+		}
+		reused := c.reused
+		gone := x.detach()
+		c.close()
+		if fresh || !reused || started || wrote || gone {
+			return nil, respHead{}, err
+		}
+		x.h.log.Debug("pooled connection failed; trying a fresh one", "service", x.c.service, "node", pool.addr, "err", err)
+		c = nil
 	}
+}
+
+// roundTrip writes the request on c and reads the final response head,
+// skipping 1xx interim responses, all within the call's deadline. started
+// says whether any byte of a response arrived, wrote whether the request
+// was written.
+func (x *rpcExchange) roundTrip(c *backendConn) (h respHead, started, wrote bool, err error) {
+	c.SetDeadline(x.ctx.deadline)
+	writeRPCRequest(c.bw, x.r, c.pool.addr, &x.c, x.method, x.id, time.Until(x.ctx.deadline), x.h.via.entry(x.r), x.h.cfg.AuthToken != "")
+	if err := c.bw.Flush(); err != nil {
+		return h, false, false, err
+	}
+	for interim := 0; ; interim++ {
+		h, started, err = c.readResponseHead(backendHeaderSize)
+		if err != nil {
+			return h, started, true, err
+		}
+		if h.code >= 200 {
+			return h, true, true, nil
+		}
+		if h.code == http.StatusSwitchingProtocols {
+			return h, true, true, errors.New("101 Switching Protocols to a request without an upgrade")
+		}
+		if interim == maxInterim {
+			return h, true, true, fmt.Errorf("more than %d interim responses", maxInterim)
+		}
+	}
+}
+
+// failed is the attempt of an exchange that failed: a dial that failed
+// may go to another node; a timeout or the caller's leaving is written by
+// call (expired).
+func (x *rpcExchange) failed(addr string, err error) attempt {
+	h, c := x.h, &x.c
+	if x.ended() {
+		return attempt{code: http.StatusGatewayTimeout, nodeFailed: true} // call writes the error
+	}
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "dial" {
+		return attempt{code: http.StatusServiceUnavailable, nodeFailed: true, retry: true,
+			err: h.apiErr(http.StatusServiceUnavailable, "rpc: call %s: %v", c.service, dialError(op))}
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return attempt{code: http.StatusGatewayTimeout, nodeFailed: true,
+			err: h.apiErr(http.StatusGatewayTimeout, "rpc: call %s on %s: %v", c.service, addr, err)}
+	}
+	return attempt{code: http.StatusBadGateway, nodeFailed: true,
+		err: h.apiErr(http.StatusBadGateway, "rpc: call %s on %s: %v", c.service, addr, err)}
+}
+
+// classify turns a node's reply (status code, body raw) to the request
+// with JSON-RPC id into the attempt's outcome.
+func (h *rpcHandler) classify(c *rpcCall, addr string, id []byte, code int, raw []byte) attempt {
 	if len(raw) > maxReplyBytes {
 		return attempt{code: http.StatusBadGateway, nodeFailed: true,
-			err: h.apiErr(http.StatusBadGateway, "rpc: call %s on %s: reply exceeds %d bytes", c.service, req.URL.Host, maxReplyBytes)}
+			err: h.apiErr(http.StatusBadGateway, "rpc: call %s on %s: reply exceeds %d bytes", c.service, addr, maxReplyBytes)}
 	}
-	failed := resp.StatusCode >= 500
-	retry := resp.StatusCode == http.StatusServiceUnavailable
-	var rep rpcReply
-	if err := json.Unmarshal(raw, &rep); err != nil || (rep.Result == nil && rep.Error == nil) {
-		code := http.StatusBadGateway
+	failed := code >= 500
+	retry := code == http.StatusServiceUnavailable
+	rep, ok := parseReply(raw)
+	if !ok || (rep.Result == nil && rep.Error == nil) {
+		status := http.StatusBadGateway
 		if retry {
-			code = http.StatusServiceUnavailable
+			status = http.StatusServiceUnavailable
 		}
-		if resp.StatusCode == http.StatusLoopDetected {
+		if code == http.StatusLoopDetected {
 			// A sidecar refused the call as a loop (this one, when the
 			// node is its own address): the caller gets the 508.
 			var e apiError
@@ -597,31 +841,240 @@ func (h *rpcHandler) try(ctx context.Context, target string, header http.Header,
 				e.Detail = snippet(raw)
 			}
 			return attempt{code: http.StatusLoopDetected, nodeFailed: true,
-				err: h.apiErr(http.StatusLoopDetected, "rpc: call %s on %s: %s", c.service, req.URL.Host, e.Detail)}
+				err: h.apiErr(http.StatusLoopDetected, "rpc: call %s on %s: %s", c.service, addr, e.Detail)}
 		}
-		detail := fmt.Sprintf("rpc: call %s on %s: not a JSON-RPC reply (HTTP %d): %.200q", c.service, req.URL.Host, resp.StatusCode, raw)
-		return attempt{code: code, nodeFailed: failed || resp.StatusCode < 300, retry: retry, err: h.apiErr(code, "%s", detail)}
+		detail := fmt.Sprintf("rpc: call %s on %s: not a JSON-RPC reply (HTTP %d): %.200q", c.service, addr, code, raw)
+		return attempt{code: status, nodeFailed: failed || code < 300, retry: retry, err: h.apiErr(status, "%s", detail)}
 	}
 	if !idAnswers(rep.ID, id) {
 		// Not the answer to this call: the node, or something between, is
 		// confused, and its result cannot be trusted to be this call's.
 		return attempt{code: http.StatusBadGateway, nodeFailed: true,
-			err: h.apiErr(http.StatusBadGateway, "rpc: call %s on %s: reply id %.64s does not answer request id %s", c.service, req.URL.Host, rep.ID, id)}
+			err: h.apiErr(http.StatusBadGateway, "rpc: call %s on %s: reply id %.64s does not answer request id %s", c.service, addr, rep.ID, id)}
 	}
 	if len(rep.Error) > 0 && string(rep.Error) != "null" {
 		a := appError(c.service, rep.Error)
 		return attempt{code: a.Code, err: a, nodeFailed: failed, retry: retry}
 	}
-	result := []byte(rep.Result)
+	result := rep.Result
 	if len(result) == 0 {
 		result = []byte("null")
 	}
 	if retry || failed {
 		// A result with a 5xx status: the node answered, but says it failed.
 		return attempt{code: http.StatusBadGateway, nodeFailed: true, retry: retry,
-			err: h.apiErr(http.StatusBadGateway, "rpc: call %s on %s: HTTP %d", c.service, req.URL.Host, resp.StatusCode)}
+			err: h.apiErr(http.StatusBadGateway, "rpc: call %s on %s: HTTP %d", c.service, addr, code)}
 	}
 	return attempt{code: http.StatusOK, result: result}
+}
+
+// The JSON-RPC request around the caller's request, params[0]:
+// {"jsonrpc":"2.0","method":M,"params":[request],"id":N}. A JSON-RPC 2.0
+// request, which 2.0 servers refuse without the "jsonrpc" member, and
+// still the 1.0 request go-micro and net/rpc/jsonrpc servers read, since
+// they ignore members they do not know. params stays a one-element array,
+// as 1.0 servers want it.
+const (
+	rpcBodyMethod = `{"jsonrpc":"2.0","method":`
+	rpcBodyParams = `,"params":[`
+	rpcBodyID     = `],"id":`
+)
+
+// writeRPCRequest writes the JSON-RPC request of call c to the node at
+// host on bw, head and body, straight from the caller's request r: method
+// is c.method as a JSON string, id the JSON-RPC id, timeout the budget
+// left (the Timeout field, in ns), via the sidecar's Via entry. The
+// caller's fields go on but for hop-by-hop ones (RFC 9110 section 7.6.1),
+// the body framing and Content-Type the sidecar writes itself,
+// Accept-Encoding (the sidecar asks for no compression), Expect, the
+// Micro-* and Timeout fields it sets, and the caller's Authorization when
+// dropAuth (it was the sidecar's own token). Via gets the sidecar after
+// the caller's entries. A W3C traceparent is passed through or started.
+func writeRPCRequest(bw *bufio.Writer, r *http.Request, host string, c *rpcCall, method, id []byte, timeout time.Duration, via string, dropAuth bool) {
+	bodyLen := len(rpcBodyMethod) + len(method) + len(rpcBodyParams) + len(c.request) + len(rpcBodyID) + len(id) + 1
+	bw.WriteString("POST / HTTP/1.1\r\nHost: ")
+	bw.WriteString(host)
+	bw.WriteString("\r\nContent-Type: application/json\r\nContent-Length: ")
+	bw.Write(strconv.AppendInt(bw.AvailableBuffer(), int64(bodyLen), 10))
+	bw.WriteString("\r\nMicro-Service: ")
+	bw.WriteString(c.service)
+	bw.WriteString("\r\nMicro-Endpoint: ")
+	bw.WriteString(c.method)
+	bw.WriteString("\r\nMicro-Id: ")
+	bw.Write(id)
+	bw.WriteString("\r\nTimeout: ")
+	bw.Write(strconv.AppendInt(bw.AvailableBuffer(), int64(max(timeout, 1)), 10))
+	bw.WriteString("\r\n")
+	tp := r.Header["Traceparent"]
+	keepTrace := len(tp) == 1 && validTraceparent(tp[0])
+	conn := r.Header["Connection"]
+	agent := false
+	for k, vv := range r.Header {
+		if hopByHop(k, conn) || skipRPCField(k, dropAuth, keepTrace) {
+			continue
+		}
+		agent = agent || k == "User-Agent"
+		for _, v := range vv {
+			bw.WriteString(k)
+			bw.WriteString(": ")
+			bw.WriteString(v)
+			bw.WriteString("\r\n")
+		}
+	}
+	if !agent {
+		bw.WriteString("User-Agent: Go-http-client/1.1\r\n") // what net/http's client sent
+	}
+	for _, v := range r.Header["Via"] {
+		bw.WriteString("Via: ")
+		bw.WriteString(v)
+		bw.WriteString("\r\n")
+	}
+	bw.WriteString("Via: ")
+	bw.WriteString(via)
+	if !keepTrace {
+		bw.WriteString("\r\nTraceparent: ")
+		bw.Write(appendTraceparent(bw.AvailableBuffer()))
+	}
+	bw.WriteString("\r\n\r\n" + rpcBodyMethod)
+	bw.Write(method)
+	bw.WriteString(rpcBodyParams)
+	bw.Write(c.request)
+	bw.WriteString(rpcBodyID)
+	bw.Write(id)
+	bw.WriteByte('}')
+}
+
+// skipRPCField reports whether the caller's field k, not hop-by-hop, is
+// still not passed on to a node as it is (see writeRPCRequest).
+func skipRPCField(k string, dropAuth, keepTrace bool) bool {
+	switch k {
+	case "Host", "Content-Length", "Content-Type", "Accept-Encoding", "Expect", "Timeout",
+		"Micro-Service", "Micro-Endpoint", "Micro-Id", "Via":
+		return true
+	case "Authorization":
+		return dropAuth
+	case "Traceparent", "Tracestate":
+		return !keepTrace
+	}
+	return false
+}
+
+// appendJSONString appends s as a JSON string, as json.Marshal writes it
+// (HTML characters escaped); without a copy through json.Marshal when s
+// needs no escape, as method names do.
+func appendJSONString(dst []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			m, _ := json.Marshal(s) // a string: cannot fail
+			return append(dst, m...)
+		}
+	}
+	dst = append(dst, '"')
+	dst = append(dst, s...)
+	return append(dst, '"')
+}
+
+// rpcReply is a JSON-RPC reply in either style: 1.0, {"id","result",
+// "error"} with error null or a string; or 2.0, {"jsonrpc":"2.0","id"}
+// with "result" or an "error" object. An absent member stays nil, a null
+// one holds "null". An error that is not null wins over a result (a 2.0
+// server must not send both; a 1.0 one sends result null with an error).
+// The members alias the reply's bytes.
+type rpcReply struct {
+	ID     json.RawMessage `json:"id"`
+	Result json.RawMessage `json:"result"`
+	Error  json.RawMessage `json:"error"`
+}
+
+// parseReply reads a reply as json.Unmarshal into an rpcReply would, with
+// members matched case-insensitively and the last of duplicates winning,
+// but without copying them; ok is false when raw is not a JSON object.
+// A member name with an escape or a non-ASCII byte (which encoding/json
+// folds by Unicode rules) goes through json.Unmarshal.
+func parseReply(raw []byte) (rep rpcReply, ok bool) {
+	if !validJSON(raw) {
+		return rep, false
+	}
+	m, ok := members(raw)
+	if !ok {
+		return rep, false
+	}
+	for key, value, ok := m.next(); ok; key, value, ok = m.next() {
+		switch {
+		case !plainKey(key):
+			var slow rpcReply
+			return slow, json.Unmarshal(raw, &slow) == nil
+		case asciiEqualFold(key, "id"):
+			rep.ID = value
+		case asciiEqualFold(key, "result"):
+			rep.Result = value
+		case asciiEqualFold(key, "error"):
+			rep.Error = value
+		}
+	}
+	return rep, true
+}
+
+// idAnswers reports whether a reply's id answers the request id sent (an
+// integer): the same integer, or the same digits as a string. An absent or
+// null id is accepted: a 2.0 server answers null when it could not read
+// the request's id, some 1.0 servers do not echo it, and HTTP pairs the
+// reply with its request anyway.
+func idAnswers(got json.RawMessage, sent []byte) bool {
+	s := string(got)
+	return s == "" || s == "null" || s == string(sent) ||
+		len(s) == len(sent)+2 && s[0] == '"' && s[len(s)-1] == '"' && s[1:len(s)-1] == string(sent)
+}
+
+// callContext is a call's context: the caller's request context with the
+// call's deadline. Its timer and cancellation are made on the first call
+// of Done or Err, which only a call that must wait (a registry fetch, a
+// dial, a retry's backoff) or has failed makes: a call answered from the
+// registry's memory over a pooled connection, which the connection's
+// deadline bounds, makes neither. Safe for concurrent use; release ends
+// it.
+type callContext struct {
+	parent   context.Context
+	deadline time.Time
+	once     sync.Once
+	ctx      context.Context
+	cancel   context.CancelFunc
+}
+
+func (c *callContext) init() { c.ctx, c.cancel = context.WithDeadline(c.parent, c.deadline) }
+
+func (c *callContext) Deadline() (time.Time, bool) { return c.deadline, true }
+func (c *callContext) Value(key any) any           { return c.parent.Value(key) }
+
+func (c *callContext) Done() <-chan struct{} {
+	c.once.Do(c.init)
+	if c.ctx == nil { // released: the call is over, its request ends now
+		return c.parent.Done()
+	}
+	return c.ctx.Done()
+}
+
+func (c *callContext) Err() error {
+	c.once.Do(c.init)
+	if c.ctx == nil {
+		return context.Canceled
+	}
+	return c.ctx.Err()
+}
+
+// over reports whether the call's time is up or its caller has gone: the
+// context is done, or about to be (a connection's deadline, the same
+// instant, may fire before the context's timer does).
+func (c *callContext) over() bool {
+	return c.Err() != nil || !time.Now().Before(c.deadline)
+}
+
+// release cancels the context if it was made, once nothing uses it.
+func (c *callContext) release() {
+	c.once.Do(func() {})
+	if c.cancel != nil {
+		c.cancel()
+	}
 }
 
 // appError is the caller's error for a JSON-RPC error member, in either

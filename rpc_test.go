@@ -889,12 +889,17 @@ func TestRPCBalanceThreeNodes(t *testing.T) {
 // again (with three identical nodes, whose first calls open connections,
 // 0/16/44 of 60 calls). The estimate's time constant is 2 ms here rather
 // than 10 s, so that the decay shows within the second the test takes.
+// The cold node is passed over for a time (about 2 ms times ln(5 ms / a
+// fast call's latency)), not a number of calls: the faster the calls, the
+// more of them go elsewhere meanwhile, so there are enough calls that the
+// tenth holds with calls of 20 us (300 were too few once /rpc took 50 us a
+// call: the cold node got 29 to 54).
 func TestRPCBalanceOneCaller(t *testing.T) {
 	t.Parallel()
 	_, ts := newTestServer(t, nil, func(s *server) { s.rpc.bal.decay = 2 * time.Millisecond })
 	bs := []*rpcBackend{coldBackend(t, "n1", 3, 5*time.Millisecond), coldBackend(t, "n2", 0, 0), coldBackend(t, "n3", 0, 0)}
 	register(t, ts.URL, "go.micro.srv.foo", bs...)
-	const calls = 300
+	const calls = 1500
 	if failed := callMany(t, ts.URL+"/foo/bar", calls, 1, nil); len(failed) > 0 {
 		t.Fatalf("%d of %d calls failed, first: %s", len(failed), calls, failed[0])
 	}
@@ -1245,4 +1250,67 @@ func BenchmarkRPCCall(b *testing.B) {
 			}
 		}
 	})
+}
+
+// TestCallContext: a call's context is the caller's with the call's
+// deadline, made only when asked for; it ends at the deadline or with the
+// caller's, and after release it is done.
+func TestCallContext(t *testing.T) {
+	t.Parallel()
+	parent, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	c := &callContext{parent: parent, deadline: time.Now().Add(time.Hour)}
+	if d, ok := c.Deadline(); !ok || !d.Equal(c.deadline) {
+		t.Errorf("Deadline() = %v, %v; want the call's", d, ok)
+	}
+	if c.ctx != nil {
+		t.Error("the context was made before anything asked for it")
+	}
+	if c.over() {
+		t.Error("over() before the deadline and with the caller there")
+	}
+	cancel()
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the call's context did not end with the caller's")
+	}
+	if !errors.Is(c.Err(), context.Canceled) {
+		t.Errorf("Err() = %v after the caller's context ended, want Canceled", c.Err())
+	}
+	c.release()
+
+	past := &callContext{parent: context.Background(), deadline: time.Now().Add(-time.Millisecond)}
+	if !past.over() || !errors.Is(past.Err(), context.DeadlineExceeded) {
+		t.Errorf("past deadline: over() = %v, Err() = %v; want true, DeadlineExceeded", past.over(), past.Err())
+	}
+	past.release()
+
+	unused := &callContext{parent: parent, deadline: time.Now().Add(time.Hour)}
+	unused.release() // never made: nothing to cancel
+	if unused.ctx != nil {
+		t.Error("release made the context")
+	}
+	if unused.Err() == nil {
+		t.Error("Err() = nil after release, want the call ended")
+	}
+	<-unused.Done() // the caller's, which has ended
+}
+
+// TestDateCache: the Date field is the time of the reply to the second,
+// formatted as net/http formats it, and the same value within a second.
+func TestDateCache(t *testing.T) {
+	t.Parallel()
+	var d dateCache
+	at := time.Date(2026, 11, 26, 15, 4, 5, 100, time.UTC)
+	first := d.field(at)
+	if want := at.Format(http.TimeFormat); len(first) != 1 || first[0] != want {
+		t.Fatalf("field(%v) = %q, want [%q]", at, first, want)
+	}
+	if again := d.field(at.Add(800 * time.Millisecond)); &again[0] != &first[0] {
+		t.Errorf("field within the same second formatted again: %q", again)
+	}
+	if next := d.field(at.Add(time.Second)); next[0] != at.Add(time.Second).Format(http.TimeFormat) {
+		t.Errorf("field a second later = %q", next)
+	}
 }

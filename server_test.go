@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1190,4 +1191,119 @@ func TestShutdownDelayEnds(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("run did not return after the drain")
 	}
+}
+
+// TestLoopbackHostPrefix: the shortcut for the usual loopback Host gives
+// the answer of the parse it skips, at its edges.
+func TestLoopbackHostPrefix(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		host string
+		want bool
+	}{
+		{"127.0.0.1:8081", true}, {"localhost:8081", true}, {"localhost:", true}, {"127.0.0.1:x", true},
+		{"127.0.0.1:80:90", false}, {"localhost:1:2", false}, {"127.0.0.10:80", true}, {"127.0.0.1.evil.com:80", false},
+		{"localhost.evil.com:80", false}, {"[::1]:80", true}, {"example.com:80", false}, {"127.0.0.1", true},
+	} {
+		if got := loopbackHost(tt.host); got != tt.want {
+			t.Errorf("loopbackHost(%q) = %v, want %v", tt.host, got, tt.want)
+		}
+	}
+}
+
+// TestCallerGoneEndsBackendCall: a caller that hangs up while its call
+// waits on a node that never answers ends the backend request at once,
+// not at the call's timeout (a minute here), for RPC and the proxy, on
+// the connections serve accepts (whose errorConn tells the handler, see
+// watchCaller) and on those of a server without that listener (where the
+// request's context does); the node is not blamed for it.
+func TestCallerGoneEndsBackendCall(t *testing.T) {
+	t.Parallel()
+	for _, handler := range []string{"rpc", "proxy"} {
+		for _, listener := range []string{"serve", "httptest"} {
+			t.Run(handler+"/"+listener, func(t *testing.T) {
+				t.Parallel()
+				cfg := testConfig()
+				cfg.Handler = handler
+				cfg.ClientRequestTimeout = time.Minute
+				var held, arrived atomic.Int64
+				node := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					held.Add(1)
+					defer held.Add(-1)
+					arrived.Add(1)
+					io.Copy(io.Discard, r.Body)
+					<-r.Context().Done() // the sidecar closed the request's connection
+				}))
+				t.Cleanup(node.Close)
+				var base string
+				var s *server
+				if listener == "httptest" {
+					var ts *httptest.Server
+					s, ts = newTestServer(t, cfg)
+					base = ts.URL
+				} else {
+					ln, err := net.Listen("tcp", "127.0.0.1:0")
+					if err != nil {
+						t.Fatal(err)
+					}
+					if s, err = newServer(cfg, testLogger(t)); err != nil {
+						t.Fatal(err)
+					}
+					ctx, cancel := context.WithCancel(context.Background())
+					served := make(chan error, 1)
+					go func() { served <- s.serve(ctx, ln) }()
+					t.Cleanup(func() { cancel(); <-served })
+					base = "http://" + ln.Addr().String()
+				}
+				registerURLs(t, base, "go.micro.srv.hang", node.URL)
+
+				c, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				req := "GET /hang/x HTTP/1.1\r\nHost: " + strings.TrimPrefix(base, "http://") + "\r\n\r\n"
+				if handler == "rpc" {
+					body := `{"service":"go.micro.srv.hang","method":"Hang.X","request":{}}`
+					req = "POST /rpc HTTP/1.1\r\nHost: " + strings.TrimPrefix(base, "http://") +
+						"\r\nContent-Type: application/json\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n" + body
+				}
+				if _, err := io.WriteString(c, req); err != nil {
+					t.Fatal(err)
+				}
+				eventually(t, 10*time.Second, "the call at the node", func() bool { return held.Load() == 1 })
+				hungUp := time.Now()
+				c.Close()
+				eventually(t, 10*time.Second, "the node's request ended by the caller's leaving", func() bool { return held.Load() == 0 })
+				if d := time.Since(hungUp); d > cfg.ClientRequestTimeout/2 {
+					t.Errorf("the backend request ended %s after the caller left, want well before the %s timeout", d, cfg.ClientRequestTimeout)
+				}
+				if n := arrived.Load(); n != 1 {
+					t.Errorf("the node got %d requests, want 1 (a caller's leaving is not retried)", n)
+				}
+				up := s.proxy.upstreams
+				if handler == "rpc" {
+					up = s.rpc.upstreams
+				}
+				eventually(t, 10*time.Second, "the call counted", func() bool {
+					_, calls := upstreamTotals(up, "go.micro.srv.hang")
+					return calls == 1
+				})
+				if failures, _ := upstreamTotals(up, "go.micro.srv.hang"); failures != 0 {
+					t.Errorf("node failures = %d after the caller left, want 0", failures)
+				}
+				if n := up.get("go.micro.srv.hang").classes[classIndex(statusClientClosed)].Load(); n != 1 {
+					t.Errorf("calls counted as 4xx (499, the caller closed) = %d, want 1", n)
+				}
+			})
+		}
+	}
+}
+
+// upstreamTotals is the node failures and the calls counted for service.
+func upstreamTotals(up *upstreams, service string) (failures, calls int64) {
+	u := up.get(service)
+	for i := range u.classes {
+		calls += u.classes[i].Load()
+	}
+	return u.nodeFailures.Load(), calls
 }
