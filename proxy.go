@@ -106,7 +106,8 @@ func newProxyHandler(cfg *Config, reg Registry, g *streams, clientTLS *tls.Confi
 		// streams) are flushed on every write whatever this says
 		// (ReverseProxy.flushInterval); a body with a Content-Length goes
 		// through the connection's buffer. -1 (flush every write of every
-		// body) cost 14% more CPU per request in bench/proxy.sh.
+		// body) cost 14% more CPU per request (bench/proxy.sh, since replaced by
+		// bench/compare.sh).
 		FlushInterval: 0,
 		BufferPool:    p.buffers,
 		ErrorHandler:  p.writeProxyError,

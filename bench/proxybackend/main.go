@@ -1,4 +1,4 @@
-// Proxybackend is the node of bench/proxy.sh and bench/compare.sh: an HTTP
+// Proxybackend is the node of bench/compare.sh and bench/instructions.sh: an HTTP
 // server answering every request with the same small body, so a benchmark
 // measures the proxy in front of it. A POST to / is a JSON-RPC call (what
 // the sidecar's /rpc sends): the answer is a JSON-RPC 2.0 reply with the
