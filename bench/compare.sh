@@ -29,6 +29,7 @@
 # the latency runs; LAT=0 skips them. ONLY (e.g. "proxy rpc nginx") keeps
 # those rows (with nginx's row the ratios are printed).
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 DURATION=${1:-10s}
 PROCS=${PROCS:-1}
@@ -37,49 +38,15 @@ CONNS=64
 RATES=${RATES:-2000 10000}
 LAT_DURATION=${LAT_DURATION:-10s}
 LAT=${LAT:-1}
-PATH_Q='/bench/hello?x=1'
-RPC_BODY='{"service":"go.micro.srv.bench","method":"Bench.Hello","request":{"x":"1"}}'
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
-command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
-command -v caddy >/dev/null || need+=(caddy)
-if [ ${#need[@]} -gt 0 ]; then
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
-CADDY=$(command -v caddy)
+install_missing wrk nginx:nginx-light haproxy caddy
+NGINX=$(sbin nginx)
+HAPROXY=$(sbin haproxy)
+CADDY=$(sbin caddy)
 
-tmp=$(mktemp -d)
-pids=()
-cleanup() {
-	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-	rm -rf "$tmp"
-}
-trap cleanup EXIT
-
-go build -o "$tmp/sidecar" .
-go build -o "$tmp/proxybackend" ./bench/proxybackend
-go build -o "$tmp/openloop" ./bench/openloop
-cat >"$tmp/rpc.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '$RPC_BODY'
-wrk.headers["Content-Type"] = "application/json"
-LUA
-
-# wait_line FILE PATTERN waits for a process to print its address.
-wait_line() {
-	for _ in $(seq 200); do
-		grep -q "$2" "$1" 2>/dev/null && return
-		sleep 0.05
-	done
-	echo "compare.sh: no '$2' in $1" >&2
-	cat "$1" >&2
-	exit 1
-}
+tmpdir
+build sidecar proxybackend openloop
+rpc_lua
 
 # wait_ok URL waits until URL answers 200.
 wait_ok() {
@@ -104,94 +71,23 @@ ticks() {
 	echo "$total"
 }
 HZ=$(getconf CLK_TCK)
-# port prints a port below the ephemeral range that nothing listens on.
-port() {
-	local p
-	while :; do
-		p=$((20000 + RANDOM % 12000))
-		(exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
-	done
-}
 
-GOMAXPROCS=$PROCS "$tmp/proxybackend" -address 127.0.0.1:0 >"$tmp/backend.out" 2>&1 &
-BE_PID=$!
-pids+=("$BE_PID")
-wait_line "$tmp/backend.out" 'listening on'
-BACKEND=$(sed -n 's/listening on //p' "$tmp/backend.out")
-BPORT=${BACKEND##*:}
-
-# start_sidecar NAME HANDLER starts a sidecar and sets its address in NAME.
-start_sidecar() {
-	GOMAXPROCS=$PROCS "$tmp/sidecar" --address 127.0.0.1:0 --handler "$2" --log_level error >"$tmp/$1.out" 2>"$tmp/$1.err" &
-	pids+=($!)
-	eval "${1}_PID=$!"
-	wait_line "$tmp/$1.out" 'listening on'
-	local addr
-	addr=$(sed -n 's/.*listening on http:\/\/\(.*\)/\1/p' "$tmp/$1.out")
-	eval "${1}_ADDR=$addr"
-	curl -fsS -o /dev/null -H 'Content-Type: application/json' \
-		-d "{\"name\":\"go.micro.srv.bench\",\"nodes\":[{\"id\":\"b\",\"address\":\"127.0.0.1\",\"port\":$BPORT}]}" \
-		"http://$addr/registry"
-}
-start_sidecar PROXY proxy
-start_sidecar RPC rpc
+GOMAXPROCS=$PROCS start_backend
+GOMAXPROCS=$PROCS run_sidecar proxy --handler proxy
+PROXY_PID=$PID PROXY_ADDR=$ADDR
+register "$ADDR"
+GOMAXPROCS=$PROCS run_sidecar rpc --handler rpc
+RPC_PID=$PID RPC_ADDR=$ADDR
+register "$ADDR"
 
 NPORT=$(port)
-mkdir -p "$tmp/nginx"
-cat >"$tmp/nginx.conf" <<CONF
-worker_processes $PROCS;
-daemon off;
-pid $tmp/nginx/nginx.pid;
-error_log $tmp/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-	access_log off;
-	client_body_temp_path $tmp/nginx/body;
-	proxy_temp_path $tmp/nginx/proxy;
-	fastcgi_temp_path $tmp/nginx/fastcgi;
-	uwsgi_temp_path $tmp/nginx/uwsgi;
-	scgi_temp_path $tmp/nginx/scgi;
-	upstream backend {
-		server $BACKEND;
-		keepalive 256;
-	}
-	server {
-		listen 127.0.0.1:$NPORT;
-		location / {
-			proxy_pass http://backend;
-			proxy_http_version 1.1;
-			proxy_set_header Connection "";
-			proxy_set_header Host \$proxy_host;
-			proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-			proxy_set_header X-Forwarded-Host \$host;
-			proxy_set_header X-Forwarded-Proto \$scheme;
-		}
-	}
-}
-CONF
+nginx_conf "$NPORT" "$BACKEND" "$PROCS"
 "$NGINX" -p "$tmp/nginx" -c "$tmp/nginx.conf" -e "$tmp/nginx/error.log" &
 NGINX_PID=$!
 pids+=("$NGINX_PID")
 
 HPORT=$(port)
-cat >"$tmp/haproxy.cfg" <<CONF
-global
-	nbthread $PROCS
-	maxconn 4096
-defaults
-	mode http
-	timeout connect 5s
-	timeout client 30s
-	timeout server 30s
-	option http-keep-alive
-	option forwardfor
-	http-reuse always
-frontend front
-	bind 127.0.0.1:$HPORT
-	default_backend nodes
-backend nodes
-	server node $BACKEND
-CONF
+haproxy_conf "$HPORT" "$BACKEND" "$PROCS"
 "$HAPROXY" -db -f "$tmp/haproxy.cfg" >"$tmp/haproxy.log" 2>&1 &
 HAPROXY_PID=$!
 pids+=("$HAPROXY_PID")
@@ -249,7 +145,7 @@ for t in "${targets[@]}"; do
 		echo "$out" >&2
 		exit 1
 	fi
-	reqs=$(sed -n 's/^ *\([0-9]*\) requests in.*/\1/p' <<<"$out")
+	reqs=$(wrk_requests <<<"$out")
 	RPS[$name]=$(sed -n 's/^Requests\/sec: *\([0-9.]*\).*/\1/p' <<<"$out")
 	CPU[$name]=$(awk -v t=$((after - before)) -v hz="$HZ" -v q="$reqs" 'BEGIN { printf "%.2f", t/hz/q*1e6 }')
 done
@@ -266,7 +162,6 @@ done
 	'BEGIN { printf "proxy/nginx: rate %.2fx (goal >= 0.7x), cpu per request %.2fx (goal <= 1.5x)\n", sr/nr, sc/nc }'
 
 [ "$LAT" = 0 ] && exit 0
-field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
 echo
 echo "# added latency at a fixed rate: bench/openloop -conns 32 -duration $LAT_DURATION, from each request's scheduled time; added = p - direct's p"
 printf '%-8s %7s %9s %9s %9s %11s %11s %7s\n' path rate achieved p50 p99 'added p50' 'added p99' errors

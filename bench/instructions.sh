@@ -17,48 +17,18 @@
 # valgrind, wrk, nginx and haproxy are Debian packages, installed when
 # missing.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 SECS=${1:-8}
-need=()
-command -v valgrind >/dev/null || need+=(valgrind)
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
-command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
-if [ ${#need[@]} -gt 0 ]; then
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+install_missing valgrind wrk nginx:nginx-light haproxy
+NGINX=$(sbin nginx)
+HAPROXY=$(sbin haproxy)
 export GOMAXPROCS=1 GODEBUG=asyncpreemptoff=1
 
-tmp=$(mktemp -d)
-pids=()
-cleanup() {
-	for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-	rm -rf "$tmp"
-}
-trap cleanup EXIT
-go build -o "$tmp/sidecar" .
-go build -o "$tmp/proxybackend" ./bench/proxybackend
-port() {
-	local p
-	while :; do
-		p=$((20000 + RANDOM % 12000))
-		(exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
-	done
-}
-BPORT=$(port)
-"$tmp/proxybackend" -address "127.0.0.1:$BPORT" >/dev/null 2>&1 &
-pids+=($!)
-cat >"$tmp/rpc.lua" <<'LUA'
-wrk.method = "POST"
-wrk.body = '{"service":"go.micro.srv.bench","method":"Bench.Hello","request":{"x":"1"}}'
-wrk.headers["Content-Type"] = "application/json"
-LUA
-register() {
-	curl -fsS -o /dev/null -d "{\"name\":\"go.micro.srv.bench\",\"nodes\":[{\"id\":\"b\",\"address\":\"127.0.0.1\",\"port\":$BPORT}]}" "http://127.0.0.1:$1/registry"
-}
+tmpdir KILL
+build sidecar proxybackend
+start_backend
+rpc_lua
 
 # count NAME PORT PATH SETUP -- CMD...: prints the instructions per request.
 count() {
@@ -68,14 +38,11 @@ count() {
 	valgrind --tool=callgrind --callgrind-out-file="$tmp/cg-$name.%p" "$@" >"$tmp/$name.log" 2>&1 &
 	vpid=$!
 	pids+=("$vpid")
-	for _ in $(seq 300); do
-		(exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-		sleep 0.2
-	done
-	[ -n "$setup" ] && $setup "$port"
+	wait_port "$port" 60
+	[ -n "$setup" ] && $setup "127.0.0.1:$port"
 	wrk -t1 -c4 -d3s "${wargs[@]}" "http://127.0.0.1:$port$path" >/dev/null
 	callgrind_control -z "$vpid" >/dev/null 2>&1
-	n=$(wrk -t1 -c4 -d"${SECS}s" "${wargs[@]}" "http://127.0.0.1:$port$path" | sed -n 's/^ *\([0-9]*\) requests in.*/\1/p')
+	n=$(wrk -t1 -c4 -d"${SECS}s" "${wargs[@]}" "http://127.0.0.1:$port$path" | wrk_requests)
 	callgrind_control -d "$vpid" >/dev/null 2>&1
 	sleep 0.5
 	kill -9 "$vpid" 2>/dev/null || true
@@ -89,59 +56,14 @@ count() {
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(uname -srm), $(go version | cut -d' ' -f3), $(valgrind --version), wrk -t1 -c4 -d${SECS}s under callgrind"
 p=$(port)
-count direct "$p" '/bench/hello?x=1' '' -- "$tmp/proxybackend" -address "127.0.0.1:$p"
+count direct "$p" "$PATH_Q" '' -- "$tmp/proxybackend" -address "127.0.0.1:$p"
 p=$(port)
-count proxy "$p" '/bench/hello?x=1' register -- "$tmp/sidecar" --address "127.0.0.1:$p" --handler proxy --log_level error
+count proxy "$p" "$PATH_Q" register -- "$tmp/sidecar" --address "127.0.0.1:$p" --handler proxy --log_level error
 p=$(port)
 count rpc "$p" /rpc register -- "$tmp/sidecar" --address "127.0.0.1:$p" --log_level error
 p=$(port)
-mkdir -p "$tmp/nginx"
-cat >"$tmp/nginx.conf" <<CONF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $tmp/nginx/nginx.pid;
-error_log $tmp/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-	access_log off;
-	client_body_temp_path $tmp/nginx/body;
-	proxy_temp_path $tmp/nginx/proxy;
-	fastcgi_temp_path $tmp/nginx/fastcgi;
-	uwsgi_temp_path $tmp/nginx/uwsgi;
-	scgi_temp_path $tmp/nginx/scgi;
-	upstream backend { server 127.0.0.1:$BPORT; keepalive 256; }
-	server {
-		listen 127.0.0.1:$p;
-		location / {
-			proxy_pass http://backend;
-			proxy_http_version 1.1;
-			proxy_set_header Connection "";
-			proxy_set_header Host \$proxy_host;
-			proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-			proxy_set_header X-Forwarded-Host \$host;
-			proxy_set_header X-Forwarded-Proto \$scheme;
-		}
-	}
-}
-CONF
-count nginx "$p" '/bench/hello?x=1' '' -- "$NGINX" -p "$tmp/nginx" -c "$tmp/nginx.conf" -e "$tmp/nginx/error.log"
+nginx_conf "$p" "$BACKEND" 1 'master_process off;'
+count nginx "$p" "$PATH_Q" '' -- "$NGINX" -p "$tmp/nginx" -c "$tmp/nginx.conf" -e "$tmp/nginx/error.log"
 p=$(port)
-cat >"$tmp/haproxy.cfg" <<CONF
-global
-	nbthread 1
-defaults
-	mode http
-	timeout connect 5s
-	timeout client 30s
-	timeout server 30s
-	option http-keep-alive
-	option forwardfor
-	http-reuse always
-frontend front
-	bind 127.0.0.1:$p
-	default_backend nodes
-backend nodes
-	server node 127.0.0.1:$BPORT
-CONF
-count haproxy "$p" '/bench/hello?x=1' '' -- "$HAPROXY" -db -f "$tmp/haproxy.cfg"
+haproxy_conf "$p" "$BACKEND" 1
+count haproxy "$p" "$PATH_Q" '' -- "$HAPROXY" -db -f "$tmp/haproxy.cfg"
