@@ -7,64 +7,42 @@
 #
 #	bench/broker.sh [messages]
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 MSGS=${1:-200000}
 SUBS=100
 IDLE=5000
 # Each idle subscriber holds a descriptor in the server and in brokerload.
-if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((IDLE + 1000)) ]; then
-	ulimit -n "$(ulimit -Hn)"
-	if [ "$(ulimit -n)" -lt $((IDLE + 1000)) ]; then
-		echo "broker.sh: ulimit -n is $(ulimit -n), need $((IDLE + 1000))" >&2
-		exit 1
-	fi
-fi
+need_files $((IDLE + 1000))
 
-tmp=$(mktemp -d)
-pids=()
-cleanup() {
-	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-	rm -rf "$tmp"
-}
-trap cleanup EXIT
-
-go build -o "$tmp/sidecar" .
-go build -o "$tmp/brokerload" ./bench/brokerload
+tmpdir
+build sidecar brokerload
 
 # start_sidecar starts a fresh sidecar and sets SC_PID and SC_URL.
 start_sidecar() {
-	"$tmp/sidecar" --address 127.0.0.1:0 --log_level error >"$tmp/sidecar.out" 2>"$tmp/sidecar.err" &
-	SC_PID=$!
-	pids+=("$SC_PID")
-	for _ in $(seq 100); do
-		grep -q 'listening on' "$tmp/sidecar.out" 2>/dev/null && break
-		sleep 0.05
-	done
-	SC_URL=$(sed -n 's/.*listening on http:\/\/\(.*\)/ws:\/\/\1/p' "$tmp/sidecar.out")
+	run_sidecar sidecar
+	SC_PID=$PID
+	SC_URL=ws://$ADDR
 }
 
 # start_nats starts a fresh nats-server with a websocket listener and sets
 # NATS_PID and NATS_URL.
-NATS_BIN=$(command -v nats-server || echo /usr/sbin/nats-server)
+NATS_BIN=$(sbin nats-server)
 start_nats() {
-	port=$((20000 + RANDOM % 20000))
+	local p
+	p=$(port)
 	cat >"$tmp/nats.conf" <<CONF
 listen: 127.0.0.1:-1
-websocket { listen: "127.0.0.1:$port", no_tls: true }
+websocket { listen: "127.0.0.1:$p", no_tls: true }
 CONF
 	"$NATS_BIN" -c "$tmp/nats.conf" >"$tmp/nats.log" 2>&1 &
 	NATS_PID=$!
 	pids+=("$NATS_PID")
-	for _ in $(seq 100); do
-		(exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-		sleep 0.05
-	done
-	NATS_URL="ws://127.0.0.1:$port"
+	wait_port "$p"
+	NATS_URL="ws://127.0.0.1:$p"
 }
 
 stop() { kill "$1"; wait "$1" 2>/dev/null || true; }
-
-field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(uname -srm), $(nproc) CPUs, $(go version | cut -d' ' -f3)"
 start_sidecar

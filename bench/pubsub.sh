@@ -12,61 +12,33 @@
 #
 # Needs nats-server (scripts/install-debian.sh).
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 MSGS=${1:-100000}
 SUBS=${SUBS:-4}
 SIZE=${SIZE:-64}
 DURATION=${DURATION:-10s}
 
-NATS_BIN=$(command -v nats-server || echo /usr/sbin/nats-server)
-if [ ! -x "$NATS_BIN" ]; then
-	echo "pubsub.sh: nats-server not installed (scripts/install-debian.sh)" >&2
-	exit 1
-fi
+NATS_BIN=$(sbin nats-server)
+[ -x "$NATS_BIN" ] || fail "nats-server not installed (scripts/install-debian.sh)"
 
-tmp=$(mktemp -d)
-pids=()
-cleanup() {
-	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-	rm -rf "$tmp"
-}
-trap cleanup EXIT
+tmpdir
+build sidecar pubsubload
 
-go build -o "$tmp/sidecar" .
-go build -o "$tmp/pubsubload" ./bench/pubsubload
-
-# start_sidecar NAME ARGS... starts a sidecar and sets URL to its address.
-start_sidecar() {
-	name=$1
-	shift
-	"$tmp/sidecar" --address 127.0.0.1:0 --log_level error "$@" >"$tmp/$name.out" 2>"$tmp/$name.err" &
-	pids+=("$!")
-	for _ in $(seq 200); do
-		grep -q 'listening on' "$tmp/$name.out" 2>/dev/null && break
-		sleep 0.05
-	done
-	URL=$(sed -n 's/.*listening on http:\/\/\(.*\)/\1/p' "$tmp/$name.out")
-	[ -n "$URL" ] || { echo "pubsub.sh: sidecar $name did not start: $(cat "$tmp/$name.err")" >&2; exit 1; }
-}
-
-port=$((20000 + RANDOM % 20000))
-"$NATS_BIN" -a 127.0.0.1 -p "$port" >"$tmp/nats.log" 2>&1 &
+nport=$(port)
+"$NATS_BIN" -a 127.0.0.1 -p "$nport" >"$tmp/nats.log" 2>&1 &
 pids+=("$!")
-for _ in $(seq 100); do
-	(exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-	sleep 0.05
-done
+wait_port "$nport"
 
-start_sidecar nats-a --broker nats --broker_address "nats://127.0.0.1:$port"
-NA=$URL
-start_sidecar nats-b --broker nats --broker_address "nats://127.0.0.1:$port"
-NB=$URL
-start_sidecar peer-a
-PA=$URL
-start_sidecar peer-b --registry sidecar --registry_address "http://$PA"
-PB=$URL
+run_sidecar nats-a --broker nats --broker_address "nats://127.0.0.1:$nport"
+NA=$ADDR
+run_sidecar nats-b --broker nats --broker_address "nats://127.0.0.1:$nport"
+NB=$ADDR
+run_sidecar peer-a
+PA=$ADDR
+run_sidecar peer-b --registry sidecar --registry_address "http://$PA"
+PB=$ADDR
 
-field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p"; }
 load() { "$tmp/pubsubload" -subs "$SUBS" -size "$SIZE" "$@"; }
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(uname -srm), $(nproc) CPUs, $(go version | cut -d' ' -f3), $("$NATS_BIN" --version)"
