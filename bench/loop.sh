@@ -11,9 +11,9 @@
 # The registration is made on purpose: a sidecar that refuses its own
 # address at registration prints "registration refused" instead.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+tmpdir
 go build -o "$tmp/sidecar-tree" .
 bins=("$tmp/sidecar-tree")
 if [ $# -gt 0 ]; then
@@ -28,7 +28,7 @@ measure() { # binary handler method path
 	: >"$out"
 	"$bin" --address 127.0.0.1:0 --handler "$handler" >"$out" 2>/dev/null &
 	pid=$!
-	for _ in $(seq 200); do grep -q listening "$out" && break; sleep 0.05; done
+	wait_line "$out" listening
 	url=$(awk '{print $NF}' "$out")
 	port=${url##*:}
 	code=$(curl -s -o /dev/null -w '%{http_code}' -d "{\"name\":\"go.micro.srv.loop\",\"nodes\":[{\"id\":\"self\",\"address\":\"127.0.0.1\",\"port\":$port}]}" "$url/registry")
