@@ -35,6 +35,7 @@ import (
 	"net/http/httptest"
 	"net/http/httptrace"
 	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
@@ -93,6 +94,9 @@ func figure(t *testing.T, name, format string, args ...any) {
 func TestMain(m *testing.M) {
 	code := m.Run()
 	faultSummary(os.Stdout)
+	if binPath != "" {
+		os.RemoveAll(filepath.Dir(binPath)) // sidecarBinary's build, 13 MB a run
+	}
 	os.Exit(code)
 }
 

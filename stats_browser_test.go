@@ -634,6 +634,33 @@ func TestStatsBrowserOverflow(t *testing.T) {
 	d.waitFor(10*time.Second, "the nodes shown", `document.querySelectorAll("#services tr.node").length > 0`)
 	checkNoOverflow(t, d, width)
 	d.screenshot("stats-long-names.png")
+
+	// The figures of a sidecar that has run long and busy: the page gets
+	// /stats as the sidecar sends it, with the counters grown. Each card's
+	// value fits its card (a 147 MiB heap overflowed at 1280 px).
+	d.eval(`(() => {
+	  const real = window.fetch;
+	  window.fetch = async (...args) => {
+	    const d = await (await real(...args)).json();
+	    Object.assign(d, {
+	      uptime_seconds: 999 * 86400 + 23 * 3600, total_reqs: 987654321098,
+	      memory_bytes: 1023.9 * 1048576, sys_bytes: 1023.9 * 1048576,
+	      threads: 1234567, in_flight: 123456, gc_pause_ns: 999.9e6, gc_cycles: 987654321,
+	    });
+	    d.status_codes["4xx"] = 98765432109; d.status_codes["5xx"] = 98765432109;
+	    for (const c of d.counters || []) c.total_reqs = 987654321 * d.interval_ms / 1000;
+	    return new Response(JSON.stringify(d), { status: 200, headers: { "Content-Type": "application/json" } });
+	  };
+	  window.grownFrom = Number(document.body.dataset.polls);
+	})()`, nil)
+	d.waitFor(30*time.Second, "the page shows the grown figures", `Number(document.body.dataset.polls) >= window.grownFrom + 2`)
+	var mem string
+	d.eval(`document.getElementById("memory").textContent`, &mem)
+	if mem != "1 GiB" {
+		t.Errorf("heap card shows %q, want the grown figure, 1 GiB", mem)
+	}
+	checkNoOverflow(t, d, width)
+	d.screenshot("stats-large-figures.png")
 }
 
 // TestStatsBrowserWrongToken: a token the sidecar refuses is reported as
