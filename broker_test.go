@@ -510,7 +510,21 @@ func FuzzParseTopic(f *testing.F) {
 // broker rather than a client library is measured; the publisher keeps at
 // most window messages ahead of them.
 func BenchmarkBrokerFanout(b *testing.B) {
-	const subs, window = 100, 512
+	benchmarkBroker(b, "/broker?topic=bench", 100, 512, 100)
+}
+
+// BenchmarkBrokerQueueGroup publishes 16-byte messages to a queue group
+// of 4 websocket members on a real server and reports deliveries per
+// second: the path of a group member's delivery (pick one member with
+// room), as BenchmarkBrokerFanout measures plain subscribers'.
+func BenchmarkBrokerQueueGroup(b *testing.B) {
+	benchmarkBroker(b, "/broker?topic=bench&queue=workers", 4, 2048, 1)
+}
+
+// benchmarkBroker publishes to topic "bench" with subs raw subscribers at
+// path, window messages ahead of them at most; each publish is delivered
+// copies times.
+func benchmarkBroker(b *testing.B, path string, subs int, window, copies int64) {
 	s, err := newServer(testConfig(), slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		b.Fatal(err)
@@ -520,37 +534,13 @@ func BenchmarkBrokerFanout(b *testing.B) {
 
 	var received atomic.Int64
 	for range subs {
-		countFrames(b, ts, "/broker?topic=bench", &received)
+		countFrames(b, ts, path, &received)
 	}
-	for s.broker.subscribers.Load() != subs {
+	for s.broker.subscribers.Load() != int64(subs) {
 		time.Sleep(time.Millisecond)
 	}
 	m := &Message{Header: map[string]string{}, Body: []byte("0123456789abcdef")}
-	publishWindowed(b, window, subs, &received, "deliveries/s", func() error { return s.broker.publish("bench", m) })
-}
-
-// BenchmarkBrokerQueueGroup publishes 16-byte messages to a queue group
-// of 4 websocket members on a real server and reports deliveries per
-// second: the path of a group member's delivery (pick one member with
-// room), as BenchmarkBrokerFanout measures plain subscribers'.
-func BenchmarkBrokerQueueGroup(b *testing.B) {
-	const members, window = 4, 2048
-	s, err := newServer(testConfig(), slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		b.Fatal(err)
-	}
-	ts := httptest.NewServer(s.handler)
-	defer func() { s.Close(); ts.Close() }()
-
-	var received atomic.Int64
-	for range members {
-		countFrames(b, ts, "/broker?topic=bench&queue=workers", &received)
-	}
-	for s.broker.subscribers.Load() != members {
-		time.Sleep(time.Millisecond)
-	}
-	m := &Message{Header: map[string]string{}, Body: []byte("0123456789abcdef")}
-	publishWindowed(b, window, 1, &received, "deliveries/s", func() error { return s.broker.publish("bench", m) })
+	publishWindowed(b, window, copies, &received, "deliveries/s", func() error { return s.broker.publish("bench", m) })
 }
 
 // countFrames opens a raw websocket subscriber at path that adds each
