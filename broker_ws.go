@@ -6,7 +6,9 @@ package main
 // while the subscriber's writer (subscriber.write in broker.go) writes
 // data frames encoded once per message (encodeFrame) straight on the
 // hijacked connection, a whole batch per write call, bypassing the
-// library's one-message-at-a-time writer.
+// library's one-message-at-a-time writer. A registry watch (the handler
+// in registry_watch.go) writes its events the same way: each event is
+// encoded once as a whole frame (textFrame) that every watch writes.
 //
 // Two writers on one connection are safe only while these facts about
 // github.com/coder/websocket hold (read in v1.8.15: accept.go, conn.go,
@@ -27,7 +29,8 @@ package main
 //     and a server's control frame (unmasked, at most 2+125 bytes) fits
 //     the 256-byte buffer Hijack hands out. This holds for ping, pong and
 //     close; it would not for data messages longer than the buffer, which
-//     is why the broker never writes a data message through the library.
+//     is why neither the broker nor a registry watch writes a data message
+//     through the library.
 //     Pinned by TestWSLibraryControlFramesWhole.
 //  3. A close frame is thus recognised by the opcode in the low four bits
 //     of the first byte of a Write; wsConn.Write then sets noData. Pinned
@@ -66,8 +69,7 @@ const brokerWriteBatch = 64 << 10
 // encodeFrame encodes m once as a complete unmasked websocket text frame
 // (RFC 6455 section 5.2) that every subscriber's writer copies as is.
 func encodeFrame(m *Message) []byte {
-	const maxHeader = 10
-	buf := make([]byte, maxHeader, maxHeader+32+base64.StdEncoding.EncodedLen(len(m.Body))+64*len(m.Header))
+	buf := make([]byte, maxFrameHeader, maxFrameHeader+32+base64.StdEncoding.EncodedLen(len(m.Body))+64*len(m.Header))
 	buf = append(buf, `{"Header":`...)
 	if len(m.Header) == 0 {
 		buf = append(buf, "{}"...)
@@ -82,14 +84,30 @@ func encodeFrame(m *Message) []byte {
 	buf = base64.StdEncoding.AppendEncode(buf, m.Body)
 	buf = append(buf, `"}`...)
 
-	n := len(buf) - maxHeader
-	var start int
+	return buf[putTextHeader(buf):]
+}
+
+// textFrame returns payload as a complete unmasked websocket text frame.
+func textFrame(payload []byte) []byte {
+	buf := make([]byte, maxFrameHeader+len(payload))
+	copy(buf[maxFrameHeader:], payload)
+	return buf[putTextHeader(buf):]
+}
+
+// maxFrameHeader is the longest header of a server's frame: no mask.
+const maxFrameHeader = 10
+
+// putTextHeader writes the header of an unmasked, final text frame whose
+// payload is buf[maxFrameHeader:] at the end of buf[:maxFrameHeader] and
+// returns where the frame starts.
+func putTextHeader(buf []byte) (start int) {
+	n := len(buf) - maxFrameHeader
 	switch {
 	case n < 126:
-		start = maxHeader - 2
+		start = maxFrameHeader - 2
 		buf[start+1] = byte(n)
 	case n <= 0xFFFF:
-		start = maxHeader - 4
+		start = maxFrameHeader - 4
 		buf[start+1] = 126
 		binary.BigEndian.PutUint16(buf[start+2:], uint16(n))
 	default:
@@ -98,7 +116,7 @@ func encodeFrame(m *Message) []byte {
 		binary.BigEndian.PutUint64(buf[2:], uint64(n))
 	}
 	buf[start] = 0x80 | 0x1 // FIN, text
-	return buf[start:]
+	return start
 }
 
 // decodeFrame is the inverse of encodeFrame, for the rare frame that must
@@ -252,12 +270,23 @@ var writeBufs = sync.Pool{New: func() any { b := make([]byte, 0, brokerWriteBatc
 // may give frames[tried:] to another member of a queue group without any
 // frame reaching two members.
 func (c *wsConn) writeFrames(frames [][]byte, ping bool) (sent, tried int, err error) {
-	bp := writeBufs.Get().(*[]byte)
-	buf := (*bp)[:0]
+	// The batch buffer is taken only when frames are copied together: a
+	// frame written alone (the last one, or a large one) goes as it is,
+	// so a watch's one large event costs no buffer per watcher.
+	var bp *[]byte
+	var buf []byte
 	defer func() {
-		*bp = buf[:0]
-		writeBufs.Put(bp)
+		if bp != nil {
+			*bp = buf[:0]
+			writeBufs.Put(bp)
+		}
 	}()
+	take := func() {
+		if bp == nil {
+			bp = writeBufs.Get().(*[]byte)
+			buf = (*bp)[:0]
+		}
+	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	// One deadline for the whole batch: a client reading just fast enough
@@ -288,6 +317,7 @@ func (c *wsConn) writeFrames(frames [][]byte, ping bool) (sent, tried int, err e
 	}
 	lead := 0
 	if ping {
+		take()
 		buf = append(buf, pingFrame...)
 		lead = len(pingFrame)
 	}
@@ -298,12 +328,13 @@ func (c *wsConn) writeFrames(frames [][]byte, ping bool) (sent, tried int, err e
 			}
 			buf, lead = buf[:0], 0
 		}
-		if len(f) > brokerWriteBatch {
+		if len(f) > brokerWriteBatch || (len(buf) == 0 && i == len(frames)-1) {
 			if err := write(f, 0, i+1); err != nil {
 				return sent, tried, err
 			}
 			continue
 		}
+		take()
 		buf = append(buf, f...)
 	}
 	if len(buf) > 0 {

@@ -2,9 +2,10 @@ package main
 
 // registry_watch.go owns the watches of a registry: the index of its
 // events, the history of recent events that lets a watch resume
-// (?since=N), the fan-out of each event to the open watches as one JSON
-// encoding shared by all of them, the bound of each watch's queue, and the
-// websocket handler of GET /registry.
+// (?since=N), the fan-out of each event to the open watches as one
+// websocket frame shared by all of them (written straight to each
+// connection, as the broker writes its messages: broker_ws.go), the bound
+// of each watch's queue, and the websocket handler of GET /registry.
 //
 // Memory: an event is encoded once, by the first watch that writes it (a
 // registration nobody watches encodes nothing), and every watch queue and
@@ -21,6 +22,7 @@ import (
 	"iter"
 	"log/slog"
 	"net/http"
+	"os"
 	"strconv"
 	"sync"
 	"time"
@@ -67,13 +69,18 @@ type watchEvent struct {
 	err      error
 }
 
-// frame returns the JSON text frame of e.
+// frame returns e as a complete websocket text frame of its JSON, which
+// every watch writes as is (wsConn.writeFrames).
 func (e *watchEvent) frame() ([]byte, error) {
 	e.once.Do(func() {
+		var payload []byte
 		if e.Action == "snapshot" {
-			e.data, e.err = json.Marshal(snapshotFrame{Action: e.Action, Index: e.Index, Services: e.services})
+			payload, e.err = json.Marshal(snapshotFrame{Action: e.Action, Index: e.Index, Services: e.services})
 		} else {
-			e.data, e.err = json.Marshal(e.Event)
+			payload, e.err = json.Marshal(e.Event)
+		}
+		if e.err == nil {
+			e.data = textFrame(payload)
 		}
 	})
 	return e.data, e.err
@@ -434,11 +441,32 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request, opts watchOp
 		a.resumes.Add(1)
 	}
 	w.Header().Set(indexHeader, strconv.FormatUint(x.start, 10))
-	conn, ctx, done := a.streams.accept(w, r, 1024)
+	// The library does the handshake, reads, and writes the control
+	// frames; the events, encoded once as whole frames, go straight to
+	// the connection (broker_ws.go says why that is safe), a batch per
+	// write, without the library's per-message writer.
+	hj := &wsHijacker{ResponseWriter: w, readTimeout: 2 * wsPingInterval, writeTimeout: wsWriteTimeout}
+	conn, ctx, done := a.streams.accept(hj, r, 1024)
 	if conn == nil {
 		return
 	}
 	defer done()
+	wc := hj.conn
+	// A watch the registry drops (it fell behind) stops writing at once:
+	// the write in progress fails on a deadline in the past. The close
+	// frame that follows waits until that is done (quiet), so the past
+	// deadline cannot land on it.
+	interrupted := make(chan struct{})
+	stopWrites := context.AfterFunc(x.ctx, func() {
+		wc.SetWriteDeadline(time.Unix(1, 0))
+		close(interrupted)
+	})
+	quiet := func() {
+		if !stopWrites() {
+			<-interrupted
+		}
+	}
+	defer stopWrites()
 	// Watchers only listen: CloseRead answers control frames, closes the
 	// connection on any data frame, and its context ends when the client
 	// leaves. It gets its own context because cancelling the one it is
@@ -446,31 +474,41 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request, opts watchOp
 	gone := conn.CloseRead(context.Background())
 	ping := time.NewTicker(wsPingInterval)
 	defer ping.Stop()
-	var batch []*watchEvent
+	var (
+		batch  []*watchEvent
+		frames [][]byte
+	)
+	// send writes the events queued for x; false when the connection is
+	// done with (closed, or to be closed as behind).
+	send := func() bool {
+		evs, _ := x.take(batch)
+		var err error
+		frames, err = a.writeEvents(wc, x, evs, frames)
+		clear(evs)
+		batch = evs[:0]
+		clear(frames)
+		if err != nil {
+			if x.fellBehind() || (x.ctx.Err() == nil && errors.Is(err, os.ErrDeadlineExceeded)) {
+				a.slow.Add(1)
+			}
+			conn.CloseNow()
+			return false
+		}
+		return true
+	}
 	for {
 		select {
 		case <-x.ready:
-			evs, _ := x.take(batch)
-			for _, e := range evs {
-				if x.ctx.Err() != nil {
-					break // the watch ended meanwhile: say why below
-				}
-				if err := a.writeEvent(conn, x, e); err != nil {
-					if x.fellBehind() || errors.Is(err, context.DeadlineExceeded) {
-						a.slow.Add(1)
-					}
-					conn.CloseNow()
-					return
-				}
+			if !send() {
+				return
 			}
-			clear(evs)
-			batch = evs[:0]
 			if x.ctx.Err() != nil {
 				code, reason := a.streams.closeStatus()
 				if x.fellBehind() {
 					a.slow.Add(1)
 					code, reason = websocket.StatusTryAgainLater, "watcher fell behind"
 				}
+				quiet()
 				conn.Close(code, reason)
 				return
 			}
@@ -490,35 +528,39 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request, opts watchOp
 			// still wait here: shutdown deregisters the app and closes
 			// the streams right after. What was queued before goes out
 			// first, then the goodbye.
-			evs, _ := x.take(batch)
-			for _, e := range evs {
-				if x.ctx.Err() != nil {
-					break
-				}
-				if err := a.writeEvent(conn, x, e); err != nil {
-					conn.CloseNow()
-					return
-				}
+			if !send() {
+				return
 			}
 			code, reason := a.streams.closeStatus()
+			if x.ctx.Err() != nil {
+				quiet()
+			}
 			conn.Close(code, reason)
 			return
 		}
 	}
 }
 
-// writeEvent writes one frame of watch x within wsWriteTimeout, so a
-// client that stopped reading cannot hold a handler forever; the write
-// stops at once when the registry drops the watch. It does not take the
-// stream's context: cancelling a write midway drops the connection, and
-// shutdown wants to finish the frame, then say goodbye.
-func (a *registryAPI) writeEvent(conn *websocket.Conn, x *watcher, e *watchEvent) error {
-	data, err := e.frame()
-	if err != nil {
-		a.log.Error("registry snapshot cannot be encoded", "err", err)
-		return err
+// writeEvents writes the frames of evs to c in as few writes as fit,
+// within wsWriteTimeout, so a client that stopped reading cannot hold a
+// handler forever; nothing is written once the registry has dropped watch
+// x. frames is reused for the frames and returned.
+func (a *registryAPI) writeEvents(c *wsConn, x *watcher, evs []*watchEvent, frames [][]byte) ([][]byte, error) {
+	frames = frames[:0]
+	for _, e := range evs {
+		f, err := e.frame()
+		if err != nil {
+			a.log.Error("registry snapshot cannot be encoded", "err", err)
+			return frames, err
+		}
+		frames = append(frames, f)
 	}
-	ctx, cancel := context.WithTimeout(x.ctx, wsWriteTimeout)
-	defer cancel()
-	return conn.Write(ctx, websocket.MessageText, data)
+	if len(frames) == 0 {
+		return frames, nil
+	}
+	if err := x.ctx.Err(); err != nil {
+		return frames, nil // the watch ended meanwhile: the caller says why
+	}
+	_, _, err := c.writeFrames(frames, false)
+	return frames, err
 }
