@@ -1031,3 +1031,36 @@ func TestBrokerStuckSubscriber(t *testing.T) {
 		})
 	}
 }
+
+// TestBrokerStuckSubscriberPings: a subscriber that stops reading but
+// still sends pings is counted as a slow disconnect when it is closed, as
+// one that sends nothing is when its write times out. The pong, written
+// by the library from its reader, waited behind the writer's batch that
+// could not finish; after 5 s the library gave up and closed the
+// connection under it, and the failed write (not a timeout) went
+// uncounted.
+func TestBrokerStuckSubscriberPings(t *testing.T) {
+	t.Parallel()
+	s, ts := newTestServer(t, nil)
+	nc := rawStuckHandshake(t, ts, "/broker?topic=stuck")
+	waitSubscribers(t, s, 1)
+	sub := onlySubscriber(t, s)
+	// Messages of 20 KB until the writer no longer takes them: its write
+	// is blocked. The queue holds far less than it may.
+	body := strings.Repeat("x", 20<<10)
+	for i := 0; queuedFor(sub) < 4; i++ {
+		if i == 2000 {
+			t.Fatal("the writer still takes messages after 2,000 of 20 KB that its client does not read")
+		}
+		if code, resp := do(t, "POST", ts.URL+"/broker?topic=stuck", body); code != http.StatusOK {
+			t.Fatalf("publish: %d %s", code, resp)
+		}
+	}
+	if _, err := nc.Write(clientPing); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "the stuck subscriber closed", func() bool { return s.broker.subscribers.Load() == 0 })
+	if got := getMetrics(t, ts.URL)["sidecar_broker_slow_disconnects_total"]; got != 1 {
+		t.Errorf("sidecar_broker_slow_disconnects_total = %v after a subscriber that reads nothing was closed, want 1", got)
+	}
+}

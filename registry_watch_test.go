@@ -1,18 +1,21 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -631,5 +634,95 @@ func TestWatchShutdownSendsQueuedEvents(t *testing.T) {
 	}
 	if lost > 0 {
 		t.Errorf("the delete queued before the streams closed was lost in %d of %d shutdowns, want none", lost, rounds)
+	}
+}
+
+// clientPing is a masked ping without payload, as a client writes it.
+var clientPing = []byte{0x80 | opPing, 0x80, 1, 2, 3, 4}
+
+// rawStuckHandshake opens a websocket to path by hand, with a small
+// receive buffer so the sidecar's writes to it block soon, and returns
+// the connection: the test writes client frames on it and never reads.
+func rawStuckHandshake(t *testing.T, ts *httptest.Server, path string) net.Conn {
+	t.Helper()
+	dialer := &net.Dialer{Timeout: 5 * time.Second, Control: func(network, address string, c syscall.RawConn) error {
+		var err error
+		c.Control(func(fd uintptr) { err = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+		return err
+	}}
+	nc, err := dialer.Dial("tcp", ts.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	nc.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(nc, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", path, ts.Listener.Addr())
+	resp, err := http.ReadResponse(bufio.NewReader(nc), nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("handshake %s: %v %v", path, resp, err)
+	}
+	nc.SetDeadline(time.Time{})
+	return nc
+}
+
+// queuedEvents is the number of events the registry of s has queued for
+// its watches and their handlers have not taken yet.
+func queuedEvents(t *testing.T, s *server) int {
+	t.Helper()
+	m, ok := s.registry.reg.(*memoryRegistry)
+	if !ok {
+		t.Fatalf("registry is a %T, want the memory registry", s.registry.reg)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := 0
+	for x := range m.watchers.set {
+		x.mu.Lock()
+		n += len(x.queue)
+		x.mu.Unlock()
+	}
+	return n
+}
+
+// TestRegistryWatchStuckClientPings: a watcher that stops reading but
+// still sends pings (a keepalive on its own goroutine) is closed and
+// counted in sidecar_registry_watchers_slow_total, as one that sends
+// nothing is when its write times out. The pong, written by the library
+// from its reader, waited behind the event write that could not finish;
+// after 5 s the library gave up and closed the connection under it, and
+// the failed write (not a timeout) went uncounted.
+func TestRegistryWatchStuckClientPings(t *testing.T) {
+	t.Parallel()
+	s, ts := newTestServer(t, nil)
+	nc := rawStuckHandshake(t, ts, "/registry")
+	eventually(t, 5*time.Second, "the watch is open", func() bool {
+		return getMetrics(t, ts.URL)["sidecar_registry_watchers"] == 1
+	})
+	// Events of about 20 KB until the handler no longer takes them: its
+	// write is blocked. The queue holds far less than it may (4 MiB).
+	var b strings.Builder
+	for i := range 300 {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		fmt.Fprintf(&b, `{"id":"n%d","address":"10.0.0.1","port":PORT}`, i)
+	}
+	for i := 0; queuedEvents(t, s) < 4; i++ {
+		if i == 2000 {
+			t.Fatal("the watch handler still takes events after 2,000 of 20 KB that its client does not read")
+		}
+		body := `{"name":"stuck","nodes":[` + strings.ReplaceAll(b.String(), "PORT", strconv.Itoa(1+i%2)) + `]}`
+		mustDo(t, "POST", ts.URL+"/registry", body)
+	}
+	// A masked ping with no payload.
+	if _, err := nc.Write(clientPing); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "the stuck watch closed", func() bool {
+		return getMetrics(t, ts.URL)["sidecar_registry_watchers"] == 0
+	})
+	if got := getMetrics(t, ts.URL)["sidecar_registry_watchers_slow_total"]; got != 1 {
+		t.Errorf("sidecar_registry_watchers_slow_total = %v after a watcher that reads nothing was closed, want 1", got)
 	}
 }
