@@ -1064,3 +1064,57 @@ func TestBrokerStuckSubscriberPings(t *testing.T) {
 		t.Errorf("sidecar_broker_slow_disconnects_total = %v after a subscriber that reads nothing was closed, want 1", got)
 	}
 }
+
+// TestBrokerPongWhileWriting: a client's ping is answered while the
+// subscriber's writer is busy, with the ping's payload, whole between
+// data frames: a pong that waits for the writer's batch is not lost.
+func TestBrokerPongWhileWriting(t *testing.T) {
+	t.Parallel()
+	const rounds, maxPublish = 50, 1_000_000
+	s, ts := newTestServer(t, nil, func(s *server) {
+		s.broker.queueLen = maxPublish + 1
+		s.broker.queueBytes = 1 << 30
+	})
+	nc, br := rawHandshake(t, ts, "/broker?topic=busy")
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(time.Minute)) // a broken test must not hang
+	waitSubscribers(t, s, 1)
+	stop := make(chan struct{})
+	published := make(chan struct{})
+	go func() {
+		defer close(published)
+		for range maxPublish {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			s.broker.publish("busy", &Message{Body: []byte("hello")})
+		}
+	}()
+	defer func() { close(stop); <-published }()
+	key := [4]byte{0x12, 0x34, 0x56, 0x78}
+	for round := range rounds {
+		payload := fmt.Sprint("round ", round)
+		ping := append([]byte{0x80 | opPing, 0x80 | byte(len(payload))}, key[:]...)
+		for i := range len(payload) {
+			ping = append(ping, payload[i]^key[i%4])
+		}
+		if _, err := nc.Write(ping); err != nil {
+			t.Fatal(err)
+		}
+		for data := 0; ; data++ {
+			f, err := readWireFrame(br)
+			if err != nil {
+				t.Fatalf("round %d: %v after %d messages, and no pong", round, err, data)
+			}
+			if f.opcode() == opText {
+				continue
+			}
+			if f.b0 != 0x80|opPong || string(f.payload) != payload {
+				t.Fatalf("round %d: frame %x %q, want a pong %q", round, f.b0, f.payload, payload)
+			}
+			break
+		}
+	}
+}

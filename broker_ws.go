@@ -33,7 +33,8 @@ package main
 //     through the library.
 //     Pinned by TestWSLibraryControlFramesWhole.
 //  3. A close frame is thus recognised by the opcode in the low four bits
-//     of the first byte of a Write; wsConn.Write then sets noData. Pinned
+//     of the first byte of a Write; wsConn.Write then sets noData (and a
+//     pong, which waits for a data write in progress: wsConn.pong). Pinned
 //     by TestWSLibraryNothingAfterClose, for each way the library closes:
 //     Close, the echo of the client's close, a protocol error.
 //  4. Once the library has written a close frame it writes no other frame
@@ -199,6 +200,18 @@ type wsConn struct {
 
 	wmu    sync.Mutex // serializes writes; guards broken
 	broken bool       // a write failed midway: the stream may end inside a frame
+
+	// While writeFrames runs, a pong (the library's answer to a ping of
+	// the client, written from its reader) waits in pong and writeFrames
+	// writes it after its data (RFC 6455 section 5.5.3: a pong for the
+	// latest ping is enough). Waiting for wmu instead, behind a write to
+	// a client that stopped reading, the library gives up on the pong
+	// after 5 s (its bound on a control frame) and closes the connection
+	// under the write, which then fails as if the client had left, not
+	// as a write that timed out. Lock order: pmu, then wmu.
+	pmu         sync.Mutex // guards dataWriting and pong
+	dataWriting bool       // writeFrames runs (one at a time) or is about to take wmu
+	pong        []byte
 }
 
 var errDataStopped = errors.New("broker: connection closing")
@@ -221,6 +234,19 @@ func (c *wsConn) Read(p []byte) (int, error) {
 // Write is the websocket library's path: control frames, each whole in
 // one call (its write buffer is larger than any control frame).
 func (c *wsConn) Write(p []byte) (int, error) {
+	if len(p) > 0 && p[0]&0x0f == 0xA {
+		c.pmu.Lock()
+		if c.dataWriting {
+			c.pong = append(c.pong[:0], p...)
+			c.pmu.Unlock()
+			return len(p), nil
+		}
+		// No writeFrames holds wmu, and none takes it while pmu is held.
+		c.wmu.Lock()
+		c.pmu.Unlock()
+		defer c.wmu.Unlock()
+		return c.writeLocked(p, time.Now().Add(c.writeTimeout))
+	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if len(p) > 0 && p[0]&0x0f == 0x8 {
@@ -256,6 +282,25 @@ func (c *wsConn) stopData() {
 	c.wmu.Unlock()
 }
 
+// endData ends writeFrames, whose error is *err: it writes the pong that
+// waited meanwhile, unless the stream is broken or a close frame is
+// coming; a pong that fails is the error of writeFrames.
+func (c *wsConn) endData(err *error) {
+	c.pmu.Lock()
+	c.dataWriting = false
+	p := c.pong
+	c.pong = nil
+	c.wmu.Lock()
+	c.pmu.Unlock()
+	defer c.wmu.Unlock()
+	if p == nil || *err != nil || c.noData.Load() {
+		return
+	}
+	if _, werr := c.writeLocked(p, time.Now().Add(c.writeTimeout)); werr != nil {
+		*err = werr
+	}
+}
+
 // writeBufs recycles the writer's batch buffers, so an idle subscriber
 // holds none.
 var writeBufs = sync.Pool{New: func() any { b := make([]byte, 0, brokerWriteBatch); return &b }}
@@ -287,6 +332,10 @@ func (c *wsConn) writeFrames(frames [][]byte, ping bool) (sent, tried int, err e
 			buf = (*bp)[:0]
 		}
 	}
+	c.pmu.Lock()
+	c.dataWriting = true
+	c.pmu.Unlock()
+	defer c.endData(&err)
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	// One deadline for the whole batch: a client reading just fast enough
