@@ -502,8 +502,11 @@ type registryAPI struct {
 	limit       int64 // bytes of a registration body (--max_body_bytes)
 	maxNodes    int   // nodes of one registration (--registry_max_nodes)
 	maxWatchers int   // open watches (--registry_max_watchers)
-	self        selfAddrs
-	log         *slog.Logger
+	// pingInterval is the time between a watch's pings (wsPingInterval);
+	// a watch whose client sends nothing for twice as long is closed.
+	pingInterval time.Duration
+	self         selfAddrs
+	log          *slog.Logger
 
 	watching  atomic.Int64 // open watches, and those being opened
 	refused   atomic.Int64 // watches refused beyond maxWatchers
@@ -516,12 +519,13 @@ type registryAPI struct {
 func newRegistryAPI(reg Registry, st *streams, cfg *Config, logger *slog.Logger) *registryAPI {
 	reg.setHistory(cfg.RegistryHistory)
 	return &registryAPI{
-		reg:         reg,
-		streams:     st,
-		limit:       cfg.MaxBodyBytes,
-		maxNodes:    cfg.RegistryMaxNodes,
-		maxWatchers: cfg.RegistryMaxWatchers,
-		log:         logger,
+		reg:          reg,
+		streams:      st,
+		limit:        cfg.MaxBodyBytes,
+		maxNodes:     cfg.RegistryMaxNodes,
+		maxWatchers:  cfg.RegistryMaxWatchers,
+		pingInterval: wsPingInterval,
+		log:          logger,
 	}
 }
 

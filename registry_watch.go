@@ -445,7 +445,7 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request, opts watchOp
 	// frames; the events, encoded once as whole frames, go straight to
 	// the connection (broker_ws.go says why that is safe), a batch per
 	// write, without the library's per-message writer.
-	hj := &wsHijacker{ResponseWriter: w, readTimeout: 2 * wsPingInterval, writeTimeout: wsWriteTimeout}
+	hj := &wsHijacker{ResponseWriter: w, readTimeout: 2 * a.pingInterval, writeTimeout: wsWriteTimeout}
 	conn, ctx, done := a.streams.accept(hj, r, 1024)
 	if conn == nil {
 		return
@@ -472,7 +472,7 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request, opts watchOp
 	// leaves. It gets its own context because cancelling the one it is
 	// given drops the connection without a close frame.
 	gone := conn.CloseRead(context.Background())
-	ping := time.NewTicker(wsPingInterval)
+	ping := time.NewTicker(a.pingInterval)
 	defer ping.Stop()
 	var (
 		batch  []*watchEvent

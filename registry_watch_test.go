@@ -726,3 +726,67 @@ func TestRegistryWatchStuckClientPings(t *testing.T) {
 		t.Errorf("sidecar_registry_watchers_slow_total = %v after a watcher that reads nothing was closed, want 1", got)
 	}
 }
+
+// maskedFrame is a client's frame: FIN, opcode, masked payload (at most
+// 125 bytes).
+func maskedFrame(opcode byte, payload []byte) []byte {
+	key := [4]byte{0x12, 0x34, 0x56, 0x78}
+	b := append([]byte{0x80 | opcode, 0x80 | byte(len(payload))}, key[:]...)
+	for i, c := range payload {
+		b = append(b, c^key[i%4])
+	}
+	return b
+}
+
+// TestRegistryWatchDroppedDuringPing: a watch the registry drops for
+// falling behind while its handler waits for the answer to a ping is
+// closed with 1013 and counted, as one dropped at any other time. The
+// handler took the failed ping for a dead client and dropped the
+// connection without a close frame, uncounted.
+func TestRegistryWatchDroppedDuringPing(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, nil, func(s *server) { s.registry.pingInterval = time.Second })
+	nc, br := rawHandshake(t, ts, "/registry")
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(time.Minute)) // a broken test must not hang
+	if f, err := readWireFrame(br); err != nil || f.opcode() != opPing {
+		t.Fatalf("first frame %x %q, %v; want the sidecar's ping", f.b0, f.payload, err)
+	}
+	// The handler now waits for the pong, which never comes. Pongs that
+	// answer nothing keep the connection's reader alive meanwhile.
+	stop := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				nc.Write(maskedFrame(opPong, []byte("keepalive")))
+			}
+		}
+	}()
+	defer func() { close(stop); <-stopped }()
+	for i := range watchBuffer + 1 {
+		mustDo(t, "POST", ts.URL+"/registry", nodeBody("behind", fmt.Sprint("n", i), 1))
+	}
+	for data := 0; ; data++ {
+		f, err := readWireFrame(br)
+		if err != nil {
+			t.Fatalf("after %d events: %v, and no close frame; want %v", data, err, websocket.StatusTryAgainLater)
+		}
+		if f.opcode() == opText {
+			continue
+		}
+		if f.b0 != 0x80|opClose || closeCode(f) != websocket.StatusTryAgainLater {
+			t.Fatalf("frame %x %q, want a close frame with %v", f.b0, f.payload, websocket.StatusTryAgainLater)
+		}
+		break
+	}
+	if got := getMetrics(t, ts.URL)["sidecar_registry_watchers_slow_total"]; got != 1 {
+		t.Errorf("sidecar_registry_watchers_slow_total = %v after the watch fell behind, want 1", got)
+	}
+}
