@@ -516,7 +516,10 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request, opts watchOp
 			pctx, cancel := context.WithTimeout(x.ctx, wsWriteTimeout)
 			err := conn.Ping(pctx)
 			cancel()
-			if err != nil {
+			// A ping cut short because the registry dropped the watch
+			// is no sign of a dead client: the x.ready case, which the
+			// drop signalled, says why it closes.
+			if err != nil && x.ctx.Err() == nil {
 				conn.CloseNow()
 				return
 			}
