@@ -1045,17 +1045,12 @@ func TestBrokerStuckSubscriberPings(t *testing.T) {
 	nc := rawStuckHandshake(t, ts, "/broker?topic=stuck")
 	waitSubscribers(t, s, 1)
 	sub := onlySubscriber(t, s)
-	// Messages of 20 KB until the writer no longer takes them: its write
-	// is blocked. The queue holds far less than it may.
 	body := strings.Repeat("x", 20<<10)
-	for i := 0; queuedFor(sub) < 4; i++ {
-		if i == 2000 {
-			t.Fatal("the writer still takes messages after 2,000 of 20 KB that its client does not read")
-		}
+	fillUntilBlocked(t, func(int) {
 		if code, resp := do(t, "POST", ts.URL+"/broker?topic=stuck", body); code != http.StatusOK {
 			t.Fatalf("publish: %d %s", code, resp)
 		}
-	}
+	}, func() int { return queuedFor(sub) })
 	if _, err := nc.Write(clientPing); err != nil {
 		t.Fatal(err)
 	}

@@ -666,6 +666,30 @@ func rawStuckHandshake(t *testing.T, ts *httptest.Server, path string) net.Conn 
 	return nc
 }
 
+// fillUntilBlocked publishes (events of about 20 KB) until the writer
+// for a client that does not read has taken nothing for 50 publishes in
+// a row (queued grew each time): its write is blocked, the socket buffers
+// full. What the queue then holds is far below its bounds. The buffers
+// can take megabytes (the sender's grows to 3 MB on loopback here), so a
+// few queued events are no sign of a blocked write.
+func fillUntilBlocked(t *testing.T, publish func(i int), queued func() int) {
+	t.Helper()
+	run, last := 0, queued()
+	for i := 0; run < 50; i++ {
+		if i == 2000 {
+			t.Fatal("the writer still takes what is published after 2,000 publishes of 20 KB that its client does not read")
+		}
+		publish(i)
+		q := queued()
+		if q > last {
+			run++
+		} else {
+			run = 0
+		}
+		last = q
+	}
+}
+
 // queuedEvents is the number of events the registry of s has queued for
 // its watches and their handlers have not taken yet.
 func queuedEvents(t *testing.T, s *server) int {
@@ -699,8 +723,6 @@ func TestRegistryWatchStuckClientPings(t *testing.T) {
 	eventually(t, 5*time.Second, "the watch is open", func() bool {
 		return getMetrics(t, ts.URL)["sidecar_registry_watchers"] == 1
 	})
-	// Events of about 20 KB until the handler no longer takes them: its
-	// write is blocked. The queue holds far less than it may (4 MiB).
 	var b strings.Builder
 	for i := range 300 {
 		if i > 0 {
@@ -708,14 +730,10 @@ func TestRegistryWatchStuckClientPings(t *testing.T) {
 		}
 		fmt.Fprintf(&b, `{"id":"n%d","address":"10.0.0.1","port":PORT}`, i)
 	}
-	for i := 0; queuedEvents(t, s) < 4; i++ {
-		if i == 2000 {
-			t.Fatal("the watch handler still takes events after 2,000 of 20 KB that its client does not read")
-		}
+	fillUntilBlocked(t, func(i int) {
 		body := `{"name":"stuck","nodes":[` + strings.ReplaceAll(b.String(), "PORT", strconv.Itoa(1+i%2)) + `]}`
 		mustDo(t, "POST", ts.URL+"/registry", body)
-	}
-	// A masked ping with no payload.
+	}, func() int { return queuedEvents(t, s) })
 	if _, err := nc.Write(clientPing); err != nil {
 		t.Fatal(err)
 	}
