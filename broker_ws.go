@@ -283,9 +283,10 @@ func (c *wsConn) stopData() {
 }
 
 // endData ends writeFrames, whose error is *err: it writes the pong that
-// waited meanwhile, unless the stream is broken or a close frame is
-// coming; a pong that fails is the error of writeFrames.
-func (c *wsConn) endData(err *error) {
+// waited meanwhile by the batch's deadline, unless the stream is broken
+// or a close frame is coming; a pong that fails is the error of
+// writeFrames.
+func (c *wsConn) endData(err *error, deadline time.Time) {
 	c.pmu.Lock()
 	c.dataWriting = false
 	p := c.pong
@@ -296,7 +297,7 @@ func (c *wsConn) endData(err *error) {
 	if p == nil || *err != nil || c.noData.Load() {
 		return
 	}
-	if _, werr := c.writeLocked(p, time.Now().Add(c.writeTimeout)); werr != nil {
+	if _, werr := c.writeLocked(p, deadline); werr != nil {
 		*err = werr
 	}
 }
@@ -335,13 +336,15 @@ func (c *wsConn) writeFrames(frames [][]byte, ping bool) (sent, tried int, err e
 	c.pmu.Lock()
 	c.dataWriting = true
 	c.pmu.Unlock()
-	defer c.endData(&err)
+	var deadline time.Time
+	defer func() { c.endData(&err, deadline) }()
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	// One deadline for the whole batch: a client reading just fast enough
-	// to beat a per-write deadline must not hold the writer (and a
-	// shutdown waiting in stopData) for the length of an 8 MiB queue.
-	deadline := time.Now().Add(c.writeTimeout)
+	// One deadline for the whole batch (and the pong that waits for it):
+	// a client reading just fast enough to beat a per-write deadline must
+	// not hold the writer (and a shutdown waiting in stopData) for the
+	// length of an 8 MiB queue.
+	deadline = time.Now().Add(c.writeTimeout)
 	if c.noData.Load() {
 		return 0, 0, errDataStopped
 	}
