@@ -1,0 +1,157 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// rawRPCNode is a JSON-RPC node speaking raw HTTP/1.1 over keep-alive
+// connections: reply writes the answer to the n-th request the node got
+// (from 0, over all connections), whose JSON-RPC id is id. It returns the
+// node's URL.
+func rawRPCNode(t *testing.T, reply func(c net.Conn, n int, id string)) string {
+	t.Helper()
+	var count atomic.Int64
+	return rawBackend(t, func(c net.Conn, r *bufio.Reader) {
+		for {
+			_, body, err := readRawRequest(r)
+			if err != nil {
+				return
+			}
+			var req struct {
+				ID json.RawMessage `json:"id"`
+			}
+			json.Unmarshal([]byte(body), &req)
+			reply(c, int(count.Add(1)-1), string(req.ID))
+		}
+	})
+}
+
+// okReply is a well-formed JSON-RPC reply with result "ok".
+func okReply(id string) string {
+	body := `{"id":` + id + `,"result":"ok","error":null}`
+	return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n" + body
+}
+
+// TestRPCReplyFramings: replies framed in each way HTTP/1.1 allows (and a
+// few a node gets slightly wrong) give the caller the result, or a JSON
+// error, and the call after each on the same node is answered: no reply
+// is read into the next call's.
+func TestRPCReplyFramings(t *testing.T) {
+	t.Parallel()
+	body := func(id string) string { return `{"id":` + id + `,"result":"first","error":null}` }
+	tests := []struct {
+		name  string
+		reply func(id string) string
+		code  int
+	}{
+		{"length", func(id string) string {
+			return "HTTP/1.1 200 OK\r\nContent-Length: " + strconv.Itoa(len(body(id))) + "\r\n\r\n" + body(id)
+		}, 200},
+		{"chunked with trailer", func(id string) string {
+			b := body(id)
+			return "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n" + b[:3] + "\r\n" + strconv.FormatInt(int64(len(b)-3), 16) + "\r\n" + b[3:] + "\r\n0\r\nX-Sum: 1\r\n\r\n"
+		}, 200},
+		{"chunked and length", func(id string) string {
+			b := body(id)
+			return "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n" + strconv.FormatInt(int64(len(b)), 16) + "\r\n" + b + "\r\n0\r\n\r\n"
+		}, 200},
+		{"interim responses", func(id string) string {
+			return "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" +
+				"HTTP/1.1 200 OK\r\nContent-Length: " + strconv.Itoa(len(body(id))) + "\r\n\r\n" + body(id)
+		}, 200},
+		{"connection close", func(id string) string {
+			return "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: " + strconv.Itoa(len(body(id))) + "\r\n\r\n" + body(id)
+		}, 200},
+		{"HTTP/1.0 keep-alive", func(id string) string {
+			return "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: " + strconv.Itoa(len(body(id))) + "\r\n\r\n" + body(id)
+		}, 200},
+		{"no content", func(id string) string { return "HTTP/1.1 204 No Content\r\n\r\n" }, 502},
+		{"empty length", func(id string) string { return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" }, 502},
+		{"large", func(id string) string {
+			b := `{"id":` + id + `,"result":"` + strings.Repeat("x", 10<<10) + `","error":null}`
+			return "HTTP/1.1 200 OK\r\nContent-Length: " + strconv.Itoa(len(b)) + "\r\n\r\n" + b
+		}, 200},
+		// A node that counts its body short: a newline its encoder adds,
+		// a length in characters rather than bytes (Python's len(str)).
+		{"newline past length", func(id string) string {
+			return "HTTP/1.1 200 OK\r\nContent-Length: " + strconv.Itoa(len(body(id))) + "\r\n\r\n" + body(id) + "\n"
+		}, 200},
+		{"length in characters", func(id string) string {
+			b := `{"id":` + id + `,"result":"café","error":null}`
+			return "HTTP/1.1 200 OK\r\nContent-Length: " + strconv.Itoa(len([]rune(b))) + "\r\n\r\n" + b
+		}, 502},
+		{"two replies", func(id string) string { return okReply(id) + okReply("null") }, 200},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			_, ts := newTestServer(t, testConfig())
+			node := rawRPCNode(t, func(c net.Conn, n int, id string) {
+				if n == 0 {
+					io.WriteString(c, tt.reply(id))
+					return
+				}
+				io.WriteString(c, okReply(id))
+			})
+			registerURLs(t, ts.URL, "go.micro.srv.framing", node)
+			code, got := do(t, "POST", ts.URL+"/framing/call", `{}`)
+			if code != tt.code {
+				t.Fatalf("first call = %d %s, want %d", code, got, tt.code)
+			}
+			if code != 200 {
+				wantError(t, "first call", code, got, tt.code)
+			}
+			for i := range 3 {
+				if code, got := do(t, "POST", ts.URL+"/framing/call", `{}`); code != 200 || string(got) != `"ok"` {
+					t.Fatalf("call %d after the reply = %d %s, want 200 \"ok\"", i+2, code, got)
+				}
+			}
+		})
+	}
+}
+
+// TestRPCSlowReplyBounded: a node that sends its reply's head or body a
+// byte at a time, finishing long after the call's timeout, gets the
+// caller a 504 at the timeout, not the reply.
+func TestRPCSlowReplyBounded(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig()
+	cfg.ClientRequestTimeout = 200 * time.Millisecond
+	_, ts := newTestServer(t, cfg)
+	drip := func(c net.Conn, s string) {
+		for i := range len(s) {
+			if _, err := c.Write([]byte{s[i]}); err != nil {
+				return // the sidecar hung up
+			}
+			time.Sleep(5 * time.Millisecond) // the attack: a byte now and then
+		}
+	}
+	for _, part := range []string{"head", "body"} {
+		t.Run(part, func(t *testing.T) {
+			node := rawRPCNode(t, func(c net.Conn, n int, id string) {
+				r := okReply(id)
+				pad := strings.Repeat(" ", 400) // 2 s of drip
+				head, body, _ := strings.Cut(r, "\r\n\r\n")
+				if part == "head" {
+					drip(c, head+"\r\nX-Pad: "+pad+"\r\n\r\n"+body)
+					return
+				}
+				b := `{"id":` + id + `,"result":"ok","error":null}` + pad
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: "+strconv.Itoa(len(b))+"\r\n\r\n")
+				drip(c, b)
+			})
+			registerURLs(t, ts.URL, "go.micro.srv.drip"+part, node)
+			code, got := do(t, "POST", ts.URL+"/drip"+part+"/call", `{}`)
+			wantError(t, "POST /drip"+part+"/call", code, got, http.StatusGatewayTimeout)
+		})
+	}
+}
