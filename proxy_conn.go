@@ -221,8 +221,17 @@ func (p *connPool) dial(ctx context.Context) (*backendConn, error) {
 	return c, nil
 }
 
-// put returns a connection whose last exchange ended cleanly.
+// put returns a connection whose last exchange ended cleanly, its
+// response read and discarded. Bytes already buffered past that response
+// (a node that counted its body short, or answered twice) are none of the
+// next request's: the connection is closed, as net/http's Transport closes
+// one on which an unsolicited response arrives. Bytes that arrive later
+// are the probe's to find (get).
 func (p *connPool) put(c *backendConn, now time.Time) {
+	if c.br.Buffered() > 0 {
+		c.close()
+		return
+	}
 	p.mu.Lock()
 	if p.closed || len(p.idle) >= idleConnsPerHost {
 		p.mu.Unlock()
