@@ -155,3 +155,25 @@ func TestRPCSlowReplyBounded(t *testing.T) {
 		})
 	}
 }
+
+// TestRPCNodeClosesAfterReply: a node that closes its connection after
+// each reply without saying so (no Connection: close) costs no call: the
+// next call, a POST that cannot be sent twice, does not go out on the
+// closed connection.
+func TestRPCNodeClosesAfterReply(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, testConfig())
+	closed := make(chan struct{}, 10)
+	node := rawRPCNode(t, func(c net.Conn, n int, id string) {
+		io.WriteString(c, okReply(id))
+		c.Close()
+		closed <- struct{}{}
+	})
+	registerURLs(t, ts.URL, "go.micro.srv.closer", node)
+	for i := range 4 {
+		if code, got := do(t, "POST", ts.URL+"/closer/call", `{}`); code != 200 || string(got) != `"ok"` {
+			t.Fatalf("call %d = %d %s, want 200 \"ok\"", i+1, code, got)
+		}
+		<-closed // the node has closed the connection the sidecar pooled
+	}
+}
