@@ -2,12 +2,17 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -175,5 +180,162 @@ func TestRPCNodeClosesAfterReply(t *testing.T) {
 			t.Fatalf("call %d = %d %s, want 200 \"ok\"", i+1, code, got)
 		}
 		<-closed // the node has closed the connection the sidecar pooled
+	}
+}
+
+// TestRPCConcurrentRepliesKeepTheirOwn: concurrent calls over the pooled
+// connections of one node, with results small enough to be returned
+// from the connection's buffer, larger than it, and chunked, each get
+// their own result, whole (a result aliases its connection's buffer until
+// it is written).
+func TestRPCConcurrentRepliesKeepTheirOwn(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, testConfig())
+	node := httptestServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Params []struct {
+				I, N int
+			} `json:"params"`
+			ID json.RawMessage `json:"id"`
+		}
+		body, _ := io.ReadAll(r.Body)
+		json.Unmarshal(body, &req)
+		p := req.Params[0]
+		reply := `{"id":` + string(req.ID) + `,"result":"` + strconv.Itoa(p.I) + strings.Repeat("x", p.N) + `","error":null}`
+		if p.I%3 == 0 {
+			io.WriteString(w, reply[:10]) // chunked: unknown length
+			w.(http.Flusher).Flush()
+			io.WriteString(w, reply[10:])
+			return
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(len(reply)))
+		io.WriteString(w, reply)
+	}))
+	registerURLs(t, ts.URL, "go.micro.srv.many", node.URL)
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	client := &http.Client{Timeout: 30 * time.Second}
+	errs := make(chan string, 8)
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1))
+				if i > 400 {
+					return
+				}
+				n := []int{0, 100, 3000, 4090, 5000, 20000}[i%6]
+				resp, err := client.Post(ts.URL+"/many/call", "application/json", strings.NewReader(fmt.Sprintf(`{"i":%d,"n":%d}`, i, n)))
+				if err != nil {
+					errs <- err.Error()
+					return
+				}
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if want := `"` + strconv.Itoa(i) + strings.Repeat("x", n) + `"`; resp.StatusCode != 200 || string(b) != want {
+					errs <- fmt.Sprintf("call %d = %d %.80q (%d bytes), want 200 %.80q (%d bytes)", i, resp.StatusCode, b, len(b), want, len(want))
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+}
+
+// httptestServer is an httptest.Server closed at cleanup.
+func httptestServer(t *testing.T, h http.Handler) *httptest.Server {
+	t.Helper()
+	s := httptest.NewServer(h)
+	t.Cleanup(s.Close)
+	return s
+}
+
+// TestRPCCallerGoneMidReply: a caller that hangs up while the node is
+// half way through its reply ends the backend exchange at once (the node
+// sees its connection closed) on the connections serve accepts, and the
+// half-read connection serves no other call.
+func TestRPCCallerGoneMidReply(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig()
+	cfg.ClientRequestTimeout = time.Minute
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := newServer(cfg, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- s.serve(ctx, ln) }()
+	t.Cleanup(func() { cancel(); <-served })
+	base := "http://" + ln.Addr().String()
+
+	halfway := make(chan struct{})
+	nodeSawClose := make(chan struct{})
+	node := rawRPCNode(t, func(c net.Conn, n int, id string) {
+		if n > 0 {
+			io.WriteString(c, okReply(id))
+			return
+		}
+		b := `{"id":` + id + `,"result":"first","error":null}`
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: "+strconv.Itoa(len(b))+"\r\n\r\n"+b[:10])
+		close(halfway)
+		c.SetReadDeadline(time.Now().Add(time.Minute))
+		if _, err := c.Read(make([]byte, 1)); err != nil {
+			close(nodeSawClose) // the sidecar closed the connection
+		}
+		io.WriteString(c, b[10:]) // too late
+	})
+	registerURLs(t, base, "go.micro.srv.half", node)
+
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := `{"service":"go.micro.srv.half","method":"Half.X","request":{}}`
+	fmt.Fprintf(c, "POST /rpc HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", ln.Addr(), len(body), body)
+	<-halfway
+	c.Close()
+	select {
+	case <-nodeSawClose:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the node's connection stayed open 30s after the caller left")
+	}
+	for i := range 3 {
+		if code, got := do(t, "POST", base+"/half/call", `{}`); code != 200 || string(got) != `"ok"` {
+			t.Fatalf("call %d after = %d %s, want 200 \"ok\"", i+1, code, got)
+		}
+	}
+}
+
+// TestRPCReplyLengthNotTrusted: a reply that announces a body near the
+// limit and sends a few bytes of it costs the sidecar about what arrived,
+// not what was announced: a node's word alone does not make it allocate
+// 16 MB a call. Not parallel: it counts the process's allocations.
+func TestRPCReplyLengthNotTrusted(t *testing.T) {
+	_, ts := newTestServer(t, testConfig())
+	node := rawRPCNode(t, func(c net.Conn, n int, id string) {
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: "+strconv.Itoa(maxReplyBytes)+"\r\n\r\n{\"id\":"+id)
+		c.Close()
+	})
+	registerURLs(t, ts.URL, "go.micro.srv.liar", node)
+	do(t, "POST", ts.URL+"/liar/call", `{}`) // warm: pools, registry
+	const calls = 10
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for range calls {
+		code, got := do(t, "POST", ts.URL+"/liar/call", `{}`)
+		wantError(t, "POST /liar/call", code, got, http.StatusBadGateway)
+	}
+	runtime.ReadMemStats(&after)
+	if perCall := (after.TotalAlloc - before.TotalAlloc) / calls; perCall > 1<<20 {
+		t.Errorf("a call whose reply announced %d bytes and sent a few allocated %d bytes, want well under 1 MiB", maxReplyBytes, perCall)
 	}
 }
