@@ -21,6 +21,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -695,8 +696,7 @@ func (x *rpcExchange) try(url, addr string) attempt {
 		raw, err = bc.br.Peek(int(head.length))
 		size = len(raw)
 	case head.length >= 0:
-		raw = make([]byte, head.length)
-		_, err = io.ReadFull(bc.br, raw)
+		raw, err = readLength(bc.br, int(head.length))
 	default: // the node's close ends the reply
 		raw, err = readReply(bc.br)
 		keep = false
@@ -726,6 +726,27 @@ func (x *rpcExchange) try(url, addr string) attempt {
 	}
 	x.held, x.heldSize, x.heldKeep = bc, size, keep
 	return a
+}
+
+// readLength reads a reply of n bytes (at most maxReplyBytes) into a
+// buffer that grows as they arrive, doubling from 64 KiB: the node's
+// Content-Length alone does not make the sidecar allocate it.
+func readLength(r io.Reader, n int) ([]byte, error) {
+	b := make([]byte, 0, min(n, 64<<10))
+	for len(b) < n {
+		if len(b) == cap(b) {
+			b = slices.Grow(b, min(len(b), n-len(b)))
+		}
+		m, err := r.Read(b[len(b):min(cap(b), n)])
+		b = b[:len(b)+m]
+		if err != nil && len(b) < n {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return b, err
+		}
+	}
+	return b, nil
 }
 
 // readReply reads a reply of unknown length, up to one byte more than

@@ -82,7 +82,7 @@ func TestRPCReplyFramings(t *testing.T) {
 		{"no content", func(id string) string { return "HTTP/1.1 204 No Content\r\n\r\n" }, 502},
 		{"empty length", func(id string) string { return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" }, 502},
 		{"large", func(id string) string {
-			b := `{"id":` + id + `,"result":"` + strings.Repeat("x", 10<<10) + `","error":null}`
+			b := `{"id":` + id + `,"result":"` + strings.Repeat("x", 3<<20) + `","error":null}`
 			return "HTTP/1.1 200 OK\r\nContent-Length: " + strconv.Itoa(len(b)) + "\r\n\r\n" + b
 		}, 200},
 		// A node that counts its body short: a newline its encoder adds,
