@@ -532,9 +532,18 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 	hd["Content-Type"] = jsonContentType
 	hd["X-Content-Type-Options"] = noSniff
 	hd["Date"] = h.date.field(time.Now())
-	if len(res.result) > smallReply {
-		hd["Content-Length"] = []string{strconv.Itoa(len(res.result))}
+	if len(res.result) <= smallReply {
+		w.WriteHeader(http.StatusOK)
+		w.Write(res.result) // into net/http's buffer: it does not block
+		return
 	}
+	hd["Content-Length"] = []string{strconv.Itoa(len(res.result))}
+	// A large result can fill the socket's buffers and block on a
+	// caller that does not read it, holding the result and the backend
+	// connection it came from (end): the caller has the call's timeout,
+	// afresh, to take it. net/http lifts the deadline once the handler's
+	// response is flushed.
+	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(h.cfg.ClientRequestTimeout))
 	w.WriteHeader(http.StatusOK)
 	w.Write(res.result)
 }
