@@ -147,7 +147,8 @@ type backendConn struct {
 	br        *bufio.Reader
 	bw        *bufio.Writer
 	idleSince time.Time
-	reused    bool // served a request before this one
+	reused    bool   // served a request before this one
+	peek      peeker // tells whether the node closed the connection while idle
 
 	head   []byte     // the response head being parsed: field names and values
 	fields []hdrField // offsets of each field in head
@@ -157,9 +158,11 @@ type backendConn struct {
 // head[k1:v1] its value.
 type hdrField struct{ k0, k1, v1 int32 }
 
-// get returns an idle connection, or nil when there is none. A connection
-// idle for longer than staleAfter is first probed when probe is set
-// (the request cannot be sent again should the node have closed it).
+// get returns an idle connection, or nil when there is none. When probe
+// is set (the request cannot be sent again should the node have closed
+// the connection), a connection is first checked (alive): a node that
+// closes a connection after a response without saying so, or as it
+// restarts, leaves it in the pool.
 func (p *connPool) get(now time.Time, probe bool) *backendConn {
 	for {
 		p.mu.Lock()
@@ -173,7 +176,7 @@ func (p *connPool) get(now time.Time, probe bool) *backendConn {
 		p.idle = p.idle[:n-1]
 		p.mu.Unlock()
 		idle := now.Sub(c.idleSince)
-		if idle >= poolIdleTimeout || (probe && idle >= p.owner.staleAfter && !c.alive()) {
+		if idle >= poolIdleTimeout || (probe && !c.alive(idle >= p.owner.staleAfter)) {
 			c.close()
 			continue
 		}
@@ -182,10 +185,20 @@ func (p *connPool) get(now time.Time, probe bool) *backendConn {
 	}
 }
 
-// alive reports whether an idle connection is still open: a read that
-// waits staleProbeWait must time out, not see the node's close (or
-// unsolicited bytes, which make the connection unusable too).
-func (c *backendConn) alive() bool {
+// alive reports whether an idle connection is still open: a peek at its
+// socket that does not wait finds neither the node's close nor
+// unsolicited bytes (which make the connection unusable too). Where the
+// peek cannot tell, a connection idle for long (wait) is probed with a
+// read that waits staleProbeWait and must time out; one idle for less
+// is taken to be open.
+func (c *backendConn) alive(wait bool) bool {
+	c.SetReadDeadline(time.Time{}) // the last exchange's deadline, past by now, would fail the peek
+	if open, known := c.peek.idle(); known {
+		return open
+	}
+	if !wait {
+		return true
+	}
 	c.SetReadDeadline(time.Now().Add(staleProbeWait))
 	_, err := c.br.Peek(1)
 	c.SetReadDeadline(time.Time{})
@@ -218,11 +231,21 @@ func (p *connPool) dial(ctx context.Context) (*backendConn, error) {
 		c.bw.Reset(conn)
 	}
 	c.Conn, c.pool, c.reused = conn, p, false
+	c.peek.init(raw)
 	return c, nil
 }
 
-// put returns a connection whose last exchange ended cleanly.
+// put returns a connection whose last exchange ended cleanly, its
+// response read and discarded. Bytes already buffered past that response
+// (a node that counted its body short, or answered twice) are none of the
+// next request's: the connection is closed, as net/http's Transport closes
+// one on which an unsolicited response arrives. Bytes that arrive later
+// are the probe's to find (get).
 func (p *connPool) put(c *backendConn, now time.Time) {
+	if c.br.Buffered() > 0 {
+		c.close()
+		return
+	}
 	p.mu.Lock()
 	if p.closed || len(p.idle) >= idleConnsPerHost {
 		p.mu.Unlock()

@@ -21,6 +21,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -531,9 +532,18 @@ func (h *rpcHandler) call(w http.ResponseWriter, r *http.Request, c rpcCall) {
 	hd["Content-Type"] = jsonContentType
 	hd["X-Content-Type-Options"] = noSniff
 	hd["Date"] = h.date.field(time.Now())
-	if len(res.result) > smallReply {
-		hd["Content-Length"] = []string{strconv.Itoa(len(res.result))}
+	if len(res.result) <= smallReply {
+		w.WriteHeader(http.StatusOK)
+		w.Write(res.result) // into net/http's buffer: it does not block
+		return
 	}
+	hd["Content-Length"] = []string{strconv.Itoa(len(res.result))}
+	// A large result can fill the socket's buffers and block on a
+	// caller that does not read it, holding the result and the backend
+	// connection it came from (end): the caller has the call's timeout,
+	// afresh, to take it. net/http lifts the deadline once the handler's
+	// response is flushed.
+	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(h.cfg.ClientRequestTimeout))
 	w.WriteHeader(http.StatusOK)
 	w.Write(res.result)
 }
@@ -695,8 +705,7 @@ func (x *rpcExchange) try(url, addr string) attempt {
 		raw, err = bc.br.Peek(int(head.length))
 		size = len(raw)
 	case head.length >= 0:
-		raw = make([]byte, head.length)
-		_, err = io.ReadFull(bc.br, raw)
+		raw, err = readLength(bc.br, int(head.length))
 	default: // the node's close ends the reply
 		raw, err = readReply(bc.br)
 		keep = false
@@ -726,6 +735,27 @@ func (x *rpcExchange) try(url, addr string) attempt {
 	}
 	x.held, x.heldSize, x.heldKeep = bc, size, keep
 	return a
+}
+
+// readLength reads a reply of n bytes (at most maxReplyBytes) into a
+// buffer that grows as they arrive, doubling from 64 KiB: the node's
+// Content-Length alone does not make the sidecar allocate it.
+func readLength(r io.Reader, n int) ([]byte, error) {
+	b := make([]byte, 0, min(n, 64<<10))
+	for len(b) < n {
+		if len(b) == cap(b) {
+			b = slices.Grow(b, min(len(b), n-len(b)))
+		}
+		m, err := r.Read(b[len(b):min(cap(b), n)])
+		b = b[:len(b)+m]
+		if err != nil && len(b) < n {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return b, err
+		}
+	}
+	return b, nil
 }
 
 // readReply reads a reply of unknown length, up to one byte more than
