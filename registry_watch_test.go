@@ -808,3 +808,29 @@ func TestRegistryWatchDroppedDuringPing(t *testing.T) {
 		t.Errorf("sidecar_registry_watchers_slow_total = %v after the watch fell behind, want 1", got)
 	}
 }
+
+// TestRegistryWatchDeadClient: a watch whose client answers no ping (it
+// sends nothing at all) is closed after twice the ping interval, by the
+// read deadline, rather than held open.
+func TestRegistryWatchDeadClient(t *testing.T) {
+	t.Parallel()
+	_, ts := newTestServer(t, nil, func(s *server) { s.registry.pingInterval = 200 * time.Millisecond })
+	nc, br := rawHandshake(t, ts, "/registry")
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(time.Minute)) // a broken test must not hang
+	for {
+		f, err := readWireFrame(br)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("watch of a client that answers no ping: %v, want the end of the stream", err)
+		}
+		if f.opcode() != opPing {
+			t.Fatalf("frame %x %q, want only pings", f.b0, f.payload)
+		}
+	}
+	eventually(t, 5*time.Second, "the dead watch gone", func() bool {
+		return getMetrics(t, ts.URL)["sidecar_registry_watchers"] == 0
+	})
+}
