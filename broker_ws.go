@@ -273,6 +273,36 @@ func (c *wsConn) writeLocked(p []byte, deadline time.Time) (int, error) {
 	return n, err
 }
 
+// writeDataLocked is writeLocked for data frames, which interruptData
+// stops: it looks at noData after setting its deadline, so a data write
+// either sees noData or meets the past deadline interruptData sets after
+// it.
+func (c *wsConn) writeDataLocked(p []byte, deadline time.Time) (int, error) {
+	if c.broken {
+		return 0, net.ErrClosed
+	}
+	err := c.Conn.SetWriteDeadline(deadline)
+	if err == nil && c.noData.Load() {
+		return 0, errDataStopped
+	}
+	n := 0
+	if err == nil {
+		n, err = c.Conn.Write(p)
+	}
+	if err != nil {
+		c.broken = true
+	}
+	return n, err
+}
+
+// interruptData makes writeFrames stop now: a write in progress fails on
+// a deadline in the past, and no data write starts after it. It does not
+// wait for the lock; control frames written later set their own deadline.
+func (c *wsConn) interruptData() {
+	c.noData.Store(true)
+	c.Conn.SetWriteDeadline(time.Unix(1, 0))
+}
+
 // stopData makes writeFrames stop at its next write; it returns after a
 // write in progress ends (within that batch's deadline).
 func (c *wsConn) stopData() {
@@ -353,7 +383,7 @@ func (c *wsConn) writeFrames(frames [][]byte, ping bool) (sent, tried int, err e
 		if c.noData.Load() {
 			return errDataStopped
 		}
-		n, err := c.writeLocked(p, deadline)
+		n, err := c.writeDataLocked(p, deadline)
 		if err == nil {
 			sent, tried = upto, upto
 			return nil

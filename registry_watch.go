@@ -458,7 +458,7 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request, opts watchOp
 	// deadline cannot land on it.
 	interrupted := make(chan struct{})
 	stopWrites := context.AfterFunc(x.ctx, func() {
-		wc.SetWriteDeadline(time.Unix(1, 0))
+		wc.interruptData()
 		close(interrupted)
 	})
 	quiet := func() {
@@ -487,6 +487,9 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request, opts watchOp
 		clear(evs)
 		batch = evs[:0]
 		clear(frames)
+		if errors.Is(err, errDataStopped) && x.ctx.Err() != nil {
+			return true // dropped before a byte went out: the caller closes saying why
+		}
 		if err != nil {
 			if x.fellBehind() || (x.ctx.Err() == nil && errors.Is(err, os.ErrDeadlineExceeded)) {
 				a.slow.Add(1)
