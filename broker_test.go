@@ -653,20 +653,7 @@ func TestBrokerNoDataAfterClose(t *testing.T) {
 			defer nc.Close()
 			nc.SetDeadline(time.Now().Add(time.Minute)) // a broken test must not hang
 			waitSubscribers(t, s, 1)
-			stop := make(chan struct{})
-			published := make(chan struct{})
-			go func() {
-				defer close(published)
-				for range maxPublish {
-					select {
-					case <-stop:
-						return
-					default:
-					}
-					s.broker.publish(topic, &Message{Body: []byte("hello")})
-				}
-			}()
-			defer func() { close(stop); <-published }()
+			defer publishBusy(s, topic, maxPublish)()
 
 			// Data is flowing: the writer is busy when the close frame
 			// is written.
@@ -1074,20 +1061,7 @@ func TestBrokerPongWhileWriting(t *testing.T) {
 	defer nc.Close()
 	nc.SetDeadline(time.Now().Add(time.Minute)) // a broken test must not hang
 	waitSubscribers(t, s, 1)
-	stop := make(chan struct{})
-	published := make(chan struct{})
-	go func() {
-		defer close(published)
-		for range maxPublish {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			s.broker.publish("busy", &Message{Body: []byte("hello")})
-		}
-	}()
-	defer func() { close(stop); <-published }()
+	defer publishBusy(s, "busy", maxPublish)()
 	key := [4]byte{0x12, 0x34, 0x56, 0x78}
 	for round := range rounds {
 		payload := fmt.Sprint("round ", round)
@@ -1112,4 +1086,23 @@ func TestBrokerPongWhileWriting(t *testing.T) {
 			break
 		}
 	}
+}
+
+// publishBusy publishes "hello" to topic, at most n times, from a
+// goroutine, until the returned stop is called; stop waits for it.
+func publishBusy(s *server, topic string, n int) (stop func()) {
+	done := make(chan struct{})
+	published := make(chan struct{})
+	go func() {
+		defer close(published)
+		for range n {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			s.broker.publish(topic, &Message{Body: []byte("hello")})
+		}
+	}()
+	return func() { close(done); <-published }
 }

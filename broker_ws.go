@@ -245,44 +245,29 @@ func (c *wsConn) Write(p []byte) (int, error) {
 		c.wmu.Lock()
 		c.pmu.Unlock()
 		defer c.wmu.Unlock()
-		return c.writeLocked(p, time.Now().Add(c.writeTimeout))
+		return c.writeLocked(p, time.Now().Add(c.writeTimeout), false)
 	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if len(p) > 0 && p[0]&0x0f == 0x8 {
 		c.noData.Store(true) // the library closes on its own (a protocol error, an echo)
 	}
-	return c.writeLocked(p, time.Now().Add(c.writeTimeout))
+	return c.writeLocked(p, time.Now().Add(c.writeTimeout), false)
 }
 
 // writeLocked writes p by deadline. After a failed write nothing more is
 // written: the stream may end inside a frame, and a control frame written
 // after it would land in the middle.
-func (c *wsConn) writeLocked(p []byte, deadline time.Time) (int, error) {
+//
+// A data frame's write (data) looks at noData after setting its deadline,
+// so it either sees noData or meets the past deadline interruptData sets
+// after it.
+func (c *wsConn) writeLocked(p []byte, deadline time.Time, data bool) (int, error) {
 	if c.broken {
 		return 0, net.ErrClosed
 	}
 	err := c.Conn.SetWriteDeadline(deadline)
-	n := 0
-	if err == nil {
-		n, err = c.Conn.Write(p)
-	}
-	if err != nil {
-		c.broken = true
-	}
-	return n, err
-}
-
-// writeDataLocked is writeLocked for data frames, which interruptData
-// stops: it looks at noData after setting its deadline, so a data write
-// either sees noData or meets the past deadline interruptData sets after
-// it.
-func (c *wsConn) writeDataLocked(p []byte, deadline time.Time) (int, error) {
-	if c.broken {
-		return 0, net.ErrClosed
-	}
-	err := c.Conn.SetWriteDeadline(deadline)
-	if err == nil && c.noData.Load() {
+	if err == nil && data && c.noData.Load() {
 		return 0, errDataStopped
 	}
 	n := 0
@@ -327,7 +312,7 @@ func (c *wsConn) endData(err *error, deadline time.Time) {
 	if p == nil || *err != nil || c.noData.Load() {
 		return
 	}
-	if _, werr := c.writeLocked(p, deadline); werr != nil {
+	if _, werr := c.writeLocked(p, deadline, false); werr != nil {
 		*err = werr
 	}
 }
@@ -383,7 +368,7 @@ func (c *wsConn) writeFrames(frames [][]byte, ping bool) (sent, tried int, err e
 		if c.noData.Load() {
 			return errDataStopped
 		}
-		n, err := c.writeDataLocked(p, deadline)
+		n, err := c.writeLocked(p, deadline, true)
 		if err == nil {
 			sent, tried = upto, upto
 			return nil
