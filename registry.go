@@ -505,6 +505,7 @@ type registryAPI struct {
 	// pingInterval is the time between a watch's pings (wsPingInterval);
 	// a watch whose client sends nothing for twice as long is closed.
 	pingInterval time.Duration
+	writeTimeout time.Duration // of a write to a watch, and of its pings (wsWriteTimeout)
 	self         selfAddrs
 	log          *slog.Logger
 
@@ -525,6 +526,7 @@ func newRegistryAPI(reg Registry, st *streams, cfg *Config, logger *slog.Logger)
 		maxNodes:     cfg.RegistryMaxNodes,
 		maxWatchers:  cfg.RegistryMaxWatchers,
 		pingInterval: wsPingInterval,
+		writeTimeout: wsWriteTimeout,
 		log:          logger,
 	}
 }

@@ -445,7 +445,7 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request, opts watchOp
 	// frames; the events, encoded once as whole frames, go straight to
 	// the connection (broker_ws.go says why that is safe), a batch per
 	// write, without the library's per-message writer.
-	hj := &wsHijacker{ResponseWriter: w, readTimeout: 2 * a.pingInterval, writeTimeout: wsWriteTimeout}
+	hj := &wsHijacker{ResponseWriter: w, readTimeout: 2 * a.pingInterval, writeTimeout: a.writeTimeout}
 	conn, ctx, done := a.streams.accept(hj, r, 1024)
 	if conn == nil {
 		return
@@ -516,7 +516,7 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request, opts watchOp
 				return
 			}
 		case <-ping.C:
-			pctx, cancel := context.WithTimeout(x.ctx, wsWriteTimeout)
+			pctx, cancel := context.WithTimeout(x.ctx, a.writeTimeout)
 			err := conn.Ping(pctx)
 			cancel()
 			// A ping cut short because the registry dropped the watch
@@ -548,7 +548,7 @@ func (a *registryAPI) watch(w http.ResponseWriter, r *http.Request, opts watchOp
 }
 
 // writeEvents writes the frames of evs to c in as few writes as fit,
-// within wsWriteTimeout, so a client that stopped reading cannot hold a
+// within the write timeout, so a client that stopped reading cannot hold a
 // handler forever; nothing is written once the registry has dropped watch
 // x. frames is reused for the frames and returned.
 func (a *registryAPI) writeEvents(c *wsConn, x *watcher, evs []*watchEvent, frames [][]byte) ([][]byte, error) {

@@ -718,7 +718,9 @@ func queuedEvents(t *testing.T, s *server) int {
 // the failed write (not a timeout) went uncounted.
 func TestRegistryWatchStuckClientPings(t *testing.T) {
 	t.Parallel()
-	s, ts := newTestServer(t, nil)
+	// Longer than the library's 5 s for a control frame, so that the
+	// defect shows; shorter than the 10 s default, for the suite's time.
+	s, ts := newTestServer(t, nil, func(s *server) { s.registry.writeTimeout = 6 * time.Second })
 	nc := rawStuckHandshake(t, ts, "/registry")
 	eventually(t, 5*time.Second, "the watch is open", func() bool {
 		return getMetrics(t, ts.URL)["sidecar_registry_watchers"] == 1
