@@ -1030,7 +1030,7 @@ func TestBrokerStuckSubscriberPings(t *testing.T) {
 	t.Parallel()
 	// Longer than the library's 5 s for a control frame, so that the
 	// defect shows; shorter than the 10 s default, for the suite's time.
-	s, ts := newTestServer(t, nil, func(s *server) { s.broker.writeTimeout = 6 * time.Second })
+	s, ts := newTestServer(t, nil, func(s *server) { s.broker.writeTimeout = 7 * time.Second })
 	nc := rawStuckHandshake(t, ts, "/broker?topic=stuck")
 	waitSubscribers(t, s, 1)
 	sub := onlySubscriber(t, s)

@@ -668,21 +668,29 @@ func rawStuckHandshake(t *testing.T, ts *httptest.Server, path string) net.Conn 
 
 // fillUntilBlocked publishes (events of about 20 KB) until the writer
 // for a client that does not read has taken nothing for 50 publishes in
-// a row (queued grew each time): its write is blocked, the socket buffers
-// full. What the queue then holds is far below its bounds. The buffers
-// can take megabytes (the sender's grows to 3 MB on loopback here), so a
-// few queued events are no sign of a blocked write.
+// a row (queued grew each time) over at least half a second: its write is
+// blocked, the socket buffers full. What the queue then holds is far below
+// its bounds. The buffers can take megabytes (the sender's grows to 3 MB
+// on loopback here), so a few queued events are no sign of a blocked
+// write; nor are 50 made in a burst while the writer waited for a core
+// (then it wrote them all, found nothing more, and the stream never
+// closed: 1 full run in 6), hence the half second, at 10 ms a publish.
 func fillUntilBlocked(t *testing.T, publish func(i int), queued func() int) {
 	t.Helper()
 	run, last := 0, queued()
-	for i := 0; run < 50; i++ {
+	var since time.Time // when the queue began to grow with every publish
+	for i := 0; run < 50 || time.Since(since) < 500*time.Millisecond; i++ {
 		if i == 2000 {
 			t.Fatal("the writer still takes what is published after 2,000 publishes of 20 KB that its client does not read")
 		}
 		publish(i)
 		q := queued()
 		if q > last {
+			if run == 0 {
+				since = time.Now()
+			}
 			run++
+			time.Sleep(10 * time.Millisecond)
 		} else {
 			run = 0
 		}
@@ -720,7 +728,7 @@ func TestRegistryWatchStuckClientPings(t *testing.T) {
 	t.Parallel()
 	// Longer than the library's 5 s for a control frame, so that the
 	// defect shows; shorter than the 10 s default, for the suite's time.
-	s, ts := newTestServer(t, nil, func(s *server) { s.registry.writeTimeout = 6 * time.Second })
+	s, ts := newTestServer(t, nil, func(s *server) { s.registry.writeTimeout = 7 * time.Second })
 	nc := rawStuckHandshake(t, ts, "/registry")
 	eventually(t, 5*time.Second, "the watch is open", func() bool {
 		return getMetrics(t, ts.URL)["sidecar_registry_watchers"] == 1
