@@ -396,25 +396,11 @@ func sampleConns(t *testing.T, port int) (most, peak func() int, stop func()) {
 		}
 		prev = n
 	}
-	quit, done := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(done)
-		tick := time.NewTicker(20 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			sample()
-			select {
-			case <-quit:
-				return
-			case <-tick.C:
-			}
-		}
-	}()
+	stopSampling := sampleEvery(20*time.Millisecond, sample)
 	var once sync.Once
 	stop = func() {
 		once.Do(func() {
-			close(quit)
-			<-done
+			stopSampling()
 			sample()
 		})
 	}
