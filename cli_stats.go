@@ -321,6 +321,14 @@ func parseMetricLines(b []byte) []metricSample {
 	return out
 }
 
+// section writes a blank line, then the table rows writes, aligned.
+func section(w io.Writer, rows func(tw io.Writer)) {
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
+	rows(tw)
+	tw.Flush()
+}
+
 // printStats writes the /stats JSON as text.
 func printStats(w io.Writer, st *statsJSON) {
 	ms := func(v *float64) string {
@@ -351,48 +359,45 @@ func printStats(w io.Writer, st *statsJSON) {
 	fmt.Fprintf(tw, "latency\tavg %s  p50 %s  p95 %s  p99 %s\n", ms(l.Avg), ms(l.P50), ms(l.P95), ms(l.P99))
 	tw.Flush()
 	if len(st.Routes) > 0 {
-		fmt.Fprintln(w)
-		tw = tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-		fmt.Fprintln(tw, "Route\tRequests\tStatus\tp50\tp95")
-		for _, r := range st.Routes {
-			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", r.Route, r.TotalReqs, classes(r.StatusCodes), ms(r.LatencyMs.P50), ms(r.LatencyMs.P95))
-		}
-		tw.Flush()
+		section(w, func(tw io.Writer) {
+			fmt.Fprintln(tw, "Route\tRequests\tStatus\tp50\tp95")
+			for _, r := range st.Routes {
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", r.Route, r.TotalReqs, classes(r.StatusCodes), ms(r.LatencyMs.P50), ms(r.LatencyMs.P95))
+			}
+		})
 	}
 	if len(st.Services) > 0 {
-		fmt.Fprintln(w)
-		tw = tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-		fmt.Fprintln(tw, "Service\tVia\tCalls\tSuccess\tp50\tp95\tp99\tRetries\tTimeouts\tNodes")
-		for _, sv := range st.Services {
-			success := "-"
-			if sv.SuccessRate != nil {
-				success = strconv.FormatFloat(100**sv.SuccessRate, 'f', -1, 64) + "%"
+		section(w, func(tw io.Writer) {
+			fmt.Fprintln(tw, "Service\tVia\tCalls\tSuccess\tp50\tp95\tp99\tRetries\tTimeouts\tNodes")
+			for _, sv := range st.Services {
+				success := "-"
+				if sv.SuccessRate != nil {
+					success = strconv.FormatFloat(100**sv.SuccessRate, 'f', -1, 64) + "%"
+				}
+				nodes := strconv.Itoa(sv.NodesTotal)
+				if sv.NodesEjected > 0 {
+					nodes += fmt.Sprintf(" (%d ejected)", sv.NodesEjected)
+				}
+				if sv.Service == otherService {
+					nodes = "-"
+				}
+				l := sv.LatencyMs
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", sv.Service, sv.Handler, sv.TotalReqs, success,
+					ms(l.P50), ms(l.P95), ms(l.P99), sv.Retries, sv.Timeouts, nodes)
 			}
-			nodes := strconv.Itoa(sv.NodesTotal)
-			if sv.NodesEjected > 0 {
-				nodes += fmt.Sprintf(" (%d ejected)", sv.NodesEjected)
-			}
-			if sv.Service == otherService {
-				nodes = "-"
-			}
-			l := sv.LatencyMs
-			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", sv.Service, sv.Handler, sv.TotalReqs, success,
-				ms(l.P50), ms(l.P95), ms(l.P99), sv.Retries, sv.Timeouts, nodes)
-		}
-		tw.Flush()
+		})
 	}
 	if len(st.Topics) > 0 {
-		fmt.Fprintln(w)
-		tw = tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-		fmt.Fprintln(tw, "Topic\tSubscribers\tGroups\tPublished\tDelivered\tDropped\tSlow")
-		for _, tp := range st.Topics {
-			topic := tp.Topic
-			if tp.Other {
-				topic = "(other topics)"
+		section(w, func(tw io.Writer) {
+			fmt.Fprintln(tw, "Topic\tSubscribers\tGroups\tPublished\tDelivered\tDropped\tSlow")
+			for _, tp := range st.Topics {
+				topic := tp.Topic
+				if tp.Other {
+					topic = "(other topics)"
+				}
+				fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\n", topic, tp.Subscribers, tp.QueueGroups, tp.Published, tp.Delivered, tp.Dropped, tp.SlowDisconnects)
 			}
-			fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\n", topic, tp.Subscribers, tp.QueueGroups, tp.Published, tp.Delivered, tp.Dropped, tp.SlowDisconnects)
-		}
-		tw.Flush()
+		})
 	}
 	// The components' samples that are not zero: most counters of a
 	// sidecar are, and --json prints every one.
@@ -403,12 +408,11 @@ func printStats(w io.Writer, st *statsJSON) {
 		}
 	}
 	if len(nonzero) > 0 {
-		fmt.Fprintln(w)
-		tw = tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-		for _, m := range nonzero {
-			fmt.Fprintf(tw, "%s%s\t%s\n", m.Name, formatLabels(m.Labels), formatFloat(m.Value))
-		}
-		tw.Flush()
+		section(w, func(tw io.Writer) {
+			for _, m := range nonzero {
+				fmt.Fprintf(tw, "%s%s\t%s\n", m.Name, formatLabels(m.Labels), formatFloat(m.Value))
+			}
+		})
 	}
 }
 
